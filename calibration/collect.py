@@ -1,0 +1,54 @@
+"""One streamed float pass over the calibration set: per-channel running min and max of every group input.
+
+Memory stays bounded by one batch of activations: for each tensor only ``min_c`` and ``max_c`` (over every
+axis but the last, so per input channel of the layers that read it) are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from nq_onnx.calibration.data import Dataset
+from nq_onnx.calibration.runtime import session, with_outputs
+from nq_onnx.errors import DataError
+
+@dataclasses.dataclass
+class TensorStats:
+    channel_min: np.ndarray
+    channel_max: np.ndarray
+    count: int = 0
+
+    @property
+    def absmax(self) -> float:
+        return float(max(np.abs(self.channel_min).max(), np.abs(self.channel_max).max()))
+
+    def update(self, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        self.channel_min = np.minimum(self.channel_min, rows.min(axis=0))
+        self.channel_max = np.maximum(self.channel_max, rows.max(axis=0))
+        self.count += rows.shape[0]
+
+
+def collect_stats(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int,
+                  progress: Callable | None = None) -> dict[str, TensorStats]:
+    """Run the float model over ``dataset`` and keep per-channel ranges of ``tensors``."""
+    sess = session(with_outputs(model, tensors))
+    stats: dict[str, TensorStats] = {}
+    batches = dataset.batches(batch_size)
+    if progress is not None:
+        batches = progress(batches, total=-(-len(dataset) // batch_size), desc="calibrate")
+    for feeds in batches:
+        outputs = sess.run(tensors, feeds)
+        for name, value in zip(tensors, outputs):
+            if not np.all(np.isfinite(value)):
+                raise DataError(f"the float model produces NaN or Inf in {name!r} on the calibration data")
+            value = value.astype(np.float32, copy=False)
+            if name not in stats:
+                width = value.shape[-1] if value.ndim else 1
+                stats[name] = TensorStats(np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32))
+            stats[name].update(value if value.ndim else value.reshape(1, 1))
+    return stats

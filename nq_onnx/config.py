@@ -1,0 +1,109 @@
+"""Typed, validated configuration for a conversion.
+
+Everything a conversion depends on is a field here, so a config plus a model plus data plus a seed
+determine the output bytes. Invalid values raise :class:`~nq_onnx.errors.ConfigError` at construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from nq_onnx.errors import ConfigError
+
+SUPPORTED_BITS = (4, 5, 6, 8)
+
+
+class Method(str, enum.Enum):
+    """How activation and weight scales (and noise) are chosen."""
+
+    MINMAX = "minmax"
+    EASYQUANT = "easyquant"
+    NOISYQUANT = "noisyquant"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Grids and sample sizes of the EasyQuant scale search and the NoisyQuant noise search.
+
+    ``act_alphas``/``weight_alphas`` are the (low, high, count) grids of the multiplier applied to the
+    MinMax scale; ``noise_amplitudes`` is the grid of the uniform-noise width in units of the activation
+    quantization step; ``noise_shifts`` the grid of the fraction of the per-channel centre that is
+    subtracted (a shift of 1 centres every channel on zero).
+    """
+
+    act_alphas: tuple[float, float, int] = (0.3, 1.0, 36)
+    weight_alphas: tuple[float, float, int] = (0.5, 1.0, 26)
+    rounds: int = 2
+    noise_amplitudes: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    noise_shifts: tuple[float, ...] = (0.0, 0.5, 1.0)
+    tokens: int = 1024
+    search_images: int = 8
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("act_alphas", "weight_alphas"):
+            low, high, count = getattr(self, name)
+            if not (0 < low <= high) or int(count) < 1:
+                raise ConfigError(f"search.{name} must be (low, high, count) with 0 < low <= high, count >= 1")
+        if self.rounds < 1:
+            raise ConfigError("search.rounds must be at least 1")
+        if not self.noise_amplitudes or min(self.noise_amplitudes) < 0:
+            raise ConfigError("search.noise_amplitudes must be non-empty and non-negative")
+        if not self.noise_shifts or min(self.noise_shifts) < 0 or max(self.noise_shifts) > 1:
+            raise ConfigError("search.noise_shifts must be non-empty fractions in [0, 1]")
+        if self.tokens < 16:
+            raise ConfigError("search.tokens must be at least 16")
+        if self.search_images < 1:
+            raise ConfigError("search.search_images must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Weights are symmetric per-output-channel, activations symmetric per-tensor, both with ``*_bits``
+    signed codes. ``exclude`` holds fnmatch patterns on layer names; a pattern that matches no layer is
+    an error, so a typo cannot silently leave a layer in float.
+    """
+
+    method: Method = Method.NOISYQUANT
+    w_bits: int = 8
+    a_bits: int = 8
+    seed: int = 0
+    calib_size: int = 128
+    batch_size: int = 8
+    exclude: tuple[str, ...] = ()
+    quantize_attention_matmuls: bool = True
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            choices = ", ".join(m.value for m in Method)
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {choices}") from None
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if bits not in SUPPORTED_BITS:
+                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+        if self.calib_size < 1:
+            raise ConfigError(f"calib-size must be at least 1, got {self.calib_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["method"] = self.method.value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        data = dict(data)
+        search = data.pop("search", {})
+        search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
+        return cls(search=SearchConfig(**search), **data)

@@ -1,0 +1,92 @@
+"""``nq-onnx export``: a timm model to ONNX, with its preprocessing recorded in the metadata.
+
+Needs torch and timm (the ``export`` extra); nothing else in nq-onnx does. The exported graph has a dynamic
+batch axis and is checked against PyTorch on the export input before it is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from nq_onnx.calibration.data import PREPROCESS_KEY, Preprocess
+from nq_onnx.errors import ModelError, NQError
+from nq_onnx.model_io import check_output_path, model_bytes, write_bytes_atomic
+from nq_onnx.models.registry import recipe_for
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    preprocess: Preprocess
+    max_abs_diff: float
+    family: str
+
+
+def _import_torch():
+    try:
+        import timm
+        import torch
+    except ImportError as exc:
+        raise NQError(f"export needs torch and timm ({exc.name} is missing): pip install 'nq-onnx[export]'") from None
+    return torch, timm
+
+
+def preprocess_of(model, timm) -> Preprocess:
+    config = timm.data.resolve_data_config({}, model=model)
+    size = tuple(config["input_size"])
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None:  # the pretrained config may name another size than the model was built with
+        size = (size[0], int(img_size[0]), int(img_size[1]))
+    return Preprocess(input_size=size, mean=tuple(float(v) for v in config["mean"]),
+                      std=tuple(float(v) for v in config["std"]), interpolation=config.get("interpolation", "bicubic"),
+                      crop_pct=float(config.get("crop_pct", 1.0)), crop_mode=config.get("crop_mode", "center"))
+
+
+def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False, checkpoint: str | Path | None = None,
+                num_classes: int | None = None, img_size: int | None = None, opset: int = 17, force: bool = False,
+                model_kwargs: dict | None = None, seed: int = 0) -> ExportResult:
+    torch, timm = _import_torch()
+    output = check_output_path(output, force=force, inputs=(checkpoint,) if checkpoint else ())
+    if not 13 <= opset <= 21:
+        raise NQError(f"opset must be between 13 and 21, got {opset}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ModelError(f"checkpoint not found: {checkpoint}")
+    kwargs = dict(model_kwargs or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
+        raise ModelError(f"unknown timm model {model_name!r}")
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""), **kwargs)
+    except (RuntimeError, OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot build {model_name}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    pre = preprocess_of(model, timm)
+    torch.manual_seed(seed)
+    example = torch.randn(2, *pre.input_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        expected = model(example).numpy()
+        torch.onnx.export(model, (example,), buffer, opset_version=opset, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, {PREPROCESS_KEY: pre.to_json(), "nq_onnx.source": f"timm:{model_name}",
+                                        "nq_onnx.timm_version": timm.__version__})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": example.numpy()})[0]
+    diff = float(np.max(np.abs(got - expected)))
+    write_bytes_atomic(output, model_bytes(proto))
+    return ExportResult(output, pre, diff, recipe_for(model_name).family)

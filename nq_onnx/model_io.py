@@ -1,0 +1,144 @@
+"""Reading ONNX models with clear errors, and writing every output atomically.
+
+The input model is only ever read. Outputs go to a temporary file in the destination folder, are
+flushed to disk, and replace the final name in one ``os.replace``: an interrupted or failed write leaves
+the previous file (or none) under the final name, never a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from nq_onnx.errors import ModelError, OutputError
+
+MIN_OPSET = 13
+MAX_OPSET = 21
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise ModelError("model imports no default-domain opset")
+
+
+def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
+    """Read, check and (if below opset 13) upgrade a model; returns it with the digest of the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not an ONNX model")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelError(f"{path} is not an ONNX model (no graph or no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
+        raise ModelError(f"{path} fails the ONNX checker: {first}") from None
+    opset = default_opset(model)
+    if opset > MAX_OPSET:
+        raise ModelError(f"{path} uses opset {opset}; nq-onnx supports opsets {MIN_OPSET} to {MAX_OPSET}")
+    if opset < MIN_OPSET:
+        model = _upgrade(model, path, opset)
+    _name_nodes(model)
+    return model, file_digest(path)
+
+
+def _upgrade(model: onnx.ModelProto, path: Path, opset: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and worse
+        raise ModelError(f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel Q/DQ) and could not be "
+                         f"upgraded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return upgraded
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes stable names so layers and plans can refer to them."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def check_output_path(path: str | Path, *, force: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Refuse an output that exists (without ``force``), is one of the inputs, or cannot be written."""
+    path = Path(path)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and os.path.samefile(source, path):
+            raise OutputError(f"refusing to overwrite the input {source} with an output")
+    if path.exists() and not force:
+        raise OutputError(f"output {path} exists; pass --force to replace it")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OutputError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable")
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString(deterministic=True)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | Path) -> None:
+    data = model_bytes(model)
+    if len(data) >= 2**31 - 1:
+        raise OutputError(f"model is {len(data) / 2**30:.1f} GiB; models over 2 GiB need external data, not supported yet")
+    write_bytes_atomic(path, data)

@@ -1,0 +1,166 @@
+"""The conversion pipeline: model -> statistics -> plan -> passes -> model.
+
+``quantize`` works on in-memory values; ``convert`` adds the file handling around it (read the input,
+never touch it, write outputs atomically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from nq_onnx import __version__
+from nq_onnx.calibration.collect import collect_stats
+from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
+from nq_onnx.calibration.evaluate import model_outputs, output_metrics
+from nq_onnx.config import Method, QuantConfig
+from nq_onnx.errors import ModelError, NQError, PlanError
+from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
+from nq_onnx.passes import FoldDenoisingBias, InsertNoise, InsertQDQ, Layers, Skip, find_layers
+from nq_onnx.plan import Plan
+from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a conversion did, for the CLI and the report."""
+
+    method: str
+    layers: list[str]
+    skipped: list[Skip]
+    noisy_groups: int
+    timings: dict[str, float]
+    calib_images: int = 0
+    data_skipped: int = 0
+    metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Result:
+    model: onnx.ModelProto
+    plan: Plan
+    layers: Layers
+    summary: Summary
+
+
+def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
+    graph = gs.import_onnx(model)
+    layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls)
+    if not layers.layers:
+        if layers.excluded:
+            raise ModelError("every quantizable layer is excluded; nothing left to quantize")
+        raise ModelError("the model has no quantizable layer (no MatMul or Gemm with a constant weight)")
+    return layers
+
+
+def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx.ModelProto, list[Skip]]:
+    """Run the passes: insert_noise, insert_qdq, fold_denoising_bias; check the result."""
+    graph = gs.import_onnx(model)
+    skipped: list[Skip] = []
+    for graph_pass in (InsertNoise(layers, plan), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan)):
+        skipped += graph_pass(graph).skipped
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    out.producer_name, out.producer_version = "nq-onnx", __version__
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    onnx.helper.set_model_props(out, {**{p.key: p.value for p in model.metadata_props},
+                                      "nq_onnx.config": json.dumps(plan.config.to_dict(), sort_keys=True),
+                                      "nq_onnx.source_digest": plan.model_digest})
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
+        raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
+    return out, skipped
+
+
+def check_plan_fits(plan: Plan, layers: Layers) -> None:
+    expected = {s.name for s in layers.layers}
+    missing = expected - set(plan.layers)
+    extra = set(plan.layers) - expected
+    if missing or extra:
+        name = sorted(missing or extra)[0]
+        raise PlanError(f"plan does not fit the model: layer {name!r} is {'missing from' if missing else 'unknown to'} "
+                        "the plan")
+
+
+def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Dataset | None = None,
+             plan: Plan | None = None, progress: Callable | None = None) -> Result:
+    """Quantize an in-memory model with a given plan, or calibrate on ``calib`` and search one."""
+    timings: dict[str, float] = {}
+    if plan is not None:
+        plan.check_model(digest)
+        config = plan.config
+    layers = discover(model, config)
+    if plan is None:
+        if calib is None:
+            raise NQError("calibration data is needed unless a plan is loaded")
+        start = time.perf_counter()
+        stats = collect_stats(model, [g.tensor for g in layers.groups], calib, config.batch_size, progress)
+        timings["calibrate_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        plan = Plan(digest, config)
+        if config.method == Method.MINMAX:
+            plan = minmax_plan(plan, layers, stats, float_weights(gs.import_onnx(model), layers))
+        else:
+            search_data = calib.head(config.search.search_images)
+            plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
+        timings["search_s"] = time.perf_counter() - start
+    check_plan_fits(plan, layers)
+    start = time.perf_counter()
+    out, skipped = apply_plan(model, layers, plan)
+    timings["rewrite_s"] = time.perf_counter() - start
+    summary = Summary(config.method.value, [s.name for s in layers.layers],
+                      [Skip(n, r) for n, r in layers.excluded] + skipped,
+                      sum(1 for g in plan.groups.values() if g.noise is not None), timings,
+                      calib_images=len(calib) if calib is not None else 0,
+                      data_skipped=len(calib.skipped) if calib is not None else 0)
+    return Result(out, plan, layers, summary)
+
+
+def convert(model_path: str | Path, output_path: str | Path, calib: str | Path | None = None,
+            config: QuantConfig | None = None, *, load_plan: str | Path | None = None,
+            save_plan: str | Path | None = None, force: bool = False, evaluate: bool = True,
+            preprocess: dict | None = None, progress: Callable | None = None) -> Result:
+    """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
+
+    ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
+    ``std``, ``interpolation``, ``crop_pct``).
+    """
+    config = config or QuantConfig()
+    inputs = tuple(p for p in (model_path, calib, load_plan) if p is not None)
+    output_path = check_output_path(output_path, force=force, inputs=inputs)
+    if save_plan is not None:
+        check_output_path(save_plan, force=force, inputs=inputs)
+    model, digest = load_model(model_path)
+    plan = Plan.load(load_plan) if load_plan is not None else None
+    if plan is not None:
+        plan.check_model(digest)
+        config = plan.config
+    dataset = None
+    if calib is not None:
+        pre = Preprocess.from_model(model, **preprocess) if preprocess and any(v is not None for v in preprocess.values()) \
+            else None
+        dataset = load_dataset(calib, model, limit=config.calib_size, seed=config.seed, preprocess=pre)
+    elif plan is None:
+        raise NQError("convert needs --calib DATA (or --load-plan PLAN)")
+    result = quantize(model, digest, config, dataset, plan, progress)
+    if evaluate and dataset is not None:
+        start = time.perf_counter()
+        eval_data = dataset.head(min(len(dataset), 64))
+        reference = model_outputs(model, eval_data, config.batch_size, progress, "evaluate fp32")
+        quantized = model_outputs(result.model, eval_data, config.batch_size, progress, "evaluate quantized")
+        result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
+        result.summary.timings["evaluate_s"] = time.perf_counter() - start
+    save_model_atomic(result.model, output_path)
+    if save_plan is not None:
+        result.plan.save(save_plan)
+    return result

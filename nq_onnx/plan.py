@@ -1,0 +1,141 @@
+"""The plan: every searched scale and sampled noise vector of a conversion, as a typed value.
+
+A plan is what calibration and search produce and what the graph passes consume. It is saved as
+``NAME.json`` (schema version, model digest, settings, per-layer scalars) plus ``NAME.npz`` (the vectors),
+both written deterministically, and loading it against a model with another digest is a
+:class:`~nq_onnx.errors.PlanError`. The noise vector ``N`` that ``insert_noise`` adds and the one that
+``fold_denoising_bias`` folds are the same stored array, never a re-seeded copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nq_onnx.config import QuantConfig
+from nq_onnx.errors import PlanError
+
+SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass
+class GroupPlan:
+    """Activation quantization of one group: per-tensor step, and the noise ``N`` added before it."""
+
+    name: str
+    tensor: str
+    scale: float
+    bits: int
+    noise: np.ndarray | None = None
+    noise_shift: float = 0.0
+    noise_amplitude: float = 0.0
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """Weight quantization of one layer: per-output-channel steps (``None`` for activation matmuls)."""
+
+    name: str
+    weight_scales: np.ndarray | None
+    bits: int
+    search: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Plan:
+    model_digest: str
+    config: QuantConfig
+    groups: dict[str, GroupPlan] = dataclasses.field(default_factory=dict)
+    layers: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def check_model(self, digest: str) -> None:
+        if digest != self.model_digest:
+            raise PlanError(
+                f"plan belongs to another model (plan digest {self.model_digest[:12]}, model digest {digest[:12]})"
+            )
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``path`` (JSON) and the ``.npz`` beside it, atomically; returns both paths."""
+        from nq_onnx.model_io import write_bytes_atomic
+
+        json_path = Path(path)
+        npz_path = json_path.with_suffix(".npz")
+        arrays: dict[str, np.ndarray] = {}
+        doc: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "model_digest": self.model_digest,
+            "config": self.config.to_dict(),
+            "arrays": npz_path.name,
+            "groups": [],
+            "layers": [],
+        }
+        for g in self.groups.values():
+            entry = {"name": g.name, "tensor": g.tensor, "scale": float(g.scale), "bits": g.bits,
+                     "noise_shift": g.noise_shift, "noise_amplitude": g.noise_amplitude, "noise": None}
+            if g.noise is not None:
+                entry["noise"] = f"group/{g.name}/noise"
+                arrays[entry["noise"]] = g.noise
+            doc["groups"].append(entry)
+        for layer in self.layers.values():
+            entry = {"name": layer.name, "bits": layer.bits, "search": layer.search, "weight_scales": None}
+            if layer.weight_scales is not None:
+                entry["weight_scales"] = f"layer/{layer.name}/weight_scales"
+                arrays[entry["weight_scales"]] = layer.weight_scales
+            doc["layers"].append(entry)
+        write_bytes_atomic(npz_path, _npz_bytes(arrays))
+        write_bytes_atomic(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+        return json_path, npz_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        json_path = Path(path)
+        try:
+            doc = json.loads(json_path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file not found: {json_path}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{json_path} is not a plan (invalid JSON: {exc})") from None
+        if not isinstance(doc, dict) or "schema_version" not in doc:
+            raise PlanError(f"{json_path} is not an nq-onnx plan (no schema_version)")
+        if doc["schema_version"] != SCHEMA_VERSION:
+            raise PlanError(f"{json_path} has plan schema {doc['schema_version']}, this nq-onnx reads {SCHEMA_VERSION}")
+        npz_path = json_path.parent / doc.get("arrays", json_path.with_suffix(".npz").name)
+        try:
+            with np.load(npz_path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except FileNotFoundError:
+            raise PlanError(f"plan arrays not found: {npz_path}") from None
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise PlanError(f"plan arrays {npz_path} are unreadable: {exc}") from None
+        try:
+            plan = cls(model_digest=doc["model_digest"], config=QuantConfig.from_dict(doc["config"]))
+            for g in doc["groups"]:
+                noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
+                plan.groups[g["name"]] = GroupPlan(g["name"], g["tensor"], float(g["scale"]), int(g["bits"]), noise,
+                                                   float(g["noise_shift"]), float(g["noise_amplitude"]))
+            for layer in doc["layers"]:
+                scales = arrays[layer["weight_scales"]].astype(np.float32) if layer["weight_scales"] else None
+                plan.layers[layer["name"]] = LayerPlan(layer["name"], scales, int(layer["bits"]), dict(layer["search"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{json_path} is a malformed plan ({type(exc).__name__}: {exc})") from None
+        return plan
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An ``.npz`` whose bytes depend only on the arrays (fixed timestamps, sorted names)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            data = io.BytesIO()
+            np.lib.format.write_array(data, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            zf.writestr(info, data.getvalue())
+    return buffer.getvalue()

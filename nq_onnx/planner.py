@@ -1,0 +1,165 @@
+"""Turn calibration statistics into a plan: MinMax directly, EasyQuant/NoisyQuant by sequential search.
+
+Layers are planned in *steps*: a step holds every unplanned layer whose inputs depend only on layers that
+are already planned, so each search sees activations that passed through the quantized earlier layers
+(the paper's pipeline), while layers reading the same tensor (q, k and v of one block) share a step.
+With ``search.sequential = False`` every search sees the float model's activations instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from nq_onnx import quant
+from nq_onnx.calibration.collect import TensorStats
+from nq_onnx.calibration.data import Dataset
+from nq_onnx.calibration.simulate import Simulator
+from nq_onnx.config import Method, QuantConfig
+from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
+from nq_onnx.plan import GroupPlan, LayerPlan, Plan
+from nq_onnx.search import LinearOperand, group_rng, sample_rows, search_act_matmul, search_linear_group
+
+ACT_MATMUL_SLICES = 16
+
+
+def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
+    """Each linear layer's float weight as the graph stores it."""
+    nodes = {n.name: n for n in graph.nodes}
+    return {spec.name: nodes[spec.node].inputs[1].values.astype(np.float32)
+            for spec in layers.layers if spec.kind != ACT_MATMUL}
+
+
+def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
+    """Layer names in dependency steps (see module docstring)."""
+    index = {spec.node: i for i, spec in enumerate(layers.layers)}
+    masks: dict[str, int] = {}
+    deps: dict[int, int] = {}
+    for node in graph.nodes:
+        mask = 0
+        for tensor in node.inputs:
+            mask |= masks.get(tensor.name, 0)
+        if node.name in index:
+            deps[index[node.name]] = mask
+            mask |= 1 << index[node.name]
+        for tensor in node.outputs:
+            masks[tensor.name] = mask
+    steps, planned = [], 0
+    remaining = list(range(len(layers.layers)))
+    while remaining:
+        ready = [i for i in remaining if deps.get(i, 0) & ~planned == 0]
+        steps.append([layers.layers[i].name for i in ready])
+        for i in ready:
+            planned |= 1 << i
+        remaining = [i for i in remaining if i not in ready]
+    return steps
+
+
+def _operand(spec: LayerSpec, node: gs.Node, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
+    """The layer as ``X @ W + B``: Gemm's ``alpha`` goes into ``W``, its ``beta`` into ``B``."""
+    alpha = float(node.attrs.get("alpha", 1.0)) if spec.op == "Gemm" else 1.0
+    beta = float(node.attrs.get("beta", 1.0)) if spec.op == "Gemm" else 1.0
+    w_kn = weight.T if spec.weight_axis == 0 else weight
+    bias = np.zeros(spec.out_features, np.float32)
+    if spec.bias is not None:
+        bias = (tensors[spec.bias].values * np.float32(beta)).astype(np.float32)
+    return LinearOperand(spec.name, np.ascontiguousarray(w_kn * np.float32(alpha), dtype=np.float32), bias, bits)
+
+
+def _graph_scales(spec: LayerSpec, node: gs.Node, scales: np.ndarray) -> np.ndarray:
+    alpha = float(node.attrs.get("alpha", 1.0)) if spec.op == "Gemm" else 1.0
+    return (scales / np.float32(alpha)).astype(np.float32)
+
+
+def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
+    config = plan.config
+    for group in layers.groups:
+        scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits))
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits)
+    for spec in layers.layers:
+        scales = None if spec.kind == ACT_MATMUL else quant.weight_scales(weights[spec.name], spec.weight_axis,
+                                                                          config.w_bits)
+        plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
+    return plan
+
+
+@dataclasses.dataclass
+class SearchPlanner:
+    """Sequential EasyQuant / NoisyQuant search over the layer steps of one model."""
+
+    model: onnx.ModelProto
+    layers: Layers
+    stats: dict[str, TensorStats]
+    search_data: Dataset
+    config: QuantConfig
+
+    def run(self, plan: Plan, progress: Callable | None = None) -> Plan:
+        graph = gs.import_onnx(self.model)
+        self._nodes = {n.name: n for n in graph.nodes}
+        self._tensors = graph.tensors()
+        self._weights = float_weights(graph, self.layers)
+        inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
+        self._sim = Simulator(self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs)
+        steps = layer_steps(graph, self.layers)
+        cached = None
+        if not self.config.search.sequential:
+            cached = self._sim.run([g.tensor for g in self.layers.groups])
+        iterator = progress(steps, desc=f"search ({self.config.method.value})") if progress else steps
+        for step in iterator:
+            specs = [self.layers.layer(name) for name in step]
+            tensors = sorted({t for spec in specs for t in spec.inputs})
+            acts = cached if cached is not None else self._sim.run(tensors)
+            for group in self._groups_of(specs):
+                self._plan_linear_group(plan, group, acts[group.tensor])
+            for spec in specs:
+                if spec.kind == ACT_MATMUL:
+                    self._plan_act_matmul(plan, spec, acts[spec.inputs[0]], acts[spec.inputs[1]])
+        return plan
+
+    def _groups_of(self, specs: list[LayerSpec]) -> list[GroupSpec]:
+        tensors = {spec.inputs[0] for spec in specs if spec.kind != ACT_MATMUL}
+        return [g for g in self.layers.groups if g.tensor in tensors]
+
+    def _plan_linear_group(self, plan: Plan, group: GroupSpec, value: np.ndarray) -> None:
+        config = self.config
+        rng = group_rng(config.seed, group.name)
+        x = sample_rows(value, group.channels, config.search.tokens, rng)
+        specs = [self.layers.layer(name) for name in group.consumers]
+        operands = [_operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs]
+        stats = self.stats[group.tensor]
+        result = search_linear_group(x, stats.absmax, operands, config.a_bits, config.search,
+                                     config.method == Method.NOISYQUANT and group.noisy,
+                                     stats.channel_min, stats.channel_max, rng)
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
+                                            result.noise_shift, result.noise_amplitude)
+        self._sim.set_group(group.name, result.scale, result.noise)
+        for spec, operand in zip(specs, operands):
+            node = self._nodes[spec.node]
+            scales = _graph_scales(spec, node, operand.scales)
+            plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits, result.metrics[spec.name])
+            fake = quant.dequantize_weight(quant.quantize_weight(self._weights[spec.name], scales, spec.weight_axis,
+                                                                 config.w_bits), scales, spec.weight_axis)
+            delta = None if result.noise is None else -(result.noise @ operand.quantized_weight())
+            self._sim.set_layer(spec.name, fake, delta)
+
+    def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
+        config = self.config
+        groups = [self.layers.group_of(t) for t in spec.inputs]
+        absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
+        metrics: dict[str, float] = {}
+        if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
+            a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+            rng = group_rng(config.seed, spec.name)
+            pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
+            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search)
+        else:
+            s_a, s_b = (float(quant.minmax_scale(m, config.a_bits)) for m in absmax)
+        for group, scale in zip(groups, (s_a, s_b)):
+            if group.name not in plan.groups:
+                plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits)
+                self._sim.set_group(group.name, scale, None)
+        plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)

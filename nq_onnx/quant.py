@@ -1,0 +1,75 @@
+"""Numpy reference of the quantizers that the emitted QDQ graph implements, bit for bit.
+
+Symmetric b-bit quantization with step (scale) ``s``::
+
+    q(x) = clip(round_half_even(x / s), -2^(b-1), 2^(b-1) - 1)        dq(q) = s * q
+
+Weights are quantized per output channel with the MinMax step ``s_c = max|W_c| / (2^(b-1) - 1)``, so their
+codes stay in the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without clamping. Activations are
+quantized per tensor. Activations are stored as uint8 with zero point 128 (``u = q + 128``): the same
+numbers as int8 codes with zero point 0, in the container onnxruntime's x86 kernels are fastest with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ACT_ZERO_POINT = 128
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Signed code range ``[-2^(b-1), 2^(b-1) - 1]`` of a ``bits``-bit quantizer."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def qmax(bits: int) -> int:
+    """Largest symmetric code ``2^(b-1) - 1``."""
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(x: np.ndarray, scale: np.ndarray | float, bits: int) -> np.ndarray:
+    """Integer codes of ``x`` (float32 maths, ties to even, saturated to the b-bit range)."""
+    lo, hi = code_range(bits)
+    x = np.asarray(x, dtype=np.float32)
+    return np.clip(np.rint(x / np.asarray(scale, dtype=np.float32)), lo, hi).astype(np.int32)
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray | float, bits: int) -> np.ndarray:
+    """``dq(q(x))`` in float32."""
+    return (quantize(x, scale, bits).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+
+
+def minmax_scale(absmax: np.ndarray | float, bits: int) -> np.ndarray:
+    """Symmetric MinMax step ``max|x| / (2^(b-1) - 1)``; an all-zero channel gets step 1 (its codes are 0)."""
+    absmax = np.asarray(absmax, dtype=np.float32)
+    scale = absmax / np.float32(qmax(bits))
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def weight_scales(w: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    """Per-output-channel MinMax steps of a 2-D weight whose output channels lie along ``axis``."""
+    reduce_axis = 1 - axis
+    return minmax_scale(np.abs(w).max(axis=reduce_axis), bits)
+
+
+def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    """Per-channel integer codes of a 2-D weight (channels along ``axis``), as int8."""
+    shape = [1, 1]
+    shape[axis] = -1
+    return quantize(w, scales.reshape(shape), bits).astype(np.int8)
+
+
+def dequantize_weight(codes: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
+    shape = [1, 1]
+    shape[axis] = -1
+    return (codes.astype(np.float32) * scales.reshape(shape).astype(np.float32)).astype(np.float32)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB."""
+    reference = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((reference - np.asarray(approx, dtype=np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise)

@@ -1,0 +1,55 @@
+"""What every graph pass shares: a result that says what was applied and what was skipped, and why.
+
+A pass is a small frozen dataclass whose fields are its settings; calling it on an
+``onnx_graphsurgeon.Graph`` edits that graph in place and returns a :class:`PassResult`. Passes never run
+a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """A layer a pass left alone, with the reason in words a user can act on."""
+
+    layer: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PassResult:
+    graph: gs.Graph
+    applied: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.applied)
+
+
+def consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node]:
+    """Nodes reading ``tensor`` (graphsurgeon keeps this list on the tensor)."""
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def constant(name: str, values: np.ndarray) -> gs.Constant:
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    for i, tensor in enumerate(node.inputs):
+        if tensor is old:
+            node.inputs[i] = new
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None

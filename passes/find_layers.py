@@ -1,0 +1,229 @@
+"""Find the matrix multiplications to quantize and the activation tensors that feed them.
+
+A *linear* layer is ``MatMul(X, W)`` with a constant 2-D ``W`` of shape ``[K, N]`` (the exporters store
+``W^T`` of a ``Linear``) or ``Gemm(X, W, C)`` with constant ``W``; its output channels lie along axis 1 of a
+``MatMul`` weight and along axis ``1 - transB`` of a ``Gemm`` weight. Its bias is ``C`` of a ``Gemm`` or the
+constant 1-D operand of the single ``Add`` that consumes the ``MatMul`` output. An *activation matmul* is a
+``MatMul`` whose two operands are both computed (attention ``Q K^T`` and ``A V``).
+
+An *activation group* is one tensor ``X`` and every quantized layer reading it: they share one activation
+scale and one noise vector ``N`` (so ``X + N`` is quantized once), while each layer gets its own weight codes
+and its own denoised bias. This pass only reads the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nq_onnx.errors import ConfigError
+
+LINEAR = "linear"
+ACT_MATMUL = "act_matmul"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable matrix multiplication, identified by its node name."""
+
+    name: str
+    node: str
+    op: str
+    kind: str
+    inputs: tuple[str, ...]
+    weight: str | None = None
+    weight_axis: int = 1
+    bias: str | None = None
+    bias_node: str | None = None
+    in_features: int = 0
+    out_features: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """An activation tensor and the quantized layers that read it."""
+
+    name: str
+    tensor: str
+    consumers: tuple[str, ...]
+    channels: int
+    noisy: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    layers: tuple[LayerSpec, ...]
+    groups: tuple[GroupSpec, ...]
+    excluded: tuple[tuple[str, str], ...] = ()
+
+    def layer(self, name: str) -> LayerSpec:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def group_of(self, tensor: str) -> GroupSpec:
+        return next(group for group in self.groups if group.tensor == tensor)
+
+
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or ``Constant`` node), else ``None``."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Constant" and "value" in node.attrs:
+        value = node.attrs["value"]
+        return value.values if isinstance(value, gs.Constant) else np.asarray(value)
+    return None
+
+
+def readable_name(node: gs.Node) -> str:
+    """Module path of an exported node: ``/blocks/blocks.3/mlp/fc1/MatMul`` -> ``blocks.3.mlp.fc1``."""
+    raw = node.name or (node.outputs[0].name if node.outputs else node.op)
+    if not raw.startswith("/"):
+        return raw
+    parts = [p for p in raw.strip("/").split("/") if p]
+    module = parts[:-1]
+    kept = [p for i, p in enumerate(module) if not (i + 1 < len(module) and module[i + 1].startswith(p + "."))]
+    return ".".join(kept) if kept else parts[-1]
+
+
+def _bias_of_matmul(node: gs.Node, out_features: int) -> tuple[str | None, str | None]:
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None, None
+    add = out.outputs[0]
+    other = [t for t in add.inputs if t is not out]
+    if len(other) != 1 or not isinstance(other[0], gs.Constant):
+        return None, None
+    values = other[0].values
+    if values.ndim != 1 or values.shape[0] != out_features or values.dtype != np.float32:
+        return None, None
+    return other[0].name, add.name
+
+
+def _linear(node: gs.Node) -> LayerSpec | None:
+    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    x, w = node.inputs[0], node.inputs[1]
+    if const_value(x) is not None or not isinstance(w, gs.Constant) or w.values.ndim != 2:
+        return None
+    if w.values.dtype != np.float32:
+        return None
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None
+        axis = 0 if node.attrs.get("transB", 0) else 1
+        bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+        bias_name = bias.name if bias is not None and bias.values.size > 1 else None
+        bias_node = node.name if bias_name else None
+    else:
+        axis = 1
+        bias_name = bias_node = None
+    out_features = int(w.values.shape[axis])
+    in_features = int(w.values.shape[1 - axis])
+    if node.op == "MatMul":
+        bias_name, bias_node = _bias_of_matmul(node, out_features)
+    return LayerSpec(
+        name="", node=node.name, op=node.op, kind=LINEAR, inputs=(x.name,), weight=w.name, weight_axis=axis,
+        bias=bias_name, bias_node=bias_node, in_features=in_features, out_features=out_features,
+    )
+
+
+def _act_matmul(node: gs.Node) -> LayerSpec | None:
+    if node.op != "MatMul" or any(const_value(t) is not None for t in node.inputs[:2]):
+        return None
+    return LayerSpec(name="", node=node.name, op="MatMul", kind=ACT_MATMUL, inputs=(node.inputs[0].name, node.inputs[1].name))
+
+
+def _unique_names(graph: gs.Graph, specs: list[tuple[gs.Node, LayerSpec]]) -> list[LayerSpec]:
+    base = [readable_name(node) for node, _ in specs]
+    counts: dict[str, int] = {}
+    for name in base:
+        counts[name] = counts.get(name, 0) + 1
+    out = []
+    for (node, spec), name in zip(specs, base):
+        if spec.kind == ACT_MATMUL or counts[name] > 1:
+            op_name = node.name.rstrip("/").split("/")[-1] if node.name else node.op
+            name = f"{name}.{op_name}" if name != op_name else name
+        out.append(dataclasses.replace(spec, name=name))
+    seen: set[str] = set()
+    for spec in out:
+        if spec.name in seen:
+            raise ConfigError(f"two layers resolve to the same name {spec.name!r}; name the graph's nodes uniquely")
+        seen.add(spec.name)
+    return out
+
+
+def find_layers(graph: gs.Graph, exclude: tuple[str, ...] = (), act_matmuls: bool = True) -> Layers:
+    """Every quantizable layer in topological order, grouped by the activation tensor they read.
+
+    ``exclude`` patterns (fnmatch on layer names) drop layers; a pattern that matches nothing raises
+    :class:`ConfigError`.
+    """
+    graph.toposort()
+    found: list[tuple[gs.Node, LayerSpec]] = []
+    for node in graph.nodes:
+        spec = _linear(node) or (_act_matmul(node) if act_matmuls else None)
+        if spec is not None:
+            found.append((node, spec))
+    specs = _unique_names(graph, found)
+    excluded: list[tuple[str, str]] = []
+    kept: list[LayerSpec] = []
+    used = set()
+    for spec in specs:
+        hit = next((p for p in exclude if fnmatch.fnmatchcase(spec.name, p)), None)
+        if hit is not None:
+            used.add(hit)
+            excluded.append((spec.name, f"excluded by pattern {hit!r}"))
+        else:
+            kept.append(spec)
+    unused = [p for p in exclude if p not in used]
+    if unused:
+        raise ConfigError(f"exclude pattern {unused[0]!r} matches no layer (layers look like {specs[0].name!r})" if specs
+                          else f"exclude pattern {unused[0]!r} matches no layer")
+    return Layers(tuple(kept), _groups(graph, kept), tuple(excluded))
+
+
+def _channels(graph: gs.Graph, tensor_name: str, consumers: list[LayerSpec]) -> int:
+    for spec in consumers:
+        if spec.kind == LINEAR:
+            return spec.in_features
+    tensor = graph.tensors().get(tensor_name)
+    shape = getattr(tensor, "shape", None)
+    if shape and isinstance(shape[-1], int):
+        return int(shape[-1])
+    return 0
+
+
+def _groups(graph: gs.Graph, layers: list[LayerSpec]) -> tuple[GroupSpec, ...]:
+    by_tensor: dict[str, list[LayerSpec]] = {}
+    for spec in layers:
+        for tensor in spec.inputs:
+            by_tensor.setdefault(tensor, []).append(spec)
+    groups = []
+    used_names: set[str] = set()
+    for tensor, consumers in by_tensor.items():
+        first = consumers[0]
+        if first.kind == ACT_MATMUL:
+            name = f"{first.name}/input{first.inputs.index(tensor)}"
+        else:
+            name = first.name
+        name = _dedupe(re.sub(r"\s+", "_", name), used_names)
+        noisy = all(c.kind == LINEAR for c in consumers)
+        groups.append(GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers), noisy))
+    return tuple(groups)
+
+
+def _dedupe(name: str, used: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in used:
+        candidate = f"{name}_{i}"
+        i += 1
+    used.add(candidate)
+    return candidate

@@ -1,0 +1,96 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs on weights and activations of the planned layers.
+
+Weights (per output channel ``c``, axis 1 of a ``MatMul`` weight ``[K, N]``, axis ``1 - transB`` of a
+``Gemm`` weight)::
+
+    W  ->  DequantizeLinear(codes = q(W, s_c), s_c, zero_point 0, axis)      codes stored as int8
+
+Activations (per tensor, one quantizer per group, one dequantizer per consumer)::
+
+    X  ->  [Clip(X, -2^(b-1) s, (2^(b-1) - 1) s)]  ->  QuantizeLinear(s, zp 128, uint8)  ->  DequantizeLinear
+
+The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128``; below 8 bits the explicit
+``Clip`` keeps codes inside the b-bit range, which the 8-bit container alone would not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nq_onnx import quant
+from nq_onnx.plan import Plan
+from nq_onnx.passes.base import PassResult, Skip, constant
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertQDQ:
+    layers: Layers
+    plan: Plan
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        result = PassResult(graph)
+        nodes = {n.name: n for n in graph.nodes}
+        for spec in self.layers.layers:
+            plan = self.plan.layers.get(spec.name)
+            if plan is None:
+                result.skipped.append(Skip(spec.name, "not in the plan"))
+                continue
+            if spec.kind != ACT_MATMUL:
+                self._quantize_weight(graph, nodes[spec.node], spec, plan.weight_scales, plan.bits)
+            result.applied.append(spec.name)
+        for group in self.layers.groups:
+            plan = self.plan.groups.get(group.name)
+            if plan is None:
+                continue
+            consumers = [self.layers.layer(name) for name in group.consumers]
+            self._quantize_activation(graph, nodes, group.name, group.tensor, consumers, plan.scale, plan.bits)
+        return result
+
+    @staticmethod
+    def _quantize_weight(graph: gs.Graph, node: gs.Node, spec: LayerSpec, scales: np.ndarray, bits: int) -> None:
+        weight = node.inputs[1]
+        codes = quant.quantize_weight(weight.values, scales, spec.weight_axis, bits)
+        dequantized = gs.Variable(f"{spec.name}/weight_dequantized", dtype=np.float32, shape=list(codes.shape))
+        graph.nodes.append(gs.Node(
+            "DequantizeLinear", name=f"{spec.name}/weight_dequantize", attrs={"axis": spec.weight_axis},
+            inputs=[constant(f"{spec.name}/weight_quantized", codes),
+                    constant(f"{spec.name}/weight_scale", scales.astype(np.float32)),
+                    constant(f"{spec.name}/weight_zero_point", np.zeros(scales.shape, np.int8))],
+            outputs=[dequantized],
+        ))
+        node.inputs[1] = dequantized
+
+    @staticmethod
+    def _quantize_activation(graph: gs.Graph, nodes: dict[str, gs.Node], name: str, tensor: str,
+                             consumers: list[LayerSpec], scale: float, bits: int) -> None:
+        first = consumers[0]
+        source = nodes[first.node].inputs[first.inputs.index(tensor)]
+        scale32 = np.float32(scale)
+        if bits < 8:
+            lo, hi = quant.code_range(bits)
+            clipped = gs.Variable(f"{name}/input_clipped", dtype=np.float32, shape=getattr(source, "shape", None))
+            graph.nodes.append(gs.Node(
+                "Clip", name=f"{name}/input_clip",
+                inputs=[source, constant(f"{name}/input_clip_min", np.array(lo * scale32, np.float32)),
+                        constant(f"{name}/input_clip_max", np.array(hi * scale32, np.float32))],
+                outputs=[clipped]))
+            source_q = clipped
+        else:
+            source_q = source
+        codes = gs.Variable(f"{name}/input_quantized", dtype=np.uint8, shape=getattr(source, "shape", None))
+        scale_c = constant(f"{name}/input_scale", np.array(scale32, np.float32))
+        zero_c = constant(f"{name}/input_zero_point", np.array(quant.ACT_ZERO_POINT, np.uint8))
+        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}/input_quantize", inputs=[source_q, scale_c, zero_c],
+                                   outputs=[codes]))
+        for spec in consumers:
+            node = nodes[spec.node]
+            index = spec.inputs.index(tensor)
+            suffix = f"input{index}_dequantize" if spec.kind == ACT_MATMUL else "input_dequantize"
+            out = gs.Variable(f"{spec.name}/{suffix}d", dtype=np.float32, shape=getattr(source, "shape", None))
+            graph.nodes.append(gs.Node("DequantizeLinear", name=f"{spec.name}/{suffix}", inputs=[codes, scale_c, zero_c],
+                                       outputs=[out]))
+            node.inputs[index] = out

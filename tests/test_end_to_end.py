@@ -1,0 +1,104 @@
+"""Export real timm architectures (random weights, small sizes) and convert them on real photographs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import nq_onnx
+from nq_onnx import QuantConfig
+from nq_onnx.calibration.data import Preprocess, load_dataset
+from nq_onnx.export import export_timm
+from nq_onnx.model_io import load_model
+from nq_onnx import quant
+
+# name, timm overrides, SQNR floors (dB) of the logits: (minmax W8A8, noisyquant W8A8, noisyquant W6A6)
+ARCHS = {
+    "vit": ("vit_small_patch16_224", dict(img_size=64, depth=2), (25.0, 25.0, 13.0)),
+    "deit": ("deit_small_patch16_224", dict(img_size=64, depth=2), (25.0, 25.0, 13.0)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 4, 8)),
+             (22.0, 22.0, 10.0)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def exported(request, tmp_path_factory, photo_folder):
+    name, kwargs, floors = ARCHS[request.param]
+    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
+    result = export_timm(name, path, model_kwargs=kwargs, num_classes=10)
+    return request.param, path, result, floors
+
+
+def logits(model_path, feeds):
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_export_matches_pytorch_on_real_images(exported, photo_folder):
+    family, path, result, _ = exported
+    assert result.max_abs_diff < 1e-4
+    assert result.family == family
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in __import__("json").loads(meta["nq_onnx.preprocess"]).items()})
+    assert pre.input_size[1:] == tuple(model.graph.input[0].type.tensor_type.shape.dim[i].dim_value for i in (2, 3)) \
+        or model.graph.input[0].type.tensor_type.shape.dim[2].dim_param
+    assert meta["nq_onnx.source"].startswith("timm:")
+
+
+def _convert(path, tmp_path, photo_folder, **config):
+    out = tmp_path / f"{config.get('method', 'noisyquant')}{config.get('w_bits', 8)}.onnx"
+    result = nq_onnx.convert(path, out, photo_folder, QuantConfig(calib_size=12, **config))
+    return out, result
+
+
+def test_convert_quality_and_graph(exported, tmp_path, photo_folder):
+    family, path, _, (floor_minmax, floor_nq8, floor_nq6) = exported
+    model, _ = load_model(path)
+    data = load_dataset(photo_folder, model, limit=16, seed=1)
+    feeds = next(data.batches(16))
+    reference = logits(path, feeds)
+    sqnr = {}
+    for method, bits in (("minmax", 8), ("noisyquant", 8), ("easyquant", 6), ("noisyquant", 6)):
+        out, result = _convert(path, tmp_path, photo_folder, method=method, w_bits=bits, a_bits=bits)
+        sqnr[method, bits] = quant.sqnr_db(reference, logits(out, feeds))
+        quantized = onnx.load(str(out))
+        onnx.checker.check_model(quantized, full_check=True)
+        ops = [n.op_type for n in quantized.graph.node]
+        linear = [s for s in result.layers.layers if s.kind == "linear"]
+        attention = [s for s in result.layers.layers if s.kind == "act_matmul"]
+        assert len(attention) >= 2 and len(linear) >= 5
+        assert ops.count("DequantizeLinear") == len(linear) + sum(len(s.inputs) for s in result.layers.layers)
+        assert ops.count("QuantizeLinear") == len(result.layers.groups)
+        assert "LayerNormalization" in ops and "Softmax" in ops  # stay float
+        names = {n.name for n in quantized.graph.node}
+        assert any(n.endswith("mlp.fc1/input_quantize") for n in names)
+        if method == "noisyquant":
+            noisy = [n for n in quantized.graph.node if n.name.endswith("/add_noise")]
+            assert len(noisy) == result.summary.noisy_groups > 0
+            assert all(n.name.split("/")[0] in {g.name for g in result.layers.groups} for n in noisy)
+        if bits < 8:
+            assert ops.count("Clip") >= len(result.layers.groups)
+    assert sqnr["minmax", 8] > floor_minmax, sqnr
+    assert sqnr["noisyquant", 8] > floor_nq8, sqnr
+    assert sqnr["noisyquant", 6] > floor_nq6, sqnr
+    assert sqnr["noisyquant", 6] > sqnr["easyquant", 6] - 0.5, sqnr
+
+
+def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
+    family, path, _, _ = exported
+    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=3)
+    a = nq_onnx.convert(path, tmp_path / "a.onnx", photo_folder, config, save_plan=tmp_path / "plan.json")
+    b = nq_onnx.convert(path, tmp_path / "b.onnx", photo_folder, config)
+    c = nq_onnx.convert(path, tmp_path / "c.onnx", load_plan=tmp_path / "plan.json")
+    blobs = [(tmp_path / f"{x}.onnx").read_bytes() for x in "abc"]
+    assert blobs[0] == blobs[1] == blobs[2]
+    assert a.summary.noisy_groups == c.summary.noisy_groups > 0
+    d = nq_onnx.convert(path, tmp_path / "d.onnx", photo_folder, QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=4))
+    assert hashlib.sha256(blobs[0]).digest() != hashlib.sha256((tmp_path / "d.onnx").read_bytes()).digest()
+    assert d.summary.noisy_groups > 0

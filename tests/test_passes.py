@@ -1,0 +1,190 @@
+"""Graph passes on tiny hand-written graphs: exactness of noise + denoising bias, weight axes, bias handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from conftest import init, make_model, mlp_model, run, tensor
+from onnx import helper
+
+from nq_onnx import QuantConfig
+from nq_onnx.passes import FoldDenoisingBias, InsertNoise, InsertQDQ, find_layers
+from nq_onnx.pipeline import apply_plan
+from nq_onnx.plan import GroupPlan, LayerPlan, Plan
+from nq_onnx import quant
+
+
+def noisy_plan(model: onnx.ModelProto, rng: np.random.Generator, amplitude: float = 2.0, bits: int = 8):
+    layers = find_layers(gs.import_onnx(model))
+    plan = Plan("digest", QuantConfig(w_bits=bits, a_bits=bits))
+    for group in layers.groups:
+        noise = (amplitude * rng.uniform(-1, 1, group.channels)).astype(np.float32) if group.noisy else None
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.05, bits, noise)
+    return layers, plan
+
+
+def apply(model, layers, plan, passes):
+    graph = gs.import_onnx(model)
+    for graph_pass in passes:
+        graph_pass(layers, plan)(graph)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def gemm_model(rng, k=9, n=6, m=4, alpha=0.7, beta=1.3):
+    """Two Gemm layers on one input: ``transB=1`` with a bias and ``alpha``/``beta``, ``transB=0`` without bias."""
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["y1"], name="/head/Gemm", transB=1, alpha=alpha, beta=beta),
+             helper.make_node("Gemm", ["x", "w2"], ["y2"], name="/aux/Gemm")]
+    inits = [init("w1", rng.standard_normal((n, k))), init("c1", rng.standard_normal(n)),
+             init("w2", rng.standard_normal((k, m)))]
+    return make_model(nodes, [tensor("x", ["batch", k])], [tensor("y1", ["batch", n]), tensor("y2", ["batch", m])],
+                      inits)
+
+
+def shared_bias_model(rng, k=8, n=5):
+    """Two Linears on different inputs sharing one bias initializer (as deduplicating exporters emit)."""
+    nodes = [helper.make_node("MatMul", ["a", "wa"], ["a0"], name="/a/MatMul"),
+             helper.make_node("Add", ["a0", "b"], ["ya"], name="/a/Add"),
+             helper.make_node("MatMul", ["c", "wc"], ["c0"], name="/c/MatMul"),
+             helper.make_node("Add", ["c0", "b"], ["yc"], name="/c/Add")]
+    inits = [init("wa", rng.standard_normal((k, n))), init("wc", rng.standard_normal((k, n))),
+             init("b", rng.standard_normal(n))]
+    return make_model(nodes, [tensor("a", ["batch", 3, k]), tensor("c", ["batch", 3, k])],
+                      [tensor("ya", ["batch", 3, n]), tensor("yc", ["batch", 3, n])], inits)
+
+
+def feeds_for(model, rng, batch=3):
+    out = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.dim_value else batch for d in value.type.tensor_type.shape.dim]
+        out[value.name] = (3 * rng.standard_normal(dims)).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_noise_and_denoising_bias_are_exact_without_quantization(seed):
+    rng = np.random.default_rng(seed)
+    k, hidden, out = (int(v) for v in rng.integers(2, 40, size=3))
+    builders = [lambda: mlp_model(rng, tokens=int(rng.integers(1, 9)), k=k, hidden=hidden, out=out,
+                                  second_bias=bool(seed % 2)),
+                lambda: gemm_model(rng, k=k, n=hidden, m=out, alpha=float(rng.uniform(0.2, 2)),
+                                   beta=float(rng.uniform(0.2, 2))),
+                lambda: shared_bias_model(rng, k=k, n=out)]
+    for build in builders:
+        model = build()
+        layers, plan = noisy_plan(model, rng, amplitude=float(rng.uniform(0.5, 5)))
+        noisy = apply(model, layers, plan, (InsertNoise, FoldDenoisingBias))
+        adds = [n for n in noisy.graph.node if n.name.endswith("/add_noise")]
+        assert len(adds) == sum(g.noisy for g in layers.groups) > 0
+        feeds = feeds_for(model, rng)
+        for want, got in zip(run(model, feeds), run(noisy, feeds)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_bias_is_copied_not_edited():
+    rng = np.random.default_rng(1)
+    model = shared_bias_model(rng)
+    layers, plan = noisy_plan(model, rng)
+    noisy = apply(model, layers, plan, (InsertNoise, FoldDenoisingBias))
+    adds = {n.name: n for n in noisy.graph.node if n.op_type == "Add" and n.name in ("/a/Add", "/c/Add")}
+    biases = {name: node.input[1] for name, node in adds.items()}
+    assert biases["/a/Add"] != biases["/c/Add"]
+    original = onnx.numpy_helper.to_array(model.graph.initializer[2])
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in noisy.graph.initializer}
+    assert not np.array_equal(stored[biases["/a/Add"]], original)
+    assert not np.array_equal(stored[biases["/c/Add"]], original)
+
+
+def test_missing_bias_gets_one_with_the_denoising_term():
+    rng = np.random.default_rng(2)
+    model = mlp_model(rng, second_bias=False)
+    layers, plan = noisy_plan(model, rng)
+    fc2 = layers.layer("mlp.fc2")
+    assert fc2.bias is None
+    noisy = apply(model, layers, plan, (InsertNoise, FoldDenoisingBias))
+    added = [n for n in noisy.graph.node if n.name == "mlp.fc2/add_denoising_bias"]
+    assert len(added) == 1
+    w = onnx.numpy_helper.to_array(model.graph.initializer[2]).astype(np.float64)
+    bias = next(onnx.numpy_helper.to_array(t) for t in noisy.graph.initializer if t.name == added[0].input[1])
+    noise = plan.groups[layers.group_of(fc2.inputs[0]).name].noise.astype(np.float64)
+    np.testing.assert_allclose(bias, -(noise @ w), rtol=1e-6, atol=1e-6)
+
+
+def test_weight_axes_matmul_and_gemm():
+    rng = np.random.default_rng(3)
+    for model, expected in ((mlp_model(rng), {"mlp.fc1": 1, "mlp.fc2": 1}), (gemm_model(rng), {"head": 0, "aux": 1})):
+        layers = find_layers(gs.import_onnx(model))
+        assert {s.name: s.weight_axis for s in layers.layers} == expected
+        plan = Plan("digest", QuantConfig())
+        weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        for spec in layers.layers:
+            w = weights[spec.weight]
+            plan.layers[spec.name] = LayerPlan(spec.name, quant.weight_scales(w, spec.weight_axis, 8), 8)
+            assert plan.layers[spec.name].weight_scales.shape == (spec.out_features,)
+        for group in layers.groups:
+            plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.2, 8)  # range ±25
+        out, _ = apply_plan(model, layers, plan)
+        dqs = {n.name: n for n in out.graph.node if n.op_type == "DequantizeLinear" and "weight" in n.name}
+        for spec in layers.layers:
+            node = dqs[f"{spec.name}/weight_dequantize"]
+            assert helper.get_attribute_value(node.attribute[0]) == expected[spec.name]
+        feeds = feeds_for(model, rng)
+        for want, got in zip(run(model, feeds), run(out, feeds)):
+            assert quant.sqnr_db(want, got) > 25
+
+
+def test_zero_noise_gives_exactly_the_plain_qdq_graph():
+    rng = np.random.default_rng(4)
+    model = mlp_model(rng)
+    layers, plan = noisy_plan(model, rng)
+    for spec in layers.layers:
+        plan.layers[spec.name] = LayerPlan(spec.name, np.full(spec.out_features, 0.01, np.float32), 8)
+    plain = Plan("digest", plan.config, {k: GroupPlan(g.name, g.tensor, g.scale, g.bits) for k, g in plan.groups.items()},
+                 plan.layers)
+    zero = Plan("digest", plan.config, {k: GroupPlan(g.name, g.tensor, g.scale, g.bits, np.zeros_like(g.noise))
+                                        for k, g in plan.groups.items()}, plan.layers)
+    a, _ = apply_plan(model, layers, plain)
+    b, _ = apply_plan(model, layers, zero)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def reference_codes(x: np.ndarray, scale: np.float32, bits: int) -> np.ndarray:
+    """Written independently of nq_onnx.quant: float32 division, ties to even, b-bit saturation, + 128."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = np.rint(np.float32(x) / np.float32(scale)).clip(lo, hi)
+    return (q + 128).astype(np.uint8)
+
+
+@pytest.mark.parametrize("bits", [8, 6, 5, 4])
+def test_qdq_integer_codes_equal_numpy_reference_bit_for_bit(bits):
+    rng = np.random.default_rng(bits)
+    model = mlp_model(rng, tokens=16, k=24)
+    layers, plan = noisy_plan(model, rng, bits=bits)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for spec in layers.layers:
+        plan.layers[spec.name] = LayerPlan(spec.name, quant.weight_scales(weights[spec.weight], 1, bits), bits)
+    group = layers.groups[0]
+    scale = np.float32(0.0371)
+    plan.groups[group.name].scale = float(scale)
+    out, _ = apply_plan(model, layers, plan)
+    code_tensor = f"{group.name}/input_quantized"
+    out.graph.output.append(helper.make_tensor_value_info(code_tensor, onnx.TensorProto.UINT8, None))
+    x = (rng.standard_normal((4, 16, 24)) * 3).astype(np.float32)
+    x.flat[:40] = (np.arange(40) - 20 + 0.5) * scale  # exact ties, both signs, beyond the clip range too
+    got = run(out, {"x": x}, [code_tensor])[0]
+    noisy_x = x + plan.groups[group.name].noise
+    np.testing.assert_array_equal(got, reference_codes(noisy_x, scale, bits))
+    lo, hi = 128 - 2 ** (bits - 1), 128 + 2 ** (bits - 1) - 1
+    assert got.min() == lo and got.max() == hi  # the clip range was reached, and not left
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    for spec in layers.layers:
+        w = weights[spec.weight]
+        s = (np.abs(w).max(axis=0) / np.float32(2 ** (bits - 1) - 1)).astype(np.float32)
+        codes = stored[f"{spec.name}/weight_quantized"]
+        np.testing.assert_array_equal(codes, np.rint(w / s[None, :]).astype(np.int8))
+        assert np.abs(codes).max() == 2 ** (bits - 1) - 1  # MinMax without clamping uses the full narrow range
