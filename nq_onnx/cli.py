@@ -106,12 +106,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nq-onnx: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="list the kernel onnxruntime runs for each quantized layer",
+                       description="Optimize the model with onnxruntime (ORT_ENABLE_ALL) and show, per quantized "
+                                   "layer, whether it became an integer kernel or fell back to float.")
+    p.add_argument("model", help="a model written by nq-onnx convert")
+    p.add_argument("--provider", default="CPUExecutionProvider", help="execution provider (default CPU)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any quantized layer runs in float")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args) -> int:
+    import json
+
+    from nq_onnx.inspect import format_inspection, inspect_file
+
+    inspection = inspect_file(args.model, args.provider)
+    print(json.dumps(inspection.to_dict(), indent=1) if args.json else format_inspection(inspection))
+    return 1 if args.strict and inspection.float_fallbacks else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nq-onnx", description="NoisyQuant post-training quantization for ONNX ViTs.")
     parser.add_argument("--version", action="version", version=f"nq-onnx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_export(sub)
     _add_convert(sub)
+    _add_inspect(sub)
     _add_demo(sub)
     return parser
 
@@ -151,6 +173,9 @@ def _convert(args) -> int:
 def format_summary(summary, elapsed: float, output) -> str:
     lines = [f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
              f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"]
+    if summary.noisy_groups:
+        lines.append(f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
+                     f"{summary.noise_adds} need an explicit Add")
     if summary.calib_images:
         extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
         lines.append(f"  calibration: {summary.calib_images} inputs{extra}")

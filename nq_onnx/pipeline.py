@@ -23,7 +23,7 @@ from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
 from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
-from nq_onnx.passes import FoldDenoisingBias, InsertNoise, InsertQDQ, Layers, Skip, find_layers
+from nq_onnx.passes import DecomposeGemm, FoldDenoisingBias, InsertNoise, InsertQDQ, Layers, Skip, find_layers
 from nq_onnx.plan import Plan
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
 
@@ -39,6 +39,7 @@ class Summary:
     timings: dict[str, float]
     calib_images: int = 0
     data_skipped: int = 0
+    noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -48,6 +49,21 @@ class Result:
     plan: Plan
     layers: Layers
     summary: Summary
+
+
+def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float model in the form the passes quantize best (weight ``Gemm`` as ``MatMul + Add``)."""
+    try:  # tensor ranks let the passes prove that a rewrite keeps the channel axis
+        typed = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a help, not a requirement
+        typed = model
+    graph = gs.import_onnx(typed)
+    DecomposeGemm()(graph)
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
 
 
 def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
@@ -99,6 +115,7 @@ def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Da
     if plan is not None:
         plan.check_model(digest)
         config = plan.config
+    model = canonicalize(model)
     layers = discover(model, config)
     if plan is None:
         if calib is None:
@@ -122,7 +139,8 @@ def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Da
                       [Skip(n, r) for n, r in layers.excluded] + skipped,
                       sum(1 for g in plan.groups.values() if g.noise is not None), timings,
                       calib_images=len(calib) if calib is not None else 0,
-                      data_skipped=len(calib.skipped) if calib is not None else 0)
+                      data_skipped=len(calib.skipped) if calib is not None else 0,
+                      noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")))
     return Result(out, plan, layers, summary)
 
 

@@ -53,3 +53,14 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
+
+
+def constant_through_identity(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is a constant, possibly behind ``Identity`` nodes (deduplicated initializers)."""
+    seen = 0
+    while not isinstance(tensor, gs.Constant):
+        node = producer(tensor)
+        if node is None or node.op != "Identity" or seen > 16:
+            return None
+        tensor, seen = node.inputs[0], seen + 1
+    return tensor.values

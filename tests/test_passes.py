@@ -188,3 +188,64 @@ def test_qdq_integer_codes_equal_numpy_reference_bit_for_bit(bits):
         codes = stored[f"{spec.name}/weight_quantized"]
         np.testing.assert_array_equal(codes, np.rint(w / s[None, :]).astype(np.int8))
         assert np.abs(codes).max() == 2 ** (bits - 1) - 1  # MinMax without clamping uses the full narrow range
+
+
+def ln_linear_model(rng, k=16, n=8, extra_reader=None):
+    """``LayerNorm -> Linear`` with gamma/beta behind Identity nodes (a deduplicating exporter) and a Shape reader."""
+    nodes = [helper.make_node("Identity", ["shared_beta"], ["beta"], name="beta_identity"),
+             helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="/norm1/LayerNormalization",
+                              axis=-1),
+             helper.make_node("Shape", ["ln"], ["ln_shape"], name="/attn/Shape"),
+             helper.make_node("MatMul", ["ln", "w"], ["y0"], name="/attn/qkv/MatMul"),
+             helper.make_node("Add", ["b", "y0"], ["y"], name="/attn/qkv/Add")]
+    outputs = [tensor("y", ["batch", 4, n]), helper.make_tensor_value_info("ln_shape", onnx.TensorProto.INT64, [3])]
+    if extra_reader == "residual":
+        nodes.append(helper.make_node("Add", ["ln", "x"], ["res"], name="/residual/Add"))
+        outputs.append(tensor("res", ["batch", 4, k]))
+    elif extra_reader == "output":
+        outputs.append(tensor("ln", ["batch", 4, k]))
+    inits = [init("gamma", rng.uniform(0.5, 2, k)), init("shared_beta", rng.standard_normal(k)),
+             init("w", rng.standard_normal((k, n))), init("b", rng.standard_normal(n))]
+    return make_model(nodes, [tensor("x", ["batch", 4, k])], outputs, inits)
+
+
+@pytest.mark.parametrize("extra_reader,folded", [(None, True), ("residual", False), ("output", False)])
+def test_noise_folds_into_layernorm_beta_only_when_nothing_else_reads_it(extra_reader, folded):
+    rng = np.random.default_rng(11)
+    model = ln_linear_model(rng, extra_reader=extra_reader)
+    layers, plan = noisy_plan(model, rng, amplitude=3.0)
+    result_graph = gs.import_onnx(model)
+    result = InsertNoise(layers, plan)(result_graph)
+    FoldDenoisingBias(layers, plan)(result_graph)
+    result_graph.cleanup().toposort()
+    noisy = gs.export_onnx(result_graph)
+    onnx.checker.check_model(noisy, full_check=True)
+    adds = [n for n in noisy.graph.node if n.name.endswith("/add_noise")]
+    assert len(adds) == (0 if folded else 1)
+    assert any(s.reason.startswith("noise folded") for s in result.skipped) == folded
+    feeds = feeds_for(model, rng)
+    for want, got in zip(run(model, feeds), run(noisy, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if folded:  # beta + N, the shared original left alone
+        stored = {t.name: onnx.numpy_helper.to_array(t) for t in noisy.graph.initializer}
+        beta = onnx.numpy_helper.to_array(model.graph.initializer[1])
+        group = layers.groups[0].name
+        np.testing.assert_allclose(stored[f"{group}/noise_folded_bias"], beta + plan.groups[group].noise, atol=1e-6)
+
+
+def test_decompose_gemm_is_exact_and_leaves_no_gemm():
+    from nq_onnx.passes import DecomposeGemm
+
+    rng = np.random.default_rng(12)
+    model = gemm_model(rng, alpha=1.0, beta=1.0)
+    graph = gs.import_onnx(model)
+    assert DecomposeGemm()(graph).applied == ["/head/Gemm", "/aux/Gemm"]
+    out = gs.export_onnx(graph)
+    onnx.checker.check_model(out, full_check=True)
+    assert "Gemm" not in {n.op_type for n in out.graph.node}
+    feeds = feeds_for(model, rng)
+    for want, got in zip(run(model, feeds), run(out, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    layers = find_layers(gs.import_onnx(out))
+    assert [(s.name, s.op, s.weight_axis, s.bias is not None) for s in layers.layers] == \
+        [("head", "MatMul", 1, True), ("aux", "MatMul", 1, False)]
