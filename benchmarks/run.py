@@ -1,0 +1,307 @@
+"""Side-by-side benchmark on a real pretrained ViT: accuracy, output error, inference speed and compile cost.
+
+    python benchmarks/run.py            # the full run (about an hour on 2 cores)
+    python benchmarks/run.py --quick    # a few minutes: fewer images, fewer timing rounds, no compile curve
+
+Everything is offline and from ``../shared``: the DINOv2-style ViT-S/14 CIFAR-10 classifier (exported here with
+``nq-onnx export``), ImageNet samples for calibration and held-out output error, CIFAR-10 test images for top-1.
+Writes ``benchmarks/results/<name>.json`` (machine, versions, settings, every figure) and prints the Markdown
+table that ``benchmarks/table.py`` puts into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+CHECKPOINT = SHARED / "models" / "vit_small_patch14_dinov2.cifar10.fp16.pth"
+IMAGENET = SHARED / "data" / "imagenet-samples"
+CIFAR = SHARED / "data" / "cifar10-test.npz"
+RESULTS = ROOT / "benchmarks" / "results"
+WORK = ROOT / "benchmarks" / "work"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ort_baseline import quantize_with_onnxruntime  # noqa: E402
+from timing import latency_round_robin  # noqa: E402
+
+import nq_onnx  # noqa: E402
+from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image  # noqa: E402
+from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
+from nq_onnx.inspect import inspect_model  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    calib_size: int = 128
+    calib_sizes: tuple[int, ...] = (32, 128, 1024)
+    cifar_per_class: int = 200
+    imagenet_eval: int = 500
+    noise_seeds: tuple[int, ...] = (0, 1, 2)
+    latency_rounds: dict = dataclasses.field(default_factory=lambda: {1: 40, 8: 12})
+    compile_curve: bool = True
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(calib_size=32, calib_sizes=(), cifar_per_class=20, imagenet_eval=100, noise_seeds=(0,),
+                   latency_rounds={1: 10, 8: 4}, compile_curve=False)
+
+
+def machine() -> dict:
+    import onnx_graphsurgeon
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__, "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "numpy": np.__version__,
+            "nq_onnx": nq_onnx.__version__}
+
+
+def export_model(path: Path) -> Path:
+    if not path.exists():
+        from nq_onnx.export import export_timm
+
+        export_timm("vit_small_patch14_dinov2", path, checkpoint=CHECKPOINT, num_classes=10, img_size=224)
+    return path
+
+
+def split_imagenet(calib_size: int, eval_count: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """A seeded choice of calibration images and, disjoint from it, the held-out evaluation images."""
+    files = sorted(IMAGENET.glob("*.JPEG"))
+    order = np.random.default_rng(seed).permutation(len(files))
+    calib = sorted(files[i] for i in order[:calib_size])
+    held = sorted(files[i] for i in order[calib_size:][:eval_count])
+    return calib, held
+
+
+def link_folder(files: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        target = folder / path.name
+        if not target.exists():
+            target.symlink_to(path)
+    return folder
+
+
+def cifar_subset(per_class: int, pre: Preprocess) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``per_class`` test images of each class, prepared like the model's training data."""
+    from PIL import Image
+
+    data = np.load(CIFAR)
+    labels = data["labels"].astype(np.int64)
+    index = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+    images = np.stack([prepare_image(Image.fromarray(data["images"][i]), pre) for i in index])
+    return images, labels[index]
+
+
+def image_arrays(files: list[Path], pre: Preprocess) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for path in files:
+        with Image.open(path) as image:
+            out.append(prepare_image(image, pre))
+    return np.stack(out)
+
+
+def run_model(path: Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
+
+
+def convert_ours(model: Path, out: Path, calib: Path, method: str, bits: int, seed: int, calib_size: int) -> dict:
+    config = nq_onnx.QuantConfig(method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size)
+    start = time.perf_counter()
+    result = nq_onnx.convert(model, out, calib, config, force=True, evaluate=False)
+    return {"seconds": time.perf_counter() - start, "noisy_groups": result.summary.noisy_groups,
+            "noise_adds": result.summary.noise_adds, "timings": result.summary.timings}
+
+
+def compile_cost(model: Path, calib: Path, calib_size: int, out: Path) -> dict:
+    """Wall time and peak resident memory of one ``nq-onnx convert`` in a fresh process."""
+    cmd = [sys.executable, "-m", "nq_onnx.cli", "convert", str(model), "-o", str(out), "--calib", str(calib),
+           "--calib-size", str(calib_size), "-q", "-f", "--no-eval"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"convert failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"calib_images": calib_size, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def ort_cost(model: Path, calib_arrays: np.ndarray, out: Path, linear_only: bool) -> float:
+    start = time.perf_counter()
+    quantize_with_onnxruntime(model, out, calib_arrays, linear_only=linear_only)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes: fewer images and rounds")
+    parser.add_argument("--all-cifar", action="store_true", help="top-1 on all 10,000 CIFAR-10 test images")
+    parser.add_argument("--name", help="results file name (default: full or quick)")
+    args = parser.parse_args(argv)
+    settings = Settings.quick() if args.quick else Settings()
+    if args.all_cifar:
+        settings = dataclasses.replace(settings, cifar_per_class=1000)
+    for path in (CHECKPOINT, IMAGENET, CIFAR):
+        if not path.exists():
+            print(f"benchmark: missing {path} (the shared data must sit at {SHARED})", file=sys.stderr)
+            return 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    results: dict = {"machine": machine(), "settings": dataclasses.asdict(settings), "started": time.time()}
+
+    fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
+    pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
+    calib_files, held_files = split_imagenet(settings.calib_size, settings.imagenet_eval, settings.seed)
+    calib_dir = link_folder(calib_files, WORK / f"calib{settings.calib_size}")
+    log(f"data: {len(calib_files)} calibration, {len(held_files)} held-out ImageNet images")
+    calib_arrays = image_arrays(calib_files, pre)
+    held = image_arrays(held_files, pre)
+    cifar, labels = cifar_subset(settings.cifar_per_class, pre)
+
+    models: dict[str, dict] = {"fp32": {"path": fp32, "kind": "fp32", "bits": 32}}
+    for linear_only in (False, True):
+        name = "ort_linear_w8a8" if linear_only else "ort_all_w8a8"
+        out = WORK / f"{name}.onnx"
+        seconds = ort_cost(fp32, calib_arrays, out, linear_only)
+        models[name] = {"path": out, "kind": "onnxruntime quantize_static", "bits": 8, "compile_s": seconds}
+        log(f"{name}: {seconds:.1f} s")
+    for bits in (8, 6):
+        for method in ("minmax", "easyquant", "noisyquant"):
+            seeds = settings.noise_seeds if (method == "noisyquant" and bits == 6) else (settings.seed,)
+            for seed in seeds:
+                name = f"{method}_w{bits}a{bits}" + (f"_seed{seed}" if seed != settings.seed else "")
+                out = WORK / f"{name}.onnx"
+                info = convert_ours(fp32, out, calib_dir, method, bits, seed, settings.calib_size)
+                models[name] = {"path": out, "kind": f"nq-onnx {method}", "bits": bits, "seed": seed,
+                                "compile_s": info["seconds"], "noisy_groups": info["noisy_groups"],
+                                "noise_adds": info["noise_adds"], "timings": info["timings"]}
+                log(f"{name}: {info['seconds']:.1f} s")
+
+    log("accuracy and output error")
+    reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
+    for name, entry in models.items():
+        cifar_out = reference["cifar"] if name == "fp32" else run_model(entry["path"], cifar)
+        held_out = reference["imagenet"] if name == "fp32" else run_model(entry["path"], held)
+        entry["cifar"] = output_metrics(reference["cifar"], cifar_out, labels)
+        entry["imagenet_heldout"] = output_metrics(reference["imagenet"], held_out)
+        log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, ImageNet MSE {entry['imagenet_heldout']['mse']:.5f}")
+    seeds = [models[n] for n in models if n.startswith("noisyquant_w6a6")]
+    results["noisyquant_w6a6_seeds"] = {
+        "top1_mean": float(np.mean([m["cifar"]["top1"] for m in seeds])),
+        "top1_std": float(np.std([m["cifar"]["top1"] for m in seeds])),
+        "imagenet_mse_mean": float(np.mean([m["imagenet_heldout"]["mse"] for m in seeds])),
+        "imagenet_mse_std": float(np.std([m["imagenet_heldout"]["mse"] for m in seeds])),
+        "seeds": [m["seed"] for m in seeds]}
+
+    log("kernels")
+    for name, entry in models.items():
+        if entry["kind"].startswith("nq-onnx"):
+            inspection = inspect_model(onnx.load(str(entry["path"])))
+            entry["kernels"] = {"weight_layers": len(inspection.weight_layers),
+                                "weight_layers_integer": sum(k.integer for k in inspection.weight_layers),
+                                "counts": inspection.kernel_counts, "noise_adds": inspection.noise_adds}
+    log("latency")
+    timed = ["fp32", "ort_all_w8a8", "ort_linear_w8a8", "easyquant_w8a8", "noisyquant_w8a8", "noisyquant_w6a6"]
+    results["latency"] = {}
+    for batch, rounds in settings.latency_rounds.items():
+        stats = latency_round_robin({n: models[n]["path"] for n in timed}, cifar[:batch], rounds=rounds)
+        for name in timed:
+            stats[name]["ratio_to_fp32"] = stats[name]["median_ms"] / stats["fp32"]["median_ms"]
+            stats[name]["throughput_ratio_to_fp32"] = stats["fp32"]["median_ms"] / stats[name]["median_ms"]
+        results["latency"][f"batch{batch}"] = stats
+        log(f"batch {batch}: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
+
+    if settings.compile_curve:
+        log("compile cost")
+        results["compile"] = compile_curve(fp32, settings)
+    results["models"] = {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()}
+                         for name, entry in models.items()}
+    results["targets"] = targets(results)
+    results["finished"] = time.time()
+    name = args.name or ("quick" if args.quick else "full")
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    from table import markdown
+
+    print(markdown(results, path.relative_to(ROOT)))
+    log(f"wrote {path}")
+    return 0
+
+
+def compile_curve(fp32: Path, settings: Settings) -> dict:
+    from nq_onnx.export import export_timm
+
+    vit = WORK / "vit_small_patch16_224.onnx"
+    if not vit.exists():
+        export_timm("vit_small_patch16_224", vit)
+    out: dict = {}
+    for label, model in (("vit_s14_dinov2_cifar10", fp32), ("vit_small_patch16_224", vit)):
+        rows = []
+        for size in settings.calib_sizes:
+            files, _ = split_imagenet(min(size, 1000), 0, settings.seed)
+            folder = link_folder(files, WORK / f"calib{min(size, 1000)}")
+            rows.append(compile_cost(model, folder, min(size, 1000), WORK / f"compile_{label}.onnx"))
+        arrays = image_arrays(split_imagenet(settings.calib_size, 0, settings.seed)[0],
+                              Preprocess.from_model(onnx.load(str(model))))
+        out[label] = {"nq_onnx": rows,
+                      "onnxruntime_quantize_static_s": ort_cost(model, arrays, WORK / f"compile_{label}_ort.onnx",
+                                                                linear_only=False),
+                      "onnxruntime_calib_images": settings.calib_size}
+    return out
+
+
+def targets(results: dict) -> dict:
+    m = results["models"]
+    eq6, nq6 = m["easyquant_w6a6"], m["noisyquant_w6a6"]
+    fp32_top1 = m["fp32"]["cifar"]["top1"]
+    ort_best = max(m["ort_all_w8a8"]["cifar"]["top1"], m["ort_linear_w8a8"]["cifar"]["top1"])
+    lat8 = results["latency"].get("batch8", {})
+    out = {
+        "w6a6_mse_ratio_nq_over_eq": nq6["imagenet_heldout"]["mse"] / eq6["imagenet_heldout"]["mse"],
+        "w6a6_top1_nq_minus_eq": nq6["cifar"]["top1"] - eq6["cifar"]["top1"],
+        "w8a8_top1_nq_minus_fp32": m["noisyquant_w8a8"]["cifar"]["top1"] - fp32_top1,
+        "w8a8_top1_nq_minus_ort_best": m["noisyquant_w8a8"]["cifar"]["top1"] - ort_best,
+    }
+    if lat8:
+        out["batch8_throughput_nq_over_fp32"] = lat8["noisyquant_w8a8"]["throughput_ratio_to_fp32"]
+        out["batch8_latency_nq_over_plain_qdq"] = lat8["noisyquant_w8a8"]["median_ms"] / lat8["easyquant_w8a8"][
+            "median_ms"]
+    k = m["noisyquant_w8a8"]["kernels"]
+    out["integer_weight_matmuls"] = f"{k['weight_layers_integer']}/{k['weight_layers']}"
+    out["met"] = {
+        "w6a6_mse_ratio<=0.85": out["w6a6_mse_ratio_nq_over_eq"] <= 0.85,
+        "w6a6_top1_nq>=eq": out["w6a6_top1_nq_minus_eq"] >= 0,
+        "w8a8_top1_within_0.3_of_fp32": out["w8a8_top1_nq_minus_fp32"] >= -0.003,
+        "w8a8_top1>=ort_best": out["w8a8_top1_nq_minus_ort_best"] >= 0,
+        "all_weight_matmuls_integer": k["weight_layers_integer"] == k["weight_layers"],
+    }
+    if lat8:
+        out["met"]["batch8_throughput>=2x_fp32"] = out["batch8_throughput_nq_over_fp32"] >= 2.0
+        out["met"]["batch8_within_5%_of_plain_qdq"] = out["batch8_latency_nq_over_plain_qdq"] <= 1.05
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
