@@ -52,3 +52,19 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, 
                 stats[name] = TensorStats(np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32))
             stats[name].update(value if value.ndim else value.reshape(1, 1))
     return stats
+
+
+def sample_rows(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int, rows: int,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """At most ``rows`` rows (``[-1, channels]``) of each float tensor, drawn uniformly per batch (bounded memory)."""
+    sess = session(with_outputs(model, tensors))
+    rng = np.random.default_rng(seed)
+    batches = -(-len(dataset) // batch_size)
+    per_batch = max(1, rows // max(batches, 1))
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    for feeds in dataset.batches(batch_size):
+        for name, value in zip(tensors, sess.run(tensors, feeds)):
+            flat = value.reshape(-1, value.shape[-1]).astype(np.float32)
+            pick = rng.choice(len(flat), min(per_batch, len(flat)), replace=False)
+            kept[name].append(flat[np.sort(pick)])
+    return {name: np.concatenate(parts)[:rows] for name, parts in kept.items()}

@@ -226,7 +226,7 @@ def _tensor_file(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         arrays = {names[0]: loaded}
     else:
         with loaded:
-            files = list(loaded.files)
+            files = [f for f in loaded.files if f != "labels"]  # labels ride along for the report
             if all(n in files for n in names):
                 arrays = {n: loaded[n] for n in names}
             elif len(files) == 1 and len(names) == 1:
@@ -249,3 +249,17 @@ def _check_shape(info: onnx.ValueInfoProto, array: np.ndarray, source: Path) -> 
     if array.ndim != len(dims) or any(e != "?" and e != s for e, s in zip(expected[1:], array.shape[1:])):
         shown = "x".join(str(e) for e in expected)
         raise DataError(f"{source}: input {info.name!r} has shape {tuple(array.shape)}, the model expects {shown}")
+
+
+def load_labels(source: str | Path, count: int) -> np.ndarray | None:
+    """Integer class labels stored beside the tensors (``labels`` in an ``.npz``), if any."""
+    source = Path(source)
+    if source.suffix != ".npz":
+        return None
+    with np.load(source, allow_pickle=False) as npz:
+        if "labels" not in npz.files:
+            return None
+        labels = npz["labels"]
+    if labels.ndim != 1 or len(labels) < count or labels.dtype.kind not in "iu":
+        raise DataError(f"{source}: 'labels' must be a 1-D integer array with one label per input")
+    return labels[:count].astype(np.int64)

@@ -29,12 +29,14 @@ def _names(group: str) -> dict[str, str]:
     return {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
 
 
-def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int) -> onnx.ModelProto:
+def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int,
+                     unsigned: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``)."""
     graph = gs.import_onnx(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
-    lo, hi = quant.code_range(a_bits)
     for group in layers.groups:
+        lo, hi = quant.code_range(a_bits, group.name not in unsigned)
         x = tensors[group.tensor]
         names = _names(group.name)
         noise = gs.Variable(names["noise"], dtype=np.float32, shape=[max(group.channels, 1)])
@@ -89,9 +91,10 @@ class Simulator:
     w_bits: int
     float_weights: dict[str, np.ndarray]
     inputs: dict[str, np.ndarray]
+    unsigned: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self._sim = build_simulation(self.model, self.layers, self.a_bits)
+        self._sim = build_simulation(self.model, self.layers, self.a_bits, self.unsigned)
         graph = self._sim.graph
         self._nodes = list(graph.node)
         self._producer = {out: i for i, node in enumerate(self._nodes) for out in node.output if out}

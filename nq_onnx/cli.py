@@ -69,6 +69,8 @@ def _add_convert(sub) -> None:
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos"], help="resize filter")
     p.add_argument("--crop-pct", type=float, help="centre-crop fraction (1.0: resize shorter side, crop square)")
     p.add_argument("--no-eval", action="store_true", help="skip the output-error check against the float model")
+    p.add_argument("--report", metavar="REPORT.html", help="write a self-contained HTML report of the conversion")
+    p.add_argument("--report-dir", metavar="DIR", help="also write the report's figures (PNG) and numbers (JSON) here")
     p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_convert)
@@ -106,6 +108,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nq-onnx: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="HTML report of a saved plan and model pair, without recalibrating",
+                       description="Re-apply a saved plan to its model and write the HTML report: per-layer error, "
+                                   "histograms before and after the noise (when --data is given), output error.")
+    p.add_argument("model", help="the float ONNX model the plan was made for")
+    p.add_argument("--plan", required=True, metavar="PLAN.json", help="plan written by convert --save-plan")
+    p.add_argument("-o", "--output", required=True, metavar="REPORT.html", help="the HTML report")
+    p.add_argument("--data", metavar="DATA", help="images or .npy/.npz for histograms and output error "
+                                                  "(an .npz may hold 'labels' for top-1)")
+    p.add_argument("--report-dir", metavar="DIR", help="also write the figures (PNG) and numbers (JSON) here")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing report")
+    p.set_defaults(func=_report)
+
+
+def _report(args) -> int:
+    from nq_onnx.pipeline import report
+
+    report(args.model, args.plan, args.output, data=args.data, report_dir=args.report_dir, force=args.force)
+    print(f"report written to {args.output}")
+    return 0
+
+
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the kernel onnxruntime runs for each quantized layer",
                        description="Optimize the model with onnxruntime (ORT_ENABLE_ALL) and show, per quantized "
@@ -134,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_convert(sub)
     _add_inspect(sub)
+    _add_report(sub)
     _add_demo(sub)
     return parser
 
@@ -165,7 +190,7 @@ def _convert(args) -> int:
     start = time.perf_counter()
     result = convert(args.model, args.output, args.calib, config, load_plan=args.load_plan, save_plan=args.save_plan,
                      force=args.force, evaluate=not args.no_eval, preprocess=overrides,
-                     progress=_progress(not args.quiet))
+                     progress=_progress(not args.quiet), report=args.report, report_dir=args.report_dir)
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0
 

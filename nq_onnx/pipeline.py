@@ -49,6 +49,7 @@ class Result:
     plan: Plan
     layers: Layers
     summary: Summary
+    float_model: onnx.ModelProto | None = None  # the float model in the form the layers refer to
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -141,13 +142,14 @@ def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Da
                       calib_images=len(calib) if calib is not None else 0,
                       data_skipped=len(calib.skipped) if calib is not None else 0,
                       noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")))
-    return Result(out, plan, layers, summary)
+    return Result(out, plan, layers, summary, model)
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path | None = None,
             config: QuantConfig | None = None, *, load_plan: str | Path | None = None,
             save_plan: str | Path | None = None, force: bool = False, evaluate: bool = True,
-            preprocess: dict | None = None, progress: Callable | None = None) -> Result:
+            preprocess: dict | None = None, progress: Callable | None = None, report: str | Path | None = None,
+            report_dir: str | Path | None = None) -> Result:
     """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
 
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
@@ -156,8 +158,9 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     config = config or QuantConfig()
     inputs = tuple(p for p in (model_path, calib, load_plan) if p is not None)
     output_path = check_output_path(output_path, force=force, inputs=inputs)
-    if save_plan is not None:
-        check_output_path(save_plan, force=force, inputs=inputs)
+    for extra in (save_plan, report):
+        if extra is not None:
+            check_output_path(extra, force=force, inputs=inputs)
     model, digest = load_model(model_path)
     plan = Plan.load(load_plan) if load_plan is not None else None
     if plan is not None:
@@ -181,4 +184,35 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     save_model_atomic(result.model, output_path)
     if save_plan is not None:
         result.plan.save(save_plan)
+    if report is not None:
+        from nq_onnx.report import build_report
+
+        build_report(result, dataset, Path(model_path).name, report, report_dir)
+    return result
+
+
+def report(model_path: str | Path, plan_path: str | Path, output: str | Path, *, data: str | Path | None = None,
+           report_dir: str | Path | None = None, force: bool = False) -> Result:
+    """The HTML report of a saved plan applied to its model; ``data`` adds histograms and output error."""
+    from nq_onnx.calibration.data import load_labels
+    from nq_onnx.report import build_report
+
+    inputs = tuple(p for p in (model_path, plan_path, data) if p is not None)
+    output = check_output_path(output, force=force, inputs=inputs)
+    model, digest = load_model(model_path)
+    plan = Plan.load(plan_path)
+    plan.check_model(digest)
+    result = quantize(model, digest, plan.config, plan=plan)
+    dataset = None
+    methods: dict[str, dict[str, float]] = {}
+    if data is not None:
+        dataset = load_dataset(data, model, limit=plan.config.calib_size, seed=plan.config.seed)
+        labels = load_labels(data, len(dataset))
+        evaluation = dataset.head(min(len(dataset), 64))
+        reference = model_outputs(model, evaluation, plan.config.batch_size)
+        quantized = model_outputs(result.model, evaluation, plan.config.batch_size)
+        methods["fp32"] = output_metrics(reference, reference, None if labels is None else labels[:len(evaluation)])
+        methods[plan.config.method.value] = output_metrics(reference, quantized,
+                                                           None if labels is None else labels[:len(evaluation)])
+    build_report(result, dataset, Path(model_path).name, output, report_dir, methods)
     return result

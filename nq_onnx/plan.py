@@ -21,7 +21,7 @@ import numpy as np
 from nq_onnx.config import QuantConfig
 from nq_onnx.errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -35,6 +35,9 @@ class GroupPlan:
     noise: np.ndarray | None = None
     noise_shift: float = 0.0
     noise_amplitude: float = 0.0
+    signed: bool = True  # False: a non-negative tensor, codes [0, 2^b - 1] with zero point 0
+    input_range: tuple[float, float] | None = None  # calibrated min and max of X (for the report)
+    base_scale: float | None = None  # the EasyQuant step before the noise search (for the report)
 
 
 @dataclasses.dataclass
@@ -78,7 +81,9 @@ class Plan:
         }
         for g in self.groups.values():
             entry = {"name": g.name, "tensor": g.tensor, "scale": float(g.scale), "bits": g.bits,
-                     "noise_shift": g.noise_shift, "noise_amplitude": g.noise_amplitude, "noise": None}
+                     "noise_shift": g.noise_shift, "noise_amplitude": g.noise_amplitude, "noise": None,
+                     "signed": g.signed, "input_range": list(g.input_range) if g.input_range else None,
+                     "base_scale": g.base_scale}
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
@@ -119,7 +124,10 @@ class Plan:
             for g in doc["groups"]:
                 noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
                 plan.groups[g["name"]] = GroupPlan(g["name"], g["tensor"], float(g["scale"]), int(g["bits"]), noise,
-                                                   float(g["noise_shift"]), float(g["noise_amplitude"]))
+                                                   float(g["noise_shift"]), float(g["noise_amplitude"]),
+                                                   bool(g["signed"]),
+                                                   tuple(g["input_range"]) if g.get("input_range") else None,
+                                                   g.get("base_scale"))
             for layer in doc["layers"]:
                 scales = arrays[layer["weight_scales"]].astype(np.float32) if layer["weight_scales"] else None
                 plan.layers[layer["name"]] = LayerPlan(layer["name"], scales, int(layer["bits"]), dict(layer["search"]))

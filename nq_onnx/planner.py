@@ -75,11 +75,25 @@ def _graph_scales(spec: LayerSpec, node: gs.Node, scales: np.ndarray) -> np.ndar
     return (scales / np.float32(alpha)).astype(np.float32)
 
 
+def _range(stats: TensorStats) -> tuple[float, float]:
+    return float(stats.channel_min.min()), float(stats.channel_max.max())
+
+
+def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
+    """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes."""
+    return frozenset(g.name for g in layers.groups
+                     if float(stats[g.tensor].channel_min.min()) >= 0
+                     and not (config.method == Method.NOISYQUANT and g.noisy))
+
+
 def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
     config = plan.config
+    unsigned = unsigned_groups(layers, stats, config)
     for group in layers.groups:
-        scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits))
-        plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits)
+        signed = group.name not in unsigned
+        scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits, signed))
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits, signed=signed,
+                                            input_range=_range(stats[group.tensor]), base_scale=scale)
     for spec in layers.layers:
         scales = None if spec.kind == ACT_MATMUL else quant.weight_scales(weights[spec.name], spec.weight_axis,
                                                                           config.w_bits)
@@ -103,7 +117,9 @@ class SearchPlanner:
         self._tensors = graph.tensors()
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
-        self._sim = Simulator(self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs)
+        self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
+        self._sim = Simulator(self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs,
+                              self._unsigned)
         steps = layer_steps(graph, self.layers)
         cached = None
         if not self.config.search.sequential:
@@ -131,11 +147,13 @@ class SearchPlanner:
         specs = [self.layers.layer(name) for name in group.consumers]
         operands = [_operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs]
         stats = self.stats[group.tensor]
+        signed = group.name not in self._unsigned
         result = search_linear_group(x, stats.absmax, operands, config.a_bits, config.search,
                                      config.method == Method.NOISYQUANT and group.noisy,
-                                     stats.channel_min, stats.channel_max, rng)
+                                     stats.channel_min, stats.channel_max, rng, signed)
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
-                                            result.noise_shift, result.noise_amplitude)
+                                            result.noise_shift, result.noise_amplitude, signed,
+                                            _range(stats), result.base_scale)
         self._sim.set_group(group.name, result.scale, result.noise)
         for spec, operand in zip(specs, operands):
             node = self._nodes[spec.node]
@@ -150,16 +168,19 @@ class SearchPlanner:
         config = self.config
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
+        signed = tuple(g.name not in self._unsigned for g in groups)
         metrics: dict[str, float] = {}
         if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             rng = group_rng(config.seed, spec.name)
             pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
-            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search)
+            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search,
+                                                    signed)
         else:
-            s_a, s_b = (float(quant.minmax_scale(m, config.a_bits)) for m in absmax)
-        for group, scale in zip(groups, (s_a, s_b)):
+            s_a, s_b = (float(quant.minmax_scale(m, config.a_bits, sg)) for m, sg in zip(absmax, signed))
+        for group, scale, sg in zip(groups, (s_a, s_b), signed):
             if group.name not in plan.groups:
-                plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits)
+                plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits, signed=sg,
+                                                    input_range=_range(self.stats[group.tensor]), base_scale=scale)
                 self._sim.set_group(group.name, scale, None)
         plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)

@@ -8,6 +8,10 @@ Weights are quantized per output channel with the MinMax step ``s_c = max|W_c| /
 codes stay in the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without clamping. Activations are
 quantized per tensor. Activations are stored as uint8 with zero point 128 (``u = q + 128``): the same
 numbers as int8 codes with zero point 0, in the container onnxruntime's x86 kernels are fastest with.
+
+A tensor that calibration shows to be non-negative (softmax probabilities, post-ReLU) is quantized
+*unsigned*, still scale-only (zero point 0): ``q(x) = clip(round(x / s), 0, 2^b - 1)``, which spends no code
+on a sign it never has (one bit more resolution for the attention ``A V`` input).
 """
 
 from __future__ import annotations
@@ -17,9 +21,14 @@ import numpy as np
 ACT_ZERO_POINT = 128
 
 
-def code_range(bits: int) -> tuple[int, int]:
-    """Signed code range ``[-2^(b-1), 2^(b-1) - 1]`` of a ``bits``-bit quantizer."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def code_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """Code range of a ``bits``-bit quantizer: ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]`` unsigned."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def zero_point(signed: bool) -> int:
+    """The uint8 zero point that stores codes of a signed (128) or unsigned (0) activation quantizer."""
+    return ACT_ZERO_POINT if signed else 0
 
 
 def qmax(bits: int) -> int:
@@ -27,22 +36,22 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize(x: np.ndarray, scale: np.ndarray | float, bits: int) -> np.ndarray:
+def quantize(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
     """Integer codes of ``x`` (float32 maths, ties to even, saturated to the b-bit range)."""
-    lo, hi = code_range(bits)
+    lo, hi = code_range(bits, signed)
     x = np.asarray(x, dtype=np.float32)
     return np.clip(np.rint(x / np.asarray(scale, dtype=np.float32)), lo, hi).astype(np.int32)
 
 
-def fake_quant(x: np.ndarray, scale: np.ndarray | float, bits: int) -> np.ndarray:
+def fake_quant(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
     """``dq(q(x))`` in float32."""
-    return (quantize(x, scale, bits).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+    return (quantize(x, scale, bits, signed).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
 
 
-def minmax_scale(absmax: np.ndarray | float, bits: int) -> np.ndarray:
-    """Symmetric MinMax step ``max|x| / (2^(b-1) - 1)``; an all-zero channel gets step 1 (its codes are 0)."""
+def minmax_scale(absmax: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
+    """MinMax step ``max|x| / (2^(b-1) - 1)`` (``/ (2^b - 1)`` unsigned); an all-zero channel gets step 1."""
     absmax = np.asarray(absmax, dtype=np.float32)
-    scale = absmax / np.float32(qmax(bits))
+    scale = absmax / np.float32(qmax(bits) if signed else code_range(bits, False)[1])
     return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
 
 

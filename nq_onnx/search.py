@@ -55,6 +55,7 @@ class GroupResult:
     noise_shift: float
     noise_amplitude: float
     metrics: dict[str, dict[str, float]]
+    base_scale: float = 0.0  # the EasyQuant step, before any noise search
 
 
 def grid(spec: tuple[float, float, int]) -> np.ndarray:
@@ -126,39 +127,45 @@ def search_weight_scales(x_q: np.ndarray, layer: LinearOperand, target: np.ndarr
 
 def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand], a_bits: int,
                         config: SearchConfig, with_noise: bool, channel_min: np.ndarray, channel_max: np.ndarray,
-                        rng: np.random.Generator) -> GroupResult:
-    """EasyQuant (and, ``with_noise``, NoisyQuant) for one activation group of linear layers."""
+                        rng: np.random.Generator, signed: bool = True) -> GroupResult:
+    """EasyQuant (and, ``with_noise``, NoisyQuant) for one activation group of linear layers.
+
+    ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes.
+    """
+    if with_noise and not signed:
+        raise ValueError("a noisy group is quantized signed: X + N can be negative")
     targets = [x @ layer.weight + layer.bias for layer in layers]
-    base = float(quant.minmax_scale(absmax, a_bits))
+    base = float(quant.minmax_scale(absmax, a_bits, signed))
     for layer in layers:
         layer.scales = layer.minmax_scales()
     metrics = {layer.name: {"mse_minmax": m} for layer, m in
-               zip(layers, layer_mse(quant.fake_quant(x, base, a_bits), layers, targets))}
+               zip(layers, layer_mse(quant.fake_quant(x, base, a_bits, signed), layers, targets))}
 
     alpha = 1.0
     for _ in range(config.rounds):
-        x_q = quant.fake_quant(x, np.float32(base * alpha), a_bits)
+        x_q = quant.fake_quant(x, np.float32(base * alpha), a_bits, signed)
         for layer, target in zip(layers, targets):
             layer.scales = search_weight_scales(x_q, layer, target, grid(config.weight_alphas))
         w_q = [layer.quantized_weight() for layer in layers]
         best = -np.inf
         for candidate in grid(config.act_alphas):
-            x_q = quant.fake_quant(x, np.float32(base * candidate), a_bits)
+            x_q = quant.fake_quant(x, np.float32(base * candidate), a_bits, signed)
             score = float(np.mean([_cosine(x_q @ w + layer.bias, t) for w, layer, t in zip(w_q, layers, targets)]))
             if score > best:
                 best, alpha = score, float(candidate)
     scale = base * alpha
-    for layer, m in zip(layers, layer_mse(quant.fake_quant(x, np.float32(scale), a_bits), layers, targets)):
+    for layer, m in zip(layers, layer_mse(quant.fake_quant(x, np.float32(scale), a_bits, signed), layers, targets)):
         metrics[layer.name]["mse_easyquant"] = m
     if not with_noise:
-        return GroupResult(scale, None, 0.0, 0.0, metrics)
+        return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
 
+    base_step = scale
     noise, scale, shift, amplitude = _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max,
                                                    rng)
     x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
     for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
         metrics[layer.name]["mse_noisyquant"] = m
-    return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics)
+    return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics, base_scale=base_step)
 
 
 def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng):
@@ -195,23 +202,26 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
 
 
 def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], bits: int,
-                      config: SearchConfig) -> tuple[float, float, dict[str, float]]:
+                      config: SearchConfig, signed: tuple[bool, bool] = (True, True)) -> tuple[float, float, dict]:
     """EasyQuant for ``A @ B`` with both operands per-tensor quantized: alternate the two steps."""
     target = a @ b
-    base = [float(quant.minmax_scale(m, bits)) for m in absmax]
+    base = [float(quant.minmax_scale(m, bits, s)) for m, s in zip(absmax, signed)]
+
+    def product(scales: list[float]) -> np.ndarray:
+        return (quant.fake_quant(a, np.float32(scales[0]), bits, signed[0])
+                @ quant.fake_quant(b, np.float32(scales[1]), bits, signed[1]))
+
     scales = list(base)
-    metrics = {"mse_minmax": _mse(quant.fake_quant(a, base[0], bits) @ quant.fake_quant(b, base[1], bits), target)}
+    metrics = {"mse_minmax": _mse(product(base), target)}
     for _ in range(config.rounds):
         for which in (0, 1):
             best = -np.inf
             for candidate in grid(config.act_alphas):
                 trial = list(scales)
                 trial[which] = base[which] * candidate
-                out = quant.fake_quant(a, np.float32(trial[0]), bits) @ quant.fake_quant(b, np.float32(trial[1]), bits)
-                score = _cosine(out, target)
+                score = _cosine(product(trial), target)
                 if score > best:
                     best, chosen = score, trial[which]
             scales[which] = chosen
-    out = quant.fake_quant(a, np.float32(scales[0]), bits) @ quant.fake_quant(b, np.float32(scales[1]), bits)
-    metrics["mse_easyquant"] = _mse(out, target)
+    metrics["mse_easyquant"] = _mse(product(scales), target)
     return scales[0], scales[1], metrics

@@ -9,8 +9,9 @@ Activations (per tensor, one quantizer per group, one dequantizer per consumer):
 
     X  ->  [Clip(X, -2^(b-1) s, (2^(b-1) - 1) s)]  ->  QuantizeLinear(s, zp 128, uint8)  ->  DequantizeLinear
 
-The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128``; below 8 bits the explicit
-``Clip`` keeps codes inside the b-bit range, which the 8-bit container alone would not.
+The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128`` (zero point 0 and codes
+``[0, 2^b - 1]`` for a non-negative tensor planned unsigned); below 8 bits the explicit ``Clip`` keeps codes
+inside the b-bit range, which the 8-bit container alone would not.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class InsertQDQ:
             if plan is None:
                 continue
             consumers = [self.layers.layer(name) for name in group.consumers]
-            self._quantize_activation(graph, nodes, group.name, group.tensor, consumers, plan.scale, plan.bits)
+            self._quantize_activation(graph, nodes, group.name, group.tensor, consumers, plan.scale, plan.bits,
+                                      plan.signed)
         return result
 
     @staticmethod
@@ -66,12 +68,12 @@ class InsertQDQ:
 
     @staticmethod
     def _quantize_activation(graph: gs.Graph, nodes: dict[str, gs.Node], name: str, tensor: str,
-                             consumers: list[LayerSpec], scale: float, bits: int) -> None:
+                             consumers: list[LayerSpec], scale: float, bits: int, signed: bool) -> None:
         first = consumers[0]
         source = nodes[first.node].inputs[first.inputs.index(tensor)]
         scale32 = np.float32(scale)
         if bits < 8:
-            lo, hi = quant.code_range(bits)
+            lo, hi = quant.code_range(bits, signed)
             clipped = gs.Variable(f"{name}/input_clipped", dtype=np.float32, shape=getattr(source, "shape", None))
             graph.nodes.append(gs.Node(
                 "Clip", name=f"{name}/input_clip",
@@ -83,7 +85,7 @@ class InsertQDQ:
             source_q = source
         codes = gs.Variable(f"{name}/input_quantized", dtype=np.uint8, shape=getattr(source, "shape", None))
         scale_c = constant(f"{name}/input_scale", np.array(scale32, np.float32))
-        zero_c = constant(f"{name}/input_zero_point", np.array(quant.ACT_ZERO_POINT, np.uint8))
+        zero_c = constant(f"{name}/input_zero_point", np.array(quant.zero_point(signed), np.uint8))
         graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}/input_quantize", inputs=[source_q, scale_c, zero_c],
                                    outputs=[codes]))
         for spec in consumers:

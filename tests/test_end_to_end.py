@@ -77,6 +77,12 @@ def test_convert_quality_and_graph(exported, tmp_path, photo_folder):
         assert ops.count("DequantizeLinear") == len(linear) + sum(len(s.inputs) for s in result.layers.layers)
         assert ops.count("QuantizeLinear") == len(result.layers.groups)
         assert "LayerNormalization" in ops and "Softmax" in ops  # stay float
+        # softmax probabilities (the A V input) are non-negative: unsigned codes, zero point 0
+        zero_points = {t.name: int(onnx.numpy_helper.to_array(t).reshape(-1)[0]) for t in quantized.graph.initializer
+                       if t.name.endswith("/input_zero_point")}
+        assert all(zero_points[f"{s.name}/input0/input_zero_point"] == 0 for s in attention if s.name.endswith("_1"))
+        assert all(zero_points[f"{s.name}/input0/input_zero_point"] == 128 for s in attention
+                   if not s.name.endswith("_1"))
         names = {n.name for n in quantized.graph.node}
         assert any(n.endswith("mlp.fc1/input_quantize") for n in names)
         if method == "noisyquant":

@@ -153,18 +153,20 @@ def test_zero_noise_gives_exactly_the_plain_qdq_graph():
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
-def reference_codes(x: np.ndarray, scale: np.float32, bits: int) -> np.ndarray:
-    """Written independently of nq_onnx.quant: float32 division, ties to even, b-bit saturation, + 128."""
-    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+def reference_codes(x: np.ndarray, scale: np.float32, bits: int, signed: bool = True) -> np.ndarray:
+    """Written independently of nq_onnx.quant: float32 division, ties to even, b-bit saturation, + zero point."""
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     q = np.rint(np.float32(x) / np.float32(scale)).clip(lo, hi)
-    return (q + 128).astype(np.uint8)
+    return (q + (128 if signed else 0)).astype(np.uint8)
 
 
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("bits", [8, 6, 5, 4])
-def test_qdq_integer_codes_equal_numpy_reference_bit_for_bit(bits):
+def test_qdq_integer_codes_equal_numpy_reference_bit_for_bit(bits, signed):
     rng = np.random.default_rng(bits)
     model = mlp_model(rng, tokens=16, k=24)
     layers, plan = noisy_plan(model, rng, bits=bits)
+    plan.groups[layers.groups[0].name].signed = signed
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     for spec in layers.layers:
         plan.layers[spec.name] = LayerPlan(spec.name, quant.weight_scales(weights[spec.weight], 1, bits), bits)
@@ -178,8 +180,8 @@ def test_qdq_integer_codes_equal_numpy_reference_bit_for_bit(bits):
     x.flat[:40] = (np.arange(40) - 20 + 0.5) * scale  # exact ties, both signs, beyond the clip range too
     got = run(out, {"x": x}, [code_tensor])[0]
     noisy_x = x + plan.groups[group.name].noise
-    np.testing.assert_array_equal(got, reference_codes(noisy_x, scale, bits))
-    lo, hi = 128 - 2 ** (bits - 1), 128 + 2 ** (bits - 1) - 1
+    np.testing.assert_array_equal(got, reference_codes(noisy_x, scale, bits, signed))
+    lo, hi = (128 - 2 ** (bits - 1), 128 + 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     assert got.min() == lo and got.max() == hi  # the clip range was reached, and not left
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     for spec in layers.layers:

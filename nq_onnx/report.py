@@ -1,0 +1,291 @@
+"""One self-contained HTML report of a conversion: output error, per-layer error, histograms around the noise.
+
+For each linear layer ``f(X) = X W + B`` of a noisy group the report compares, on float activations ``X``::
+
+    EasyQuant:   q_s0(X) dq(W_q) + B                 (s0: the EasyQuant step before the noise search)
+    NoisyQuant:  q_s(X + N) dq(W_q) + B - N dq(W_q)   (s: the step chosen for X + N)
+
+and shows, as the paper's Figure 1, histograms of ``X``, ``X + N``, the quantized values and the layer output
+of FP32 vs EasyQuant vs NoisyQuant (linear and log scale) for the layers with the largest error and every
+``fc2`` (post-GELU input). The per-layer table's MSE figures are those the search measured on its token sample
+(sequentially quantized inputs), stored in the plan. Figures are matplotlib PNGs embedded as data URIs, so the
+page needs no network; ``report_dir`` also writes them as files, with the numbers as ``report.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nq_onnx import quant
+from nq_onnx.model_io import write_bytes_atomic
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+from nq_onnx.plan import Plan
+
+MAX_HISTOGRAM_LAYERS = 12
+SAMPLE_ROWS = 2048
+
+
+@dataclasses.dataclass
+class ReportData:
+    """Everything the report shows, as plain values (``to_dict`` is the JSON written beside the page)."""
+
+    model: str
+    config: dict
+    calibration: dict
+    methods: dict[str, dict[str, float]]
+    layers: list[dict]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
+    """The per-layer table: ranges, steps, noise and the search's output MSE per method."""
+    rows = []
+    group_of = {name: g for g in layers.groups for name in g.consumers}
+    for spec in layers.layers:
+        lp = plan.layers[spec.name]
+        groups = [group_of_tensor for group_of_tensor in layers.groups if spec.name in group_of_tensor.consumers]
+        gp = plan.groups[groups[0].name] if groups else None
+        search = lp.search
+        eq, nq = search.get("mse_easyquant"), search.get("mse_noisyquant")
+        row = {
+            "layer": spec.name, "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
+            "group": group_of[spec.name].name if spec.name in group_of else "",
+            "input_min": gp.input_range[0] if gp and gp.input_range else None,
+            "input_max": gp.input_range[1] if gp and gp.input_range else None,
+            "act_scale": gp.scale if gp else None, "signed": gp.signed if gp else True,
+            "noise_min": float(gp.noise.min()) if gp is not None and gp.noise is not None else 0.0,
+            "noise_max": float(gp.noise.max()) if gp is not None and gp.noise is not None else 0.0,
+            "noise_shift": gp.noise_shift if gp else 0.0, "noise_amplitude": gp.noise_amplitude if gp else 0.0,
+            "mse_minmax": search.get("mse_minmax"), "mse_easyquant": eq, "mse_noisyquant": nq,
+            "reduction_pct": 100.0 * (1.0 - nq / eq) if eq and nq is not None else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def histogram_groups(layers: Layers, plan: Plan, rows: list[dict]) -> list[str]:
+    """Noisy groups to draw: every fc2-like (post-GELU) input, then the layers with the largest error."""
+    noisy = [g for g in layers.groups if g.noisy and plan.groups.get(g.name) is not None]
+    chosen = [g.name for g in noisy if any(c.endswith("fc2") for c in g.consumers)]
+    by_error = sorted((r for r in rows if r["mse_easyquant"] is not None and r["group"]),
+                      key=lambda r: -(r["mse_noisyquant"] if r["mse_noisyquant"] is not None else r["mse_easyquant"]))
+    for row in by_error:
+        if row["group"] not in chosen and any(g.name == row["group"] for g in noisy):
+            chosen.append(row["group"])
+        if len(chosen) >= MAX_HISTOGRAM_LAYERS:
+            break
+    return chosen[:MAX_HISTOGRAM_LAYERS]
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=72, metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def reduction_chart(rows: list[dict]) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    data = [(r["layer"], r["reduction_pct"]) for r in rows if r["reduction_pct"] is not None]
+    if not data:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(data)), 3.2))
+    values = [v for _, v in data]
+    ax.bar(range(len(data)), values, color=["#2a7ab9" if v >= 0 else "#c0392b" for v in values])
+    ax.set_xticks(range(len(data)), [n for n, _ in data], rotation=90, fontsize=6)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_ylabel("output MSE reduction %")
+    ax.set_title("NoisyQuant vs EasyQuant: layer output MSE reduction across depth")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: dict[str, tuple]) -> bytes:
+    """Histograms for one noisy group: X, X + N, dq(q(X + N)), first layer's output FP32 / EasyQuant / NoisyQuant."""
+    import matplotlib.pyplot as plt
+
+    gp = plan.groups[name]
+    group = next(g for g in layers.groups if g.name == name)
+    noise = gp.noise if gp.noise is not None else np.zeros(x.shape[1], np.float32)
+    base = gp.base_scale or gp.scale
+    x_n = x + noise
+    x_q = quant.fake_quant(x_n, np.float32(gp.scale), gp.bits, gp.signed)
+    w_q, bias = weights[group.consumers[0]]
+    fp32 = x @ w_q + bias  # dq(W_q): isolates the activation error the noise acts on
+    easy = quant.fake_quant(x, np.float32(base), gp.bits, gp.signed) @ w_q + bias
+    noisy = x_q @ w_q + bias - noise @ w_q
+    fig, axes = plt.subplots(2, 4, figsize=(14, 5.2))
+    panels = [("X", [(x, "X", "#555555")]), ("X + N", [(x_n, "X + N", "#2a7ab9")]),
+              ("quantized dq(q(X + N))", [(x_q, "codes x step", "#e67e22")]),
+              (f"{group.consumers[0]} output", [(fp32, "FP32", "#555555"), (easy, "EasyQuant", "#c0392b"),
+                                                (noisy, "NoisyQuant", "#2a7ab9")])]
+    for row, log in enumerate((False, True)):
+        for col, (title, series) in enumerate(panels):
+            ax = axes[row, col]
+            lo = min(float(s.min()) for s, _, _ in series)
+            hi = max(float(s.max()) for s, _, _ in series)
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 121)
+            for values, label, color in series:
+                ax.hist(values.ravel(), bins=bins, histtype="step" if len(series) > 1 else "stepfilled",
+                        color=color, label=label, alpha=0.9 if len(series) > 1 else 0.6, log=log)
+            ax.set_title(f"{title}{' (log)' if log else ''}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
+    e_mse = float(np.mean((easy - fp32) ** 2))
+    n_mse = float(np.mean((noisy - fp32) ** 2))
+    fig.suptitle(f"{name}: step {gp.scale:.4g} (EasyQuant {base:.4g}), noise shift {gp.noise_shift:g} x centre, "
+                 f"width {gp.noise_amplitude:g} x step; layer output MSE EasyQuant {e_mse:.3g} -> NoisyQuant "
+                 f"{n_mse:.3g} on these tokens", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str]) -> str:
+    def img(key: str, alt: str) -> str:
+        uri = base64.b64encode(figures[key]).decode()
+        return f'<img src="data:image/png;base64,{uri}" alt="{html.escape(alt)}">'
+
+    def num(v, fmt="{:.4g}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    summary = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{num(v.get('mse'))}</td><td>{num(v.get('cosine'), '{:.5f}')}</td>"
+        f"<td>{num(v.get('sqnr_db'), '{:.2f}')}</td><td>{num(v.get('top1_agreement'), '{:.1%}')}</td>"
+        f"<td>{num(v.get('top1'), '{:.2%}')}</td></tr>" for m, v in data.methods.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td>"
+        f"<td data-v=\"{r['input_min'] if r['input_min'] is not None else ''}\">"
+        f"{num(r['input_min'], '{:.3g}')} .. {num(r['input_max'], '{:.3g}')}</td>"
+        f"<td>{num(r['act_scale'])}{'' if r['signed'] else ' (unsigned)'}</td>"
+        f"<td data-v=\"{r['noise_max'] - r['noise_min']}\">{num(r['noise_min'], '{:.3g}')} .. "
+        f"{num(r['noise_max'], '{:.3g}')}</td>"
+        f"<td>{num(r['mse_easyquant'])}</td><td>{num(r['mse_noisyquant'])}</td>"
+        f"<td>{num(r['reduction_pct'], '{:.1f}')}</td></tr>" for r in data.layers)
+    settings = html.escape(json.dumps(data.config, sort_keys=True))
+    hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>nq-onnx report: {html.escape(data.model)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+th {{ background: #eef; cursor: pointer; }}
+img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
+code {{ background: #f4f4f4; padding: 1px 4px; }}
+@media print {{ th {{ cursor: auto; }} img {{ page-break-inside: avoid; }} }}
+</style></head>
+<body>
+<h1>nq-onnx report: {html.escape(data.model)}</h1>
+<p>Settings: <code>{settings}</code></p>
+<p>Calibration: {html.escape(json.dumps(data.calibration))}</p>
+<h2>Final output against FP32</h2>
+<table id="summary"><thead><tr><th>method</th><th>MSE</th><th>cosine</th><th>SQNR dB</th><th>top-1 agreement</th>
+<th>top-1</th></tr></thead><tbody>{summary}</tbody></table>
+<h2>Per layer</h2>
+<p>Output MSE of each layer as its search measured it (on a token sample, earlier layers already quantized).
+Click a column header to sort.</p>
+<table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>input range</th><th>activation step</th>
+<th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th></tr></thead>
+<tbody>{rows}</tbody></table>
+{f'<h2>Output-error reduction across depth</h2>{img(chart, "reduction chart")}' if chart else ''}
+<h2>Histograms</h2>
+{hist if hist else '<p>No histograms: no noisy layer, or no data was given.</p>'}
+<script>
+document.querySelectorAll("table.sortable th").forEach((th, col) => {{
+  th.addEventListener("click", () => {{
+    const body = th.closest("table").tBodies[0];
+    const key = r => {{ const c = r.cells[col]; const v = c.dataset.v !== undefined ? c.dataset.v : c.textContent;
+                        const n = parseFloat(v); return isNaN(n) ? v : n; }};
+    const asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
+    Array.from(body.rows).sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
+      .forEach(r => body.appendChild(r));
+  }});
+}});
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  const ok = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.ready = ok + "/" + images.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str],
+                 path: str | Path, report_dir: str | Path | None = None) -> None:
+    write_bytes_atomic(path, render(data, figures, chart, histograms).encode())
+    if report_dir is not None:
+        folder = Path(report_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, png in figures.items():
+            write_bytes_atomic(folder / f"{key.replace('/', '_')}.png", png)
+        write_bytes_atomic(folder / "report.json", (json.dumps(data.to_dict(), indent=1, sort_keys=True) + "\n")
+                           .encode())
+
+
+def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(result.float_model)
+    nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
+    out = {}
+    for name in names:
+        spec = result.layers.layer(name)
+        lp = result.plan.layers[name]
+        w = nodes[spec.node].inputs[1].values.astype(np.float32)
+        w_q = quant.dequantize_weight(quant.quantize_weight(w, lp.weight_scales, spec.weight_axis, lp.bits),
+                                      lp.weight_scales, spec.weight_axis)
+        w_q = w_q.T if spec.weight_axis == 0 else w_q
+        bias = tensors[spec.bias].values.astype(np.float32) if spec.bias else np.zeros(w_q.shape[1], np.float32)
+        out[name] = (np.ascontiguousarray(w_q), bias)
+    return out
+
+
+def build_report(result, dataset, model_name: str, path: str | Path, report_dir: str | Path | None = None,
+                 methods: dict[str, dict[str, float]] | None = None) -> ReportData:
+    """Compute the figures of ``result`` (a conversion) on ``dataset`` (may be ``None``) and write the report."""
+    from nq_onnx.calibration.collect import sample_rows
+
+    rows = layer_rows(result.layers, result.plan)
+    config = result.plan.config
+    data = ReportData(model_name, config.to_dict(),
+                      {"inputs": len(dataset) if dataset is not None else 0,
+                       "unreadable_skipped": len(dataset.skipped) if dataset is not None else 0},
+                      methods if methods is not None else dict(result.summary.metrics), rows)
+    figures: dict[str, bytes] = {}
+    chart_png = reduction_chart(rows)
+    chart = None
+    if chart_png is not None:
+        figures["reduction"] = chart_png
+        chart = "reduction"
+    histograms: list[str] = []
+    if dataset is not None:
+        names = histogram_groups(result.layers, result.plan, rows)
+        groups = [g for g in result.layers.groups if g.name in names]
+        if groups:
+            subset = dataset.head(config.search.search_images)
+            samples = sample_rows(result.float_model, [g.tensor for g in groups], subset, config.batch_size,
+                                  SAMPLE_ROWS, config.seed)
+            weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
+            for group in groups:
+                figures[group.name] = group_figure(group.name, samples[group.tensor], result.plan, result.layers,
+                                                   weights)
+                histograms.append(group.name)
+    write_report(data, figures, chart, histograms, path, report_dir)
+    return data
