@@ -86,6 +86,8 @@ def _add_export(sub) -> None:
     p.add_argument("--num-classes", type=int, help="classifier size (default: the model's)")
     p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-21 (default 17)")
+    p.add_argument("--check-images", metavar="DIR", help="compare ONNX and PyTorch on these real images "
+                                                         "(default: random inputs)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_export)
 
@@ -220,7 +222,8 @@ def _export(args) -> int:
     from nq_onnx.export import export_timm
 
     result = export_timm(args.model_name, args.output, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                         num_classes=args.num_classes, img_size=args.img_size, opset=args.opset, force=args.force)
+                         num_classes=args.num_classes, img_size=args.img_size, opset=args.opset, force=args.force,
+                         check_images=args.check_images)
     pre = result.preprocess
     print(f"exported {args.model_name} ({result.family}) -> {result.path}: input {'x'.join(map(str, pre.input_size))}, "
           f"{pre.interpolation}, crop {pre.crop_pct}, max |onnx - torch| {result.max_abs_diff:.2e}")

@@ -1,7 +1,8 @@
 """``nq-onnx export``: a timm model to ONNX, with its preprocessing recorded in the metadata.
 
 Needs torch and timm (the ``export`` extra); nothing else in nq-onnx does. The exported graph has a dynamic
-batch axis and is checked against PyTorch on the export input before it is written.
+batch axis and is checked against PyTorch before it is written: on real images prepared with the recorded
+preprocessing when ``check_images`` names a folder of them, else on random inputs.
 """
 
 from __future__ import annotations
@@ -49,9 +50,24 @@ def preprocess_of(model, timm) -> Preprocess:
                       crop_pct=float(config.get("crop_pct", 1.0)), crop_mode=config.get("crop_mode", "center"))
 
 
+def _real_images(folder: Path, pre: Preprocess, count: int = 8) -> np.ndarray:
+    from nq_onnx.calibration.data import IMAGE_EXTENSIONS, prepare_image
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:count]
+    if not files:
+        raise NQError(f"no images to check the export on in {folder}")
+    arrays = []
+    for path in files:
+        with Image.open(path) as image:
+            arrays.append(prepare_image(image, pre))
+    return np.stack(arrays)
+
+
 def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False, checkpoint: str | Path | None = None,
                 num_classes: int | None = None, img_size: int | None = None, opset: int = 17, force: bool = False,
-                model_kwargs: dict | None = None, seed: int = 0) -> ExportResult:
+                model_kwargs: dict | None = None, seed: int = 0,
+                check_images: str | Path | None = None) -> ExportResult:
     torch, timm = _import_torch()
     output = check_output_path(output, force=force, inputs=(checkpoint,) if checkpoint else ())
     if not 13 <= opset <= 21:
@@ -65,6 +81,8 @@ def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False
         kwargs["img_size"] = img_size
     if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
         raise ModelError(f"unknown timm model {model_name!r}")
+    # attention as explicit MatMul + Softmax (what the attention-matmul quantizer expects), not the fused SDPA
+    timm.layers.set_fused_attn(False)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""), **kwargs)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
@@ -86,7 +104,12 @@ def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"input": example.numpy()})[0]
+    check = example.numpy()
+    if check_images is not None:
+        check = _real_images(Path(check_images), pre)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(check)).numpy()
+    got = session.run(None, {"input": check})[0]
     diff = float(np.max(np.abs(got - expected)))
     write_bytes_atomic(output, model_bytes(proto))
     return ExportResult(output, pre, diff, recipe_for(model_name).family)

@@ -23,7 +23,8 @@ from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
 from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
-from nq_onnx.passes import DecomposeGemm, FoldDenoisingBias, InsertNoise, InsertQDQ, Layers, Skip, find_layers
+from nq_onnx.passes import (DecomposeGemm, FoldDenoisingBias, FoldWeightChains, InsertNoise, InsertQDQ, Layers, Skip,
+                            find_layers)
 from nq_onnx.plan import Plan
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
 
@@ -53,12 +54,14 @@ class Result:
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The float model in the form the passes quantize best (weight ``Gemm`` as ``MatMul + Add``)."""
+    """The float model in the form the passes quantize best: weights behind Identity/Transpose/Cast/DQ chains
+    folded to constants, weight ``Gemm`` as ``MatMul + Add``."""
     try:  # tensor ranks let the passes prove that a rewrite keeps the channel axis
         typed = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is a help, not a requirement
         typed = model
     graph = gs.import_onnx(typed)
+    FoldWeightChains()(graph)
     DecomposeGemm()(graph)
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -74,7 +77,17 @@ def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
         if layers.excluded:
             raise ModelError("every quantizable layer is excluded; nothing left to quantize")
         raise ModelError("the model has no quantizable layer (no MatMul or Gemm with a constant weight)")
+    check_finite(graph, layers)
     return layers
+
+
+def check_finite(graph: gs.Graph, layers: Layers) -> None:
+    """NaN or Inf in a weight or bias would poison every scale derived from it: refuse, naming the layer."""
+    tensors = graph.tensors()
+    for spec in layers.layers:
+        for role, name in (("weight", spec.weight), ("bias", spec.bias)):
+            if name is not None and not np.all(np.isfinite(tensors[name].values)):
+                raise ModelError(f"layer {spec.name!r}: its {role} {name!r} contains NaN or Inf")
 
 
 def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx.ModelProto, list[Skip]]:

@@ -142,8 +142,9 @@ class SearchPlanner:
 
     def _plan_linear_group(self, plan: Plan, group: GroupSpec, value: np.ndarray) -> None:
         config = self.config
+        # the token sample depends on the group only; the seed drives the noise alone
+        x = sample_rows(value, group.channels, config.search.tokens, group_rng(0, group.name))
         rng = group_rng(config.seed, group.name)
-        x = sample_rows(value, group.channels, config.search.tokens, rng)
         specs = [self.layers.layer(name) for name in group.consumers]
         operands = [_operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs]
         stats = self.stats[group.tensor]
@@ -172,7 +173,7 @@ class SearchPlanner:
         metrics: dict[str, float] = {}
         if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-            rng = group_rng(config.seed, spec.name)
+            rng = group_rng(0, spec.name)
             pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
             s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search,
                                                     signed)

@@ -18,6 +18,10 @@ candidate minimizing the summed layer output MSE ::
 
 wins, and the activation step is then refined for it on the same objective. On the sample the result is
 therefore never worse than EasyQuant.
+
+Cosine similarity ignores magnitude, so a scale that clips (shrinks) an output can score well and still have
+a large output error; where the EasyQuant solution's summed output MSE on the sample exceeds MinMax's, the
+MinMax scales are kept (``minmax_kept`` in the layer's search metrics).
 """
 
 from __future__ import annotations
@@ -134,6 +138,11 @@ def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand
     """
     if with_noise and not signed:
         raise ValueError("a noisy group is quantized signed: X + N can be negative")
+    if absmax == 0:  # an all-zero input (e.g. a zero-initialized token): nothing to search
+        for layer in layers:
+            layer.scales = layer.minmax_scales()
+        zero = {"mse_minmax": 0.0, "mse_easyquant": 0.0} | ({"mse_noisyquant": 0.0} if with_noise else {})
+        return GroupResult(1.0, None, 0.0, 0.0, {layer.name: dict(zero) for layer in layers}, 1.0)
     targets = [x @ layer.weight + layer.bias for layer in layers]
     base = float(quant.minmax_scale(absmax, a_bits, signed))
     for layer in layers:
@@ -154,21 +163,29 @@ def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand
             if score > best:
                 best, alpha = score, float(candidate)
     scale = base * alpha
-    for layer, m in zip(layers, layer_mse(quant.fake_quant(x, np.float32(scale), a_bits, signed), layers, targets)):
+    easy = layer_mse(quant.fake_quant(x, np.float32(scale), a_bits, signed), layers, targets)
+    if sum(easy) > sum(metrics[layer.name]["mse_minmax"] for layer in layers):
+        # cosine ignores magnitude: a solution that lost to MinMax on output MSE is not kept
+        alpha, scale = 1.0, base
+        for layer in layers:
+            layer.scales = layer.minmax_scales()
+            metrics[layer.name]["minmax_kept"] = 1.0
+        easy = [metrics[layer.name]["mse_minmax"] for layer in layers]
+    for layer, m in zip(layers, easy):
         metrics[layer.name]["mse_easyquant"] = m
     if not with_noise:
         return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
 
     base_step = scale
     noise, scale, shift, amplitude = _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max,
-                                                   rng)
+                                                   rng, scale)
     x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
     for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
         metrics[layer.name]["mse_noisyquant"] = m
     return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics, base_scale=base_step)
 
 
-def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng):
+def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, easy_scale):
     qmax = quant.qmax(a_bits)
     u = rng.uniform(-0.5, 0.5, size=x.shape[1]).astype(np.float64)
     centre = (channel_min.astype(np.float64) + channel_max.astype(np.float64)) / 2.0
@@ -182,19 +199,22 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
         x_q = quant.fake_quant(x + n32, np.float32(scale), a_bits)
         return float(sum(_mse(x_q @ w + (layer.bias - n32 @ w), t) for w, layer, t in zip(w_q, layers, targets)))
 
-    best = (np.inf, np.zeros_like(u), 0.0, 0.0, 0.0)
+    zero = np.zeros_like(u)
+    best = (loss(zero, easy_scale), zero, easy_scale, 0.0, 0.0)  # the EasyQuant solution itself
     for shift in config.noise_shifts:
         shifted = -shift * centre
         step = alpha * range_of(shifted) / qmax
         for amplitude in config.noise_amplitudes:
             noise = shifted + amplitude * step * u
             scale = alpha * range_of(noise) / qmax
+            if not scale > 0:  # every channel constant and shifted onto zero: nothing to quantize
+                continue
             value = loss(noise, scale)
             if value < best[0]:
                 best = (value, noise, scale, float(shift), float(amplitude))
     value, noise, scale, shift, amplitude = best
     base = range_of(noise) / qmax
-    for candidate in grid(config.act_alphas):
+    for candidate in grid(config.act_alphas) if base > 0 else ():
         trial = loss(noise, base * candidate)
         if trial < value:
             value, scale = trial, base * candidate
@@ -224,4 +244,6 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
                     best, chosen = score, trial[which]
             scales[which] = chosen
     metrics["mse_easyquant"] = _mse(product(scales), target)
+    if metrics["mse_easyquant"] > metrics["mse_minmax"]:  # as for linear groups: never worse than MinMax
+        scales, metrics["mse_easyquant"], metrics["minmax_kept"] = list(base), metrics["mse_minmax"], 1.0
     return scales[0], scales[1], metrics

@@ -2,12 +2,13 @@
 
 from nq_onnx.passes.base import PassResult, Skip
 from nq_onnx.passes.decompose_gemm import DecomposeGemm
+from nq_onnx.passes.fold_weight_chains import FoldWeightChains
 from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, GroupSpec, Layers, LayerSpec, find_layers
 from nq_onnx.passes.fold_denoising_bias import FoldDenoisingBias
 from nq_onnx.passes.insert_noise import InsertNoise
 from nq_onnx.passes.insert_qdq import InsertQDQ
 
 __all__ = [
-    "ACT_MATMUL", "LINEAR", "DecomposeGemm", "FoldDenoisingBias", "GroupSpec", "InsertNoise", "InsertQDQ", "Layers", "LayerSpec",
+    "ACT_MATMUL", "LINEAR", "DecomposeGemm", "FoldDenoisingBias", "FoldWeightChains", "GroupSpec", "InsertNoise", "InsertQDQ", "Layers", "LayerSpec",
     "PassResult", "Skip", "find_layers",
 ]

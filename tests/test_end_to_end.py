@@ -30,7 +30,7 @@ ARCHS = {
 def exported(request, tmp_path_factory, photo_folder):
     name, kwargs, floors = ARCHS[request.param]
     path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
-    result = export_timm(name, path, model_kwargs=kwargs, num_classes=10)
+    result = export_timm(name, path, model_kwargs=kwargs, num_classes=10, check_images=photo_folder)
     return request.param, path, result, floors
 
 
