@@ -11,14 +11,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 
 class _Reader(CalibrationDataReader):
     def __init__(self, name: str, arrays: np.ndarray, batch: int = 8):
-        self._batches = iter([{name: arrays[i:i + batch]} for i in range(0, len(arrays), batch)])
+        self._batches = iter([{name: arrays[i : i + batch]} for i in range(0, len(arrays), batch)])
 
     def get_next(self):
         return next(self._batches, None)
@@ -31,7 +30,14 @@ def quantize_with_onnxruntime(model: Path, out: Path, calib: np.ndarray, linear_
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out), _Reader(name, calib), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        op_types_to_quantize=["MatMul", "Gemm"] if linear_only else None)
+        quantize_static(
+            str(prepared),
+            str(out),
+            _Reader(name, calib),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=["MatMul", "Gemm"] if linear_only else None,
+        )

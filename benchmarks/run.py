@@ -18,7 +18,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from ort_baseline import quantize_with_onnxruntime  # noqa: E402
 from timing import latency_round_robin  # noqa: E402
 
 import nq_onnx  # noqa: E402
-from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image  # noqa: E402
+from nq_onnx.calibration.data import Preprocess, prepare_image  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
@@ -57,17 +56,31 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(calib_size=32, calib_sizes=(), cifar_per_class=20, imagenet_eval=100, noise_seeds=(0,),
-                   latency_rounds={1: 10, 8: 4}, compile_curve=False)
+        return cls(
+            calib_size=32,
+            calib_sizes=(),
+            cifar_per_class=20,
+            imagenet_eval=100,
+            noise_seeds=(0,),
+            latency_rounds={1: 10, 8: 4},
+            compile_curve=False,
+        )
 
 
 def machine() -> dict:
     import onnx_graphsurgeon
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(), "onnxruntime": ort.__version__,
-            "onnx": onnx.__version__, "onnx_graphsurgeon": onnx_graphsurgeon.__version__, "numpy": np.__version__,
-            "nq_onnx": nq_onnx.__version__}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
+        "numpy": np.__version__,
+        "nq_onnx": nq_onnx.__version__,
+    }
 
 
 def export_model(path: Path) -> Path:
@@ -123,28 +136,32 @@ def run_model(path: Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
+    return np.concatenate([session.run(None, {name: inputs[i : i + batch]})[0] for i in range(0, len(inputs), batch)])
 
 
 def convert_ours(model: Path, out: Path, calib: Path, method: str, bits: int, seed: int, calib_size: int) -> dict:
     config = nq_onnx.QuantConfig(method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size)
     start = time.perf_counter()
     result = nq_onnx.convert(model, out, calib, config, force=True, evaluate=False)
-    return {"seconds": time.perf_counter() - start, "noisy_groups": result.summary.noisy_groups,
-            "noise_adds": result.summary.noise_adds, "timings": result.summary.timings}
+    return {
+        "seconds": time.perf_counter() - start,
+        "noisy_groups": result.summary.noisy_groups,
+        "noise_adds": result.summary.noise_adds,
+        "timings": result.summary.timings,
+    }
 
 
 def compile_cost(model: Path, calib: Path, calib_size: int, out: Path) -> dict:
     """Wall time and peak resident memory of one ``nq-onnx convert`` in a fresh process."""
-    cmd = [sys.executable, "-m", "nq_onnx.cli", "convert", str(model), "-o", str(out), "--calib", str(calib),
-           "--calib-size", str(calib_size), "-q", "-f", "--no-eval"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peak_memory.py"), "convert", str(model), "-o", str(out),
+           "--calib", str(calib), "--calib-size", str(calib_size), "-q", "-f", "--no-eval"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"convert failed: {proc.stderr.read().decode()[-2000:]}")
-    return {"calib_images": calib_size, "seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert failed: {proc.stderr[-2000:]}")
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return {"calib_images": calib_size, "seconds": seconds, "peak_rss_mb": peak}
 
 
 def ort_cost(model: Path, calib_arrays: np.ndarray, out: Path, linear_only: bool) -> float:
@@ -158,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer images and rounds")
     parser.add_argument("--all-cifar", action="store_true", help="top-1 on all 10,000 CIFAR-10 test images")
     parser.add_argument("--name", help="results file name (default: full or quick)")
+    parser.add_argument("--only-compile", action="store_true",
+                        help="re-measure only the compile-cost curve into an existing results file")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     if args.all_cifar:
@@ -168,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.only_compile:
+        path = RESULTS / f"{args.name or ('quick' if args.quick else 'full')}.json"
+        results = json.loads(path.read_text())
+        results["compile"] = compile_curve(export_model(WORK / "vit_s14_dinov2_cifar10.onnx"), settings)
+        results["compile_measured"] = time.time()
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        return 0
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     results: dict = {"machine": machine(), "settings": dataclasses.asdict(settings), "started": time.time()}
 
@@ -194,9 +220,16 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"{method}_w{bits}a{bits}" + (f"_seed{seed}" if seed != settings.seed else "")
                 out = WORK / f"{name}.onnx"
                 info = convert_ours(fp32, out, calib_dir, method, bits, seed, settings.calib_size)
-                models[name] = {"path": out, "kind": f"nq-onnx {method}", "bits": bits, "seed": seed,
-                                "compile_s": info["seconds"], "noisy_groups": info["noisy_groups"],
-                                "noise_adds": info["noise_adds"], "timings": info["timings"]}
+                models[name] = {
+                    "path": out,
+                    "kind": f"nq-onnx {method}",
+                    "bits": bits,
+                    "seed": seed,
+                    "compile_s": info["seconds"],
+                    "noisy_groups": info["noisy_groups"],
+                    "noise_adds": info["noise_adds"],
+                    "timings": info["timings"],
+                }
                 log(f"{name}: {info['seconds']:.1f} s")
 
     log("accuracy and output error")
@@ -213,15 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         "top1_std": float(np.std([m["cifar"]["top1"] for m in seeds])),
         "imagenet_mse_mean": float(np.mean([m["imagenet_heldout"]["mse"] for m in seeds])),
         "imagenet_mse_std": float(np.std([m["imagenet_heldout"]["mse"] for m in seeds])),
-        "seeds": [m["seed"] for m in seeds]}
+        "seeds": [m["seed"] for m in seeds],
+    }
 
     log("kernels")
     for name, entry in models.items():
         if entry["kind"].startswith("nq-onnx"):
             inspection = inspect_model(onnx.load(str(entry["path"])))
-            entry["kernels"] = {"weight_layers": len(inspection.weight_layers),
-                                "weight_layers_integer": sum(k.integer for k in inspection.weight_layers),
-                                "counts": inspection.kernel_counts, "noise_adds": inspection.noise_adds}
+            entry["kernels"] = {
+                "weight_layers": len(inspection.weight_layers),
+                "weight_layers_integer": sum(k.integer for k in inspection.weight_layers),
+                "counts": inspection.kernel_counts,
+                "noise_adds": inspection.noise_adds,
+            }
     log("latency")
     timed = ["fp32", "ort_all_w8a8", "ort_linear_w8a8", "easyquant_w8a8", "noisyquant_w8a8", "noisyquant_w6a6"]
     results["latency"] = {}
@@ -236,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.compile_curve:
         log("compile cost")
         results["compile"] = compile_curve(fp32, settings)
-    results["models"] = {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()}
-                         for name, entry in models.items()}
+    results["models"] = {
+        name: {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()} for name, entry in models.items()
+    }
     results["targets"] = targets(results)
     results["finished"] = time.time()
     name = args.name or ("quick" if args.quick else "full")
@@ -263,12 +301,16 @@ def compile_curve(fp32: Path, settings: Settings) -> dict:
             files, _ = split_imagenet(min(size, 1000), 0, settings.seed)
             folder = link_folder(files, WORK / f"calib{min(size, 1000)}")
             rows.append(compile_cost(model, folder, min(size, 1000), WORK / f"compile_{label}.onnx"))
-        arrays = image_arrays(split_imagenet(settings.calib_size, 0, settings.seed)[0],
-                              Preprocess.from_model(onnx.load(str(model))))
-        out[label] = {"nq_onnx": rows,
-                      "onnxruntime_quantize_static_s": ort_cost(model, arrays, WORK / f"compile_{label}_ort.onnx",
-                                                                linear_only=False),
-                      "onnxruntime_calib_images": settings.calib_size}
+        arrays = image_arrays(
+            split_imagenet(settings.calib_size, 0, settings.seed)[0], Preprocess.from_model(onnx.load(str(model)))
+        )
+        out[label] = {
+            "nq_onnx": rows,
+            "onnxruntime_quantize_static_s": ort_cost(
+                model, arrays, WORK / f"compile_{label}_ort.onnx", linear_only=False
+            ),
+            "onnxruntime_calib_images": settings.calib_size,
+        }
     return out
 
 
@@ -286,8 +328,9 @@ def targets(results: dict) -> dict:
     }
     if lat8:
         out["batch8_throughput_nq_over_fp32"] = lat8["noisyquant_w8a8"]["throughput_ratio_to_fp32"]
-        out["batch8_latency_nq_over_plain_qdq"] = lat8["noisyquant_w8a8"]["median_ms"] / lat8["easyquant_w8a8"][
-            "median_ms"]
+        out["batch8_latency_nq_over_plain_qdq"] = (
+            lat8["noisyquant_w8a8"]["median_ms"] / lat8["easyquant_w8a8"]["median_ms"]
+        )
     k = m["noisyquant_w8a8"]["kernels"]
     out["integer_weight_matmuls"] = f"{k['weight_layers_integer']}/{k['weight_layers']}"
     out["met"] = {

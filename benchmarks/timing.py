@@ -41,7 +41,12 @@ def latency_round_robin(models: dict[str, Path], batch: np.ndarray, rounds: int,
     out = {}
     for name, values in times.items():
         v = np.array(values)
-        out[name] = {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
-                     "p90_ms": float(np.percentile(v, 90)), "runs": len(v), "batch": int(len(batch)),
-                     "images_per_s": float(len(batch) * 1000 / np.median(v))}
+        out[name] = {
+            "median_ms": float(np.median(v)),
+            "p10_ms": float(np.percentile(v, 10)),
+            "p90_ms": float(np.percentile(v, 90)),
+            "runs": len(v),
+            "batch": int(len(batch)),
+            "images_per_s": float(len(batch) * 1000 / np.median(v)),
+        }
     return out

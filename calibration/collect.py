@@ -16,6 +16,7 @@ from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.runtime import session, with_outputs
 from nq_onnx.errors import DataError
 
+
 @dataclasses.dataclass
 class TensorStats:
     channel_min: np.ndarray
@@ -33,8 +34,9 @@ class TensorStats:
         self.count += rows.shape[0]
 
 
-def collect_stats(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int,
-                  progress: Callable | None = None) -> dict[str, TensorStats]:
+def collect_stats(
+    model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int, progress: Callable | None = None
+) -> dict[str, TensorStats]:
     """Run the float model over ``dataset`` and keep per-channel ranges of ``tensors``."""
     sess = session(with_outputs(model, tensors))
     stats: dict[str, TensorStats] = {}
@@ -54,8 +56,9 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, 
     return stats
 
 
-def sample_rows(model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int, rows: int,
-                seed: int = 0) -> dict[str, np.ndarray]:
+def sample_rows(
+    model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int, rows: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """At most ``rows`` rows (``[-1, channels]``) of each float tensor, drawn uniformly per batch (bounded memory)."""
     sess = session(with_outputs(model, tensors))
     rng = np.random.default_rng(seed)

@@ -91,8 +91,12 @@ def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 try:
     from PIL import Image
 
-    _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-                 "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+    _RESAMPLE = {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+        "lanczos": Image.Resampling.LANCZOS,
+    }
 except ImportError:  # pragma: no cover - pillow is a hard dependency
     _RESAMPLE = {}
 
@@ -170,8 +174,9 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def load_dataset(source: str | Path, model: onnx.ModelProto, *, limit: int | None, seed: int,
-                 preprocess: Preprocess | None = None) -> Dataset:
+def load_dataset(
+    source: str | Path, model: onnx.ModelProto, *, limit: int | None, seed: int, preprocess: Preprocess | None = None
+) -> Dataset:
     """Images from a folder (recursive) or tensors from ``.npy``/``.npz``, checked against the model inputs.
 
     With more images than ``limit``, a seeded choice of ``limit`` of them is taken (in sorted order).
@@ -183,8 +188,10 @@ def load_dataset(source: str | Path, model: onnx.ModelProto, *, limit: int | Non
         raise DataError(f"calibration data not found: {source}")
     if source.is_dir():
         if len(inputs) != 1:
-            raise DataError(f"an image folder feeds one input, but the model has {len(inputs)} ({', '.join(names)}); "
-                            "pass an .npz with one array per input")
+            raise DataError(
+                f"an image folder feeds one input, but the model has {len(inputs)} ({', '.join(names)}); "
+                "pass an .npz with one array per input"
+            )
         return _image_folder(source, names, limit, seed, preprocess or Preprocess.from_model(model))
     if source.suffix in (".npy", ".npz"):
         arrays = _tensor_file(source, names)

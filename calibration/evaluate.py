@@ -19,8 +19,9 @@ from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.runtime import session
 
 
-def model_outputs(model: onnx.ModelProto, dataset: Dataset, batch_size: int,
-                  progress: Callable | None = None, desc: str = "evaluate") -> np.ndarray:
+def model_outputs(
+    model: onnx.ModelProto, dataset: Dataset, batch_size: int, progress: Callable | None = None, desc: str = "evaluate"
+) -> np.ndarray:
     sess = session(model, optimize=True)
     name = sess.get_outputs()[0].name
     batches = dataset.batches(batch_size)

@@ -10,8 +10,9 @@ from nq_onnx.errors import ModelError
 
 def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads

@@ -29,8 +29,9 @@ def _names(group: str) -> dict[str, str]:
     return {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
 
 
-def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int,
-                     unsigned: frozenset[str] = frozenset()) -> onnx.ModelProto:
+def build_simulation(
+    model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset()
+) -> onnx.ModelProto:
     """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``)."""
     graph = gs.import_onnx(model)
     tensors = graph.tensors()
@@ -47,8 +48,15 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int,
         graph.nodes += [
             gs.Node("Add", inputs=[x, noise], outputs=[t[0]]),
             gs.Node("Div", inputs=[t[0], scale], outputs=[t[1]]),
-            gs.Node("Clip", inputs=[t[1], gs.Constant(f"sim/{group.name}/lo", np.array(lo, np.float32)),
-                                    gs.Constant(f"sim/{group.name}/hi", np.array(hi, np.float32))], outputs=[t[2]]),
+            gs.Node(
+                "Clip",
+                inputs=[
+                    t[1],
+                    gs.Constant(f"sim/{group.name}/lo", np.array(lo, np.float32)),
+                    gs.Constant(f"sim/{group.name}/hi", np.array(hi, np.float32)),
+                ],
+                outputs=[t[2]],
+            ),
             gs.Node("Round", inputs=[t[2]], outputs=[t[3]]),
             gs.Node("Mul", inputs=[t[3], scale], outputs=[t[4]]),
             gs.Node("Where", inputs=[on, t[4], x], outputs=[t[5]]),
@@ -104,8 +112,10 @@ class Simulator:
                 self._consumers.setdefault(name, set()).add(i)
         self._initializers = {t.name: t for t in graph.initializer}
         typed = onnx.shape_inference.infer_shapes(self._sim)
-        self._types = {v.name: v.type.tensor_type.elem_type
-                       for v in list(typed.graph.value_info) + list(typed.graph.output) + list(typed.graph.input)}
+        self._types = {
+            v.name: v.type.tensor_type.elem_type
+            for v in list(typed.graph.value_info) + list(typed.graph.output) + list(typed.graph.input)
+        }
         self._computed: set[int] = set()
         self._cache: dict[str, np.ndarray] = dict(self.inputs)
         self._feeds: dict[str, np.ndarray] = {}
@@ -141,8 +151,11 @@ class Simulator:
             values = self._run_nodes(todo, keep)
             self._computed = done
             self._cache.update(values)
-            self._cache = {k: v for k, v in self._cache.items()
-                           if k in self.inputs or k in tensors or (self._consumers.get(k, set()) - self._computed)}
+            self._cache = {
+                k: v
+                for k, v in self._cache.items()
+                if k in self.inputs or k in tensors or (self._consumers.get(k, set()) - self._computed)
+            }
         return {t: self._cache[t] for t in tensors}
 
     def _nodes_for(self, tensors: list[str]) -> list[int]:
@@ -174,8 +187,9 @@ class Simulator:
         for name, value in feeds.items():
             elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
             inputs.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
-        outs = [onnx.helper.make_tensor_value_info(n, self._types.get(n) or onnx.TensorProto.FLOAT, None)
-                for n in outputs]
+        outs = [
+            onnx.helper.make_tensor_value_info(n, self._types.get(n) or onnx.TensorProto.FLOAT, None) for n in outputs
+        ]
         graph = onnx.helper.make_graph(nodes, "sim_step", inputs, outs, initializers)
         sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
         sess = session(sub, optimize=False)

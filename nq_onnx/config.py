@@ -87,7 +87,9 @@ class QuantConfig:
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
-                raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {bits}"
+                )
         if self.calib_size < 1:
             raise ConfigError(f"calib-size must be at least 1, got {self.calib_size}")
         if self.batch_size < 1:

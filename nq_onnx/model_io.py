@@ -46,7 +46,8 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
     try:
         model = onnx.load(str(path))
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})") from None
+        detail = str(exc).splitlines()[0] if str(exc) else "parse failed"
+        raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__}: {detail})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph or no nodes)")
     try:
@@ -70,8 +71,10 @@ def _upgrade(model: onnx.ModelProto, path: Path, opset: int) -> onnx.ModelProto:
         upgraded = version_converter.convert_version(model, MIN_OPSET)
         onnx.checker.check_model(upgraded)
     except Exception as exc:  # the converter raises bare RuntimeErrors and worse
-        raise ModelError(f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel Q/DQ) and could not be "
-                         f"upgraded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ModelError(
+            f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel Q/DQ) and could not be "
+            f"upgraded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     return upgraded
 
 
@@ -147,5 +150,7 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
 def save_model_atomic(model: onnx.ModelProto, path: str | Path) -> None:
     data = model_bytes(model)
     if len(data) >= 2**31 - 1:
-        raise OutputError(f"model is {len(data) / 2**30:.1f} GiB; models over 2 GiB need external data, not supported yet")
+        raise OutputError(
+            f"model is {len(data) / 2**30:.1f} GiB; models over 2 GiB need external data, not supported yet"
+        )
     write_bytes_atomic(path, data)

@@ -23,8 +23,16 @@ from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
 from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
-from nq_onnx.passes import (DecomposeGemm, FoldDenoisingBias, FoldWeightChains, InsertNoise, InsertQDQ, Layers, Skip,
-                            find_layers)
+from nq_onnx.passes import (
+    DecomposeGemm,
+    FoldDenoisingBias,
+    FoldWeightChains,
+    InsertNoise,
+    InsertQDQ,
+    Layers,
+    Skip,
+    find_layers,
+)
 from nq_onnx.plan import Plan
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
 
@@ -102,9 +110,14 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx
     out.producer_name, out.producer_version = "nq-onnx", __version__
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    onnx.helper.set_model_props(out, {**{p.key: p.value for p in model.metadata_props},
-                                      "nq_onnx.config": json.dumps(plan.config.to_dict(), sort_keys=True),
-                                      "nq_onnx.source_digest": plan.model_digest})
+    onnx.helper.set_model_props(
+        out,
+        {
+            **{p.key: p.value for p in model.metadata_props},
+            "nq_onnx.config": json.dumps(plan.config.to_dict(), sort_keys=True),
+            "nq_onnx.source_digest": plan.model_digest,
+        },
+    )
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
@@ -118,12 +131,19 @@ def check_plan_fits(plan: Plan, layers: Layers) -> None:
     extra = set(plan.layers) - expected
     if missing or extra:
         name = sorted(missing or extra)[0]
-        raise PlanError(f"plan does not fit the model: layer {name!r} is {'missing from' if missing else 'unknown to'} "
-                        "the plan")
+        raise PlanError(
+            f"plan does not fit the model: layer {name!r} is {'missing from' if missing else 'unknown to'} the plan"
+        )
 
 
-def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Dataset | None = None,
-             plan: Plan | None = None, progress: Callable | None = None) -> Result:
+def quantize(
+    model: onnx.ModelProto,
+    digest: str,
+    config: QuantConfig,
+    calib: Dataset | None = None,
+    plan: Plan | None = None,
+    progress: Callable | None = None,
+) -> Result:
     """Quantize an in-memory model with a given plan, or calibrate on ``calib`` and search one."""
     timings: dict[str, float] = {}
     if plan is not None:
@@ -149,20 +169,34 @@ def quantize(model: onnx.ModelProto, digest: str, config: QuantConfig, calib: Da
     start = time.perf_counter()
     out, skipped = apply_plan(model, layers, plan)
     timings["rewrite_s"] = time.perf_counter() - start
-    summary = Summary(config.method.value, [s.name for s in layers.layers],
-                      [Skip(n, r) for n, r in layers.excluded] + skipped,
-                      sum(1 for g in plan.groups.values() if g.noise is not None), timings,
-                      calib_images=len(calib) if calib is not None else 0,
-                      data_skipped=len(calib.skipped) if calib is not None else 0,
-                      noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")))
+    summary = Summary(
+        config.method.value,
+        [s.name for s in layers.layers],
+        [Skip(n, r) for n, r in layers.excluded] + skipped,
+        sum(1 for g in plan.groups.values() if g.noise is not None),
+        timings,
+        calib_images=len(calib) if calib is not None else 0,
+        data_skipped=len(calib.skipped) if calib is not None else 0,
+        noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")),
+    )
     return Result(out, plan, layers, summary, model)
 
 
-def convert(model_path: str | Path, output_path: str | Path, calib: str | Path | None = None,
-            config: QuantConfig | None = None, *, load_plan: str | Path | None = None,
-            save_plan: str | Path | None = None, force: bool = False, evaluate: bool = True,
-            preprocess: dict | None = None, progress: Callable | None = None, report: str | Path | None = None,
-            report_dir: str | Path | None = None) -> Result:
+def convert(
+    model_path: str | Path,
+    output_path: str | Path,
+    calib: str | Path | None = None,
+    config: QuantConfig | None = None,
+    *,
+    load_plan: str | Path | None = None,
+    save_plan: str | Path | None = None,
+    force: bool = False,
+    evaluate: bool = True,
+    preprocess: dict | None = None,
+    progress: Callable | None = None,
+    report: str | Path | None = None,
+    report_dir: str | Path | None = None,
+) -> Result:
     """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
 
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
@@ -181,8 +215,11 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
         config = plan.config
     dataset = None
     if calib is not None:
-        pre = Preprocess.from_model(model, **preprocess) if preprocess and any(v is not None for v in preprocess.values()) \
+        pre = (
+            Preprocess.from_model(model, **preprocess)
+            if preprocess and any(v is not None for v in preprocess.values())
             else None
+        )
         dataset = load_dataset(calib, model, limit=config.calib_size, seed=config.seed, preprocess=pre)
     elif plan is None:
         raise NQError("convert needs --calib DATA (or --load-plan PLAN)")
@@ -204,8 +241,15 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     return result
 
 
-def report(model_path: str | Path, plan_path: str | Path, output: str | Path, *, data: str | Path | None = None,
-           report_dir: str | Path | None = None, force: bool = False) -> Result:
+def report(
+    model_path: str | Path,
+    plan_path: str | Path,
+    output: str | Path,
+    *,
+    data: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    force: bool = False,
+) -> Result:
     """The HTML report of a saved plan applied to its model; ``data`` adds histograms and output error."""
     from nq_onnx.calibration.data import load_labels
     from nq_onnx.report import build_report
@@ -224,8 +268,9 @@ def report(model_path: str | Path, plan_path: str | Path, output: str | Path, *,
         evaluation = dataset.head(min(len(dataset), 64))
         reference = model_outputs(model, evaluation, plan.config.batch_size)
         quantized = model_outputs(result.model, evaluation, plan.config.batch_size)
-        methods["fp32"] = output_metrics(reference, reference, None if labels is None else labels[:len(evaluation)])
-        methods[plan.config.method.value] = output_metrics(reference, quantized,
-                                                           None if labels is None else labels[:len(evaluation)])
+        methods["fp32"] = output_metrics(reference, reference, None if labels is None else labels[: len(evaluation)])
+        methods[plan.config.method.value] = output_metrics(
+            reference, quantized, None if labels is None else labels[: len(evaluation)]
+        )
     build_report(result, dataset, Path(model_path).name, output, report_dir, methods)
     return result

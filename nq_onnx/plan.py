@@ -80,10 +80,18 @@ class Plan:
             "layers": [],
         }
         for g in self.groups.values():
-            entry = {"name": g.name, "tensor": g.tensor, "scale": float(g.scale), "bits": g.bits,
-                     "noise_shift": g.noise_shift, "noise_amplitude": g.noise_amplitude, "noise": None,
-                     "signed": g.signed, "input_range": list(g.input_range) if g.input_range else None,
-                     "base_scale": g.base_scale}
+            entry = {
+                "name": g.name,
+                "tensor": g.tensor,
+                "scale": float(g.scale),
+                "bits": g.bits,
+                "noise_shift": g.noise_shift,
+                "noise_amplitude": g.noise_amplitude,
+                "noise": None,
+                "signed": g.signed,
+                "input_range": list(g.input_range) if g.input_range else None,
+                "base_scale": g.base_scale,
+            }
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
@@ -123,11 +131,18 @@ class Plan:
             plan = cls(model_digest=doc["model_digest"], config=QuantConfig.from_dict(doc["config"]))
             for g in doc["groups"]:
                 noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
-                plan.groups[g["name"]] = GroupPlan(g["name"], g["tensor"], float(g["scale"]), int(g["bits"]), noise,
-                                                   float(g["noise_shift"]), float(g["noise_amplitude"]),
-                                                   bool(g["signed"]),
-                                                   tuple(g["input_range"]) if g.get("input_range") else None,
-                                                   g.get("base_scale"))
+                plan.groups[g["name"]] = GroupPlan(
+                    g["name"],
+                    g["tensor"],
+                    float(g["scale"]),
+                    int(g["bits"]),
+                    noise,
+                    float(g["noise_shift"]),
+                    float(g["noise_amplitude"]),
+                    bool(g["signed"]),
+                    tuple(g["input_range"]) if g.get("input_range") else None,
+                    g.get("base_scale"),
+                )
             for layer in doc["layers"]:
                 scales = arrays[layer["weight_scales"]].astype(np.float32) if layer["weight_scales"] else None
                 plan.layers[layer["name"]] = LayerPlan(layer["name"], scales, int(layer["bits"]), dict(layer["search"]))

@@ -30,8 +30,11 @@ ACT_MATMUL_SLICES = 16
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
     """Each linear layer's float weight as the graph stores it."""
     nodes = {n.name: n for n in graph.nodes}
-    return {spec.name: nodes[spec.node].inputs[1].values.astype(np.float32)
-            for spec in layers.layers if spec.kind != ACT_MATMUL}
+    return {
+        spec.name: nodes[spec.node].inputs[1].values.astype(np.float32)
+        for spec in layers.layers
+        if spec.kind != ACT_MATMUL
+    }
 
 
 def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
@@ -81,9 +84,11 @@ def _range(stats: TensorStats) -> tuple[float, float]:
 
 def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
     """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes."""
-    return frozenset(g.name for g in layers.groups
-                     if float(stats[g.tensor].channel_min.min()) >= 0
-                     and not (config.method == Method.NOISYQUANT and g.noisy))
+    return frozenset(
+        g.name
+        for g in layers.groups
+        if float(stats[g.tensor].channel_min.min()) >= 0 and not (config.method == Method.NOISYQUANT and g.noisy)
+    )
 
 
 def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
@@ -92,11 +97,21 @@ def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weigh
     for group in layers.groups:
         signed = group.name not in unsigned
         scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits, signed))
-        plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits, signed=signed,
-                                            input_range=_range(stats[group.tensor]), base_scale=scale)
+        plan.groups[group.name] = GroupPlan(
+            group.name,
+            group.tensor,
+            scale,
+            config.a_bits,
+            signed=signed,
+            input_range=_range(stats[group.tensor]),
+            base_scale=scale,
+        )
     for spec in layers.layers:
-        scales = None if spec.kind == ACT_MATMUL else quant.weight_scales(weights[spec.name], spec.weight_axis,
-                                                                          config.w_bits)
+        scales = (
+            None
+            if spec.kind == ACT_MATMUL
+            else quant.weight_scales(weights[spec.name], spec.weight_axis, config.w_bits)
+        )
         plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
     return plan
 
@@ -118,8 +133,9 @@ class SearchPlanner:
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
-        self._sim = Simulator(self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs,
-                              self._unsigned)
+        self._sim = Simulator(
+            self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned
+        )
         steps = layer_steps(graph, self.layers)
         cached = None
         if not self.config.search.sequential:
@@ -146,22 +162,45 @@ class SearchPlanner:
         x = sample_rows(value, group.channels, config.search.tokens, group_rng(0, group.name))
         rng = group_rng(config.seed, group.name)
         specs = [self.layers.layer(name) for name in group.consumers]
-        operands = [_operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs]
+        operands = [
+            _operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs
+        ]
         stats = self.stats[group.tensor]
         signed = group.name not in self._unsigned
-        result = search_linear_group(x, stats.absmax, operands, config.a_bits, config.search,
-                                     config.method == Method.NOISYQUANT and group.noisy,
-                                     stats.channel_min, stats.channel_max, rng, signed)
-        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
-                                            result.noise_shift, result.noise_amplitude, signed,
-                                            _range(stats), result.base_scale)
+        result = search_linear_group(
+            x,
+            stats.absmax,
+            operands,
+            config.a_bits,
+            config.search,
+            config.method == Method.NOISYQUANT and group.noisy,
+            stats.channel_min,
+            stats.channel_max,
+            rng,
+            signed,
+        )
+        plan.groups[group.name] = GroupPlan(
+            group.name,
+            group.tensor,
+            result.scale,
+            config.a_bits,
+            result.noise,
+            result.noise_shift,
+            result.noise_amplitude,
+            signed,
+            _range(stats),
+            result.base_scale,
+        )
         self._sim.set_group(group.name, result.scale, result.noise)
         for spec, operand in zip(specs, operands):
             node = self._nodes[spec.node]
             scales = _graph_scales(spec, node, operand.scales)
             plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits, result.metrics[spec.name])
-            fake = quant.dequantize_weight(quant.quantize_weight(self._weights[spec.name], scales, spec.weight_axis,
-                                                                 config.w_bits), scales, spec.weight_axis)
+            fake = quant.dequantize_weight(
+                quant.quantize_weight(self._weights[spec.name], scales, spec.weight_axis, config.w_bits),
+                scales,
+                spec.weight_axis,
+            )
             delta = None if result.noise is None else -(result.noise @ operand.quantized_weight())
             self._sim.set_layer(spec.name, fake, delta)
 
@@ -175,13 +214,19 @@ class SearchPlanner:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             rng = group_rng(0, spec.name)
             pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
-            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search,
-                                                    signed)
+            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search, signed)
         else:
             s_a, s_b = (float(quant.minmax_scale(m, config.a_bits, sg)) for m, sg in zip(absmax, signed))
         for group, scale, sg in zip(groups, (s_a, s_b), signed):
             if group.name not in plan.groups:
-                plan.groups[group.name] = GroupPlan(group.name, group.tensor, scale, config.a_bits, signed=sg,
-                                                    input_range=_range(self.stats[group.tensor]), base_scale=scale)
+                plan.groups[group.name] = GroupPlan(
+                    group.name,
+                    group.tensor,
+                    scale,
+                    config.a_bits,
+                    signed=sg,
+                    input_range=_range(self.stats[group.tensor]),
+                    base_scale=scale,
+                )
                 self._sim.set_group(group.name, scale, None)
         plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)

@@ -45,7 +45,9 @@ def quantize(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool =
 
 def fake_quant(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
     """``dq(q(x))`` in float32."""
-    return (quantize(x, scale, bits, signed).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+    return (quantize(x, scale, bits, signed).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(
+        np.float32
+    )
 
 
 def minmax_scale(absmax: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:

@@ -57,15 +57,20 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
         search = lp.search
         eq, nq = search.get("mse_easyquant"), search.get("mse_noisyquant")
         row = {
-            "layer": spec.name, "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
+            "layer": spec.name,
+            "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
             "group": group_of[spec.name].name if spec.name in group_of else "",
             "input_min": gp.input_range[0] if gp and gp.input_range else None,
             "input_max": gp.input_range[1] if gp and gp.input_range else None,
-            "act_scale": gp.scale if gp else None, "signed": gp.signed if gp else True,
+            "act_scale": gp.scale if gp else None,
+            "signed": gp.signed if gp else True,
             "noise_min": float(gp.noise.min()) if gp is not None and gp.noise is not None else 0.0,
             "noise_max": float(gp.noise.max()) if gp is not None and gp.noise is not None else 0.0,
-            "noise_shift": gp.noise_shift if gp else 0.0, "noise_amplitude": gp.noise_amplitude if gp else 0.0,
-            "mse_minmax": search.get("mse_minmax"), "mse_easyquant": eq, "mse_noisyquant": nq,
+            "noise_shift": gp.noise_shift if gp else 0.0,
+            "noise_amplitude": gp.noise_amplitude if gp else 0.0,
+            "mse_minmax": search.get("mse_minmax"),
+            "mse_easyquant": eq,
+            "mse_noisyquant": nq,
             "reduction_pct": 100.0 * (1.0 - nq / eq) if eq and nq is not None else None,
         }
         rows.append(row)
@@ -76,8 +81,10 @@ def histogram_groups(layers: Layers, plan: Plan, rows: list[dict]) -> list[str]:
     """Noisy groups to draw: every fc2-like (post-GELU) input, then the layers with the largest error."""
     noisy = [g for g in layers.groups if g.noisy and plan.groups.get(g.name) is not None]
     chosen = [g.name for g in noisy if any(c.endswith("fc2") for c in g.consumers)]
-    by_error = sorted((r for r in rows if r["mse_easyquant"] is not None and r["group"]),
-                      key=lambda r: -(r["mse_noisyquant"] if r["mse_noisyquant"] is not None else r["mse_easyquant"]))
+    by_error = sorted(
+        (r for r in rows if r["mse_easyquant"] is not None and r["group"]),
+        key=lambda r: -(r["mse_noisyquant"] if r["mse_noisyquant"] is not None else r["mse_easyquant"]),
+    )
     for row in by_error:
         if row["group"] not in chosen and any(g.name == row["group"] for g in noisy):
             chosen.append(row["group"])
@@ -127,10 +134,15 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     easy = quant.fake_quant(x, np.float32(base), gp.bits, gp.signed) @ w_q + bias
     noisy = x_q @ w_q + bias - noise @ w_q
     fig, axes = plt.subplots(2, 4, figsize=(14, 5.2))
-    panels = [("X", [(x, "X", "#555555")]), ("X + N", [(x_n, "X + N", "#2a7ab9")]),
-              ("quantized dq(q(X + N))", [(x_q, "codes x step", "#e67e22")]),
-              (f"{group.consumers[0]} output", [(fp32, "FP32", "#555555"), (easy, "EasyQuant", "#c0392b"),
-                                                (noisy, "NoisyQuant", "#2a7ab9")])]
+    panels = [
+        ("X", [(x, "X", "#555555")]),
+        ("X + N", [(x_n, "X + N", "#2a7ab9")]),
+        ("quantized dq(q(X + N))", [(x_q, "codes x step", "#e67e22")]),
+        (
+            f"{group.consumers[0]} output",
+            [(fp32, "FP32", "#555555"), (easy, "EasyQuant", "#c0392b"), (noisy, "NoisyQuant", "#2a7ab9")],
+        ),
+    ]
     for row, log in enumerate((False, True)):
         for col, (title, series) in enumerate(panels):
             ax = axes[row, col]
@@ -138,17 +150,27 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
             hi = max(float(s.max()) for s, _, _ in series)
             bins = np.linspace(lo, hi if hi > lo else lo + 1, 121)
             for values, label, color in series:
-                ax.hist(values.ravel(), bins=bins, histtype="step" if len(series) > 1 else "stepfilled",
-                        color=color, label=label, alpha=0.9 if len(series) > 1 else 0.6, log=log)
+                ax.hist(
+                    values.ravel(),
+                    bins=bins,
+                    histtype="step" if len(series) > 1 else "stepfilled",
+                    color=color,
+                    label=label,
+                    alpha=0.9 if len(series) > 1 else 0.6,
+                    log=log,
+                )
             ax.set_title(f"{title}{' (log)' if log else ''}", fontsize=9)
             ax.tick_params(labelsize=7)
             if len(series) > 1:
                 ax.legend(fontsize=7)
     e_mse = float(np.mean((easy - fp32) ** 2))
     n_mse = float(np.mean((noisy - fp32) ** 2))
-    fig.suptitle(f"{name}: step {gp.scale:.4g} (EasyQuant {base:.4g}), noise shift {gp.noise_shift:g} x centre, "
-                 f"width {gp.noise_amplitude:g} x step; layer output MSE EasyQuant {e_mse:.3g} -> NoisyQuant "
-                 f"{n_mse:.3g} on these tokens", fontsize=9)
+    fig.suptitle(
+        f"{name}: step {gp.scale:.4g} (EasyQuant {base:.4g}), noise shift {gp.noise_shift:g} x centre, "
+        f"width {gp.noise_amplitude:g} x step; layer output MSE EasyQuant {e_mse:.3g} -> NoisyQuant "
+        f"{n_mse:.3g} on these tokens",
+        fontsize=9,
+    )
     fig.tight_layout()
     return _png(fig)
 
@@ -164,17 +186,22 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
     summary = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{num(v.get('mse'))}</td><td>{num(v.get('cosine'), '{:.5f}')}</td>"
         f"<td>{num(v.get('sqnr_db'), '{:.2f}')}</td><td>{num(v.get('top1_agreement'), '{:.1%}')}</td>"
-        f"<td>{num(v.get('top1'), '{:.2%}')}</td></tr>" for m, v in data.methods.items())
+        f"<td>{num(v.get('top1'), '{:.2%}')}</td></tr>"
+        for m, v in data.methods.items()
+    )
     rows = "".join(
         f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td>"
-        f"<td data-v=\"{r['input_min'] if r['input_min'] is not None else ''}\">"
+        f'<td data-v="{r["input_min"] if r["input_min"] is not None else ""}">'
         f"{num(r['input_min'], '{:.3g}')} .. {num(r['input_max'], '{:.3g}')}</td>"
         f"<td>{num(r['act_scale'])}{'' if r['signed'] else ' (unsigned)'}</td>"
-        f"<td data-v=\"{r['noise_max'] - r['noise_min']}\">{num(r['noise_min'], '{:.3g}')} .. "
+        f'<td data-v="{r["noise_max"] - r["noise_min"]}">{num(r["noise_min"], "{:.3g}")} .. '
         f"{num(r['noise_max'], '{:.3g}')}</td>"
         f"<td>{num(r['mse_easyquant'])}</td><td>{num(r['mse_noisyquant'])}</td>"
-        f"<td>{num(r['reduction_pct'], '{:.1f}')}</td></tr>" for r in data.layers)
+        f"<td>{num(r['reduction_pct'], '{:.1f}')}</td></tr>"
+        for r in data.layers
+    )
     settings = html.escape(json.dumps(data.config, sort_keys=True))
+    chart_html = f"<h2>Output-error reduction across depth</h2>{img(chart, 'reduction chart')}" if chart else ""
     hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>nq-onnx report: {html.escape(data.model)}</title>
@@ -201,9 +228,9 @@ Click a column header to sort.</p>
 <table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>input range</th><th>activation step</th>
 <th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th></tr></thead>
 <tbody>{rows}</tbody></table>
-{f'<h2>Output-error reduction across depth</h2>{img(chart, "reduction chart")}' if chart else ''}
+{chart_html}
 <h2>Histograms</h2>
-{hist if hist else '<p>No histograms: no noisy layer, or no data was given.</p>'}
+{hist if hist else "<p>No histograms: no noisy layer, or no data was given.</p>"}
 <script>
 document.querySelectorAll("table.sortable th").forEach((th, col) => {{
   th.addEventListener("click", () => {{
@@ -225,16 +252,23 @@ window.addEventListener("load", () => {{
 """
 
 
-def write_report(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str],
-                 path: str | Path, report_dir: str | Path | None = None) -> None:
+def write_report(
+    data: ReportData,
+    figures: dict[str, bytes],
+    chart: str | None,
+    histograms: list[str],
+    path: str | Path,
+    report_dir: str | Path | None = None,
+) -> None:
     write_bytes_atomic(path, render(data, figures, chart, histograms).encode())
     if report_dir is not None:
         folder = Path(report_dir)
         folder.mkdir(parents=True, exist_ok=True)
         for key, png in figures.items():
             write_bytes_atomic(folder / f"{key.replace('/', '_')}.png", png)
-        write_bytes_atomic(folder / "report.json", (json.dumps(data.to_dict(), indent=1, sort_keys=True) + "\n")
-                           .encode())
+        write_bytes_atomic(
+            folder / "report.json", (json.dumps(data.to_dict(), indent=1, sort_keys=True) + "\n").encode()
+        )
 
 
 def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -249,25 +283,38 @@ def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray
         spec = result.layers.layer(name)
         lp = result.plan.layers[name]
         w = nodes[spec.node].inputs[1].values.astype(np.float32)
-        w_q = quant.dequantize_weight(quant.quantize_weight(w, lp.weight_scales, spec.weight_axis, lp.bits),
-                                      lp.weight_scales, spec.weight_axis)
+        w_q = quant.dequantize_weight(
+            quant.quantize_weight(w, lp.weight_scales, spec.weight_axis, lp.bits), lp.weight_scales, spec.weight_axis
+        )
         w_q = w_q.T if spec.weight_axis == 0 else w_q
         bias = tensors[spec.bias].values.astype(np.float32) if spec.bias else np.zeros(w_q.shape[1], np.float32)
         out[name] = (np.ascontiguousarray(w_q), bias)
     return out
 
 
-def build_report(result, dataset, model_name: str, path: str | Path, report_dir: str | Path | None = None,
-                 methods: dict[str, dict[str, float]] | None = None) -> ReportData:
+def build_report(
+    result,
+    dataset,
+    model_name: str,
+    path: str | Path,
+    report_dir: str | Path | None = None,
+    methods: dict[str, dict[str, float]] | None = None,
+) -> ReportData:
     """Compute the figures of ``result`` (a conversion) on ``dataset`` (may be ``None``) and write the report."""
     from nq_onnx.calibration.collect import sample_rows
 
     rows = layer_rows(result.layers, result.plan)
     config = result.plan.config
-    data = ReportData(model_name, config.to_dict(),
-                      {"inputs": len(dataset) if dataset is not None else 0,
-                       "unreadable_skipped": len(dataset.skipped) if dataset is not None else 0},
-                      methods if methods is not None else dict(result.summary.metrics), rows)
+    data = ReportData(
+        model_name,
+        config.to_dict(),
+        {
+            "inputs": len(dataset) if dataset is not None else 0,
+            "unreadable_skipped": len(dataset.skipped) if dataset is not None else 0,
+        },
+        methods if methods is not None else dict(result.summary.metrics),
+        rows,
+    )
     figures: dict[str, bytes] = {}
     chart_png = reduction_chart(rows)
     chart = None
@@ -280,12 +327,14 @@ def build_report(result, dataset, model_name: str, path: str | Path, report_dir:
         groups = [g for g in result.layers.groups if g.name in names]
         if groups:
             subset = dataset.head(config.search.search_images)
-            samples = sample_rows(result.float_model, [g.tensor for g in groups], subset, config.batch_size,
-                                  SAMPLE_ROWS, config.seed)
+            samples = sample_rows(
+                result.float_model, [g.tensor for g in groups], subset, config.batch_size, SAMPLE_ROWS, config.seed
+            )
             weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
             for group in groups:
-                figures[group.name] = group_figure(group.name, samples[group.tensor], result.plan, result.layers,
-                                                   weights)
+                figures[group.name] = group_figure(
+                    group.name, samples[group.tensor], result.plan, result.layers, weights
+                )
                 histograms.append(group.name)
     write_report(data, figures, chart, histograms, path, report_dir)
     return data

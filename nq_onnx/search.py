@@ -106,8 +106,9 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
-def layer_mse(x_q: np.ndarray, layers: list[LinearOperand], targets: list[np.ndarray],
-              noise: np.ndarray | None = None) -> list[float]:
+def layer_mse(
+    x_q: np.ndarray, layers: list[LinearOperand], targets: list[np.ndarray], noise: np.ndarray | None = None
+) -> list[float]:
     """Per-layer output MSE of ``x_q dq(W) + B - N dq(W)`` against the float outputs."""
     out = []
     for layer, target in zip(layers, targets):
@@ -129,9 +130,18 @@ def search_weight_scales(x_q: np.ndarray, layer: LinearOperand, target: np.ndarr
     return (base * best_alpha).astype(np.float32)
 
 
-def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand], a_bits: int,
-                        config: SearchConfig, with_noise: bool, channel_min: np.ndarray, channel_max: np.ndarray,
-                        rng: np.random.Generator, signed: bool = True) -> GroupResult:
+def search_linear_group(
+    x: np.ndarray,
+    absmax: float,
+    layers: list[LinearOperand],
+    a_bits: int,
+    config: SearchConfig,
+    with_noise: bool,
+    channel_min: np.ndarray,
+    channel_max: np.ndarray,
+    rng: np.random.Generator,
+    signed: bool = True,
+) -> GroupResult:
     """EasyQuant (and, ``with_noise``, NoisyQuant) for one activation group of linear layers.
 
     ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes.
@@ -147,8 +157,10 @@ def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand
     base = float(quant.minmax_scale(absmax, a_bits, signed))
     for layer in layers:
         layer.scales = layer.minmax_scales()
-    metrics = {layer.name: {"mse_minmax": m} for layer, m in
-               zip(layers, layer_mse(quant.fake_quant(x, base, a_bits, signed), layers, targets))}
+    metrics = {
+        layer.name: {"mse_minmax": m}
+        for layer, m in zip(layers, layer_mse(quant.fake_quant(x, base, a_bits, signed), layers, targets))
+    }
 
     alpha = 1.0
     for _ in range(config.rounds):
@@ -177,8 +189,9 @@ def search_linear_group(x: np.ndarray, absmax: float, layers: list[LinearOperand
         return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
 
     base_step = scale
-    noise, scale, shift, amplitude = _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max,
-                                                   rng, scale)
+    noise, scale, shift, amplitude = _search_noise(
+        x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, scale
+    )
     x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
     for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
         metrics[layer.name]["mse_noisyquant"] = m
@@ -221,15 +234,22 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
     return noise.astype(np.float32), float(scale), shift, amplitude
 
 
-def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], bits: int,
-                      config: SearchConfig, signed: tuple[bool, bool] = (True, True)) -> tuple[float, float, dict]:
+def search_act_matmul(
+    a: np.ndarray,
+    b: np.ndarray,
+    absmax: tuple[float, float],
+    bits: int,
+    config: SearchConfig,
+    signed: tuple[bool, bool] = (True, True),
+) -> tuple[float, float, dict]:
     """EasyQuant for ``A @ B`` with both operands per-tensor quantized: alternate the two steps."""
     target = a @ b
     base = [float(quant.minmax_scale(m, bits, s)) for m, s in zip(absmax, signed)]
 
     def product(scales: list[float]) -> np.ndarray:
-        return (quant.fake_quant(a, np.float32(scales[0]), bits, signed[0])
-                @ quant.fake_quant(b, np.float32(scales[1]), bits, signed[1]))
+        return quant.fake_quant(a, np.float32(scales[0]), bits, signed[0]) @ quant.fake_quant(
+            b, np.float32(scales[1]), bits, signed[1]
+        )
 
     scales = list(base)
     metrics = {"mse_minmax": _mse(product(base), target)}

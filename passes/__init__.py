@@ -9,6 +9,17 @@ from nq_onnx.passes.insert_noise import InsertNoise
 from nq_onnx.passes.insert_qdq import InsertQDQ
 
 __all__ = [
-    "ACT_MATMUL", "LINEAR", "DecomposeGemm", "FoldDenoisingBias", "FoldWeightChains", "GroupSpec", "InsertNoise", "InsertQDQ", "Layers", "LayerSpec",
-    "PassResult", "Skip", "find_layers",
+    "ACT_MATMUL",
+    "LINEAR",
+    "DecomposeGemm",
+    "FoldDenoisingBias",
+    "FoldWeightChains",
+    "GroupSpec",
+    "InsertNoise",
+    "InsertQDQ",
+    "Layers",
+    "LayerSpec",
+    "PassResult",
+    "Skip",
+    "find_layers",
 ]

@@ -130,15 +130,26 @@ def _linear(node: gs.Node) -> LayerSpec | None:
     if node.op == "MatMul":
         bias_name, bias_node = _bias_of_matmul(node, out_features)
     return LayerSpec(
-        name="", node=node.name, op=node.op, kind=LINEAR, inputs=(x.name,), weight=w.name, weight_axis=axis,
-        bias=bias_name, bias_node=bias_node, in_features=in_features, out_features=out_features,
+        name="",
+        node=node.name,
+        op=node.op,
+        kind=LINEAR,
+        inputs=(x.name,),
+        weight=w.name,
+        weight_axis=axis,
+        bias=bias_name,
+        bias_node=bias_node,
+        in_features=in_features,
+        out_features=out_features,
     )
 
 
 def _act_matmul(node: gs.Node) -> LayerSpec | None:
     if node.op != "MatMul" or any(const_value(t) is not None for t in node.inputs[:2]):
         return None
-    return LayerSpec(name="", node=node.name, op="MatMul", kind=ACT_MATMUL, inputs=(node.inputs[0].name, node.inputs[1].name))
+    return LayerSpec(
+        name="", node=node.name, op="MatMul", kind=ACT_MATMUL, inputs=(node.inputs[0].name, node.inputs[1].name)
+    )
 
 
 def _unique_names(graph: gs.Graph, specs: list[tuple[gs.Node, LayerSpec]]) -> list[LayerSpec]:
@@ -185,8 +196,11 @@ def find_layers(graph: gs.Graph, exclude: tuple[str, ...] = (), act_matmuls: boo
             kept.append(spec)
     unused = [p for p in exclude if p not in used]
     if unused:
-        raise ConfigError(f"exclude pattern {unused[0]!r} matches no layer (layers look like {specs[0].name!r})" if specs
-                          else f"exclude pattern {unused[0]!r} matches no layer")
+        raise ConfigError(
+            f"exclude pattern {unused[0]!r} matches no layer (layers look like {specs[0].name!r})"
+            if specs
+            else f"exclude pattern {unused[0]!r} matches no layer"
+        )
     return Layers(tuple(kept), _groups(graph, kept), tuple(excluded))
 
 
@@ -216,7 +230,9 @@ def _groups(graph: gs.Graph, layers: list[LayerSpec]) -> tuple[GroupSpec, ...]:
             name = first.name
         name = _dedupe(re.sub(r"\s+", "_", name), used_names)
         noisy = all(c.kind == LINEAR for c in consumers)
-        groups.append(GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers), noisy))
+        groups.append(
+            GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers), noisy)
+        )
     return tuple(groups)
 
 

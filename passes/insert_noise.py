@@ -26,8 +26,15 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.passes.base import (PassResult, Skip, constant, constant_through_identity, is_graph_output, producer,
-                                 replace_input)
+from nq_onnx.passes.base import (
+    PassResult,
+    Skip,
+    constant,
+    constant_through_identity,
+    is_graph_output,
+    producer,
+    replace_input,
+)
 from nq_onnx.passes.find_layers import GroupSpec, Layers
 from nq_onnx.plan import Plan
 
@@ -69,14 +76,16 @@ class InsertNoise:
         return result
 
 
-def _fold_into_producer(graph: gs.Graph, x: gs.Tensor, readers: set[str], group: GroupSpec,
-                        noise: np.ndarray) -> bool:
+def _fold_into_producer(graph: gs.Graph, x: gs.Tensor, readers: set[str], group: GroupSpec, noise: np.ndarray) -> bool:
     tensor, allowed = x, readers
     while True:
         node = producer(tensor)
         # Shape reads only the shape, which X + N keeps; every other reader must be on the path to the group.
-        if node is None or is_graph_output(graph, tensor) or any(c.name not in allowed and c.op != "Shape"
-                                                                 for c in tensor.outputs):
+        if (
+            node is None
+            or is_graph_output(graph, tensor)
+            or any(c.name not in allowed and c.op != "Shape" for c in tensor.outputs)
+        ):
             return False
         if not _moves_tokens_only(node):
             break

@@ -48,8 +48,9 @@ class InsertQDQ:
             if plan is None:
                 continue
             consumers = [self.layers.layer(name) for name in group.consumers]
-            self._quantize_activation(graph, nodes, group.name, group.tensor, consumers, plan.scale, plan.bits,
-                                      plan.signed)
+            self._quantize_activation(
+                graph, nodes, group.name, group.tensor, consumers, plan.scale, plan.bits, plan.signed
+            )
         return result
 
     @staticmethod
@@ -57,42 +58,69 @@ class InsertQDQ:
         weight = node.inputs[1]
         codes = quant.quantize_weight(weight.values, scales, spec.weight_axis, bits)
         dequantized = gs.Variable(f"{spec.name}/weight_dequantized", dtype=np.float32, shape=list(codes.shape))
-        graph.nodes.append(gs.Node(
-            "DequantizeLinear", name=f"{spec.name}/weight_dequantize", attrs={"axis": spec.weight_axis},
-            inputs=[constant(f"{spec.name}/weight_quantized", codes),
+        graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear",
+                name=f"{spec.name}/weight_dequantize",
+                attrs={"axis": spec.weight_axis},
+                inputs=[
+                    constant(f"{spec.name}/weight_quantized", codes),
                     constant(f"{spec.name}/weight_scale", scales.astype(np.float32)),
-                    constant(f"{spec.name}/weight_zero_point", np.zeros(scales.shape, np.int8))],
-            outputs=[dequantized],
-        ))
+                    constant(f"{spec.name}/weight_zero_point", np.zeros(scales.shape, np.int8)),
+                ],
+                outputs=[dequantized],
+            )
+        )
         node.inputs[1] = dequantized
 
     @staticmethod
-    def _quantize_activation(graph: gs.Graph, nodes: dict[str, gs.Node], name: str, tensor: str,
-                             consumers: list[LayerSpec], scale: float, bits: int, signed: bool) -> None:
+    def _quantize_activation(
+        graph: gs.Graph,
+        nodes: dict[str, gs.Node],
+        name: str,
+        tensor: str,
+        consumers: list[LayerSpec],
+        scale: float,
+        bits: int,
+        signed: bool,
+    ) -> None:
         first = consumers[0]
         source = nodes[first.node].inputs[first.inputs.index(tensor)]
         scale32 = np.float32(scale)
         if bits < 8:
             lo, hi = quant.code_range(bits, signed)
             clipped = gs.Variable(f"{name}/input_clipped", dtype=np.float32, shape=getattr(source, "shape", None))
-            graph.nodes.append(gs.Node(
-                "Clip", name=f"{name}/input_clip",
-                inputs=[source, constant(f"{name}/input_clip_min", np.array(lo * scale32, np.float32)),
-                        constant(f"{name}/input_clip_max", np.array(hi * scale32, np.float32))],
-                outputs=[clipped]))
+            graph.nodes.append(
+                gs.Node(
+                    "Clip",
+                    name=f"{name}/input_clip",
+                    inputs=[
+                        source,
+                        constant(f"{name}/input_clip_min", np.array(lo * scale32, np.float32)),
+                        constant(f"{name}/input_clip_max", np.array(hi * scale32, np.float32)),
+                    ],
+                    outputs=[clipped],
+                )
+            )
             source_q = clipped
         else:
             source_q = source
         codes = gs.Variable(f"{name}/input_quantized", dtype=np.uint8, shape=getattr(source, "shape", None))
         scale_c = constant(f"{name}/input_scale", np.array(scale32, np.float32))
         zero_c = constant(f"{name}/input_zero_point", np.array(quant.zero_point(signed), np.uint8))
-        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}/input_quantize", inputs=[source_q, scale_c, zero_c],
-                                   outputs=[codes]))
+        graph.nodes.append(
+            gs.Node(
+                "QuantizeLinear", name=f"{name}/input_quantize", inputs=[source_q, scale_c, zero_c], outputs=[codes]
+            )
+        )
         for spec in consumers:
             node = nodes[spec.node]
             index = spec.inputs.index(tensor)
             suffix = f"input{index}_dequantize" if spec.kind == ACT_MATMUL else "input_dequantize"
             out = gs.Variable(f"{spec.name}/{suffix}d", dtype=np.float32, shape=getattr(source, "shape", None))
-            graph.nodes.append(gs.Node("DequantizeLinear", name=f"{spec.name}/{suffix}", inputs=[codes, scale_c, zero_c],
-                                       outputs=[out]))
+            graph.nodes.append(
+                gs.Node(
+                    "DequantizeLinear", name=f"{spec.name}/{suffix}", inputs=[codes, scale_c, zero_c], outputs=[out]
+                )
+            )
             node.inputs[index] = out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -91,7 +90,7 @@ def test_convert_quality_and_graph(exported, tmp_path, photo_folder):
             assert result.summary.noisy_groups > 0
             # ViT/DeiT qkv and fc1 read a LayerNorm: their noise lives in its beta, only proj and fc2 need an Add.
             # (Swin: qkv reads the window partition of the LayerNorm output and the head its mean; both keep an Add.)
-            needs_add = ("attn.proj", "mlp.fc2") if family != "swin" else ("attn.proj", "mlp.fc2", "attn.qkv", "head.fc")
+            needs_add = ("attn.proj", "mlp.fc2") + (("attn.qkv", "head.fc") if family == "swin" else ())
             unexpected = [n.name for n in noisy if not n.name.split("/")[0].endswith(needs_add)]
             assert not unexpected
             inspection = inspect_model(quantized)
@@ -110,7 +109,7 @@ def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
     family, path, _, _ = exported
     config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=3)
     a = nq_onnx.convert(path, tmp_path / "a.onnx", photo_folder, config, save_plan=tmp_path / "plan.json")
-    b = nq_onnx.convert(path, tmp_path / "b.onnx", photo_folder, config)
+    nq_onnx.convert(path, tmp_path / "b.onnx", photo_folder, config)
     c = nq_onnx.convert(path, tmp_path / "c.onnx", load_plan=tmp_path / "plan.json")
     blobs = [(tmp_path / f"{x}.onnx").read_bytes() for x in "abc"]
     assert blobs[0] == blobs[1] == blobs[2]
@@ -118,3 +117,22 @@ def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
     d = nq_onnx.convert(path, tmp_path / "d.onnx", photo_folder, QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=4))
     assert hashlib.sha256(blobs[0]).digest() != hashlib.sha256((tmp_path / "d.onnx").read_bytes()).digest()
     assert d.summary.noisy_groups > 0
+
+
+@pytest.mark.parametrize("opset", [13, 16, 20])
+def test_opsets_13_to_20_with_decomposed_layernorm(opset, tmp_path, photo_folder):
+    """Below opset 17 the exporter decomposes LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div): the noise still folds into
+    its final bias Add, and every weight matmul still becomes an integer kernel."""
+    path = tmp_path / f"vit{opset}.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10, opset=opset)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("LayerNormalization" in ops) == (opset >= 17)
+    out, result = _convert(path, tmp_path, photo_folder, method="noisyquant", w_bits=8, a_bits=8)
+    quantized = onnx.load(str(out))
+    assert quantized.opset_import[0].version == opset
+    inspection = inspect_model(quantized)
+    assert not inspection.float_fallbacks
+    assert result.summary.noise_adds <= 2 * 2 + 1  # proj and fc2 per block, and at most the head
+    model, _ = load_model(path)
+    feeds = next(load_dataset(photo_folder, model, limit=8, seed=1).batches(8))
+    assert quant.sqnr_db(logits(path, feeds), logits(out, feeds)) > 25

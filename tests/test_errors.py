@@ -225,3 +225,20 @@ def test_internal_error_prints_traceback_and_how_to_report(capsys, work, monkeyp
     assert code == 70
     assert "Traceback" in err and "ZeroDivisionError" in err and "please report it" in err
     assert not (tmp / "out.onnx").exists()
+
+
+def test_valid_protobuf_that_is_not_a_model(capsys, work):
+    tmp, _, calib = work
+    bad = tmp / "tensor.onnx"
+    bad.write_bytes(onnx.numpy_helper.from_array(np.ones((3, 3), np.float32), "t").SerializeToString())
+    fails(capsys, ["convert", bad, "-o", tmp / "out.onnx", "--calib", calib], "tensor.onnx", inputs=[bad])
+
+
+def test_model_that_fails_the_checker(capsys, work):
+    tmp, _, calib = work
+    model = mlp_model(np.random.default_rng(0))
+    model.graph.node[1].input[0] = "nowhere"  # an input nothing produces
+    bad = tmp / "broken.onnx"
+    bad.write_bytes(model.SerializeToString())
+    fails(capsys, ["convert", bad, "-o", tmp / "out.onnx", "--calib", calib], "fails the ONNX checker",
+          inputs=[bad])

@@ -10,7 +10,7 @@ from conftest import init, make_model, mlp_model, run, tensor
 from onnx import helper
 
 from nq_onnx import QuantConfig
-from nq_onnx.passes import FoldDenoisingBias, InsertNoise, InsertQDQ, find_layers
+from nq_onnx.passes import FoldDenoisingBias, InsertNoise, find_layers
 from nq_onnx.pipeline import apply_plan
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan
 from nq_onnx import quant
@@ -144,7 +144,8 @@ def test_zero_noise_gives_exactly_the_plain_qdq_graph():
     layers, plan = noisy_plan(model, rng)
     for spec in layers.layers:
         plan.layers[spec.name] = LayerPlan(spec.name, np.full(spec.out_features, 0.01, np.float32), 8)
-    plain = Plan("digest", plan.config, {k: GroupPlan(g.name, g.tensor, g.scale, g.bits) for k, g in plan.groups.items()},
+    groups = plan.groups.items()
+    plain = Plan("digest", plan.config, {k: GroupPlan(g.name, g.tensor, g.scale, g.bits) for k, g in groups},
                  plan.layers)
     zero = Plan("digest", plan.config, {k: GroupPlan(g.name, g.tensor, g.scale, g.bits, np.zeros_like(g.noise))
                                         for k, g in plan.groups.items()}, plan.layers)
