@@ -69,6 +69,8 @@ def _add_convert(sub) -> None:
         help="leave layers matching this fnmatch pattern in float (repeatable; must match something)",
     )
     p.add_argument("--no-attention-matmuls", action="store_true", help="keep Q@K^T and A@V in float")
+    p.add_argument("--int16-bias", action="store_true",
+                   help="store the noise N and denoised biases B' as int16 codes (upgrades the model to opset 21)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
@@ -210,6 +212,7 @@ def _config_from(args) -> QuantConfig:
         batch_size=args.batch_size,
         exclude=tuple(args.exclude),
         quantize_attention_matmuls=not args.no_attention_matmuls,
+        int16_bias=args.int16_bias,
         search=search,
     )
 

@@ -76,6 +76,7 @@ class QuantConfig:
     batch_size: int = 8
     exclude: tuple[str, ...] = ()
     quantize_attention_matmuls: bool = True
+    int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from nq_onnx.passes import (
     InsertQDQ,
     Layers,
     Skip,
+    StoreInt16Bias,
     find_layers,
 )
 from nq_onnx.plan import Plan
@@ -99,11 +100,18 @@ def check_finite(graph: gs.Graph, layers: Layers) -> None:
 
 
 def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx.ModelProto, list[Skip]]:
-    """Run the passes: insert_noise, insert_qdq, fold_denoising_bias; check the result."""
+    """Run the passes: insert_noise, insert_qdq, fold_denoising_bias (and store_int16_bias); check the result."""
+    if plan.config.int16_bias:
+        model = upgrade_opset(model, INT16_OPSET)
     graph = gs.import_onnx(model)
     skipped: list[Skip] = []
     for graph_pass in (InsertNoise(layers, plan), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan)):
         skipped += graph_pass(graph).skipped
+    if plan.config.int16_bias:
+        noisy = [g for g in layers.groups if g.noisy and (p := plan.groups.get(g.name)) is not None
+                 and p.noise is not None and np.any(p.noise)]
+        denoised = frozenset(layers.layer(c).bias for g in noisy for c in g.consumers if layers.layer(c).bias)
+        StoreInt16Bias(denoised)(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -123,6 +131,26 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
         raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
     return out, skipped
+
+
+INT16_OPSET = 21  # int16 Q/DQ types
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model at ``opset`` (at least), converted with onnx's version converter."""
+    current = next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return model
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise ModelError(f"int16 biases need opset {opset}; the model (opset {current}) could not be converted: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    del upgraded.metadata_props[:]
+    upgraded.metadata_props.extend(model.metadata_props)
+    return upgraded
 
 
 def check_plan_fits(plan: Plan, layers: Layers) -> None:

@@ -7,6 +7,7 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, GroupSpec, Layers, La
 from nq_onnx.passes.fold_denoising_bias import FoldDenoisingBias
 from nq_onnx.passes.insert_noise import InsertNoise
 from nq_onnx.passes.insert_qdq import InsertQDQ
+from nq_onnx.passes.store_int16_bias import StoreInt16Bias
 
 __all__ = [
     "ACT_MATMUL",
@@ -21,5 +22,6 @@ __all__ = [
     "LayerSpec",
     "PassResult",
     "Skip",
+    "StoreInt16Bias",
     "find_layers",
 ]
