@@ -99,13 +99,15 @@ def check_finite(graph: gs.Graph, layers: Layers) -> None:
                 raise ModelError(f"layer {spec.name!r}: its {role} {name!r} contains NaN or Inf")
 
 
-def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan) -> tuple[onnx.ModelProto, list[Skip]]:
+def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
+               fold_noise: bool = True) -> tuple[onnx.ModelProto, list[Skip]]:
     """Run the passes: insert_noise, insert_qdq, fold_denoising_bias (and store_int16_bias); check the result."""
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
     graph = gs.import_onnx(model)
     skipped: list[Skip] = []
-    for graph_pass in (InsertNoise(layers, plan), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan)):
+    passes = (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan))
+    for graph_pass in passes:
         skipped += graph_pass(graph).skipped
     if plan.config.int16_bias:
         noisy = [g for g in layers.groups if g.noisy and (p := plan.groups.get(g.name)) is not None
