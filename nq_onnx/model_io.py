@@ -105,6 +105,12 @@ def check_output_path(path: str | Path, *, force: bool, inputs: tuple[str | Path
         raise OutputError(f"output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent} is not writable")
+    try:  # os.access says yes to root even on a read-only folder; find out before any work is done
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
     return path
 
 
