@@ -49,17 +49,16 @@ class ReportData:
 def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
     """The per-layer table: ranges, steps, noise and the search's output MSE per method."""
     rows = []
-    group_of = {name: g for g in layers.groups for name in g.consumers}
     for spec in layers.layers:
         lp = plan.layers[spec.name]
-        groups = [group_of_tensor for group_of_tensor in layers.groups if spec.name in group_of_tensor.consumers]
-        gp = plan.groups[groups[0].name] if groups else None
+        group = layers.group_of(spec.inputs[0])  # an attention matmul shows its first operand's quantizer
+        gp = plan.groups.get(group.name)
         search = lp.search
         eq, nq = search.get("mse_easyquant"), search.get("mse_noisyquant")
         row = {
             "layer": spec.name,
             "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
-            "group": group_of[spec.name].name if spec.name in group_of else "",
+            "group": group.name,
             "input_min": gp.input_range[0] if gp and gp.input_range else None,
             "input_max": gp.input_range[1] if gp and gp.input_range else None,
             "act_scale": gp.scale if gp else None,
