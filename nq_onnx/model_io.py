@@ -59,22 +59,25 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
     if opset > MAX_OPSET:
         raise ModelError(f"{path} uses opset {opset}; nq-onnx supports opsets {MIN_OPSET} to {MAX_OPSET}")
     if opset < MIN_OPSET:
-        model = _upgrade(model, path, opset)
+        model = convert_opset(model, MIN_OPSET, f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel "
+                              "Q/DQ) and could not be upgraded")
     _name_nodes(model)
     return model, file_digest(path)
 
 
-def _upgrade(model: onnx.ModelProto, path: Path, opset: int) -> onnx.ModelProto:
+def convert_opset(model: onnx.ModelProto, opset: int, failure: str) -> onnx.ModelProto:
+    """``model`` converted to ``opset`` with onnx's version converter and checked, metadata kept; a model the
+    converter cannot take is a :class:`ModelError` that starts with ``failure``."""
     from onnx import version_converter
 
     try:
-        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        upgraded = version_converter.convert_version(model, opset)
         onnx.checker.check_model(upgraded)
     except Exception as exc:  # the converter raises bare RuntimeErrors and worse
-        raise ModelError(
-            f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel Q/DQ) and could not be "
-            f"upgraded: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{failure}: {detail}") from None
+    del upgraded.metadata_props[:]
+    upgraded.metadata_props.extend(model.metadata_props)
     return upgraded
 
 

@@ -22,7 +22,7 @@ from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
-from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
+from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
     DecomposeGemm,
     FoldDenoisingBias,
@@ -139,20 +139,12 @@ INT16_OPSET = 21  # int16 Q/DQ types
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """The model at ``opset`` (at least), converted with onnx's version converter."""
-    current = next(e.version for e in model.opset_import if e.domain in ("", "ai.onnx"))
+    """The model at ``opset`` (at least)."""
+    current = default_opset(model)
     if current >= opset:
         return model
-    from onnx import version_converter
-
-    try:
-        upgraded = version_converter.convert_version(model, opset)
-    except Exception as exc:  # the converter raises bare RuntimeErrors
-        raise ModelError(f"int16 biases need opset {opset}; the model (opset {current}) could not be converted: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    del upgraded.metadata_props[:]
-    upgraded.metadata_props.extend(model.metadata_props)
-    return upgraded
+    return convert_opset(model, opset, f"int16 biases need opset {opset}; the model (opset {current}) could not be "
+                                       "converted")
 
 
 def check_plan_fits(plan: Plan, layers: Layers) -> None:
@@ -212,6 +204,17 @@ def quantize(
     return Result(out, plan, layers, summary, model)
 
 
+EVAL_INPUTS = 64
+
+
+def float_and_quantized_outputs(model: onnx.ModelProto, quantized: onnx.ModelProto, dataset: Dataset, batch_size: int,
+                                progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """First outputs of the float and the quantized model on the first ``EVAL_INPUTS`` inputs of ``dataset``."""
+    subset = dataset.head(min(len(dataset), EVAL_INPUTS))
+    return (model_outputs(model, subset, batch_size, progress, "evaluate fp32"),
+            model_outputs(quantized, subset, batch_size, progress, "evaluate quantized"))
+
+
 def convert(
     model_path: str | Path,
     output_path: str | Path,
@@ -256,9 +259,7 @@ def convert(
     result = quantize(model, digest, config, dataset, plan, progress)
     if evaluate and dataset is not None:
         start = time.perf_counter()
-        eval_data = dataset.head(min(len(dataset), 64))
-        reference = model_outputs(model, eval_data, config.batch_size, progress, "evaluate fp32")
-        quantized = model_outputs(result.model, eval_data, config.batch_size, progress, "evaluate quantized")
+        reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size, progress)
         result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
         result.summary.timings["evaluate_s"] = time.perf_counter() - start
     save_model_atomic(result.model, output_path)
@@ -294,13 +295,10 @@ def report(
     methods: dict[str, dict[str, float]] = {}
     if data is not None:
         dataset = load_dataset(data, model, limit=plan.config.calib_size, seed=plan.config.seed)
-        labels = load_labels(data, len(dataset))
-        evaluation = dataset.head(min(len(dataset), 64))
-        reference = model_outputs(model, evaluation, plan.config.batch_size)
-        quantized = model_outputs(result.model, evaluation, plan.config.batch_size)
-        methods["fp32"] = output_metrics(reference, reference, None if labels is None else labels[: len(evaluation)])
-        methods[plan.config.method.value] = output_metrics(
-            reference, quantized, None if labels is None else labels[: len(evaluation)]
-        )
+        reference, quantized = float_and_quantized_outputs(model, result.model, dataset, plan.config.batch_size)
+        labels = load_labels(data, len(dataset))  # one label per input of the whole set, or an error
+        labels = None if labels is None else labels[: len(reference)]
+        methods["fp32"] = output_metrics(reference, reference, labels)
+        methods[plan.config.method.value] = output_metrics(reference, quantized, labels)
     build_report(result, dataset, Path(model_path).name, output, report_dir, methods)
     return result

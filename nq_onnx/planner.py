@@ -82,6 +82,12 @@ def _range(stats: TensorStats) -> tuple[float, float]:
     return float(stats.channel_min.min()), float(stats.channel_max.max())
 
 
+def plain_group(group: GroupSpec, scale: float, bits: int, signed: bool, stats: TensorStats) -> GroupPlan:
+    """A group quantized without noise (MinMax, or an activation-matmul operand)."""
+    return GroupPlan(group.name, group.tensor, scale, bits, signed=signed, input_range=_range(stats),
+                     base_scale=scale)
+
+
 def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
     """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes."""
     return frozenset(
@@ -97,15 +103,7 @@ def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weigh
     for group in layers.groups:
         signed = group.name not in unsigned
         scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits, signed))
-        plan.groups[group.name] = GroupPlan(
-            group.name,
-            group.tensor,
-            scale,
-            config.a_bits,
-            signed=signed,
-            input_range=_range(stats[group.tensor]),
-            base_scale=scale,
-        )
+        plan.groups[group.name] = plain_group(group, scale, config.a_bits, signed, stats[group.tensor])
     for spec in layers.layers:
         scales = (
             None
@@ -219,14 +217,6 @@ class SearchPlanner:
             s_a, s_b = (float(quant.minmax_scale(m, config.a_bits, sg)) for m, sg in zip(absmax, signed))
         for group, scale, sg in zip(groups, (s_a, s_b), signed):
             if group.name not in plan.groups:
-                plan.groups[group.name] = GroupPlan(
-                    group.name,
-                    group.tensor,
-                    scale,
-                    config.a_bits,
-                    signed=sg,
-                    input_range=_range(self.stats[group.tensor]),
-                    base_scale=scale,
-                )
+                plan.groups[group.name] = plain_group(group, scale, config.a_bits, sg, self.stats[group.tensor])
                 self._sim.set_group(group.name, scale, None)
         plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)

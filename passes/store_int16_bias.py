@@ -16,17 +16,16 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nq_onnx import quant
 from nq_onnx.passes.base import PassResult, constant
 
-INT16_MAX = 32767
 SUFFIXES = ("/noise", "/noise_folded_bias", "/bias_denoised")
 
 
 def int16_codes(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    peak = float(np.abs(values).max())
-    scale = np.float32(peak / INT16_MAX if peak > 0 else 1.0)
-    codes = np.clip(np.rint(values.astype(np.float32) / scale), -INT16_MAX, INT16_MAX).astype(np.int16)
-    return codes, scale
+    """Symmetric 16-bit MinMax codes: with ``s = max|v| / 32767`` they stay in ``[-32767, 32767]``."""
+    scale = np.float32(quant.minmax_scale(np.abs(values).max(), 16))
+    return quant.quantize(values, scale, 16).astype(np.int16), scale
 
 
 @dataclasses.dataclass(frozen=True)
