@@ -21,7 +21,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx import quant
+from nq_onnx.external_data import carry_source_dir
 from nq_onnx.calibration.runtime import session
+from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 
 
@@ -33,7 +35,7 @@ def build_simulation(
     model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset()
 ) -> onnx.ModelProto:
     """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``)."""
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     for group in layers.groups:
@@ -81,7 +83,7 @@ def build_simulation(
     graph.cleanup().toposort()
     sim = gs.export_onnx(graph)
     sim.ir_version = model.ir_version
-    return sim
+    return carry_source_dir(model, sim)
 
 
 @dataclasses.dataclass
@@ -192,5 +194,5 @@ class Simulator:
         ]
         graph = onnx.helper.make_graph(nodes, "sim_step", inputs, outs, initializers)
         sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
-        sess = session(sub, optimize=False)
+        sess = session(carry_source_dir(self._sim, sub), optimize=False)
         return dict(zip(outputs, sess.run(outputs, feeds)))

@@ -89,6 +89,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the output-error check against the float model")
     p.add_argument("--report", metavar="REPORT.html", help="write a self-contained HTML report of the conversion")
     p.add_argument("--report-dir", metavar="DIR", help="also write the report's figures (PNG) and numbers (JSON) here")
+    p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
+                   help="write large tensors to a data file beside the model (auto: when the input had external "
+                        "data or the output is over 2 GiB)")
     p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_convert)
@@ -265,6 +268,7 @@ def _convert(args) -> int:
         progress=_progress(not args.quiet),
         report=args.report,
         report_dir=args.report_dir,
+        external_data={"auto": None, "yes": True, "no": False}[args.external_data],
     )
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0

@@ -11,10 +11,12 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from nq_onnx import external_data
 from nq_onnx.errors import ModelError, OutputError
 
 MIN_OPSET = 13
@@ -36,25 +38,41 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelError("model imports no default-domain opset")
 
 
+def model_digest(path: str | Path, model: onnx.ModelProto) -> str:
+    """SHA-256 of the model file, or for a model with external data, of the model file and its data files."""
+    files = external_data.data_files(model)
+    if not files:
+        return file_digest(path)
+    h = hashlib.sha256(file_digest(path).encode())
+    for data in files:
+        h.update(f"{data.name}:{file_digest(data)}".encode())
+    return h.hexdigest()
+
+
 def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
-    """Read, check and (if below opset 13) upgrade a model; returns it with the digest of the file."""
+    """Read, check and (if below opset 13) upgrade a model; returns it with its digest (:func:`model_digest`).
+
+    Tensors in external data files stay there until needed (see :mod:`nq_onnx.external_data`)."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelError(f"{path} is a directory, not an ONNX model")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else "parse failed"
         raise ModelError(f"{path} is not an ONNX model ({type(exc).__name__}: {detail})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph or no nodes)")
-    try:
-        onnx.checker.check_model(model)
+    external = external_data.has_external(model)
+    try:  # by path when the checker must find data files beside the model
+        onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "validation failed"
         raise ModelError(f"{path} fails the ONNX checker: {first}") from None
+    if external:
+        external_data.prepare(model, path.parent)
     opset = default_opset(model)
     if opset > MAX_OPSET:
         raise ModelError(f"{path} uses opset {opset}; nq-onnx supports opsets {MIN_OPSET} to {MAX_OPSET}")
@@ -62,7 +80,7 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
         model = convert_opset(model, MIN_OPSET, f"{path} uses opset {opset} (< {MIN_OPSET}, needed for per-channel "
                               "Q/DQ) and could not be upgraded")
     _name_nodes(model)
-    return model, file_digest(path)
+    return model, model_digest(path, model)
 
 
 def convert_opset(model: onnx.ModelProto, opset: int, failure: str) -> onnx.ModelProto:
@@ -77,7 +95,7 @@ def convert_opset(model: onnx.ModelProto, opset: int, failure: str) -> onnx.Mode
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"{failure}: {detail}") from None
     del upgraded.metadata_props[:]
-    upgraded.metadata_props.extend(model.metadata_props)
+    upgraded.metadata_props.extend(model.metadata_props)  # including where external tensors are
     return upgraded
 
 
@@ -117,7 +135,9 @@ def check_output_path(path: str | Path, *, force: bool, inputs: tuple[str | Path
     return path
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file; ``before_replace`` may check (or refuse, by raising)
+    the complete temporary file before it takes the final name."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
@@ -129,23 +149,25 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _remove_quietly(path: str) -> None:
+def remove_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
@@ -156,10 +178,20 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | Path) -> None:
-    data = model_bytes(model)
-    if len(data) >= 2**31 - 1:
-        raise OutputError(
-            f"model is {len(data) / 2**30:.1f} GiB; models over 2 GiB need external data, not supported yet"
-        )
-    write_bytes_atomic(path, data)
+def save_model_atomic(model: onnx.ModelProto, path: str | Path, external: bool | None = None) -> Path | None:
+    """Write ``model`` atomically; with ``external`` (by default: when it refers to external data or is too big
+    for one protobuf) its large tensors go to a data file beside it, whose path is returned."""
+    path = Path(path)
+    if external is None:
+        external = external_data.needs_external(model)
+    if external:
+        return external_data.save(model, path)
+    if external_data.source_dir(model) is not None:  # read external tensors in; drop a folder only meaningful here
+        model = external_data.inlined(model)
+    size = model.ByteSize()
+    if size >= 2**31 - 1:
+        raise OutputError(f"{path}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
+                          "it needs external data")
+    write_bytes_atomic(path, model_bytes(model))
+    return None
+

@@ -22,6 +22,7 @@ from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
+from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
     DecomposeGemm,
@@ -33,6 +34,7 @@ from nq_onnx.passes import (
     Skip,
     StoreInt16Bias,
     find_layers,
+    import_graph,
 )
 from nq_onnx.plan import Plan
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
@@ -69,7 +71,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
         typed = onnx.shape_inference.infer_shapes(model)
     except Exception:  # shape inference is a help, not a requirement
         typed = model
-    graph = gs.import_onnx(typed)
+    graph = import_graph(typed)
     FoldWeightChains()(graph)
     DecomposeGemm()(graph)
     out = gs.export_onnx(graph)
@@ -80,7 +82,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls)
     if not layers.layers:
         if layers.excluded:
@@ -104,7 +106,7 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
     """Run the passes: insert_noise, insert_qdq, fold_denoising_bias (and store_int16_bias); check the result."""
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     skipped: list[Skip] = []
     passes = (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan))
     for graph_pass in passes:
@@ -128,10 +130,11 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
             "nq_onnx.source_digest": plan.model_digest,
         },
     )
-    try:
-        onnx.checker.check_model(out, full_check=True)
-    except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
-        raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
+    if not has_external(out):  # with external data the checker needs the files: it runs when the model is saved
+        try:
+            onnx.checker.check_model(out, full_check=True)
+        except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
+            raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
     return out, skipped
 
 
@@ -182,7 +185,7 @@ def quantize(
         start = time.perf_counter()
         plan = Plan(digest, config)
         if config.method == Method.MINMAX:
-            plan = minmax_plan(plan, layers, stats, float_weights(gs.import_onnx(model), layers))
+            plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
         else:
             search_data = calib.head(config.search.search_images)
             plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
@@ -229,8 +232,12 @@ def convert(
     progress: Callable | None = None,
     report: str | Path | None = None,
     report_dir: str | Path | None = None,
+    external_data: bool | None = None,
 ) -> Result:
     """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
+
+    ``external_data`` writes the large tensors to a data file beside the output (``None``: when the input had
+    external data or the output is over 2 GiB; see :mod:`nq_onnx.external_data`).
 
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
     ``std``, ``interpolation``, ``crop_pct``).
@@ -262,7 +269,7 @@ def convert(
         reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size, progress)
         result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
         result.summary.timings["evaluate_s"] = time.perf_counter() - start
-    save_model_atomic(result.model, output_path)
+    save_model_atomic(result.model, output_path, external=external_data)
     if save_plan is not None:
         result.plan.save(save_plan)
     if report is not None:

@@ -20,6 +20,7 @@ from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
 from nq_onnx.config import Method, QuantConfig
+from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan
 from nq_onnx.search import LinearOperand, group_rng, sample_rows, search_act_matmul, search_linear_group
@@ -28,10 +29,11 @@ ACT_MATMUL_SLICES = 16
 
 
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
-    """Each linear layer's float weight as the graph stores it."""
+    """Each linear layer's float weight as the graph stores it (not copied when it already is float32: a weight
+    in an external data file stays a memory map)."""
     nodes = {n.name: n for n in graph.nodes}
     return {
-        spec.name: nodes[spec.node].inputs[1].values.astype(np.float32)
+        spec.name: np.asarray(nodes[spec.node].inputs[1].values, dtype=np.float32)
         for spec in layers.layers
         if spec.kind != ACT_MATMUL
     }
@@ -70,7 +72,9 @@ def _operand(spec: LayerSpec, node: gs.Node, weight: np.ndarray, tensors: dict, 
     bias = np.zeros(spec.out_features, np.float32)
     if spec.bias is not None:
         bias = (tensors[spec.bias].values * np.float32(beta)).astype(np.float32)
-    return LinearOperand(spec.name, np.ascontiguousarray(w_kn * np.float32(alpha), dtype=np.float32), bias, bits)
+    if alpha != 1.0:
+        w_kn = w_kn * np.float32(alpha)
+    return LinearOperand(spec.name, np.ascontiguousarray(w_kn, dtype=np.float32), bias, bits)
 
 
 def _graph_scales(spec: LayerSpec, node: gs.Node, scales: np.ndarray) -> np.ndarray:
@@ -125,7 +129,7 @@ class SearchPlanner:
     config: QuantConfig
 
     def run(self, plan: Plan, progress: Callable | None = None) -> Plan:
-        graph = gs.import_onnx(self.model)
+        graph = import_graph(self.model)
         self._nodes = {n.name: n for n in graph.nodes}
         self._tensors = graph.tensors()
         self._weights = float_weights(graph, self.layers)

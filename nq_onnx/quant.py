@@ -38,16 +38,23 @@ def qmax(bits: int) -> int:
 
 def quantize(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
     """Integer codes of ``x`` (float32 maths, ties to even, saturated to the b-bit range)."""
-    lo, hi = code_range(bits, signed)
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.rint(x / np.asarray(scale, dtype=np.float32)), lo, hi).astype(np.int32)
+    return _rounded(x, scale, bits, signed).astype(np.int32)
 
 
 def fake_quant(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:
-    """``dq(q(x))`` in float32."""
-    return (quantize(x, scale, bits, signed).astype(np.float32) * np.asarray(scale, dtype=np.float32)).astype(
-        np.float32
-    )
+    """``dq(q(x))`` in float32 (the codes are exact in float32, so this equals ``quantize(...) * scale``)."""
+    out = _rounded(x, scale, bits, signed)
+    out *= np.asarray(scale, dtype=np.float32)
+    return out
+
+
+def _rounded(x: np.ndarray, scale: np.ndarray | float, bits: int, signed: bool) -> np.ndarray:
+    """``clip(rint(x / scale), lo, hi)`` as float32, in one new array (weights can be hundreds of MB)."""
+    lo, hi = code_range(bits, signed)
+    out = np.divide(np.asarray(x, dtype=np.float32), np.asarray(scale, dtype=np.float32), dtype=np.float32)
+    np.rint(out, out=out)
+    np.clip(out, lo, hi, out=out)
+    return out
 
 
 def minmax_scale(absmax: np.ndarray | float, bits: int, signed: bool = True) -> np.ndarray:

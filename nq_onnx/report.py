@@ -272,9 +272,9 @@ def write_report(
 
 def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers."""
-    import onnx_graphsurgeon as gs
+    from nq_onnx.passes import import_graph
 
-    graph = gs.import_onnx(result.float_model)
+    graph = import_graph(result.float_model)
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
     out = {}

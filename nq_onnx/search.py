@@ -122,9 +122,9 @@ def search_weight_scales(x_q: np.ndarray, layer: LinearOperand, target: np.ndarr
     base = layer.minmax_scales()
     best = np.full(base.shape, -np.inf)
     best_alpha = np.ones(base.shape)
-    for alpha in alphas:
-        w_q = quant.fake_quant(layer.weight, (base * alpha)[None, :].astype(np.float32), layer.bits)
-        cos = _column_cosine(x_q @ w_q + layer.bias, target)
+    for alpha in alphas:  # one fake-quantized weight alive at a time: weights can be hundreds of MB
+        scales = (base * alpha)[None, :].astype(np.float32)
+        cos = _column_cosine(x_q @ quant.fake_quant(layer.weight, scales, layer.bits) + layer.bias, target)
         better = cos > best
         best[better], best_alpha[better] = cos[better], alpha
     return (base * best_alpha).astype(np.float32)

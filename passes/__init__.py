@@ -1,6 +1,6 @@
 """Graph rewrites. Each pass edits an onnx-graphsurgeon graph and never runs a model."""
 
-from nq_onnx.passes.base import PassResult, Skip
+from nq_onnx.passes.base import PassResult, Skip, import_graph
 from nq_onnx.passes.decompose_gemm import DecomposeGemm
 from nq_onnx.passes.fold_weight_chains import FoldWeightChains
 from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, GroupSpec, Layers, LayerSpec, find_layers
@@ -24,4 +24,5 @@ __all__ = [
     "Skip",
     "StoreInt16Bias",
     "find_layers",
+    "import_graph",
 ]

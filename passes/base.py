@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from nq_onnx import external_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +36,30 @@ class PassResult:
     @property
     def modified(self) -> bool:
         return bool(self.applied)
+
+
+class _ExternalValues(LazyValues):
+    """graphsurgeon's lazy values for a tensor in an external data file: mapped from the file when read, and
+    still exported as the original reference when never read."""
+
+    def __init__(self, tensor: onnx.TensorProto, folder: Path):
+        super().__init__(tensor)
+        self.folder = folder
+
+    def load(self) -> np.ndarray:
+        return external_data.array(self.tensor, self.folder)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx`` that can read the values of tensors kept in external data files."""
+    graph = gs.import_onnx(model)
+    folder = external_data.source_dir(model)
+    if folder is not None:
+        for tensor in graph.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if isinstance(values, LazyValues) and external_data.is_external(values.tensor):
+                tensor._values = _ExternalValues(values.tensor, folder)
+    return graph
 
 
 def consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node]:
