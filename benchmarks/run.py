@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="results file name (default: full or quick)")
     parser.add_argument("--only-compile", action="store_true",
                         help="re-measure only the compile-cost curve into an existing results file")
+    parser.add_argument("--only-latency", action="store_true",
+                        help="re-measure only the latency of the models an existing results file lists (kept in "
+                             "benchmarks/work) into that file, e.g. after the machine was busy during a run")
     args = parser.parse_args(argv)
     settings = Settings.quick() if args.quick else Settings()
     if args.all_cifar:
@@ -195,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         return 0
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.only_latency:
+        path = RESULTS / f"{args.name or ('quick' if args.quick else 'full')}.json"
+        results = json.loads(path.read_text())
+        fp32 = Path(results["models"]["fp32"]["path"])
+        cifar, _ = cifar_subset(settings.cifar_per_class, Preprocess.from_model(onnx.load(str(fp32))))
+        results["latency"] = measure_latency({n: Path(m["path"]) for n, m in results["models"].items()}, cifar,
+                                             settings, log)
+        results["latency_measured"] = time.time()
+        results["targets"] = targets(results)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        return 0
     results: dict = {"machine": machine(), "settings": dataclasses.asdict(settings), "started": time.time()}
 
     fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
@@ -260,15 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "noise_adds": inspection.noise_adds,
             }
     log("latency")
-    timed = ["fp32", "ort_all_w8a8", "ort_linear_w8a8", "easyquant_w8a8", "noisyquant_w8a8", "noisyquant_w6a6"]
-    results["latency"] = {}
-    for batch, rounds in settings.latency_rounds.items():
-        stats = latency_round_robin({n: models[n]["path"] for n in timed}, cifar[:batch], rounds=rounds)
-        for name in timed:
-            stats[name]["ratio_to_fp32"] = stats[name]["median_ms"] / stats["fp32"]["median_ms"]
-            stats[name]["throughput_ratio_to_fp32"] = stats["fp32"]["median_ms"] / stats[name]["median_ms"]
-        results["latency"][f"batch{batch}"] = stats
-        log(f"batch {batch}: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
+    results["latency"] = measure_latency({n: m["path"] for n, m in models.items()}, cifar, settings, log)
 
     if settings.compile_curve:
         log("compile cost")
@@ -286,6 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, path.relative_to(ROOT)))
     log(f"wrote {path}")
     return 0
+
+
+TIMED = ("fp32", "ort_all_w8a8", "ort_linear_w8a8", "easyquant_w8a8", "noisyquant_w8a8", "noisyquant_w6a6")
+
+
+def measure_latency(paths: dict[str, Path], cifar: np.ndarray, settings: Settings, log) -> dict:
+    """Interleaved latency of the :data:`TIMED` models at each batch size, with ratios to FP32."""
+    out = {}
+    for batch, rounds in settings.latency_rounds.items():
+        stats = latency_round_robin({n: paths[n] for n in TIMED}, cifar[:batch], rounds=rounds)
+        for name in TIMED:
+            stats[name]["ratio_to_fp32"] = stats[name]["median_ms"] / stats["fp32"]["median_ms"]
+            stats[name]["throughput_ratio_to_fp32"] = stats["fp32"]["median_ms"] / stats[name]["median_ms"]
+        out[f"batch{batch}"] = stats
+        log(f"batch {batch}: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
+    return out
 
 
 def compile_curve(fp32: Path, settings: Settings) -> dict:

@@ -97,6 +97,9 @@ def _add_convert(sub) -> None:
     p.set_defaults(func=_convert)
 
 
+EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -113,6 +116,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--check-images", metavar="DIR", help="compare ONNX and PyTorch on these real images (default: random inputs)"
     )
+    p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
+                   help="write large tensors to a data file beside the model (auto: when it is over 2 GiB)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=_export)
 
@@ -268,7 +273,7 @@ def _convert(args) -> int:
         progress=_progress(not args.quiet),
         report=args.report,
         report_dir=args.report_dir,
-        external_data={"auto": None, "yes": True, "no": False}[args.external_data],
+        external_data=EXTERNAL_DATA[args.external_data],
     )
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0
@@ -314,6 +319,7 @@ def _export(args) -> int:
         opset=args.opset,
         force=args.force,
         check_images=args.check_images,
+        external_data=EXTERNAL_DATA[args.external_data],
     )
     pre = result.preprocess
     print(

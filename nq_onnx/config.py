@@ -30,7 +30,9 @@ class SearchConfig:
     ``act_alphas``/``weight_alphas`` are the (low, high, count) grids of the multiplier applied to the
     MinMax scale; ``noise_amplitudes`` is the grid of the uniform-noise width in units of the activation
     quantization step; ``noise_shifts`` the grid of the fraction of the per-channel centre that is
-    subtracted (a shift of 1 centres every channel on zero).
+    subtracted (a shift of 1 centres every channel on zero), tried only where calibration saw at least
+    ``shift_min_rows`` rows of the group's input: a per-channel range estimated from fewer (a pooled head sees
+    one row per image) is too loose to centre on, and held-out rows beyond it are clipped.
     """
 
     act_alphas: tuple[float, float, int] = (0.3, 1.0, 36)
@@ -38,6 +40,7 @@ class SearchConfig:
     rounds: int = 2
     noise_amplitudes: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     noise_shifts: tuple[float, ...] = (0.0, 0.5, 1.0)
+    shift_min_rows: int = 1024
     tokens: int = 1024
     search_images: int = 8
     sequential: bool = True
@@ -53,6 +56,8 @@ class SearchConfig:
             raise ConfigError("search.noise_amplitudes must be non-empty and non-negative")
         if not self.noise_shifts or min(self.noise_shifts) < 0 or max(self.noise_shifts) > 1:
             raise ConfigError("search.noise_shifts must be non-empty fractions in [0, 1]")
+        if self.shift_min_rows < 0:
+            raise ConfigError("search.shift_min_rows must be non-negative")
         if self.tokens < 16:
             raise ConfigError("search.tokens must be at least 16")
         if self.search_images < 1:

@@ -8,7 +8,7 @@ preprocessing when ``check_images`` names a folder of them, else on random input
 from __future__ import annotations
 
 import dataclasses
-import io
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import onnx
 
 from nq_onnx.calibration.data import PREPROCESS_KEY, Preprocess
 from nq_onnx.errors import ModelError, NQError
-from nq_onnx.model_io import check_output_path, model_bytes, write_bytes_atomic
+from nq_onnx.calibration.runtime import session as runtime_session
+from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
 from nq_onnx.models.registry import recipe_for
 
 
@@ -82,7 +83,9 @@ def export_timm(
     model_kwargs: dict | None = None,
     seed: int = 0,
     check_images: str | Path | None = None,
+    external_data: bool | None = None,
 ) -> ExportResult:
+    """Export a timm model; ``external_data`` as in :func:`nq_onnx.convert` (by default: over 2 GiB)."""
     torch, timm = _import_torch()
     output = check_output_path(output, force=force, inputs=(checkpoint,) if checkpoint else ())
     if not 13 <= opset <= 21:
@@ -98,41 +101,53 @@ def export_timm(
         raise ModelError(f"unknown timm model {model_name!r}")
     # attention as explicit MatMul + Softmax (what the attention-matmul quantizer expects), not the fused SDPA
     timm.layers.set_fused_attn(False)
+    torch.manual_seed(seed)  # random initial weights (no checkpoint) and the example input, both from the seed
     try:
         model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""), **kwargs)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot build {model_name}: {str(exc).splitlines()[0]}") from None
     model.eval()
     pre = preprocess_of(model, timm)
-    torch.manual_seed(seed)
     example = torch.randn(2, *pre.input_size)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        expected = model(example).numpy()
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="nq-export-") as folder:  # torch writes external data beside a path
+        traced = Path(folder) / "model.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            expected = model(example).numpy()
+            _torch_export(torch, model, example, traced, opset)
+        proto, _ = load_model(traced)  # a model over 2 GiB stays in torch's files until written below
+        return _finish(model, model_name, proto, pre, example, expected, check_images, output, external_data)
+
+
+def _torch_export(torch, model, example, path: Path, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        do_constant_folding=True,
+        dynamo=False,
+    )
+
+
+def _finish(model, model_name, proto, pre, example, expected, check_images, output, external_data) -> ExportResult:
+    """Record the preprocessing, compare onnxruntime with torch, write the model."""
+    import timm
+    import torch
+
     onnx.helper.set_model_props(
         proto,
         {
+            **{p.key: p.value for p in proto.metadata_props},  # including where torch's external data is
             PREPROCESS_KEY: pre.to_json(),
             "nq_onnx.source": f"timm:{model_name}",
             "nq_onnx.timm_version": timm.__version__,
         },
     )
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = runtime_session(proto, optimize=False)
     check = example.numpy()
     if check_images is not None:
         check = _real_images(Path(check_images), pre)
@@ -140,5 +155,5 @@ def export_timm(
             expected = model(torch.from_numpy(check)).numpy()
     got = session.run(None, {"input": check})[0]
     diff = float(np.max(np.abs(got - expected)))
-    write_bytes_atomic(output, model_bytes(proto))
+    save_model_atomic(proto, output, external=external_data)
     return ExportResult(output, pre, diff, recipe_for(model_name).family)

@@ -25,6 +25,7 @@ from nq_onnx.errors import ModelError, NQError, PlanError
 from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
+    AddZeroBias,
     DecomposeGemm,
     FoldDenoisingBias,
     FoldWeightChains,
@@ -103,12 +104,14 @@ def check_finite(graph: gs.Graph, layers: Layers) -> None:
 
 def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
                fold_noise: bool = True) -> tuple[onnx.ModelProto, list[Skip]]:
-    """Run the passes: insert_noise, insert_qdq, fold_denoising_bias (and store_int16_bias); check the result."""
+    """Run the passes: insert_noise, insert_qdq, fold_denoising_bias, add_zero_bias (and store_int16_bias);
+    check the result."""
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
     graph = import_graph(model)
     skipped: list[Skip] = []
-    passes = (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan))
+    passes = (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan),
+              AddZeroBias(layers))
     for graph_pass in passes:
         skipped += graph_pass(graph).skipped
     if plan.config.int16_bias:

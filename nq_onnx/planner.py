@@ -180,6 +180,7 @@ class SearchPlanner:
             stats.channel_max,
             rng,
             signed,
+            stats.count,
         )
         plan.groups[group.name] = GroupPlan(
             group.name,

@@ -10,7 +10,9 @@ maximizes the mean cosine similarity of the layer outputs.
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step, as the authors'
-code searches a mean shift as well as the noise width). The grid over ``(b, k)`` includes ``(0, 0)``, the
+code searches a mean shift as well as the noise width; ``b > 0`` only where the per-channel ranges were
+calibrated on at least ``shift_min_rows`` rows, as centring on a loose range clips held-out rows). The grid
+over ``(b, k)`` includes ``(0, 0)``, the
 EasyQuant solution, and each candidate quantizes ``X + N`` with a step from the range of ``X + N``; the
 candidate minimizing the summed layer output MSE ::
 
@@ -141,10 +143,12 @@ def search_linear_group(
     channel_max: np.ndarray,
     rng: np.random.Generator,
     signed: bool = True,
+    calib_rows: int | None = None,
 ) -> GroupResult:
     """EasyQuant (and, ``with_noise``, NoisyQuant) for one activation group of linear layers.
 
-    ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes.
+    ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes. ``calib_rows``
+    is how many rows the per-channel ranges were calibrated on (``None``: enough to centre on).
     """
     if with_noise and not signed:
         raise ValueError("a noisy group is quantized signed: X + N can be negative")
@@ -189,8 +193,9 @@ def search_linear_group(
         return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
 
     base_step = scale
+    shifts = config.noise_shifts if calib_rows is None or calib_rows >= config.shift_min_rows else (0.0,)
     noise, scale, shift, amplitude = _search_noise(
-        x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, scale
+        x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, scale, shifts
     )
     x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
     for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
@@ -198,7 +203,7 @@ def search_linear_group(
     return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics, base_scale=base_step)
 
 
-def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, easy_scale):
+def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, easy_scale, shifts):
     qmax = quant.qmax(a_bits)
     u = rng.uniform(-0.5, 0.5, size=x.shape[1]).astype(np.float64)
     centre = (channel_min.astype(np.float64) + channel_max.astype(np.float64)) / 2.0
@@ -214,7 +219,7 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
 
     zero = np.zeros_like(u)
     best = (loss(zero, easy_scale), zero, easy_scale, 0.0, 0.0)  # the EasyQuant solution itself
-    for shift in config.noise_shifts:
+    for shift in shifts:
         shifted = -shift * centre
         step = alpha * range_of(shifted) / qmax
         for amplitude in config.noise_amplitudes:

@@ -1,5 +1,6 @@
 """Graph rewrites. Each pass edits an onnx-graphsurgeon graph and never runs a model."""
 
+from nq_onnx.passes.add_zero_bias import AddZeroBias
 from nq_onnx.passes.base import PassResult, Skip, import_graph
 from nq_onnx.passes.decompose_gemm import DecomposeGemm
 from nq_onnx.passes.fold_weight_chains import FoldWeightChains
@@ -10,6 +11,7 @@ from nq_onnx.passes.insert_qdq import InsertQDQ
 from nq_onnx.passes.store_int16_bias import StoreInt16Bias
 
 __all__ = [
+    "AddZeroBias",
     "ACT_MATMUL",
     "LINEAR",
     "DecomposeGemm",

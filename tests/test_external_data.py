@@ -106,7 +106,8 @@ def test_external_writes_are_deterministic_and_replace_the_previous_output_atomi
     assert da.read_bytes() == db.read_bytes() and da.name[len("a.onnx"):] == db.name[len("b.onnx"):]
     assert (pair / "a.onnx").read_bytes() == (pair / "b.onnx").read_bytes().replace(b"b.onnx.", b"a.onnx.")
     # a new conversion replaces the model and removes the data file only the old model used
-    nq_onnx.convert(source, pair / "a.onnx", calib, QuantConfig(calib_size=24, seed=3), evaluate=False, force=True)
+    nq_onnx.convert(source, pair / "a.onnx", calib, QuantConfig(calib_size=24, w_bits=6, a_bits=6), evaluate=False,
+                    force=True)
     (new,) = pair.glob("a.onnx.*.data")
     assert new != da and onnx.load(str(pair / "a.onnx")) is not None
     previous = digests(pair)
@@ -121,7 +122,7 @@ def test_external_writes_are_deterministic_and_replace_the_previous_output_atomi
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        nq_onnx.convert(source, pair / "a.onnx", calib, QuantConfig(calib_size=24, seed=4), evaluate=False,
+        nq_onnx.convert(source, pair / "a.onnx", calib, QuantConfig(calib_size=24, method="minmax"), evaluate=False,
                         force=True)
     monkeypatch.undo()
     assert digests(pair) == previous  # no partial file, no orphan data file, the old pair untouched
@@ -216,3 +217,29 @@ def _convert_and_check(tmp_path: Path, ids: np.ndarray) -> None:
     quantized = outputs(tmp_path / "q.onnx", feeds)
     sqnr = 10 * np.log10(np.sum(reference**2) / np.sum((reference - quantized) ** 2))
     assert sqnr > 25, sqnr
+    one_file = subprocess.run([sys.executable, "-m", "nq_onnx.cli", "convert", str(tmp_path / "big.onnx"), "-o",
+                               str(tmp_path / "one.onnx"), "--calib", str(tmp_path / "ids.npy"), "-q", "--no-eval",
+                               "--external-data", "no"], capture_output=True, text=True, timeout=900)
+    assert one_file.returncode == 2 and "over protobuf's 2 GiB limit" in one_file.stderr, one_file.stderr
+    assert len(one_file.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("one.onnx*"))
+
+
+def test_exported_vit_with_external_data_converts_like_the_one_file_export(tmp_path, photo_folder):
+    from nq_onnx.export import export_timm
+    from nq_onnx.inspect import inspect_file
+
+    kwargs = dict(model_kwargs=dict(img_size=64, depth=2), num_classes=10)
+    one = export_timm("vit_small_patch16_224", tmp_path / "one.onnx", **kwargs)
+    ext = export_timm("vit_small_patch16_224", tmp_path / "ext.onnx", external_data=True, **kwargs)
+    assert ext.max_abs_diff == one.max_abs_diff < 1e-4
+    export_timm("vit_small_patch16_224", tmp_path / "again.onnx", **kwargs)  # random weights come from the seed
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+    assert len(list(tmp_path.glob("ext.onnx.*.data"))) == 1 and not list(tmp_path.glob("one.onnx.*"))
+    config = QuantConfig(calib_size=12)
+    a = nq_onnx.convert(tmp_path / "one.onnx", tmp_path / "one.nq.onnx", photo_folder, config)
+    b = nq_onnx.convert(tmp_path / "ext.onnx", tmp_path / "ext.nq.onnx", photo_folder, config)
+    assert b.summary.metrics == a.summary.metrics  # the same plan, the same output error
+    assert len(list(tmp_path.glob("ext.nq.onnx.*.data"))) == 1
+    assert a.summary.metrics["noisyquant"]["sqnr_db"] > 25
+    inspection = inspect_file(tmp_path / "ext.nq.onnx")
+    assert all(k.integer for k in inspection.layers)

@@ -1,6 +1,8 @@
 """timm families beyond ViT/DeiT/Swin, exported by us with random weights at small sizes, then converted.
 
-Floors are the logits SQNR of W8A8 NoisyQuant on real photographs, set about 6 dB under what was measured.
+Floors are the logits SQNR of W8A8 NoisyQuant on real photographs, set about 6 dB under what was measured
+(the weights come from the export seed; measured, dB: BEiT 33.5, CaiT 43.8, DeiT-III 42.9, EVA 34.7, PiT 26.5,
+XCiT 37.7, hybrid ViT 29.6).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from nq_onnx.inspect import inspect_model
 from nq_onnx.model_io import load_model
 
 FAMILIES = {
-    "beit": ("beit_base_patch16_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), 20.0),
-    "cait": ("cait_xxs24_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), 30.0),
-    "deit3": ("deit3_small_patch16_224", dict(img_size=64, depth=2), 28.0),
-    "eva": ("eva02_tiny_patch14_224", dict(img_size=56, depth=2), 32.0),
-    "pit": ("pit_ti_224", dict(img_size=64), 22.0),
-    "xcit": ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), 38.0),
-    "hybrid_vit": ("vit_small_r26_s32_224", dict(img_size=64, depth=2), 25.0),
+    "beit": ("beit_base_patch16_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), 27.0),
+    "cait": ("cait_xxs24_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), 37.0),
+    "deit3": ("deit3_small_patch16_224", dict(img_size=64, depth=2), 36.0),
+    "eva": ("eva02_tiny_patch14_224", dict(img_size=56, depth=2), 28.0),
+    "pit": ("pit_ti_224", dict(img_size=64), 20.0),
+    "xcit": ("xcit_nano_12_p16_224", dict(img_size=64, depth=2), 31.0),
+    "hybrid_vit": ("vit_small_r26_s32_224", dict(img_size=64, depth=2), 23.0),
 }
 
 

@@ -89,3 +89,30 @@ def test_sample_rows_keeps_the_largest_rows_and_is_seeded():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert np.abs(a).max() == np.abs(x).max()
+
+
+def search_rows(x, w, b, bits, calib_rows):
+    operand = LinearOperand("head", w, b, bits)
+    result = search_linear_group(x, float(np.abs(x).max()), [operand], bits, SearchConfig(), True,
+                                 x.min(axis=0), x.max(axis=0), group_rng(0, "head"), calib_rows=calib_rows)
+    return result, operand
+
+
+def test_no_mean_shift_where_the_ranges_come_from_few_rows():
+    """A pooled head input (one row per image, channels far from zero, heavy tails): centring every channel on the
+    range of 32 calibration rows fits those rows and clips held-out ones; below ``shift_min_rows`` no shift is
+    tried. Over six draws the held-out layer output MSE falls by 18% on average (per draw: 0.57 to 1.02)."""
+    ratios = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        k, n = 96, 10
+        offset, spread = rng.normal(0, 2.0, k), rng.uniform(0.2, 1.0, k)
+        rows = lambda count: (offset + spread * rng.standard_t(4, (count, k))).astype(np.float32)  # noqa: E731
+        calib, held = rows(32), rows(4096)
+        w = (rng.standard_normal((k, n)) / 10).astype(np.float32)
+        b = np.zeros(n, np.float32)
+        free, free_op = search_rows(calib, w, b, 6, calib_rows=None)
+        ruled, ruled_op = search_rows(calib, w, b, 6, calib_rows=32)
+        assert free.noise_shift > 0 and ruled.noise_shift == 0
+        ratios.append(held_out_mse(held, w, b, 6, ruled, ruled_op) / held_out_mse(held, w, b, 6, free, free_op))
+    assert np.mean(ratios) < 0.9, ratios

@@ -1,0 +1,44 @@
+"""Give a bias-less quantized ``MatMul`` that feeds a ``Relu`` or ``Clip`` an explicit zero bias.
+
+``Y = X W = X W + 0``, exactly. The reason is onnxruntime's graph optimizer (1.32, CPU): it fuses
+``DQ(X) -> MatMul <- DQ(W)`` into ``MatMulIntegerToFloat``, but when the ``MatMul`` output goes straight into
+a ``Relu`` (or ``Clip``) followed by a ``QuantizeLinear`` with a non-zero zero point it only tries
+``QLinearMatMul`` with the activation folded into the ``Q``, fails, and leaves the ``MatMul`` in float.
+``MatMul + Add`` fuses into ``MatMulIntegerToFloat`` with the ``Add`` as its bias input, so the zero costs
+nothing there. Layers with a bias (or one added by ``fold_denoising_bias``) already have the ``Add``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nq_onnx.passes.base import PassResult, consumers, constant, is_graph_output
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+
+ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class AddZeroBias:
+    layers: Layers
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        result = PassResult(graph)
+        nodes = {n.name: n for n in graph.nodes}
+        for spec in self.layers.layers:
+            node = nodes.get(spec.node)
+            if spec.kind == ACT_MATMUL or node is None or node.op != "MatMul":
+                continue
+            out = node.outputs[0]
+            readers = consumers(graph, out)
+            if is_graph_output(graph, out) or not any(r.op in ACTIVATIONS for r in readers):
+                continue
+            inner = gs.Variable(f"{spec.name}/matmul_out", dtype=out.dtype)
+            node.outputs[0] = inner
+            zero = constant(f"{spec.name}/zero_bias", np.zeros(spec.out_features, np.float32))
+            graph.nodes.append(gs.Node("Add", name=f"{spec.name}/add_zero_bias", inputs=[inner, zero], outputs=[out]))
+            result.applied.append(spec.name)
+        return result
