@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 
 from nq_onnx.errors import ModelError
-from nq_onnx.external_data import source_dir
+from nq_onnx.external_data import configure_session
 
 
 def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
@@ -17,9 +17,7 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) 
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    folder = source_dir(model)
-    if folder is not None:  # the model is held light: onnxruntime reads its large tensors from their files
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    configure_session(options, model)  # a light model: onnxruntime reads its large tensors from their files
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types per failure kind

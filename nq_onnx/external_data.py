@@ -34,7 +34,7 @@ INLINE_LIMIT = 1 << 16  # external tensors below this many bytes are read into t
 THRESHOLD = 1024  # tensors of at least this many bytes go to the data file of a written model (onnx's default)
 ALIGN = 4096  # data offsets are page aligned, so onnxruntime can map tensors instead of copying them
 _CHUNK = 1 << 24
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1  # bytes one serialized ModelProto can hold
 
 
 def is_external(tensor: TensorProto) -> bool:
@@ -90,6 +90,20 @@ def carry_source_dir(source: onnx.ModelProto, target: onnx.ModelProto) -> onnx.M
 
 def has_external(model: onnx.ModelProto) -> bool:
     return any(is_external(t) for t in tensors(model))
+
+
+def total_size(model: onnx.ModelProto) -> int:
+    """Bytes of ``model`` as one file: the protobuf as held, plus the external tensors it would read in."""
+    return model.ByteSize() + sum(nbytes(t) for t in tensors(model) if is_external(t))
+
+
+def configure_session(options, model: onnx.ModelProto) -> bool:
+    """Point onnxruntime ``SessionOptions`` at the folder of a light model's external tensors; ``True`` if it has
+    one (the model is then passed as bytes, so onnxruntime could not find them otherwise)."""
+    folder = source_dir(model)
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return folder is not None
 
 
 def _location(folder: Path, tensor: TensorProto) -> tuple[Path, int, int]:
@@ -212,14 +226,10 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def inline_size(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
-
-
 def needs_external(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is written with external data: it was read with some (external data in, external data
     out), it refers to some, or it is too big for one protobuf."""
-    return source_dir(model) is not None or has_external(model) or inline_size(model) >= _PROTOBUF_LIMIT - (1 << 20)
+    return source_dir(model) is not None or has_external(model) or model.ByteSize() >= PROTOBUF_LIMIT - (1 << 20)
 
 
 def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
@@ -232,9 +242,7 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
         fd, tmp_data = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".data.tmp", dir=parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip="initializer")
-    pending: list[tuple[TensorProto, int, int]] = []
+    placed: list[tuple[TensorProto, int, int]] = []  # (tensor, offset in the data file or -1 if inline, bytes)
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
@@ -242,8 +250,7 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
             for tensor in model.graph.initializer:
                 size = nbytes(tensor)
                 if size < THRESHOLD or tensor.data_type == TensorProto.STRING:
-                    graph.initializer.append(tensor)
-                    pending.append((tensor, -1, 0))
+                    placed.append((tensor, -1, 0))
                     continue
                 pad = -offset % ALIGN
                 f.write(b"\0" * pad)
@@ -256,17 +263,15 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
                     written += len(chunk)
                 if written != size:
                     raise RuntimeError(f"tensor {tensor.name!r} has {written} bytes of data, expected {size}")
-                pending.append((tensor, offset, size))
+                placed.append((tensor, offset, size))
                 offset += size
             f.flush()
             os.fsync(f.fileno())
         data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
-        del graph.initializer[:]
-        for tensor, at, size in pending:
-            graph.initializer.append(tensor if at < 0 else _header(tensor, data_name, at, size))
         light = onnx.ModelProto()
         _copy_fields(model, light, skip="graph")
-        light.graph.CopyFrom(graph)
+        _copy_fields(model.graph, light.graph, skip="initializer")
+        light.graph.initializer.extend(t if at < 0 else _header(t, data_name, at, size) for t, at, size in placed)
         set_source_dir(light, None)
         data_path = parent / data_name
         os.chmod(tmp_data, 0o666 & ~model_io.umask())

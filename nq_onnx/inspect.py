@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from nq_onnx.errors import ModelError
-from nq_onnx.external_data import source_dir
+from nq_onnx.external_data import configure_session
 from nq_onnx.model_io import load_model
 
 INTEGER_KERNELS = frozenset(
@@ -102,9 +102,7 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "CPUExecutionProvide
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3
-        folder = source_dir(model)
-        if folder is not None:  # large tensors stay in their files, read and written there by onnxruntime
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        if configure_session(options, model):  # large tensors stay in files, read and written by onnxruntime
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                              "optimized.data")
         try:

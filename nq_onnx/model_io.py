@@ -186,9 +186,8 @@ def save_model_atomic(model: onnx.ModelProto, path: str | Path, external: bool |
         external = external_data.needs_external(model)
     if external:
         return external_data.save(model, path)
-    size = model.ByteSize() + sum(external_data.nbytes(t) for t in external_data.tensors(model)
-                                  if external_data.is_external(t))
-    if size >= 2**31 - 1:  # found before anything is read in
+    size = external_data.total_size(model)
+    if size >= external_data.PROTOBUF_LIMIT:  # found before anything is read in
         raise OutputError(f"{path}: the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
                           "it needs external data")
     if external_data.source_dir(model) is not None:  # read external tensors in; drop a folder only meaningful here
