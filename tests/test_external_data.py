@@ -142,6 +142,15 @@ def test_external_data_flag_both_ways(pair):
     np.testing.assert_array_equal(outputs(pair / "x.onnx", feeds), outputs(pair / "y.onnx", feeds))
 
 
+def test_unknown_external_data_value_is_one_line_error(pair, capsys):
+    before = digests(pair / "external")
+    code = main(["convert", str(pair / "external" / "m.onnx"), "-o", str(pair / "z.onnx"), "--calib",
+                 str(pair / "ids.npy"), "--external-data", "maybe"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--external-data" in err and "maybe" in err
+    assert digests(pair / "external") == before and not list(pair.glob("z.onnx*"))
+
+
 @pytest.mark.parametrize("damage, message", [
     ("missing", "not regular file"),
     ("truncated", "runs past the end of"),
