@@ -40,6 +40,7 @@ from timing import latency_round_robin  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess, prepare_image  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
+from nq_onnx.cpu import cpu_features  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 
@@ -80,6 +81,7 @@ def machine() -> dict:
         "onnx_graphsurgeon": onnx_graphsurgeon.__version__,
         "numpy": np.__version__,
         "nq_onnx": nq_onnx.__version__,
+        "cpu": cpu_features().to_dict(),
     }
 
 

@@ -1,6 +1,7 @@
-"""Markdown tables from a benchmark results file, and the README section that shows the latest one.
+"""Markdown tables from benchmark results files, and the README sections that show them.
 
-python benchmarks/table.py benchmarks/results/full.json --readme   # rewrite the README's results section
+python benchmarks/table.py --readme                               # rewrite every generated README section
+python benchmarks/table.py benchmarks/results/full.json           # print one file's table
 """
 
 from __future__ import annotations
@@ -10,6 +11,17 @@ import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_line(results: dict) -> str:
+    """The CPU a results file was measured on, as its header says it (files from before it was recorded say so)."""
+    cpu = results.get("cpu") or results.get("machine", {}).get("cpu")
+    if not cpu:
+        return ("CPU: features not recorded (measured before nq-onnx recorded them, on an x86 machine with VNNI, "
+                "where int8 weights did not saturate).")
+    flags = " ".join(cpu["flags"]) or "none found"
+    return f"CPU: {cpu['model'] or 'unknown model'}, {cpu['kind']} (flags: {flags})."
 ORDER = [
     "fp32",
     "ort_all_w8a8",
@@ -33,6 +45,8 @@ def markdown(results: dict, source) -> str:
         f"{s['cifar_per_class'] * 10} CIFAR-10 test images; output error against FP32 on "
         f"{s['imagenet_eval']} held-out ImageNet samples. Latency: onnxruntime {results['machine']['onnxruntime']}"
         f" CPU EP, 2 threads, {results['machine']['cpus']} cores, interleaved runs. Source: `{source}`.",
+        "",
+        cpu_line(results),
         "",
         "| model | top-1 % | logits SQNR dB (CIFAR) | ImageNet output MSE | vs EasyQuant same bits | "
         "batch 1 ms | batch 8 ms | x FP32 throughput (b8) | compile s |",
@@ -104,22 +118,69 @@ def markdown(results: dict, source) -> str:
     return "\n".join(lines)
 
 
-def update_readme(results_path: Path, readme: Path) -> None:
-    results = json.loads(results_path.read_text())
+CPU_ORDER = ["easyquant_w8a8", "easyquant_w8a8_int8", "noisyquant_w8a8", "noisyquant_w8a8_int8", "ort_linear_w8a8",
+             "ort_linear_w8a8_u8u8"]
+
+
+def cpu_markdown(results: dict, source) -> str:
+    """The table of ``benchmarks/cpu_exact.py``: the same plans stored int8 and with the default, on one CPU."""
+    m, s, lat = results["models"], results["settings"], results["latency"]
+    lines = [
+        f"{cpu_line(results)} onnxruntime {results['machine']['onnxruntime']}, 2 threads. Calibration "
+        f"{s['calib_size']} ImageNet samples; top-1 on {s['cifar_images']} CIFAR-10 test images, output MSE on "
+        f"{s['imagenet_eval']} held-out ImageNet samples; kernel SQNR: the worst quantized matmul's integer "
+        f"kernel against its QDQ graph evaluated op by op in float, each layer cut out and fed the activations it "
+        f"sees on {s['kernel_check_images']} held-out images. Source: `{source}`.",
+        "",
+        "| model | weights | top-1 % | ImageNet output MSE | kernel SQNR dB, worst layer | layers below 60 dB | "
+        "layers that can overflow | batch 1 ms | batch 8 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| fp32 | - | {100 * m['fp32']['cifar']['top1']:.2f} | 0 | - | - | - | "
+        f"{lat['batch1']['fp32']['median_ms']:.1f} | {lat['batch8']['fp32']['median_ms']:.1f} |",
+    ]
+    for name in CPU_ORDER:
+        e = m[name]
+        k = e["kernels"]
+        dtypes = ", ".join(f"{n} {t}" for t, n in sorted(k["weight_dtypes"].items()))
+        b1, b8 = lat["batch1"].get(name), lat["batch8"].get(name)
+        lines.append(
+            f"| {name} | {e['weight_dtype']} ({dtypes}) | {100 * e['cifar']['top1']:.2f} | "
+            f"{e['imagenet_heldout']['mse']:.5f} | {e['kernel_fidelity']['worst_db']:.1f} | "
+            f"{e['kernel_fidelity']['below_60db']}/{e['kernel_fidelity']['layers']} | "
+            f"{k['can_overflow_without_vnni']}/{k['weight_layers']} | "
+            f"{b1['median_ms']:.1f} | {b8['median_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+CPU_BEGIN, CPU_END = "<!-- cpu-exact:begin -->", "<!-- cpu-exact:end -->"
+
+
+def _replace_block(text: str, begin: str, end: str, body: str) -> str:
+    block = f"{begin}\n{body}\n{end}"
+    if begin not in text:
+        raise SystemExit(f"README has no {begin} marker")
+    head, rest = text.split(begin, 1)
+    return head + block + rest.split(end, 1)[1]
+
+
+def update_readme(readme: Path) -> None:
+    """Every generated section: the main table from ``full.json``, one CPU table per ``cpu_exact_*.json``."""
+    root = readme.parent.resolve()
     text = readme.read_text()
-    root = readme.parent
-    block = f"{BEGIN}\n{markdown(results, results_path.resolve().relative_to(root.resolve()))}\n{END}"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text += f"\n## Benchmark\n\n{block}\n"
+    full = RESULTS / "full.json"
+    text = _replace_block(text, BEGIN, END, markdown(json.loads(full.read_text()), full.resolve().relative_to(root)))
+    tables = [cpu_markdown(json.loads(p.read_text()), p.resolve().relative_to(root))
+              for p in sorted(RESULTS.glob("cpu_exact_*.json")) if not p.stem.endswith("_quick")]
+    if tables:
+        text = _replace_block(text, CPU_BEGIN, CPU_END, "\n\n".join(tables))
     readme.write_text(text)
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
     if "--readme" in sys.argv:
-        update_readme(path, Path(__file__).resolve().parent.parent / "README.md")
+        update_readme(Path(__file__).resolve().parent.parent / "README.md")
     else:
-        print(markdown(json.loads(path.read_text()), path))
+        path = Path(sys.argv[1])
+        data = json.loads(path.read_text())
+        print(cpu_markdown(data, path) if path.stem.startswith("cpu_exact") else markdown(data, path))

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from nq_onnx import __version__
-from nq_onnx.config import SUPPORTED_BITS, Method, QuantConfig, SearchConfig
+from nq_onnx.config import SUPPORTED_BITS, Method, QuantConfig, SearchConfig, WeightDtype
 from nq_onnx.errors import NQError
 
 BUG_URL = "https://github.com/nq-onnx/nq-onnx/issues"
@@ -71,6 +71,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--no-attention-matmuls", action="store_true", help="keep Q@K^T and A@V in float")
     p.add_argument("--int16-bias", action="store_true",
                    help="store the noise N and denoised biases B' as int16 codes (upgrades the model to opset 21)")
+    p.add_argument("--weight-dtype", choices=[d.value for d in WeightDtype], default="auto",
+                   help="weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero "
+                        "point 128 elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 "
+                        "targets: saturates on x86 without VNNI)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
@@ -181,7 +185,9 @@ def _add_inspect(sub) -> None:
     p.add_argument("model", help="a model written by nq-onnx convert")
     p.add_argument("--provider", default="CPUExecutionProvider", help="execution provider (default CPU)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 if any quantized layer runs in float")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 if any quantized layer runs in float, or has int8 weight codes that can "
+                        "saturate a 16-bit pair sum on x86 CPUs without VNNI")
     p.set_defaults(func=_inspect)
 
 
@@ -192,7 +198,7 @@ def _inspect(args) -> int:
 
     inspection = inspect_file(args.model, args.provider)
     print(json.dumps(inspection.to_dict(), indent=1) if args.json else format_inspection(inspection))
-    return 1 if args.strict and inspection.float_fallbacks else 0
+    return 1 if args.strict and inspection.failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +227,7 @@ def _config_from(args) -> QuantConfig:
         exclude=tuple(args.exclude),
         quantize_attention_matmuls=not args.no_attention_matmuls,
         int16_bias=args.int16_bias,
+        weight_dtype=args.weight_dtype,
         search=search,
     )
 

@@ -23,6 +23,20 @@ class Method(str, enum.Enum):
     NOISYQUANT = "noisyquant"
 
 
+class WeightDtype(str, enum.Enum):
+    """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.cpu`).
+
+    ``auto`` (default): int8 where no 16-bit pair sum can overflow (:func:`nq_onnx.quant.u8s8_safe`), uint8
+    with zero point 128 elsewhere: exact on every CPU. ``uint8``: every layer uint8 (U8U8 kernels). ``int8``:
+    every layer int8 (U8S8), for deployments on VNNI/AMX x86 or ARM64 only: on x86 without VNNI full-range
+    codes saturate, and ``nq-onnx inspect --strict`` fails on such a model.
+    """
+
+    AUTO = "auto"
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Grids and sample sizes of the EasyQuant scale search and the NoisyQuant noise search.
@@ -82,6 +96,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     quantize_attention_matmuls: bool = True
     int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
+    weight_dtype: WeightDtype = WeightDtype.AUTO
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
@@ -90,6 +105,11 @@ class QuantConfig:
         except ValueError:
             choices = ", ".join(m.value for m in Method)
             raise ConfigError(f"unknown method {self.method!r}; choose one of {choices}") from None
+        try:
+            object.__setattr__(self, "weight_dtype", WeightDtype(self.weight_dtype))
+        except ValueError:
+            choices = ", ".join(m.value for m in WeightDtype)
+            raise ConfigError(f"unknown weight dtype {self.weight_dtype!r}; choose one of {choices}") from None
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
@@ -107,6 +127,7 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["method"] = self.method.value
+        out["weight_dtype"] = self.weight_dtype.value
         return out
 
     @classmethod

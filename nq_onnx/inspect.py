@@ -5,6 +5,12 @@ layer it leaves as ``DequantizeLinear + MatMul`` runs in float and makes the "IN
 This module loads the model with ``ORT_ENABLE_ALL`` on an execution provider, saves the optimized graph
 (``optimized_model_filepath``) and maps every quantized matrix multiplication of the input model to the
 node that replaced it. onnxruntime keeps the original node name on the fused kernel.
+
+It also checks the arithmetic of every weight layer on CPUs it is not running on: int8 weight codes against
+uint8 activation codes run on onnxruntime's U8S8 kernel, which on x86 without VNNI adds neighbouring products
+into a saturating int16. A layer *can overflow* when :func:`quant.pair_sum_bound` of its stored weight codes
+and the stored code range of its input (the ``Clip`` before the ``QuantizeLinear``, else the container's)
+exceeds ``2^15 - 1``. The inspecting machine's CPU features are reported beside the kernels.
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
+from nq_onnx import quant
+from nq_onnx.cpu import CpuFeatures, cpu_features
 from nq_onnx.errors import ModelError
 from nq_onnx.external_data import configure_session
 from nq_onnx.model_io import load_model
@@ -32,7 +42,6 @@ INTEGER_KERNELS = frozenset(
         "ConvInteger",
     }
 )
-DQ_SUFFIXES = ("/weight_dequantized", "/input_dequantized", "/input0_dequantized", "/input1_dequantized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +51,18 @@ class LayerKernel:
     op: str  # the op in the input model: MatMul or Gemm
     kernel: str  # the op onnxruntime runs after optimization ("-" if the node is gone)
     has_weight: bool
+    weight_dtype: str | None = None  # int8 or uint8 weight codes (None: an activation matmul)
+    input_codes: tuple[int, int] | None = None  # stored code range of the activation input, e.g. (0, 255)
+    pair_sum_bound: int | None = None  # largest |a_i w_i + a_j w_j| the codes allow (int8 weights only)
 
     @property
     def integer(self) -> bool:
         return self.kernel in INTEGER_KERNELS
+
+    @property
+    def can_overflow(self) -> bool:
+        """Whether a U8S8 kernel without VNNI can saturate on this layer's codes."""
+        return self.pair_sum_bound is not None and self.pair_sum_bound > quant.INT16_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +71,7 @@ class Inspection:
     layers: tuple[LayerKernel, ...]
     noise_adds: int
     kernel_counts: dict[str, int]
+    cpu: CpuFeatures
 
     @property
     def weight_layers(self) -> list[LayerKernel]:
@@ -63,28 +81,98 @@ class Inspection:
     def float_fallbacks(self) -> list[LayerKernel]:
         return [k for k in self.layers if not k.integer]
 
+    @property
+    def overflow_layers(self) -> list[LayerKernel]:
+        """Layers whose codes can saturate a 16-bit pair sum on x86 without VNNI (wrong there, whatever runs here)."""
+        return [k for k in self.layers if k.can_overflow]
+
+    @property
+    def failures(self) -> list[LayerKernel]:
+        """What ``--strict`` fails on: a float fallback, or codes that are not exact on every CPU."""
+        return [k for k in self.layers if not k.integer or k.can_overflow]
+
     def to_dict(self) -> dict:
         return {
             "provider": self.provider,
+            "cpu": self.cpu.to_dict(),
             "noise_adds": self.noise_adds,
             "kernel_counts": self.kernel_counts,
             "weight_layers": len(self.weight_layers),
             "weight_layers_integer": sum(k.integer for k in self.weight_layers),
-            "layers": [dict(dataclasses.asdict(k), integer=k.integer) for k in self.layers],
+            "layers_can_overflow_without_vnni": len(self.overflow_layers),
+            "layers": [dict(dataclasses.asdict(k), integer=k.integer, can_overflow=k.can_overflow)
+                       for k in self.layers],
         }
 
 
-def quantized_layers(model: onnx.ModelProto) -> list[tuple[str, onnx.NodeProto, bool]]:
-    """``(layer, node, has_weight)`` for every MatMul/Gemm reading a dequantized tensor (nq-onnx naming)."""
+def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    node = tensor.inputs[0] if tensor.inputs else None
+    return node if node is not None and node.op == op else None
+
+
+def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
+    from nq_onnx.passes.find_layers import const_value
+
+    return None if tensor is None else const_value(tensor)
+
+
+def stored_input_codes(dq: gs.Node) -> tuple[int, int] | None:
+    """The stored code range of an activation ``DequantizeLinear``'s input: ``Clip -> QuantizeLinear`` bounds."""
+    codes = dq.inputs[0]
+    zp = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    dtype = np.dtype(zp.dtype if zp is not None else getattr(codes, "dtype", None) or np.uint8)
+    if dtype not in (np.uint8, np.int8):
+        return None
+    info = np.iinfo(dtype)
+    lo, hi = int(info.min), int(info.max)
+    q = _producer(codes, "QuantizeLinear")
+    clip = _producer(q.inputs[0], "Clip") if q is not None else None
+    if q is None or clip is None or len(clip.inputs) < 3:
+        return lo, hi
+    scale, bounds = _constant(q.inputs[1]), [_constant(t) for t in clip.inputs[1:3]]
+    if scale is None or scale.size != 1 or any(b is None for b in bounds):
+        return lo, hi
+    offset = int(zp.reshape(-1)[0]) if zp is not None else 0
+    step = np.float32(scale.reshape(-1)[0])
+    lo_c, hi_c = (int(np.clip(np.rint(np.float32(b.reshape(-1)[0]) / step) + offset, lo, hi)) for b in bounds)
+    return lo_c, hi_c
+
+
+def _weight_codes(dq: gs.Node) -> np.ndarray | None:
+    """The stored codes of a constant weight ``DequantizeLinear`` as ``[K, N]`` (channels along its ``axis``)."""
+    codes = _constant(dq.inputs[0])
+    if codes is None or codes.ndim != 2:
+        return None
+    return codes if int(dq.attrs.get("axis", 1)) == 1 else codes.T
+
+
+def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
+    """The layer read off the graph; ``kernel`` is filled in from the optimized graph later."""
+    weight = next((dq for dq in dqs if dq is not None and _weight_codes(dq) is not None), None)
+    act = next((dq for dq in dqs if dq is not None and dq is not weight), None)
+    name = next(dq.outputs[0].name for dq in dqs if dq is not None).rsplit("/", 1)[0]
+    input_codes = stored_input_codes(act) if act is not None else None
+    if weight is None:
+        return LayerKernel(name, node.name, node.op, "", False, None, input_codes)
+    codes = _weight_codes(weight)
+    bound = None
+    if codes.dtype == np.int8 and input_codes is not None and input_codes[0] >= 0:  # U8S8: uint8 activations
+        bound = int(quant.pair_sum_bound(codes, *input_codes).max(initial=0))
+    return LayerKernel(name, node.name, node.op, "", True, codes.dtype.name, input_codes, bound)
+
+
+def quantized_layers(model: onnx.ModelProto) -> list[LayerKernel]:
+    """Every MatMul/Gemm that reads a ``DequantizeLinear`` output, with its codes (found by graph structure)."""
+    from nq_onnx.passes.base import import_graph
+
+    graph = import_graph(model)
     out = []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
+    for node in graph.nodes:
+        if node.op not in ("MatMul", "Gemm"):
             continue
-        sources = [name for name in node.input[:2] if name.endswith(DQ_SUFFIXES)]
-        if not sources:
-            continue
-        layer = sources[0].rsplit("/", 1)[0]
-        out.append((layer, node, any(s.endswith("/weight_dequantized") for s in node.input[:2])))
+        dqs = [_producer(t, "DequantizeLinear") for t in node.inputs[:2]]
+        if any(dq is not None for dq in dqs):
+            out.append(_describe(node, dqs))
     return out
 
 
@@ -115,21 +203,15 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "CPUExecutionProvide
 def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider") -> Inspection:
     layers = quantized_layers(model)
     if not layers:
-        raise ModelError(
-            "the model has no nq-onnx quantized layer (no MatMul/Gemm reading a */weight_dequantized "
-            "or */input_dequantized tensor)"
-        )
+        raise ModelError("the model has no quantized layer (no MatMul/Gemm reading a DequantizeLinear output)")
     optimized = optimized_graph(model, provider)
     kernels = {n.name: n.op_type for n in optimized.graph.node}
-    result = tuple(
-        LayerKernel(layer, node.name, node.op_type, kernels.get(node.name, "-"), weight)
-        for layer, node, weight in layers
-    )
+    result = tuple(dataclasses.replace(k, kernel=kernels.get(k.node, "-")) for k in layers)
     counts: dict[str, int] = {}
     for k in result:
         counts[k.kernel] = counts.get(k.kernel, 0) + 1
     noise_adds = sum(1 for n in model.graph.node if n.name.endswith("/add_noise"))
-    return Inspection(provider, result, noise_adds, dict(sorted(counts.items())))
+    return Inspection(provider, result, noise_adds, dict(sorted(counts.items())), cpu_features())
 
 
 def inspect_file(path: str | Path, provider: str = "CPUExecutionProvider") -> Inspection:
@@ -141,16 +223,29 @@ def format_inspection(inspection: Inspection, verbose: bool = True) -> str:
     weights = inspection.weight_layers
     integer = sum(k.integer for k in weights)
     lines = []
+    cpu = inspection.cpu
+    lines.append(f"CPU: {cpu.model or 'unknown model'} ({cpu.machine}; {cpu.kind}; "
+                 f"flags: {' '.join(cpu.flags) or 'none found'})")
     if verbose:
         width = max(len(k.layer) for k in inspection.layers)
-        lines.append(f"{'layer':<{width}}  {'op':<7}{'kernel':<22}")
+        lines.append(f"{'layer':<{width}}  {'op':<7}{'kernel':<22}{'weights':<9}{'input codes':<13}")
         for k in inspection.layers:
+            codes = f"[{k.input_codes[0]}, {k.input_codes[1]}]" if k.input_codes else "-"
             flag = "" if k.integer else "   <- float fallback"
-            lines.append(f"{k.layer:<{width}}  {k.op:<7}{k.kernel:<22}{flag}")
+            if k.can_overflow:
+                flag += f"   <- pair sums up to {k.pair_sum_bound} overflow int16 without VNNI"
+            lines.append(f"{k.layer:<{width}}  {k.op:<7}{k.kernel:<22}{k.weight_dtype or '-':<9}{codes:<13}{flag}")
     acts = [k for k in inspection.layers if not k.has_weight]
     lines.append(
         f"{inspection.provider}: {integer}/{len(weights)} weight matmuls and "
         f"{sum(k.integer for k in acts)}/{len(acts)} activation matmuls run as integer kernels; "
         f"{inspection.noise_adds} explicit noise Adds"
     )
+    risky = inspection.overflow_layers
+    if risky:
+        where = "on this CPU too" if cpu.u8s8_saturates else "not on this CPU, but on x86 without VNNI"
+        lines.append(f"{len(risky)} layers have int8 weight codes that can saturate 16-bit pair sums ({where}); "
+                     "convert with --weight-dtype auto or uint8 to be exact on every CPU")
+    else:
+        lines.append("codes: exact on every CPU (no int8 weight layer can saturate a 16-bit pair sum)")
     return "\n".join(lines)

@@ -244,6 +244,9 @@ def convert(
 
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
     ``std``, ``interpolation``, ``crop_pct``).
+
+    With ``load_plan`` the plan's settings are used, except ``config.weight_dtype`` (how weight codes are
+    stored, which no search depends on).
     """
     config = config or QuantConfig()
     inputs = tuple(p for p in (model_path, calib, load_plan) if p is not None)
@@ -255,6 +258,8 @@ def convert(
     plan = Plan.load(load_plan) if load_plan is not None else None
     if plan is not None:
         plan.check_model(digest)
+        # the search never reads the weight container: a loaded plan can be stored for another target
+        plan.config = dataclasses.replace(plan.config, weight_dtype=config.weight_dtype)
         config = plan.config
     dataset = None
     if calib is not None:

@@ -4,10 +4,16 @@ Symmetric b-bit quantization with step (scale) ``s``::
 
     q(x) = clip(round_half_even(x / s), -2^(b-1), 2^(b-1) - 1)        dq(q) = s * q
 
-Weights are quantized per output channel with the MinMax step ``s_c = max|W_c| / (2^(b-1) - 1)``, so their
-codes stay in the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` without clamping. Activations are
-quantized per tensor. Activations are stored as uint8 with zero point 128 (``u = q + 128``): the same
-numbers as int8 codes with zero point 0, in the container onnxruntime's x86 kernels are fastest with.
+Weights are quantized per output channel; with the MinMax step ``s_c = max|W_c| / (2^(b-1) - 1)`` their
+codes fall in the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, and a searched (smaller) step saturates at
+``[-2^(b-1), 2^(b-1) - 1]``. Activations are quantized per tensor and stored as uint8 with zero point 128
+(``u = q + 128``): the same numbers as int8 codes with zero point 0.
+
+Weight codes are stored as int8 (zero point 0) or as uint8 with zero point 128 (``v = q + 128``, the same
+numbers). The container decides onnxruntime's CPU kernel: uint8 x int8 ("U8S8") on x86 without VNNI sums two
+neighbouring ``u * w`` products into a saturating int16, uint8 x uint8 ("U8U8") does not (:mod:`nq_onnx.cpu`).
+:func:`pair_sum_bound` bounds the pair sums from the codes alone, so a layer is stored int8 only where no pair
+can pass ``2^15 - 1`` for any input.
 
 A tensor that calibration shows to be non-negative (softmax probabilities, post-ReLU) is quantized
 *unsigned*, still scale-only (zero point 0): ``q(x) = clip(round(x / s), 0, 2^b - 1)``, which spends no code
@@ -29,6 +35,13 @@ def code_range(bits: int, signed: bool = True) -> tuple[int, int]:
 def zero_point(signed: bool) -> int:
     """The uint8 zero point that stores codes of a signed (128) or unsigned (0) activation quantizer."""
     return ACT_ZERO_POINT if signed else 0
+
+
+def stored_code_range(bits: int, signed: bool = True) -> tuple[int, int]:
+    """The uint8 values an activation quantizer can store: its code range plus its zero point."""
+    lo, hi = code_range(bits, signed)
+    zp = zero_point(signed)
+    return lo + zp, hi + zp
 
 
 def qmax(bits: int) -> int:
@@ -75,6 +88,43 @@ def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int, bits: int) -> 
     shape = [1, 1]
     shape[axis] = -1
     return quantize(w, scales.reshape(shape), bits).astype(np.int8)
+
+
+INT16_MAX = 2**15 - 1
+
+
+def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray:
+    """Per output channel, the largest ``|a_i w_i + a_j w_j|`` over any two input channels ``i != j`` of the
+    ``[K, N]`` weight codes ``w`` and any stored activation codes ``a`` in ``[act_lo, act_hi]``.
+
+    ``vpmaddubsw`` saturates such a sum at ``2^15 - 1``. The bound takes the two largest (and the two most
+    negative) terms ``max_a a w_i`` of the column, whatever pairs the kernel packs together, so it holds for
+    any packing of ``K``. With ``a >= 0`` the extreme of ``a w`` is at ``act_lo`` or ``act_hi``.
+    """
+    w = np.asarray(codes_kn, dtype=np.int64)
+    high = np.maximum(w * act_lo, w * act_hi)
+    low = np.minimum(w * act_lo, w * act_hi)
+    if w.shape[0] < 2:
+        return np.maximum(np.abs(high), np.abs(low)).max(axis=0)
+    top = -np.partition(-high, 1, axis=0)[:2].sum(axis=0)
+    bottom = np.partition(low, 1, axis=0)[:2].sum(axis=0)
+    return np.maximum(top, -bottom)
+
+
+def u8s8_safe(codes_kn: np.ndarray, act_bits: int, act_signed: bool) -> bool:
+    """Whether int8 codes ``[K, N]`` against this activation quantizer are exact on a U8S8 kernel without VNNI."""
+    lo, hi = stored_code_range(act_bits, act_signed)
+    return bool(pair_sum_bound(codes_kn, lo, hi).max(initial=0) <= INT16_MAX)
+
+
+def store_weight(codes: np.ndarray, axis: int, as_uint8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(stored codes, per-channel zero points)`` of 2-D int8 weight codes with channels along ``axis``:
+    themselves with zero point 0, or ``q + 128`` as uint8 with zero point 128 (the same numbers,
+    ``dq = s (v - zp)``)."""
+    channels = codes.shape[axis]
+    if as_uint8:
+        return (codes.astype(np.int16) + 128).astype(np.uint8), np.full(channels, 128, np.uint8)
+    return codes.astype(np.int8), np.zeros(channels, np.int8)
 
 
 def dequantize_weight(codes: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:

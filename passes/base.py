@@ -32,6 +32,7 @@ class PassResult:
     graph: gs.Graph
     applied: list[str] = dataclasses.field(default_factory=list)
     skipped: list[Skip] = dataclasses.field(default_factory=list)
+    roles: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # what was created, by role
 
     @property
     def modified(self) -> bool:

@@ -3,7 +3,13 @@
 Weights (per output channel ``c``, axis 1 of a ``MatMul`` weight ``[K, N]``, axis ``1 - transB`` of a
 ``Gemm`` weight)::
 
-    W  ->  DequantizeLinear(codes = q(W, s_c), s_c, zero_point 0, axis)      codes stored as int8
+    W  ->  DequantizeLinear(codes = q(W, s_c), s_c, zero_point 0, axis)              stored as int8, or
+    W  ->  DequantizeLinear(codes = q(W, s_c) + 128, s_c, zero_point 128, axis)      stored as uint8
+
+The two containers hold the same numbers; they differ in the kernel onnxruntime picks. int8 weights run on
+U8S8 kernels, which on x86 without VNNI add pairs of ``u * w`` into a saturating int16; uint8 weights run on
+exact U8U8 kernels. With ``weight_dtype = auto`` a layer is int8 only where :func:`quant.u8s8_safe` proves
+that no pair sum of its codes and its input's stored code range ``[u_lo, u_hi]`` passes ``2^15 - 1``.
 
 Activations (per tensor, one quantizer per group, one dequantizer per consumer)::
 
@@ -22,6 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx import quant
+from nq_onnx.config import WeightDtype
 from nq_onnx.plan import Plan
 from nq_onnx.passes.base import PassResult, Skip, constant
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec
@@ -41,7 +48,9 @@ class InsertQDQ:
                 result.skipped.append(Skip(spec.name, "not in the plan"))
                 continue
             if spec.kind != ACT_MATMUL:
-                self._quantize_weight(graph, nodes[spec.node], spec, plan.weight_scales, plan.bits)
+                as_uint8 = self._quantize_weight(graph, nodes[spec.node], spec, plan.weight_scales, plan.bits,
+                                                 self._input_codes(spec))
+                result.roles.setdefault("uint8_weights" if as_uint8 else "int8_weights", []).append(spec.name)
             result.applied.append(spec.name)
         for group in self.layers.groups:
             plan = self.plan.groups.get(group.name)
@@ -53,10 +62,24 @@ class InsertQDQ:
             )
         return result
 
-    @staticmethod
-    def _quantize_weight(graph: gs.Graph, node: gs.Node, spec: LayerSpec, scales: np.ndarray, bits: int) -> None:
+    def _input_codes(self, spec: LayerSpec) -> tuple[int, bool]:
+        """``(bits, signed)`` of the layer's input quantizer (a layer whose input is not planned: 8-bit signed)."""
+        group = self.plan.groups.get(self.layers.group_of(spec.inputs[0]).name)
+        return (group.bits, group.signed) if group is not None else (8, True)
+
+    def _as_uint8(self, codes: np.ndarray, axis: int, input_codes: tuple[int, bool]) -> bool:
+        dtype = self.plan.config.weight_dtype
+        if dtype != WeightDtype.AUTO:
+            return dtype == WeightDtype.UINT8
+        return not quant.u8s8_safe(codes if axis == 1 else codes.T, *input_codes)
+
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, spec: LayerSpec, scales: np.ndarray, bits: int,
+                         input_codes: tuple[int, bool]) -> bool:
+        """Replace the weight by its dequantized codes; returns whether they are stored as uint8."""
         weight = node.inputs[1]
         codes = quant.quantize_weight(weight.values, scales, spec.weight_axis, bits)
+        as_uint8 = self._as_uint8(codes, spec.weight_axis, input_codes)
+        stored, zero_points = quant.store_weight(codes, spec.weight_axis, as_uint8)
         dequantized = gs.Variable(f"{spec.name}/weight_dequantized", dtype=np.float32, shape=list(codes.shape))
         graph.nodes.append(
             gs.Node(
@@ -64,14 +87,15 @@ class InsertQDQ:
                 name=f"{spec.name}/weight_dequantize",
                 attrs={"axis": spec.weight_axis},
                 inputs=[
-                    constant(f"{spec.name}/weight_quantized", codes),
+                    constant(f"{spec.name}/weight_quantized", stored),
                     constant(f"{spec.name}/weight_scale", scales.astype(np.float32)),
-                    constant(f"{spec.name}/weight_zero_point", np.zeros(scales.shape, np.int8)),
+                    constant(f"{spec.name}/weight_zero_point", zero_points),
                 ],
                 outputs=[dequantized],
             )
         )
         node.inputs[1] = dequantized
+        return as_uint8
 
     @staticmethod
     def _quantize_activation(

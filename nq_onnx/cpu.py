@@ -1,0 +1,113 @@
+"""The CPU features that decide which integer kernel onnxruntime's CPU provider runs.
+
+onnxruntime (MLAS) multiplies uint8 activations by int8 weights ("U8S8") with ``vpmaddubsw`` on x86 CPUs
+that have AVX2 or AVX-512 but no VNNI: it adds two neighbouring ``u8 * s8`` products into a *saturating*
+int16, so full-range codes can overflow (``255 * 127 * 2 = 64770 > 32767``). With AVX-VNNI, AVX-512 VNNI or
+AMX the products accumulate in int32 (``vpdpbusd``, ``tdpbusd``), and uint8 x uint8 ("U8U8") widens to int16
+before ``vpmaddwd`` on every x86 path: both exact. ARM64 kernels widen or use dot products into int32.
+
+Figures are meaningless without the CPU they came from: benchmarks and ``nq-onnx inspect`` record
+:func:`cpu_features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from pathlib import Path
+
+# Linux /proc/cpuinfo flag names of the features that matter for the integer kernels
+X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+ARM_FLAGS = ("asimd", "asimddp", "i8mm")
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuFeatures:
+    machine: str  # platform.machine(): x86_64, AMD64, aarch64, arm64 ...
+    model: str  # the CPU's model name, where the OS tells it
+    flags: tuple[str, ...]  # the integer-kernel features present, from X86_FLAGS / ARM_FLAGS
+    source: str  # where the flags were read: "/proc/cpuinfo", "numpy", or "unknown"
+
+    @property
+    def x86(self) -> bool:
+        return self.machine.lower() in ("x86_64", "amd64", "i686", "i386")
+
+    @property
+    def vnni(self) -> bool:
+        """An int32-accumulating u8 x s8 instruction: AVX-VNNI, AVX-512 VNNI or AMX."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(self.flags))
+
+    @property
+    def u8s8_saturates(self) -> bool | None:
+        """Whether onnxruntime's u8 x s8 kernels saturate 16-bit pair sums here (``None``: flags unknown)."""
+        if not self.x86:
+            return False
+        if self.source == "unknown":
+            return None
+        return not self.vnni
+
+    @property
+    def kind(self) -> str:
+        """A short label for tables: which integer-kernel path this CPU takes."""
+        if not self.x86:
+            return f"{self.machine} ({'+'.join(self.flags) or 'no dot product'})"
+        if "amx_int8" in self.flags:
+            return "x86 AMX"
+        if "avx512_vnni" in self.flags:
+            return "x86 AVX-512 VNNI"
+        if "avx_vnni" in self.flags:
+            return "x86 AVX-VNNI"
+        if "avx512bw" in self.flags:
+            return "x86 AVX-512 without VNNI"
+        if "avx2" in self.flags:
+            return "x86 AVX2 without VNNI"
+        return "x86 (flags unknown)" if self.source == "unknown" else "x86 SSE"
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "model": self.model, "flags": list(self.flags), "source": self.source,
+                "kind": self.kind, "vnni": self.vnni, "u8s8_saturates": self.u8s8_saturates}
+
+
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuFeatures:
+    """The features of the CPU this process runs on (Linux: ``/proc/cpuinfo``; elsewhere numpy's detection)."""
+    machine = platform.machine() or "unknown"
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return _from_numpy(machine)
+    return parse_cpuinfo(text, machine)
+
+
+def parse_cpuinfo(text: str, machine: str) -> CpuFeatures:
+    """Features from the first processor's entry of a Linux ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    present = set((fields.get("flags") or fields.get("features") or "").split())
+    known = X86_FLAGS + ARM_FLAGS
+    model = fields.get("model name") or fields.get("cpu model") or fields.get("hardware") or ""
+    if not present:
+        return _from_numpy(machine, model)
+    return CpuFeatures(machine, model, tuple(f for f in known if f in present), "/proc/cpuinfo")
+
+
+def _from_numpy(machine: str, model: str = "") -> CpuFeatures:
+    """numpy's runtime dispatch detection (macOS, Windows): it knows AVX2/AVX-512 VNNI/ARM dot product, not
+    AVX-VNNI or AMX, so a CPU with only those reads as saturating, the safe side."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as detected
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as detected
+        except ImportError:
+            return CpuFeatures(machine, model or platform.processor(), (), "unknown")
+    names = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512bw": "AVX512BW", "avx512_vnni": "AVX512_VNNI",
+             "asimd": "ASIMD", "asimddp": "ASIMDDP"}
+    alt = {"avx512_vnni": "AVX512VNNI"}
+    flags = tuple(f for f, key in names.items() if detected.get(key) or detected.get(alt.get(f, "")))
+    return CpuFeatures(machine, model or platform.processor(), flags, "numpy")
