@@ -1,7 +1,8 @@
 """W8A8 on the CPU this runs on: what onnxruntime's integer kernels compute against what the QDQ graph says.
 
-    python benchmarks/cpu_exact.py           # about 15 minutes on 2 cores
+    python benchmarks/cpu_exact.py           # about 30 minutes on a 2-core AVX2 EPYC (two searches at 128 images)
     python benchmarks/cpu_exact.py --quick   # a few minutes
+    python benchmarks/cpu_exact.py --reuse   # keep the models of an earlier run in benchmarks/work/cpu_exact
 
 For EasyQuant and NoisyQuant at W8A8 one plan is searched and written twice: with the default weight storage
 (``--weight-dtype auto``: uint8 codes with zero point 128 where an int8 pair sum could overflow, exact on every
@@ -54,21 +55,25 @@ def outputs(path: Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
     return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
 
 
-def build_models(fp32: Path, calib_dir: Path, calib_arrays: np.ndarray, calib_size: int, log) -> dict[str, dict]:
+def build_models(fp32: Path, calib_dir: Path, calib_arrays: np.ndarray, calib_size: int, log,
+                 reuse: bool = False) -> dict[str, dict]:
     models: dict[str, dict] = {"fp32": {"path": fp32, "bits": 32}}
     for method in ("easyquant", "noisyquant"):
         name = f"{method}_w8a8"
         plan = WORK / f"{name}.plan.json"
         config = nq_onnx.QuantConfig(method=method, calib_size=calib_size)
-        start = time.perf_counter()
-        nq_onnx.convert(fp32, WORK / f"{name}.onnx", calib_dir, config, save_plan=plan, force=True, evaluate=False)
-        models[name] = {"path": WORK / f"{name}.onnx", "weight_dtype": "auto", "compile_s": time.perf_counter() - start}
+        if not (reuse and plan.exists()):
+            nq_onnx.convert(fp32, WORK / f"{name}.onnx", calib_dir, config, save_plan=plan, force=True,
+                            evaluate=False)
+        models[name] = {"path": WORK / f"{name}.onnx", "weight_dtype": "auto"}
         nq_onnx.convert(fp32, WORK / f"{name}_int8.onnx", config=nq_onnx.QuantConfig(weight_dtype="int8"),
                         load_plan=plan, force=True, evaluate=False)
         models[f"{name}_int8"] = {"path": WORK / f"{name}_int8.onnx", "weight_dtype": "int8"}
         log(f"{name}: searched once, written auto and int8")
     for name, weight_type in (("ort_linear_w8a8", QuantType.QInt8), ("ort_linear_w8a8_u8u8", QuantType.QUInt8)):
-        quantize_with_onnxruntime(fp32, WORK / f"{name}.onnx", calib_arrays, linear_only=True, weight_type=weight_type)
+        if not (reuse and (WORK / f"{name}.onnx").exists()):
+            quantize_with_onnxruntime(fp32, WORK / f"{name}.onnx", calib_arrays, linear_only=True,
+                                      weight_type=weight_type)
         models[name] = {"path": WORK / f"{name}.onnx", "weight_dtype": weight_type.name}
         log(f"{name}: quantize_static")
     return models
@@ -111,7 +116,7 @@ def layer_fidelity(path: Path, images: np.ndarray) -> dict:
             sqnr[name] = quant.sqnr_db(graph, kernel)
     worst = min(sqnr, key=sqnr.get)
     return {"layers": len(sqnr), "worst_db": sqnr[worst], "worst_layer": worst,
-            "below_60db": sum(v < 60 for v in sqnr.values()), "per_layer_db": sqnr}
+            "below_60db": int(sum(v < 60 for v in sqnr.values())), "per_layer_db": sqnr}
 
 
 def _session(model, optimized: bool) -> ort.InferenceSession:
@@ -136,8 +141,9 @@ def kernel_report(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and timing rounds")
+    parser.add_argument("--reuse", action="store_true", help="keep the models an earlier run left in the work folder")
     args = parser.parse_args(argv)
-    calib_size, per_class, held_count, fidelity = (32, 20, 100, 2) if args.quick else (128, 200, 500, 8)
+    calib_size, per_class, held_count, fidelity = (32, 20, 100, 2) if args.quick else (128, 50, 200, 4)
     rounds = {1: 10, 8: 4} if args.quick else {1: 30, 8: 10}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     WORK.mkdir(parents=True, exist_ok=True)
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_dir = run.link_folder(calib_files, run.WORK / f"calib{calib_size}")
     cifar, labels = run.cifar_subset(per_class, pre)
     held = run.image_arrays(held_files, pre)
-    models = build_models(fp32, calib_dir, run.image_arrays(calib_files, pre), calib_size, log)
+    models = build_models(fp32, calib_dir, run.image_arrays(calib_files, pre), calib_size, log, args.reuse)
 
     reference = {"cifar": outputs(fp32, cifar), "imagenet": outputs(fp32, held)}
     for name, entry in models.items():
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     slug = re.sub(r"[^a-z0-9]+", "_", cpu.kind.lower()).strip("_")
     path = run.RESULTS / f"cpu_exact_{slug}{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=run.plain) + "\n")
     from table import cpu_markdown
 
     print(cpu_markdown(results, path.relative_to(run.ROOT)))

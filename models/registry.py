@@ -7,8 +7,10 @@ in the ONNX metadata so ``convert`` prepares images without being told.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
+from typing import Iterator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,3 +38,17 @@ def recipe_for(model_name: str) -> Recipe:
         if any(fnmatch.fnmatchcase(model_name, p) for p in recipe.patterns):
             return recipe
     return Recipe("generic", ("*",))
+
+
+@contextlib.contextmanager
+def unfused_attention(timm) -> Iterator[None]:
+    """Build timm models with attention as explicit ``MatMul + Softmax`` (what the attention-matmul quantizer
+    expects), not the fused SDPA, and give the process back timm's setting afterwards: a module reads the flag
+    when it is built, so only the models built inside are affected."""
+    config = timm.layers.config
+    previous = config._USE_FUSED_ATTN
+    timm.layers.set_fused_attn(False)
+    try:
+        yield
+    finally:
+        config._USE_FUSED_ATTN = previous

@@ -5,8 +5,7 @@ result = nq_onnx.convert("model.onnx", "model.nq.onnx", calib="images/",
                          config=nq_onnx.QuantConfig(w_bits=6, a_bits=6))
 """
 
-__version__ = "0.1.0"
-
+from nq_onnx._version import __version__
 from nq_onnx.config import Method, QuantConfig, SearchConfig  # noqa: E402
 from nq_onnx.errors import ConfigError, DataError, ModelError, NQError, OutputError, PlanError  # noqa: E402
 from nq_onnx.pipeline import Result, Summary, convert, quantize  # noqa: E402

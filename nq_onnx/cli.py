@@ -8,11 +8,10 @@ import time
 import warnings
 from pathlib import Path
 
-from nq_onnx import __version__
-from nq_onnx.config import SUPPORTED_BITS, Method, QuantConfig, SearchConfig, WeightDtype
+from nq_onnx._version import __version__
+from nq_onnx.config import SUPPORTED_BITS, Method, NoiseMode, QuantConfig, SearchConfig, WeightDtype
 from nq_onnx.errors import NQError
 
-BUG_URL = "https://github.com/nq-onnx/nq-onnx/issues"
 
 
 def _progress(enabled: bool):
@@ -60,6 +59,9 @@ def _add_convert(sub) -> None:
         choices=[m.value for m in Method],
         help="scale choice: minmax, easyquant (cosine search) or noisyquant (easyquant + noisy bias)",
     )
+    p.add_argument("--noise", choices=[m.value for m in NoiseMode], default="paper+shift",
+                   help="what NoisyQuant's N may hold: paper (the paper's uniform noisy bias alone), shift (a "
+                        "per-channel mean shift alone) or paper+shift (both; default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image choice and the noise (default 0)")
     p.add_argument(
         "--exclude",
@@ -78,6 +80,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
+    p.add_argument("--holdout-images", type=int, default=4,
+                   help="further images on which a searched noise must beat EasyQuant to be kept (default 4; 0: no "
+                        "check)")
     p.add_argument(
         "--no-sequential",
         action="store_true",
@@ -215,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from(args) -> QuantConfig:
     search = SearchConfig(
-        search_images=args.search_images, tokens=args.search_tokens, sequential=not args.no_sequential
+        search_images=args.search_images, holdout_images=args.holdout_images, tokens=args.search_tokens,
+        sequential=not args.no_sequential,
     )
     return QuantConfig(
         method=args.method,
@@ -228,6 +234,7 @@ def _config_from(args) -> QuantConfig:
         quantize_attention_matmuls=not args.no_attention_matmuls,
         int16_bias=args.int16_bias,
         weight_dtype=args.weight_dtype,
+        noise=args.noise,
         search=search,
     )
 
@@ -246,6 +253,8 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "exclude",
             "search_images",
             "search_tokens",
+            "holdout_images",
+            "noise",
             "no_sequential",
         )
         if getattr(args, name) != parser_defaults.get(name)
@@ -296,6 +305,9 @@ def format_summary(summary, elapsed: float, output) -> str:
             f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
             f"{summary.noise_adds} need an explicit Add"
         )
+    if summary.noise_rejected:
+        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
+                     "calibration images")
     if summary.calib_images:
         extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
         lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
@@ -352,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         defaults = vars(parser.parse_args(["convert", "m", "-o", "o"]))
         _warn_ignored(args, defaults)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # dependencies' deprecation notices are not the user's business
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return args.func(args)
     except NQError as exc:
         print(f"nq-onnx: error: {exc}", file=sys.stderr)
         return 2
@@ -366,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
         print(
-            f"nq-onnx: internal error (a bug in nq-onnx, not your input); please report it at {BUG_URL} "
-            "with the traceback above",
+            "nq-onnx: internal error (a bug in nq-onnx, not your input); the README's section \"Reporting a "
+            "problem\" says what to send with the traceback above",
             file=sys.stderr,
         )
         return 70

@@ -12,7 +12,7 @@ from typing import Any
 
 from nq_onnx.errors import ConfigError
 
-SUPPORTED_BITS = (4, 5, 6, 8)
+SUPPORTED_BITS = (4, 5, 6, 7, 8)  # 7: int8 codes that no x86 kernel saturates (onnxruntime's reduce_range)
 
 
 class Method(str, enum.Enum):
@@ -21,6 +21,19 @@ class Method(str, enum.Enum):
     MINMAX = "minmax"
     EASYQUANT = "easyquant"
     NOISYQUANT = "noisyquant"
+
+
+class NoiseMode(str, enum.Enum):
+    """What NoisyQuant's fixed vector ``N`` before a linear layer may hold (see :mod:`nq_onnx.search`).
+
+    ``paper``: the paper's noisy bias alone, uniform noise ``k s u`` with its width ``k`` searched. ``shift``: a
+    per-channel mean shift ``-b c`` alone (``c`` the channel's calibrated mid-range; the authors' code searches it
+    too), in effect a per-channel zero point folded into the bias. ``paper+shift``: both (the default).
+    """
+
+    PAPER = "paper"
+    SHIFT = "shift"
+    BOTH = "paper+shift"
 
 
 class WeightDtype(str, enum.Enum):
@@ -47,6 +60,10 @@ class SearchConfig:
     subtracted (a shift of 1 centres every channel on zero), tried only where calibration saw at least
     ``shift_min_rows`` rows of the group's input: a per-channel range estimated from fewer (a pooled head sees
     one row per image) is too loose to centre on, and held-out rows beyond it are clipped.
+
+    The searches fit on ``tokens`` rows of the first ``search_images`` calibration images; the noise they choose
+    is kept only where it also beats the noiseless (EasyQuant) solution on rows of the next ``holdout_images``
+    images, which no search saw (``0``: no such check).
     """
 
     act_alphas: tuple[float, float, int] = (0.3, 1.0, 36)
@@ -57,6 +74,7 @@ class SearchConfig:
     shift_min_rows: int = 1024
     tokens: int = 1024
     search_images: int = 8
+    holdout_images: int = 4
     sequential: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +94,15 @@ class SearchConfig:
             raise ConfigError("search.tokens must be at least 16")
         if self.search_images < 1:
             raise ConfigError("search.search_images must be at least 1")
+        if self.holdout_images < 0:
+            raise ConfigError("search.holdout_images must be non-negative")
+
+    def noise_grid(self, mode: "NoiseMode") -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(shifts, amplitudes)`` a noise mode searches; each includes 0."""
+        mode = NoiseMode(mode)
+        shifts = tuple(sorted({0.0, *self.noise_shifts})) if mode != NoiseMode.PAPER else (0.0,)
+        amplitudes = tuple(sorted({0.0, *self.noise_amplitudes})) if mode != NoiseMode.SHIFT else (0.0,)
+        return shifts, amplitudes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +124,7 @@ class QuantConfig:
     quantize_attention_matmuls: bool = True
     int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
     weight_dtype: WeightDtype = WeightDtype.AUTO
+    noise: NoiseMode = NoiseMode.BOTH  # NoisyQuant only: what N may hold
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
@@ -105,6 +133,11 @@ class QuantConfig:
         except ValueError:
             choices = ", ".join(m.value for m in Method)
             raise ConfigError(f"unknown method {self.method!r}; choose one of {choices}") from None
+        try:
+            object.__setattr__(self, "noise", NoiseMode(self.noise))
+        except ValueError:
+            choices = ", ".join(m.value for m in NoiseMode)
+            raise ConfigError(f"unknown noise mode {self.noise!r}; choose one of {choices}") from None
         try:
             object.__setattr__(self, "weight_dtype", WeightDtype(self.weight_dtype))
         except ValueError:
@@ -128,6 +161,7 @@ class QuantConfig:
         out = dataclasses.asdict(self)
         out["method"] = self.method.value
         out["weight_dtype"] = self.weight_dtype.value
+        out["noise"] = self.noise.value
         return out
 
     @classmethod

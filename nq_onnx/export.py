@@ -19,7 +19,7 @@ from nq_onnx.calibration.data import PREPROCESS_KEY, Preprocess
 from nq_onnx.errors import ModelError, NQError
 from nq_onnx.calibration.runtime import session as runtime_session
 from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
-from nq_onnx.models.registry import recipe_for
+from nq_onnx.models.registry import recipe_for, unfused_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +99,11 @@ def export_timm(
         kwargs["img_size"] = img_size
     if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
         raise ModelError(f"unknown timm model {model_name!r}")
-    # attention as explicit MatMul + Softmax (what the attention-matmul quantizer expects), not the fused SDPA
-    timm.layers.set_fused_attn(False)
     torch.manual_seed(seed)  # random initial weights (no checkpoint) and the example input, both from the seed
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""), **kwargs)
+        with unfused_attention(timm):
+            model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""),
+                                      **kwargs)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot build {model_name}: {str(exc).splitlines()[0]}") from None
     model.eval()

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from nq_onnx import model_io
+from nq_onnx.atomic import remove_quietly, umask, write_bytes_atomic
 from nq_onnx.errors import ModelError, OutputError
 
 DIR_KEY = "nq_onnx.external_data_dir"
@@ -274,13 +274,13 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
         light.graph.initializer.extend(t if at < 0 else _header(t, data_name, at, size) for t, at, size in placed)
         set_source_dir(light, None)
         data_path = parent / data_name
-        os.chmod(tmp_data, 0o666 & ~model_io.umask())
+        os.chmod(tmp_data, 0o666 & ~umask())
         os.replace(tmp_data, data_path)
     except OSError as exc:
-        model_io.remove_quietly(tmp_data)
+        remove_quietly(tmp_data)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        model_io.remove_quietly(tmp_data)
+        remove_quietly(tmp_data)
         raise
     def validate(tmp_model: str) -> None:
         if check:  # by path: the checker resolves the data file beside the temporary model file
@@ -290,15 +290,15 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
                 raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
 
     try:
-        model_io.write_bytes_atomic(path, light.SerializeToString(deterministic=True), before_replace=validate)
+        write_bytes_atomic(path, light.SerializeToString(deterministic=True), before_replace=validate)
     except BaseException:
         if data_path not in previous:
-            model_io.remove_quietly(str(data_path))
+            remove_quietly(str(data_path))
         raise
     sources = set(data_files(model))
     for old in previous - {data_path} - sources:  # only our own naming: never a file some other model made
         if old.parent == data_path.parent and old.name.startswith(f"{path.name}.") and old.name.endswith(".data"):
-            model_io.remove_quietly(str(old))
+            remove_quietly(str(old))
     return data_path
 
 

@@ -11,12 +11,12 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from nq_onnx import external_data
+from nq_onnx.atomic import remove_quietly, umask, write_bytes_atomic  # noqa: F401 (re-exported)
 from nq_onnx.errors import ModelError, OutputError
 
 MIN_OPSET = 13
@@ -133,45 +133,6 @@ def check_output_path(path: str | Path, *, force: bool, inputs: tuple[str | Path
     except OSError as exc:
         raise OutputError(f"output folder {parent} is not writable ({exc.strerror or exc})") from None
     return path
-
-
-def write_bytes_atomic(path: str | Path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
-    """Write ``data`` to ``path`` through a temporary file; ``before_replace`` may check (or refuse, by raising)
-    the complete temporary file before it takes the final name."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        remove_quietly(tmp)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        remove_quietly(tmp)
-        raise
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def model_bytes(model: onnx.ModelProto) -> bytes:

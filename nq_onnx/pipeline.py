@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx import __version__
+from nq_onnx._version import __version__
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
@@ -38,7 +38,7 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx.plan import Plan
-from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan
+from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
 
 @dataclasses.dataclass
@@ -53,6 +53,7 @@ class Summary:
     calib_images: int = 0
     data_skipped: int = 0
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
+    noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -190,7 +191,7 @@ def quantize(
         if config.method == Method.MINMAX:
             plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
         else:
-            search_data = calib.head(config.search.search_images)
+            search_data = calib.head(sum(search_counts(len(calib), config.search)))
             plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
         timings["search_s"] = time.perf_counter() - start
     check_plan_fits(plan, layers)
@@ -206,6 +207,8 @@ def quantize(
         calib_images=len(calib) if calib is not None else 0,
         data_skipped=len(calib.skipped) if calib is not None else 0,
         noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")),
+        noise_rejected=sum(1 for g in layers.groups
+                           if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
     )
     return Result(out, plan, layers, summary, model)
 

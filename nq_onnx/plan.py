@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.config import QuantConfig
 from nq_onnx.errors import PlanError
 
@@ -66,8 +67,6 @@ class Plan:
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``path`` (JSON) and the ``.npz`` beside it, atomically; returns both paths."""
-        from nq_onnx.model_io import write_bytes_atomic
-
         json_path = Path(path)
         npz_path = json_path.with_suffix(".npz")
         arrays: dict[str, np.ndarray] = {}

@@ -4,6 +4,10 @@ Layers are planned in *steps*: a step holds every unplanned layer whose inputs d
 are already planned, so each search sees activations that passed through the quantized earlier layers
 (the paper's pipeline), while layers reading the same tensor (q, k and v of one block) share a step.
 With ``search.sequential = False`` every search sees the float model's activations instead.
+
+The simulation runs on the first ``search_images + holdout_images`` calibration images. Every search fits on
+the first ``search_images`` (:func:`split_images`); the rows of the others only decide whether a searched noise
+is kept (:mod:`nq_onnx.search`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from nq_onnx import quant
 from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
-from nq_onnx.config import Method, QuantConfig
+from nq_onnx.config import Method, QuantConfig, SearchConfig
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan
@@ -82,6 +86,22 @@ def _graph_scales(spec: LayerSpec, node: gs.Node, scales: np.ndarray) -> np.ndar
     return (scales / np.float32(alpha)).astype(np.float32)
 
 
+def split_images(value: np.ndarray, images: int, fit: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``value`` (batch-major over ``images`` inputs) cut into the rows of the first ``fit`` inputs and the rest;
+    ``None`` for the rest where there is none, or the leading axis does not run over the inputs."""
+    if fit >= images or value.ndim == 0 or value.shape[0] % images:
+        return value, None
+    cut = value.shape[0] // images * fit
+    return value[:cut], value[cut:]
+
+
+def search_counts(available: int, search: "SearchConfig") -> tuple[int, int]:
+    """``(fit, held out)`` images: ``search_images`` to fit on, then up to ``holdout_images`` more, at most a third
+    of what there is (a handful of images all go to the fit)."""
+    held = min(search.holdout_images, available // 3)
+    return min(search.search_images, available - held), held
+
+
 def _range(stats: TensorStats) -> tuple[float, float]:
     return float(stats.channel_min.min()), float(stats.channel_max.max())
 
@@ -127,9 +147,21 @@ class SearchPlanner:
     stats: dict[str, TensorStats]
     search_data: Dataset
     config: QuantConfig
+    # the state of one run, set by ``run``
+    _nodes: dict[str, gs.Node] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _tensors: dict[str, gs.Tensor] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _weights: dict[str, np.ndarray] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _unsigned: frozenset[str] = dataclasses.field(init=False, repr=False, default=frozenset())
+    _sim: Simulator | None = dataclasses.field(init=False, repr=False, default=None)
+    _images: int = dataclasses.field(init=False, repr=False, default=0)
+    _fit: int = dataclasses.field(init=False, repr=False, default=0)
 
     def run(self, plan: Plan, progress: Callable | None = None) -> Plan:
+        """Plan every layer; ``search_data`` holds the fit images followed by the held-out ones
+        (:func:`search_counts`)."""
         graph = import_graph(self.model)
+        self._images = len(self.search_data)
+        self._fit, _ = search_counts(self._images, self.config.search)
         self._nodes = {n.name: n for n in graph.nodes}
         self._tensors = graph.tensors()
         self._weights = float_weights(graph, self.layers)
@@ -160,8 +192,11 @@ class SearchPlanner:
 
     def _plan_linear_group(self, plan: Plan, group: GroupSpec, value: np.ndarray) -> None:
         config = self.config
-        # the token sample depends on the group only; the seed drives the noise alone
-        x = sample_rows(value, group.channels, config.search.tokens, group_rng(0, group.name))
+        fit, rest = split_images(value, self._images, self._fit)
+        # the token samples depend on the group only; the seed drives the noise alone
+        x = sample_rows(fit, group.channels, config.search.tokens, group_rng(0, group.name))
+        held_out = None if rest is None else sample_rows(rest, group.channels, config.search.tokens,
+                                                         group_rng(1, group.name))
         rng = group_rng(config.seed, group.name)
         specs = [self.layers.layer(name) for name in group.consumers]
         operands = [
@@ -175,12 +210,13 @@ class SearchPlanner:
             operands,
             config.a_bits,
             config.search,
-            config.method == Method.NOISYQUANT and group.noisy,
+            config.noise if config.method == Method.NOISYQUANT and group.noisy else None,
             stats.channel_min,
             stats.channel_max,
             rng,
             signed,
             stats.count,
+            held_out,
         )
         plan.groups[group.name] = GroupPlan(
             group.name,
@@ -213,6 +249,7 @@ class SearchPlanner:
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         signed = tuple(g.name not in self._unsigned for g in groups)
         metrics: dict[str, float] = {}
+        a, b = (split_images(v, self._images, self._fit)[0] for v in (a, b))
         if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             rng = group_rng(0, spec.name)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nq_onnx import quant
-from nq_onnx.model_io import write_bytes_atomic
+from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.plan import Plan
 

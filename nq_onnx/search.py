@@ -9,17 +9,19 @@ of that channel's quantized output with the float one; then the shared activatio
 maximizes the mean cosine similarity of the layer outputs.
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
-drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step, as the authors'
-code searches a mean shift as well as the noise width; ``b > 0`` only where the per-channel ranges were
-calibrated on at least ``shift_min_rows`` rows, as centring on a loose range clips held-out rows). The grid
-over ``(b, k)`` includes ``(0, 0)``, the
-EasyQuant solution, and each candidate quantizes ``X + N`` with a step from the range of ``X + N``; the
-candidate minimizing the summed layer output MSE ::
+drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
+bias is the second term alone, its width ``k`` searched (``NoiseMode.PAPER``); the authors' code also searches a
+mean shift ``b`` (``NoiseMode.SHIFT`` alone, ``NoiseMode.BOTH`` together; ``b > 0`` only where the per-channel
+ranges were calibrated on at least ``shift_min_rows`` rows, as centring on a loose range clips held-out rows).
+The grid over ``(b, k)`` includes ``(0, 0)``, the EasyQuant solution, and each candidate quantizes ``X + N``
+with a step from the range of ``X + N``; the candidate minimizing the summed layer output MSE ::
 
     sum_l || dq(q(X + N)) dq(W_l) + (B_l - N dq(W_l)) - f_l(X) ||^2
 
-wins, and the activation step is then refined for it on the same objective. On the sample the result is
-therefore never worse than EasyQuant.
+wins, and the activation step is then refined for it on the same objective. On its own sample that cannot lose
+to EasyQuant, so it proves nothing: where rows of images no search fitted on are given (``held_out``), the
+noise is kept only if the same objective on them is lower than EasyQuant's, else the group takes no noise
+(``noise_rejected`` in the layer's metrics; both held-out errors are recorded).
 
 Cosine similarity ignores magnitude, so a scale that clips (shrinks) an output can score well and still have
 a large output error; where the EasyQuant solution's summed output MSE on the sample exceeds MinMax's, the
@@ -34,7 +36,7 @@ import zlib
 import numpy as np
 
 from nq_onnx import quant
-from nq_onnx.config import SearchConfig
+from nq_onnx.config import NoiseMode, SearchConfig
 
 
 @dataclasses.dataclass
@@ -138,18 +140,21 @@ def search_linear_group(
     layers: list[LinearOperand],
     a_bits: int,
     config: SearchConfig,
-    with_noise: bool,
+    noise_mode: NoiseMode | None,
     channel_min: np.ndarray,
     channel_max: np.ndarray,
     rng: np.random.Generator,
     signed: bool = True,
     calib_rows: int | None = None,
+    held_out: np.ndarray | None = None,
 ) -> GroupResult:
-    """EasyQuant (and, ``with_noise``, NoisyQuant) for one activation group of linear layers.
+    """EasyQuant (and, with a ``noise_mode``, NoisyQuant) for one activation group of linear layers.
 
     ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes. ``calib_rows``
-    is how many rows the per-channel ranges were calibrated on (``None``: enough to centre on).
+    is how many rows the per-channel ranges were calibrated on (``None``: enough to centre on). ``held_out``:
+    rows ``[T', K]`` of other images, on which a noise must beat EasyQuant to be kept.
     """
+    with_noise = noise_mode is not None
     if with_noise and not signed:
         raise ValueError("a noisy group is quantized signed: X + N can be negative")
     if absmax == 0:  # an all-zero input (e.g. a zero-initialized token): nothing to search
@@ -193,17 +198,40 @@ def search_linear_group(
         return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
 
     base_step = scale
-    shifts = config.noise_shifts if calib_rows is None or calib_rows >= config.shift_min_rows else (0.0,)
+    shifts, amplitudes = config.noise_grid(noise_mode)
+    if calib_rows is not None and calib_rows < config.shift_min_rows:
+        shifts = (0.0,)
     noise, scale, shift, amplitude = _search_noise(
-        x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, scale, shifts
+        x, layers, targets, a_bits, alpha, channel_min, channel_max, rng, scale, shifts, amplitudes,
+        grid(config.act_alphas)
     )
+    if held_out is not None and np.any(noise) and not _wins_held_out(held_out, layers, a_bits, noise, scale,
+                                                                      base_step, metrics):
+        noise, scale, shift, amplitude = np.zeros_like(noise), base_step, 0.0, 0.0
     x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
     for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
         metrics[layer.name]["mse_noisyquant"] = m
     return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics, base_scale=base_step)
 
 
-def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channel_max, rng, easy_scale, shifts):
+def _wins_held_out(rows, layers, a_bits, noise, scale, easy_scale, metrics) -> bool:
+    """Whether ``noise`` at ``scale`` beats the noiseless EasyQuant step on rows no search fitted on (summed layer
+    output MSE); records both errors per layer, and ``noise_rejected`` where it loses."""
+    targets = [rows @ layer.weight + layer.bias for layer in layers]
+    easy = layer_mse(quant.fake_quant(rows, np.float32(easy_scale), a_bits), layers, targets)
+    noisy = layer_mse(quant.fake_quant(rows + noise, np.float32(scale), a_bits), layers, targets, noise)
+    for layer, e, n in zip(layers, easy, noisy):
+        metrics[layer.name]["mse_easyquant_held_out"] = e
+        metrics[layer.name]["mse_noisyquant_held_out"] = n
+    if sum(noisy) < sum(easy):
+        return True
+    for layer in layers:
+        metrics[layer.name]["noise_rejected"] = 1.0
+    return False
+
+
+def _search_noise(x, layers, targets, a_bits, alpha, channel_min, channel_max, rng, easy_scale, shifts, amplitudes,
+                  act_alphas):
     qmax = quant.qmax(a_bits)
     u = rng.uniform(-0.5, 0.5, size=x.shape[1]).astype(np.float64)
     centre = (channel_min.astype(np.float64) + channel_max.astype(np.float64)) / 2.0
@@ -222,7 +250,7 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
     for shift in shifts:
         shifted = -shift * centre
         step = alpha * range_of(shifted) / qmax
-        for amplitude in config.noise_amplitudes:
+        for amplitude in amplitudes:
             noise = shifted + amplitude * step * u
             scale = alpha * range_of(noise) / qmax
             if not scale > 0:  # every channel constant and shifted onto zero: nothing to quantize
@@ -232,7 +260,7 @@ def _search_noise(x, layers, targets, a_bits, config, alpha, channel_min, channe
                 best = (value, noise, scale, float(shift), float(amplitude))
     value, noise, scale, shift, amplitude = best
     base = range_of(noise) / qmax
-    for candidate in grid(config.act_alphas) if base > 0 else ():
+    for candidate in act_alphas if base > 0 else ():
         trial = loss(noise, base * candidate)
         if trial < value:
             value, scale = trial, base * candidate

@@ -182,3 +182,16 @@ def test_bias_less_linear_before_relu_runs_as_an_integer_kernel(tmp_path):
     without.graph.node.remove(add)
     np.testing.assert_array_equal(run(quantized, {"x": x})[0], run(without, {"x": x})[0])
     assert [k.layer for k in inspect_model(without).layers if not k.integer] == ["fc1"]
+
+
+def test_export_gives_back_timms_fused_attention_setting(tmp_path):
+    """Export builds its model with explicit attention matmuls, and leaves timm's process-wide flag as it found it."""
+    import timm
+
+    from nq_onnx.export import export_timm
+
+    before = timm.layers.config._USE_FUSED_ATTN
+    result = export_timm("vit_small_patch16_224", tmp_path / "vit.onnx", model_kwargs=dict(img_size=32, depth=1))
+    assert timm.layers.config._USE_FUSED_ATTN == before
+    ops = [n.op_type for n in onnx.load(str(result.path)).graph.node]
+    assert "Softmax" in ops and ops.count("MatMul") >= 4  # qkv, Q K^T, A V, proj ... not one fused SDPA

@@ -142,7 +142,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("weight_dtype", ["auto", "uint8"])
-@pytest.mark.parametrize("bits", [8, 6, 5, 4])
+@pytest.mark.parametrize("bits", [8, 7, 6, 5, 4])
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_integer_kernels_equal_the_qdq_arithmetic_on_this_cpu(kind, bits, weight_dtype):
     model, feeds, result = convert(kind, bits, weight_dtype)
@@ -192,7 +192,7 @@ def test_int8_weights_saturate_exactly_where_the_cpu_lacks_vnni():
         assert error < 1e-5, error
 
 
-@pytest.mark.parametrize("bits", [6, 5, 4])
+@pytest.mark.parametrize("bits", [7, 6, 5, 4])
 def test_auto_keeps_int8_where_no_pair_can_overflow(bits):
     _, _, result = convert("linear", bits)
     layer = inspect_model(result.model).weight_layers[0]

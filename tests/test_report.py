@@ -89,20 +89,33 @@ def test_report_with_excluded_layers(mlp):
 
 
 def test_report_command_from_saved_plan_with_labels(tmp_path, capsys):
+    """The report's top-1 and output error on held-out labelled data equal what onnxruntime gives for the two
+    models (labels: the float model's own classes on half the images, so top-1 is neither 0 nor 1 by chance)."""
+    import onnxruntime as ort
+
     tmp, rng = tmp_path, np.random.default_rng(3)
     model = save(image_model(rng), tmp / "classifier.onnx")
-    data = tmp / "data.npz"
-    np.savez(data, input=rng.standard_normal((16, 3, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 16))
+    calib, held = tmp / "calib.npz", tmp / "held.npz"
+    np.savez(calib, input=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    images = rng.standard_normal((24, 3, 8, 8)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(str(path)).run(None, {"input": images})[0]  # noqa: E731
+    fp32 = run(model)
+    labels = np.where(np.arange(24) % 2 == 0, fp32.argmax(1), rng.integers(0, 10, 24))
+    np.savez(held, input=images, labels=labels)
     plan = tmp / "plan.json"
-    assert main(["convert", str(model), "-o", str(tmp / "out.onnx"), "--calib", str(data), "-q",
-                 "--save-plan", str(plan)]) == 0
+    assert main(["convert", str(model), "-o", str(tmp / "out.onnx"), "--calib", str(calib), "-q",
+                 "--save-plan", str(plan), "--w-bits", "6", "--a-bits", "6"]) == 0
     folder = tmp / "again"
-    assert main(["report", str(model), "--plan", str(plan), "-o", str(tmp / "again.html"), "--data", str(data),
+    assert main(["report", str(model), "--plan", str(plan), "-o", str(tmp / "again.html"), "--data", str(held),
                  "--report-dir", str(folder)]) == 0
-    numbers = json.loads((folder / "report.json").read_text())
-    assert set(numbers["methods"]) == {"fp32", "noisyquant"}
-    assert 0 <= numbers["methods"]["noisyquant"]["top1"] <= 1
-    assert numbers["methods"]["fp32"]["mse"] == 0
+    numbers = json.loads((folder / "report.json").read_text())["methods"]
+    assert set(numbers) == {"fp32", "noisyquant"}
+    quantized = run(tmp / "out.onnx")
+    assert numbers["fp32"]["top1"] == float(np.mean(fp32.argmax(1) == labels))
+    assert numbers["noisyquant"]["top1"] == float(np.mean(quantized.argmax(1) == labels))
+    assert numbers["fp32"]["mse"] == 0
+    np.testing.assert_allclose(numbers["noisyquant"]["mse"], np.mean((quantized.astype(np.float64) - fp32) ** 2),
+                               rtol=1e-5)
 
 
 def test_report_with_a_plan_from_another_model_is_refused(mlp, capsys):
