@@ -254,11 +254,10 @@ def demo_markdown(demo: dict, source) -> str:
     eq = m["easyquant"]["mse"]
     parts = ", ".join(f"{name} {v['mse']:.4f}" + (f" ({v['mse'] / eq:.2f}x EasyQuant)" if name == "noisyquant" else "")
                       for name, v in m.items())
-    seconds = sum(v["seconds"] for v in m.values())
     return (f"The demo printed (W{demo['bits']}A{demo['bits']}, output MSE against FP32 on {demo['eval_crops']} "
             f"crops of {demo['eval_photos']} photographs not used for calibration, {demo['calib_crops']} "
-            f"calibration crops): {parts}; {seconds:.0f} s of quantization in all. {cpu_line(demo)} "
-            f"Source: `{source}` (`python benchmarks/demo.py`).")
+            f"calibration crops): {parts}. {cpu_line(demo)} Source: `{source}` (`python benchmarks/demo.py`; the "
+            f"times in it are not quoted: that run shared the machine with another benchmark).")
 
 
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
