@@ -251,3 +251,24 @@ def test_model_that_fails_the_checker(capsys, work):
     bad.write_bytes(model.SerializeToString())
     fails(capsys, ["convert", bad, "-o", tmp / "out.onnx", "--calib", calib], "fails the ONNX checker",
           inputs=[bad])
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--weight-dtype", "int4", "invalid choice: 'int4'"),
+    ("--noise", "gaussian", "invalid choice: 'gaussian'"),
+    ("--holdout-images", "-1", "search.holdout_images must be non-negative"),
+    ("--holdout-images", "two", "invalid int value: 'two'"),
+])
+def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, needle):
+    tmp, model, calib = work
+    fails(capsys, ["convert", model, "-o", tmp / "out.onnx", "--calib", calib, flag, value], needle, inputs=[model])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
+    ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
+])
+def test_unknown_weight_dtype_or_noise_mode_in_the_api(field, value, message):
+    with pytest.raises(ConfigError) as error:
+        QuantConfig(**{field: value})
+    assert str(error.value) == message
