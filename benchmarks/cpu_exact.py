@@ -49,12 +49,6 @@ TIMED = ("fp32", "easyquant_w8a8", "easyquant_w8a8_int8", "noisyquant_w8a8", "no
          "ort_linear_w8a8", "ort_linear_w8a8_u8u8")
 
 
-def outputs(path: Path, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
-    session = _session(str(path), True)
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)])
-
-
 def build_models(fp32: Path, calib_dir: Path, calib_arrays: np.ndarray, calib_size: int, log,
                  reuse: bool = False) -> dict[str, dict]:
     models: dict[str, dict] = {"fp32": {"path": fp32, "bits": 32}}
@@ -130,12 +124,9 @@ def _session(model, optimized: bool) -> ort.InferenceSession:
 
 def kernel_report(path: Path) -> dict:
     inspection = inspect_model(onnx.load(str(path)))
-    dtypes: dict[str, int] = {}
-    for k in inspection.weight_layers:
-        dtypes[k.weight_dtype] = dtypes.get(k.weight_dtype, 0) + 1
     return {"weight_layers": len(inspection.weight_layers),
             "weight_layers_integer": sum(k.integer for k in inspection.weight_layers),
-            "can_overflow_without_vnni": len(inspection.overflow_layers), "weight_dtypes": dtypes}
+            "can_overflow_without_vnni": len(inspection.overflow_layers), "weight_dtypes": inspection.weight_dtypes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     held = run.image_arrays(held_files, pre)
     models = build_models(fp32, calib_dir, run.image_arrays(calib_files, pre), calib_size, log, args.reuse)
 
-    reference = {"cifar": outputs(fp32, cifar), "imagenet": outputs(fp32, held)}
+    reference = {"cifar": run.run_model(fp32, cifar), "imagenet": run.run_model(fp32, held)}
     for name, entry in models.items():
         if name == "fp32":
             continue
-        entry["cifar"] = output_metrics(reference["cifar"], outputs(entry["path"], cifar), labels)
-        entry["imagenet_heldout"] = output_metrics(reference["imagenet"], outputs(entry["path"], held))
+        entry["cifar"] = output_metrics(reference["cifar"], run.run_model(entry["path"], cifar), labels)
+        entry["imagenet_heldout"] = output_metrics(reference["imagenet"], run.run_model(entry["path"], held))
         entry["kernel_fidelity"] = layer_fidelity(entry["path"], held[:fidelity])
         entry["kernels"] = kernel_report(entry["path"])
         log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, worst layer kernel SQNR "

@@ -371,16 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, entry in models.items():
         if name != "fp32":
             inspection = inspect_model(onnx.load(str(entry["path"])))
-            dtypes: dict[str, int] = {}
-            for k in inspection.weight_layers:
-                dtypes[k.weight_dtype] = dtypes.get(k.weight_dtype, 0) + 1
             entry["kernels"] = {
                 "weight_layers": len(inspection.weight_layers),
                 "weight_layers_integer": sum(k.integer for k in inspection.weight_layers),
                 "counts": inspection.kernel_counts,
                 "noise_adds": inspection.noise_adds,
                 "can_overflow_without_vnni": len(inspection.overflow_layers),
-                "weight_dtypes": dtypes,
+                "weight_dtypes": inspection.weight_dtypes,
             }
     log("latency")
     results["latency"] = (measure_latency({n: m["path"] for n, m in models.items()}, cifar, settings, log)

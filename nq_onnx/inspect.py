@@ -28,6 +28,8 @@ from nq_onnx.cpu import CpuFeatures, cpu_features
 from nq_onnx.errors import ModelError
 from nq_onnx.external_data import configure_session
 from nq_onnx.model_io import load_model
+from nq_onnx.passes.base import import_graph
+from nq_onnx.passes.find_layers import const_value
 
 INTEGER_KERNELS = frozenset(
     {
@@ -87,6 +89,14 @@ class Inspection:
         return [k for k in self.layers if k.can_overflow]
 
     @property
+    def weight_dtypes(self) -> dict[str, int]:
+        """How many weight layers store their codes in each container (int8, uint8)."""
+        counts: dict[str, int] = {}
+        for k in self.weight_layers:
+            counts[k.weight_dtype] = counts.get(k.weight_dtype, 0) + 1
+        return counts
+
+    @property
     def failures(self) -> list[LayerKernel]:
         """What ``--strict`` fails on: a float fallback, or codes that are not exact on every CPU."""
         return [k for k in self.layers if not k.integer or k.can_overflow]
@@ -111,8 +121,6 @@ def _producer(tensor: gs.Tensor, op: str) -> gs.Node | None:
 
 
 def _constant(tensor: gs.Tensor | None) -> np.ndarray | None:
-    from nq_onnx.passes.find_layers import const_value
-
     return None if tensor is None else const_value(tensor)
 
 
@@ -163,8 +171,6 @@ def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
 
 def quantized_layers(model: onnx.ModelProto) -> list[LayerKernel]:
     """Every MatMul/Gemm that reads a ``DequantizeLinear`` output, with its codes (found by graph structure)."""
-    from nq_onnx.passes.base import import_graph
-
     graph = import_graph(model)
     out = []
     for node in graph.nodes:
