@@ -1,0 +1,61 @@
+"""Refactors change no numbers: small conversions reproduce stored digests of their output model and plan.
+
+Every setting below was converted once before a refactor began and the SHA-256 of the emitted model, the plan's
+JSON and its arrays stored in ``tests/golden/digests.json``, keyed by CPU kind (:func:`nq_onnx.cpu.cpu_features`):
+the search is float maths on numpy's BLAS, whose kernels (and so the last bits of a sum) differ between CPU
+kinds, so the same model, data and seed give the same bytes on the same kind of CPU, not on every CPU. On a kind
+with no stored digests the test is skipped; ``NQ_WRITE_GOLDEN=1`` records them (do that on main, before a change).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from nq_onnx import QuantConfig, SearchConfig, convert
+from nq_onnx.cpu import cpu_features
+from nq_onnx.export import export_timm
+
+GOLDEN = Path(__file__).parent / "golden" / "digests.json"
+SETTINGS = {
+    "minmax_w8a8": dict(method="minmax"),
+    "easyquant_w8a8": dict(method="easyquant"),
+    "noisyquant_w6a6": dict(method="noisyquant", w_bits=6, a_bits=6),
+    "noisyquant_paper_w6a6": dict(method="noisyquant", w_bits=6, a_bits=6, noise="paper"),
+    "noisyquant_w4a8_int8": dict(method="noisyquant", w_bits=4, weight_dtype="int8"),
+    "noisyquant_int16_bias": dict(method="noisyquant", int16_bias=True),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("golden") / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2), num_classes=10)
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digests(model: Path, photos: Path, out: Path, setting: dict) -> dict[str, str]:
+    config = QuantConfig(calib_size=8, search=SearchConfig(search_images=4, holdout_images=2, shift_min_rows=16, tokens=64), **setting)
+    convert(model, out / "q.onnx", photos, config, save_plan=out / "plan.json", evaluate=False)
+    return {"model": sha(out / "q.onnx"), "plan": sha(out / "plan.json"), "arrays": sha(out / "plan.npz")}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_conversion_reproduces_stored_digests(name, tiny_vit, photo_folder, tmp_path):
+    kind = cpu_features().kind
+    stored = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    got = digests(tiny_vit, photo_folder, tmp_path, SETTINGS[name])
+    if os.environ.get("NQ_WRITE_GOLDEN"):
+        stored.setdefault(kind, {})[name] = got
+        GOLDEN.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    if name not in stored.get(kind, {}):
+        pytest.skip(f"no stored digests for {name} on CPU kind {kind}")
+    assert got == stored[kind][name]
