@@ -6,6 +6,7 @@ replaced by ::
 
     Where(on_g, s_g * round(clip((X + N_g) / s_g, lo, hi)), X)
 
+(the quantizer's own float-ONNX form, :meth:`nq_onnx.quantizers.ActQuantizer.simulate`)
 and every weight and bias delta becomes a graph input, so a single onnxruntime session serves the whole
 search: a layer not yet planned is fed ``on = false`` and its float weight; a planned one its step, noise,
 fake-quantized weight ``dq(q(W))`` and denoising delta ``-N dq(W)``. ``round`` is ONNX ``Round`` (half to
@@ -20,11 +21,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
 from nq_onnx.external_data import carry_source_dir
 from nq_onnx.calibration.runtime import session
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+from nq_onnx.quantizers import ActQuantizer
 
 
 def _names(group: str) -> dict[str, str]:
@@ -39,34 +40,21 @@ def build_simulation(
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     for group in layers.groups:
-        lo, hi = quant.code_range(a_bits, group.name not in unsigned)
         x = tensors[group.tensor]
         names = _names(group.name)
         noise = gs.Variable(names["noise"], dtype=np.float32, shape=[max(group.channels, 1)])
         scale = gs.Variable(names["scale"], dtype=np.float32, shape=[])
         on = gs.Variable(names["on"], dtype=np.bool_, shape=[])
         graph.inputs.extend([noise, scale, on])
-        t = [gs.Variable(f"sim/{group.name}/t{i}", dtype=np.float32) for i in range(6)]
-        graph.nodes += [
-            gs.Node("Add", inputs=[x, noise], outputs=[t[0]]),
-            gs.Node("Div", inputs=[t[0], scale], outputs=[t[1]]),
-            gs.Node(
-                "Clip",
-                inputs=[
-                    t[1],
-                    gs.Constant(f"sim/{group.name}/lo", np.array(lo, np.float32)),
-                    gs.Constant(f"sim/{group.name}/hi", np.array(hi, np.float32)),
-                ],
-                outputs=[t[2]],
-            ),
-            gs.Node("Round", inputs=[t[2]], outputs=[t[3]]),
-            gs.Node("Mul", inputs=[t[3], scale], outputs=[t[4]]),
-            gs.Node("Where", inputs=[on, t[4], x], outputs=[t[5]]),
-        ]
+        noisy = gs.Variable(f"sim/{group.name}/t0", dtype=np.float32)
+        chosen = gs.Variable(f"sim/{group.name}/t5", dtype=np.float32)
+        quantize, fake = ActQuantizer(a_bits, group.name not in unsigned).simulate(f"sim/{group.name}", noisy, scale)
+        graph.nodes += [gs.Node("Add", inputs=[x, noise], outputs=[noisy]), *quantize,
+                        gs.Node("Where", inputs=[on, fake, x], outputs=[chosen])]
         for name in group.consumers:
             spec = layers.layer(name)
             node = nodes[spec.node]
-            node.inputs[spec.inputs.index(group.tensor)] = t[5]
+            node.inputs[spec.inputs.index(group.tensor)] = chosen
     for spec in layers.layers:
         if spec.kind == ACT_MATMUL:
             continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, TypeVar
 
 from nq_onnx.errors import OutputError
 
@@ -14,21 +14,35 @@ from nq_onnx.errors import OutputError
 def write_bytes_atomic(path: str | Path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:
     """Write ``data`` to ``path`` through a temporary file; ``before_replace`` may check (or refuse, by raising)
     the complete temporary file before it takes the final name."""
+    write_file_atomic(path, lambda f: f.write(data), before_replace)
+
+
+T = TypeVar("T")
+
+
+def write_file_atomic(path: str | Path, write: Callable[[BinaryIO], T],
+                      before_replace: Callable[[str], None] | None = None, name: Callable[[T], Path] | None = None,
+                      suffix: str = ".tmp") -> tuple[Path, T]:
+    """``write(f)`` into a temporary file beside ``path``, synced, then renamed to ``path`` (or to ``name(value)``,
+    a name that depends on what was written); returns the final path and ``write``'s value. On any failure the
+    temporary file is removed and nothing else exists."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            value = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
         if before_replace is not None:
             before_replace(tmp)
-        os.replace(tmp, path)
+        final = name(value) if name is not None else path
+        os.replace(tmp, final)
+        return final, value
     except OSError as exc:
         remove_quietly(tmp)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -77,6 +77,12 @@ def _add_convert(sub) -> None:
                    help="weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero "
                         "point 128 elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 "
                         "targets: saturates on x86 without VNNI)")
+    _add_search_options(p)
+    _add_output_options(p)
+    p.set_defaults(func=_convert)
+
+
+def _add_search_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
@@ -88,13 +94,16 @@ def _add_convert(sub) -> None:
         action="store_true",
         help="search every layer on float activations instead of after the quantized earlier layers",
     )
-    p.add_argument("--save-plan", metavar="PLAN.json", help="write the plan (JSON + .npz beside it)")
-    p.add_argument("--load-plan", metavar="PLAN.json", help="skip calibration and use a saved plan")
     p.add_argument("--input-size", type=_ints, metavar="C,H,W", help="image size if the model does not record it")
     p.add_argument("--mean", type=_floats, help="normalization mean (default: model metadata or ImageNet)")
     p.add_argument("--std", type=_floats, help="normalization std (default: model metadata or ImageNet)")
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos"], help="resize filter")
     p.add_argument("--crop-pct", type=float, help="centre-crop fraction (1.0: resize shorter side, crop square)")
+
+
+def _add_output_options(p) -> None:
+    p.add_argument("--save-plan", metavar="PLAN.json", help="write the plan (JSON + .npz beside it)")
+    p.add_argument("--load-plan", metavar="PLAN.json", help="skip calibration and use a saved plan")
     p.add_argument("--no-eval", action="store_true", help="skip the output-error check against the float model")
     p.add_argument("--report", metavar="REPORT.html", help="write a self-contained HTML report of the conversion")
     p.add_argument("--report-dir", metavar="DIR", help="also write the report's figures (PNG) and numbers (JSON) here")
@@ -103,7 +112,6 @@ def _add_convert(sub) -> None:
                         "data or the output is over 2 GiB)")
     p.add_argument("-f", "--force", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_convert)
 
 
 EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}
@@ -311,7 +319,7 @@ def format_summary(summary, elapsed: float, output) -> str:
     if summary.calib_images:
         extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
         lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
-    excluded = [s for s in summary.skipped if "excluded" in s.reason or "not in the plan" in s.reason]
+    excluded = [s for s in summary.skipped if s.user_facing]
     for skip in excluded:
         lines.append(f"  skipped {skip.layer}: {skip.reason}")
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in summary.timings.items())

@@ -19,7 +19,7 @@ from nq_onnx.calibration.data import PREPROCESS_KEY, Preprocess
 from nq_onnx.errors import ModelError, NQError
 from nq_onnx.calibration.runtime import session as runtime_session
 from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
-from nq_onnx.models.registry import recipe_for, unfused_attention
+from nq_onnx.models.registry import recipe_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,23 +37,6 @@ def _import_torch():
     except ImportError as exc:
         raise NQError(f"export needs torch and timm ({exc.name} is missing): pip install 'nq-onnx[export]'") from None
     return torch, timm
-
-
-def preprocess_of(model, timm) -> Preprocess:
-    config = timm.data.resolve_data_config({}, model=model)
-    size = tuple(config["input_size"])
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None:  # the pretrained config may name another size than the model was built with
-        size = (size[0], int(img_size[0]), int(img_size[1]))
-    return Preprocess(
-        input_size=size,
-        mean=tuple(float(v) for v in config["mean"]),
-        std=tuple(float(v) for v in config["std"]),
-        interpolation=config.get("interpolation", "bicubic"),
-        crop_pct=float(config.get("crop_pct", 1.0)),
-        crop_mode=config.get("crop_mode", "center"),
-    )
 
 
 def _real_images(folder: Path, pre: Preprocess, count: int = 8) -> np.ndarray:
@@ -100,37 +83,21 @@ def export_timm(
     if model_name not in timm.list_models() and model_name not in timm.list_models(pretrained=True):
         raise ModelError(f"unknown timm model {model_name!r}")
     torch.manual_seed(seed)  # random initial weights (no checkpoint) and the example input, both from the seed
+    recipe = recipe_for(model_name)
     try:
-        with unfused_attention(timm):
-            model = timm.create_model(model_name, pretrained=pretrained, checkpoint_path=str(checkpoint or ""),
-                                      **kwargs)
+        model = recipe.build(timm, model_name, pretrained, str(checkpoint or ""), **kwargs)
     except (RuntimeError, OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot build {model_name}: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    pre = preprocess_of(model, timm)
+    pre = recipe.preprocess(model, timm)
     example = torch.randn(2, *pre.input_size)
     with tempfile.TemporaryDirectory(prefix="nq-export-") as folder:  # torch writes external data beside a path
         traced = Path(folder) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             expected = model(example).numpy()
-            _torch_export(torch, model, example, traced, opset)
+            recipe.export(torch, model, example, traced, opset)
         proto, _ = load_model(traced)  # a model over 2 GiB stays in torch's files until written below
         return _finish(model, model_name, proto, pre, example, expected, check_images, output, external_data)
-
-
-def _torch_export(torch, model, example, path: Path, opset: int) -> None:
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        opset_version=opset,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        do_constant_folding=True,
-        dynamo=False,
-    )
 
 
 def _finish(model, model_name, proto, pre, example, expected, check_images, output, external_data) -> ExportResult:

@@ -17,8 +17,6 @@ write leaves the previous model and its data, or nothing, under the final names.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -26,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from nq_onnx.atomic import remove_quietly, umask, write_bytes_atomic
-from nq_onnx.errors import ModelError, OutputError
+from nq_onnx.atomic import remove_quietly, write_bytes_atomic, write_file_atomic
+from nq_onnx.errors import ModelError
 
 DIR_KEY = "nq_onnx.external_data_dir"
 INLINE_LIMIT = 1 << 16  # external tensors below this many bytes are read into the model at load
@@ -235,53 +233,17 @@ def needs_external(model: onnx.ModelProto) -> bool:
 def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
     """Write ``model`` to ``path`` with its tensors of :data:`THRESHOLD` bytes or more in one data file beside it;
     returns the data file's path. See the module docstring for the order that makes it atomic."""
-    folder_in = source_dir(model)
     parent = path.parent if str(path.parent) else Path(".")
     previous = _previous_data(path)
-    try:
-        fd, tmp_data = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".data.tmp", dir=parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    placed: list[tuple[TensorProto, int, int]] = []  # (tensor, offset in the data file or -1 if inline, bytes)
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            offset = 0
-            for tensor in model.graph.initializer:
-                size = nbytes(tensor)
-                if size < THRESHOLD or tensor.data_type == TensorProto.STRING:
-                    placed.append((tensor, -1, 0))
-                    continue
-                pad = -offset % ALIGN
-                f.write(b"\0" * pad)
-                digest.update(b"\0" * pad)
-                offset += pad
-                written = 0
-                for chunk in _raw_chunks(tensor, folder_in):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-                if written != size:
-                    raise RuntimeError(f"tensor {tensor.name!r} has {written} bytes of data, expected {size}")
-                placed.append((tensor, offset, size))
-                offset += size
-            f.flush()
-            os.fsync(f.fileno())
-        data_name = f"{path.name}.{digest.hexdigest()[:16]}.data"
-        light = onnx.ModelProto()
-        _copy_fields(model, light, skip="graph")
-        _copy_fields(model.graph, light.graph, skip="initializer")
-        light.graph.initializer.extend(t if at < 0 else _header(t, data_name, at, size) for t, at, size in placed)
-        set_source_dir(light, None)
-        data_path = parent / data_name
-        os.chmod(tmp_data, 0o666 & ~umask())
-        os.replace(tmp_data, data_path)
-    except OSError as exc:
-        remove_quietly(tmp_data)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        remove_quietly(tmp_data)
-        raise
+    data_path, (placed, digest) = write_file_atomic(
+        path, lambda f: _write_data(model, f), name=lambda written: parent / _data_name(path, written[1]),
+        suffix=".data.tmp")
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    light.graph.initializer.extend(t if at < 0 else _header(t, data_path.name, at, size) for t, at, size in placed)
+    set_source_dir(light, None)
+
     def validate(tmp_model: str) -> None:
         if check:  # by path: the checker resolves the data file beside the temporary model file
             try:
@@ -300,6 +262,38 @@ def save(model: onnx.ModelProto, path: Path, check: bool = True) -> Path:
         if old.parent == data_path.parent and old.name.startswith(f"{path.name}.") and old.name.endswith(".data"):
             remove_quietly(str(old))
     return data_path
+
+
+def _data_name(path: Path, digest: str) -> str:
+    return f"{path.name}.{digest[:16]}.data"
+
+
+def _write_data(model: onnx.ModelProto, f) -> tuple[list[tuple[TensorProto, int, int]], str]:
+    """The large tensors' raw bytes, each at an :data:`ALIGN`-aligned offset; ``(placement, sha256 of the file)``
+    where a placement is ``(tensor, offset or -1 if it stays inline, bytes)``."""
+    folder_in = source_dir(model)
+    placed: list[tuple[TensorProto, int, int]] = []
+    digest = hashlib.sha256()
+    offset = 0
+    for tensor in model.graph.initializer:
+        size = nbytes(tensor)
+        if size < THRESHOLD or tensor.data_type == TensorProto.STRING:
+            placed.append((tensor, -1, 0))
+            continue
+        pad = -offset % ALIGN
+        f.write(b"\0" * pad)
+        digest.update(b"\0" * pad)
+        offset += pad
+        written = 0
+        for chunk in _raw_chunks(tensor, folder_in):
+            f.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+        if written != size:
+            raise RuntimeError(f"tensor {tensor.name!r} has {written} bytes of data, expected {size}")
+        placed.append((tensor, offset, size))
+        offset += size
+    return placed, digest.hexdigest()
 
 
 def _previous_data(path: Path) -> set[Path]:

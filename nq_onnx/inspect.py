@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
+from nq_onnx import naming, quant
 from nq_onnx.cpu import CpuFeatures, cpu_features
 from nq_onnx.errors import ModelError
 from nq_onnx.external_data import configure_session
@@ -158,7 +158,7 @@ def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
     """The layer read off the graph; ``kernel`` is filled in from the optimized graph later."""
     weight = next((dq for dq in dqs if dq is not None and _weight_codes(dq) is not None), None)
     act = next((dq for dq in dqs if dq is not None and dq is not weight), None)
-    name = next(dq.outputs[0].name for dq in dqs if dq is not None).rsplit("/", 1)[0]
+    name = naming.owner(next(dq.outputs[0].name for dq in dqs if dq is not None))
     input_codes = stored_input_codes(act) if act is not None else None
     if weight is None:
         return LayerKernel(name, node.name, node.op, "", False, None, input_codes)
@@ -216,7 +216,7 @@ def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider"
     counts: dict[str, int] = {}
     for k in result:
         counts[k.kernel] = counts.get(k.kernel, 0) + 1
-    noise_adds = sum(1 for n in model.graph.node if n.name.endswith("/add_noise"))
+    noise_adds = sum(1 for n in model.graph.node if naming.is_noise_add(n.name))
     return Inspection(provider, result, noise_adds, dict(sorted(counts.items())), cpu_features())
 
 

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
 from nq_onnx.calibration.collect import collect_stats
-from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
+from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset, load_labels
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
 from nq_onnx.errors import ModelError, NQError, PlanError
@@ -32,12 +32,16 @@ from nq_onnx.passes import (
     InsertNoise,
     InsertQDQ,
     Layers,
+    PassResult,
+    Role,
     Skip,
+    SkipKind,
     StoreInt16Bias,
     find_layers,
     import_graph,
 )
 from nq_onnx.plan import Plan
+from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
 
@@ -103,23 +107,35 @@ def check_finite(graph: gs.Graph, layers: Layers) -> None:
                 raise ModelError(f"layer {spec.name!r}: its {role} {name!r} contains NaN or Inf")
 
 
+@dataclasses.dataclass
+class Rewrite:
+    """What the passes of :func:`apply_plan` did: what they left alone and what they created, by role."""
+
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    created: dict[Role, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, result: PassResult) -> None:
+        self.skipped += result.skipped
+        for role, names in result.created.items():
+            self.created.setdefault(role, []).extend(names)
+
+    def names(self, *roles: Role) -> list[str]:
+        return [name for role in roles for name in self.created.get(role, ())]
+
+
 def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
-               fold_noise: bool = True) -> tuple[onnx.ModelProto, list[Skip]]:
+               fold_noise: bool = True) -> tuple[onnx.ModelProto, Rewrite]:
     """Run the passes: insert_noise, insert_qdq, fold_denoising_bias, add_zero_bias (and store_int16_bias);
     check the result."""
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
     graph = import_graph(model)
-    skipped: list[Skip] = []
-    passes = (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan),
-              AddZeroBias(layers))
-    for graph_pass in passes:
-        skipped += graph_pass(graph).skipped
+    rewrite = Rewrite()
+    for graph_pass in (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan),
+                       AddZeroBias(layers)):
+        rewrite.add(graph_pass(graph))
     if plan.config.int16_bias:
-        noisy = [g for g in layers.groups if g.noisy and (p := plan.groups.get(g.name)) is not None
-                 and p.noise is not None and np.any(p.noise)]
-        denoised = frozenset(layers.layer(c).bias for g in noisy for c in g.consumers if layers.layer(c).bias)
-        StoreInt16Bias(denoised)(graph)
+        rewrite.add(StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES)))(graph))
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -139,7 +155,7 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
             onnx.checker.check_model(out, full_check=True)
         except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
             raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
-    return out, skipped
+    return out, rewrite
 
 
 INT16_OPSET = 21  # int16 Q/DQ types
@@ -196,17 +212,17 @@ def quantize(
         timings["search_s"] = time.perf_counter() - start
     check_plan_fits(plan, layers)
     start = time.perf_counter()
-    out, skipped = apply_plan(model, layers, plan)
+    out, rewrite = apply_plan(model, layers, plan)
     timings["rewrite_s"] = time.perf_counter() - start
     summary = Summary(
         config.method.value,
         [s.name for s in layers.layers],
-        [Skip(n, r) for n, r in layers.excluded] + skipped,
+        [Skip(n, r, SkipKind.EXCLUDED) for n, r in layers.excluded] + rewrite.skipped,
         sum(1 for g in plan.groups.values() if g.noise is not None),
         timings,
         calib_images=len(calib) if calib is not None else 0,
         data_skipped=len(calib.skipped) if calib is not None else 0,
-        noise_adds=sum(1 for n in out.graph.node if n.name.endswith("/add_noise")),
+        noise_adds=len(rewrite.names(Role.NOISE_ADD)),
         noise_rejected=sum(1 for g in layers.groups
                            if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
     )
@@ -264,16 +280,9 @@ def convert(
         # the search never reads the weight container: a loaded plan can be stored for another target
         plan.config = dataclasses.replace(plan.config, weight_dtype=config.weight_dtype)
         config = plan.config
-    dataset = None
-    if calib is not None:
-        pre = (
-            Preprocess.from_model(model, **preprocess)
-            if preprocess and any(v is not None for v in preprocess.values())
-            else None
-        )
-        dataset = load_dataset(calib, model, limit=config.calib_size, seed=config.seed, preprocess=pre)
-    elif plan is None:
+    if calib is None and plan is None:
         raise NQError("convert needs --calib DATA (or --load-plan PLAN)")
+    dataset = None if calib is None else _calibration_data(calib, model, config, preprocess)
     result = quantize(model, digest, config, dataset, plan, progress)
     if evaluate and dataset is not None:
         start = time.perf_counter()
@@ -290,6 +299,15 @@ def convert(
     return result
 
 
+def _calibration_data(calib: str | Path, model: onnx.ModelProto, config: QuantConfig,
+                      preprocess: dict | None) -> Dataset:
+    """The calibration inputs, prepared as the model records (or as ``preprocess`` overrides)."""
+    pre = None
+    if preprocess and any(v is not None for v in preprocess.values()):
+        pre = Preprocess.from_model(model, **preprocess)
+    return load_dataset(calib, model, limit=config.calib_size, seed=config.seed, preprocess=pre)
+
+
 def report(
     model_path: str | Path,
     plan_path: str | Path,
@@ -300,7 +318,6 @@ def report(
     force: bool = False,
 ) -> Result:
     """The HTML report of a saved plan applied to its model; ``data`` adds histograms and output error."""
-    from nq_onnx.calibration.data import load_labels
     from nq_onnx.report import build_report
 
     inputs = tuple(p for p in (model_path, plan_path, data) if p is not None)

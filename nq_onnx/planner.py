@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
 from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
@@ -27,7 +26,17 @@ from nq_onnx.config import Method, QuantConfig, SearchConfig
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan
-from nq_onnx.search import LinearOperand, group_rng, sample_rows, search_act_matmul, search_linear_group
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.search import (
+    GroupSample,
+    GroupSearch,
+    LinearOperand,
+    group_rng,
+    group_seed,
+    sample_rows,
+    search_act_matmul,
+    search_linear_group,
+)
 
 ACT_MATMUL_SLICES = 16
 
@@ -68,22 +77,12 @@ def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
     return steps
 
 
-def _operand(spec: LayerSpec, node: gs.Node, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
-    """The layer as ``X @ W + B``: Gemm's ``alpha`` goes into ``W``, its ``beta`` into ``B``."""
-    alpha = float(node.attrs.get("alpha", 1.0)) if spec.op == "Gemm" else 1.0
-    beta = float(node.attrs.get("beta", 1.0)) if spec.op == "Gemm" else 1.0
-    w_kn = weight.T if spec.weight_axis == 0 else weight
+def _operand(spec: LayerSpec, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
+    """The layer as ``X @ W + B`` (the canonical ``MatMul`` layout; a layer without a bias has ``B = 0``)."""
     bias = np.zeros(spec.out_features, np.float32)
     if spec.bias is not None:
-        bias = (tensors[spec.bias].values * np.float32(beta)).astype(np.float32)
-    if alpha != 1.0:
-        w_kn = w_kn * np.float32(alpha)
-    return LinearOperand(spec.name, np.ascontiguousarray(w_kn, dtype=np.float32), bias, bits)
-
-
-def _graph_scales(spec: LayerSpec, node: gs.Node, scales: np.ndarray) -> np.ndarray:
-    alpha = float(node.attrs.get("alpha", 1.0)) if spec.op == "Gemm" else 1.0
-    return (scales / np.float32(alpha)).astype(np.float32)
+        bias = tensors[spec.bias].values.astype(np.float32)
+    return LinearOperand(spec.name, np.ascontiguousarray(weight, dtype=np.float32), bias, WeightQuantizer(bits))
 
 
 def split_images(value: np.ndarray, images: int, fit: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -126,14 +125,10 @@ def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weigh
     unsigned = unsigned_groups(layers, stats, config)
     for group in layers.groups:
         signed = group.name not in unsigned
-        scale = float(quant.minmax_scale(stats[group.tensor].absmax, config.a_bits, signed))
+        scale = ActQuantizer(config.a_bits, signed).minmax_scale(stats[group.tensor].absmax)
         plan.groups[group.name] = plain_group(group, scale, config.a_bits, signed, stats[group.tensor])
     for spec in layers.layers:
-        scales = (
-            None
-            if spec.kind == ACT_MATMUL
-            else quant.weight_scales(weights[spec.name], spec.weight_axis, config.w_bits)
-        )
+        scales = None if spec.kind == ACT_MATMUL else WeightQuantizer(config.w_bits).minmax_scales(weights[spec.name])
         plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
     return plan
 
@@ -148,7 +143,6 @@ class SearchPlanner:
     search_data: Dataset
     config: QuantConfig
     # the state of one run, set by ``run``
-    _nodes: dict[str, gs.Node] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _tensors: dict[str, gs.Tensor] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _weights: dict[str, np.ndarray] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _unsigned: frozenset[str] = dataclasses.field(init=False, repr=False, default=frozenset())
@@ -162,7 +156,6 @@ class SearchPlanner:
         graph = import_graph(self.model)
         self._images = len(self.search_data)
         self._fit, _ = search_counts(self._images, self.config.search)
-        self._nodes = {n.name: n for n in graph.nodes}
         self._tensors = graph.tensors()
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
@@ -192,71 +185,55 @@ class SearchPlanner:
 
     def _plan_linear_group(self, plan: Plan, group: GroupSpec, value: np.ndarray) -> None:
         config = self.config
-        fit, rest = split_images(value, self._images, self._fit)
-        # the token samples depend on the group only; the seed drives the noise alone
-        x = sample_rows(fit, group.channels, config.search.tokens, group_rng(0, group.name))
-        held_out = None if rest is None else sample_rows(rest, group.channels, config.search.tokens,
-                                                         group_rng(1, group.name))
-        rng = group_rng(config.seed, group.name)
         specs = [self.layers.layer(name) for name in group.consumers]
-        operands = [
-            _operand(s, self._nodes[s.node], self._weights[s.name], self._tensors, config.w_bits) for s in specs
-        ]
-        stats = self.stats[group.tensor]
-        signed = group.name not in self._unsigned
-        result = search_linear_group(
-            x,
-            stats.absmax,
-            operands,
-            config.a_bits,
+        problem = GroupSearch(
+            self._sample(group, value),
+            tuple(_operand(s, self._weights[s.name], self._tensors, config.w_bits) for s in specs),
+            ActQuantizer(config.a_bits, group.name not in self._unsigned),
             config.search,
             config.noise if config.method == Method.NOISYQUANT and group.noisy else None,
-            stats.channel_min,
-            stats.channel_max,
-            rng,
-            signed,
-            stats.count,
-            held_out,
+            group_seed(config.seed, group.name),
         )
-        plan.groups[group.name] = GroupPlan(
-            group.name,
-            group.tensor,
-            result.scale,
-            config.a_bits,
-            result.noise,
-            result.noise_shift,
-            result.noise_amplitude,
-            signed,
-            _range(stats),
-            result.base_scale,
-        )
+        result = search_linear_group(problem)
+        stats = self.stats[group.tensor]
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
+                                            result.noise_shift, result.noise_amplitude, problem.act.signed,
+                                            _range(stats), result.base_scale)
         self._sim.set_group(group.name, result.scale, result.noise)
-        for spec, operand in zip(specs, operands):
-            node = self._nodes[spec.node]
-            scales = _graph_scales(spec, node, operand.scales)
-            plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits, result.metrics[spec.name])
-            fake = quant.dequantize_weight(
-                quant.quantize_weight(self._weights[spec.name], scales, spec.weight_axis, config.w_bits),
-                scales,
-                spec.weight_axis,
-            )
-            delta = None if result.noise is None else -(result.noise @ operand.quantized_weight())
-            self._sim.set_layer(spec.name, fake, delta)
+        for operand in problem.layers:
+            scales = result.weight_scales[operand.name]
+            plan.layers[operand.name] = LayerPlan(operand.name, scales, config.w_bits, result.metrics[operand.name])
+            fake = operand.quantized_weight(scales)
+            self._sim.set_layer(operand.name, fake, None if result.noise is None else -(result.noise @ fake))
+
+    def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
+        """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise
+        alone) and its calibrated range."""
+        fit, rest = split_images(value, self._images, self._fit)
+        tokens = self.config.search.tokens
+        stats = self.stats[group.tensor]
+        return GroupSample(
+            sample_rows(fit, group.channels, tokens, group_rng(0, group.name)),
+            stats.absmax, stats.channel_min, stats.channel_max,
+            None if rest is None else sample_rows(rest, group.channels, tokens, group_rng(1, group.name)),
+            stats.count,
+        )
 
     def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
         config = self.config
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         signed = tuple(g.name not in self._unsigned for g in groups)
+        quantizers = tuple(ActQuantizer(config.a_bits, sg) for sg in signed)
         metrics: dict[str, float] = {}
         a, b = (split_images(v, self._images, self._fit)[0] for v in (a, b))
         if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             rng = group_rng(0, spec.name)
             pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
-            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, config.a_bits, config.search, signed)
+            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search)
         else:
-            s_a, s_b = (float(quant.minmax_scale(m, config.a_bits, sg)) for m, sg in zip(absmax, signed))
+            s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
         for group, scale, sg in zip(groups, (s_a, s_b), signed):
             if group.name not in plan.groups:
                 plan.groups[group.name] = plain_group(group, scale, config.a_bits, sg, self.stats[group.tensor])

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nq_onnx import quant
+from nq_onnx import naming
 from nq_onnx.atomic import write_bytes_atomic
+from nq_onnx.calibration.collect import sample_rows
+from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.plan import Plan
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 MAX_HISTOGRAM_LAYERS = 12
 SAMPLE_ROWS = 2048
@@ -79,7 +82,7 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
 def histogram_groups(layers: Layers, plan: Plan, rows: list[dict]) -> list[str]:
     """Noisy groups to draw: every fc2-like (post-GELU) input, then the layers with the largest error."""
     noisy = [g for g in layers.groups if g.noisy and plan.groups.get(g.name) is not None]
-    chosen = [g.name for g in noisy if any(c.endswith("fc2") for c in g.consumers)]
+    chosen = [g.name for g in noisy if any(naming.is_mlp_output(c) for c in g.consumers)]
     by_error = sorted(
         (r for r in rows if r["mse_easyquant"] is not None and r["group"]),
         key=lambda r: -(r["mse_noisyquant"] if r["mse_noisyquant"] is not None else r["mse_easyquant"]),
@@ -127,10 +130,11 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     noise = gp.noise if gp.noise is not None else np.zeros(x.shape[1], np.float32)
     base = gp.base_scale or gp.scale
     x_n = x + noise
-    x_q = quant.fake_quant(x_n, np.float32(gp.scale), gp.bits, gp.signed)
+    act = ActQuantizer(gp.bits, gp.signed)
+    x_q = act.fake_quant(x_n, gp.scale)
     w_q, bias = weights[group.consumers[0]]
     fp32 = x @ w_q + bias  # dq(W_q): isolates the activation error the noise acts on
-    easy = quant.fake_quant(x, np.float32(base), gp.bits, gp.signed) @ w_q + bias
+    easy = act.fake_quant(x, base) @ w_q + bias
     noisy = x_q @ w_q + bias - noise @ w_q
     fig, axes = plt.subplots(2, 4, figsize=(14, 5.2))
     panels = [
@@ -174,6 +178,36 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     return _png(fig)
 
 
+STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+th { background: #eef; cursor: pointer; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+code { background: #f4f4f4; padding: 1px 4px; }
+@media print { th { cursor: auto; } img { page-break-inside: avoid; } }
+</style>"""
+
+SCRIPT = """<script>
+document.querySelectorAll("table.sortable th").forEach((th, col) => {
+  th.addEventListener("click", () => {
+    const body = th.closest("table").tBodies[0];
+    const key = r => { const c = r.cells[col]; const v = c.dataset.v !== undefined ? c.dataset.v : c.textContent;
+                        const n = parseFloat(v); return isNaN(n) ? v : n; };
+    const asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
+    Array.from(body.rows).sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
+      .forEach(r => body.appendChild(r));
+  });
+});
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const ok = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.ready = ok + "/" + images.length;
+});
+</script>"""
+
+
 def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str]) -> str:
     def img(key: str, alt: str) -> str:
         uri = base64.b64encode(figures[key]).decode()
@@ -204,16 +238,7 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
     hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>nq-onnx report: {html.escape(data.model)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-th {{ background: #eef; cursor: pointer; }}
-img {{ max-width: 100%; display: block; margin: 0.5em 0; }}
-code {{ background: #f4f4f4; padding: 1px 4px; }}
-@media print {{ th {{ cursor: auto; }} img {{ page-break-inside: avoid; }} }}
-</style></head>
+{STYLE}</head>
 <body>
 <h1>nq-onnx report: {html.escape(data.model)}</h1>
 <p>Settings: <code>{settings}</code></p>
@@ -230,23 +255,7 @@ Click a column header to sort.</p>
 {chart_html}
 <h2>Histograms</h2>
 {hist if hist else "<p>No histograms: no noisy layer, or no data was given.</p>"}
-<script>
-document.querySelectorAll("table.sortable th").forEach((th, col) => {{
-  th.addEventListener("click", () => {{
-    const body = th.closest("table").tBodies[0];
-    const key = r => {{ const c = r.cells[col]; const v = c.dataset.v !== undefined ? c.dataset.v : c.textContent;
-                        const n = parseFloat(v); return isNaN(n) ? v : n; }};
-    const asc = th.dataset.asc !== "1"; th.dataset.asc = asc ? "1" : "0";
-    Array.from(body.rows).sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1))
-      .forEach(r => body.appendChild(r));
-  }});
-}});
-window.addEventListener("load", () => {{
-  const images = Array.from(document.images);
-  const ok = images.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.ready = ok + "/" + images.length;
-}});
-</script>
+{SCRIPT}
 </body></html>
 """
 
@@ -272,8 +281,6 @@ def write_report(
 
 def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers."""
-    from nq_onnx.passes import import_graph
-
     graph = import_graph(result.float_model)
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
@@ -282,10 +289,7 @@ def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray
         spec = result.layers.layer(name)
         lp = result.plan.layers[name]
         w = nodes[spec.node].inputs[1].values.astype(np.float32)
-        w_q = quant.dequantize_weight(
-            quant.quantize_weight(w, lp.weight_scales, spec.weight_axis, lp.bits), lp.weight_scales, spec.weight_axis
-        )
-        w_q = w_q.T if spec.weight_axis == 0 else w_q
+        w_q = WeightQuantizer(lp.bits).fake_quant(w, lp.weight_scales)
         bias = tensors[spec.bias].values.astype(np.float32) if spec.bias else np.zeros(w_q.shape[1], np.float32)
         out[name] = (np.ascontiguousarray(w_q), bias)
     return out
@@ -300,8 +304,6 @@ def build_report(
     methods: dict[str, dict[str, float]] | None = None,
 ) -> ReportData:
     """Compute the figures of ``result`` (a conversion) on ``dataset`` (may be ``None``) and write the report."""
-    from nq_onnx.calibration.collect import sample_rows
-
     rows = layer_rows(result.layers, result.plan)
     config = result.plan.config
     data = ReportData(

@@ -26,6 +26,10 @@ noise is kept only if the same objective on them is lower than EasyQuant's, else
 Cosine similarity ignores magnitude, so a scale that clips (shrinks) an output can score well and still have
 a large output error; where the EasyQuant solution's summed output MSE on the sample exceeds MinMax's, the
 MinMax scales are kept (``minmax_kept`` in the layer's search metrics).
+
+A search takes one input value (:class:`GroupSearch`: the sample, the operands, the quantizers, the settings) and
+returns one result value (:class:`GroupResult`, with every layer's weight steps); it mutates nothing. Every
+quantization it scores is a :mod:`nq_onnx.quantizers` quantizer's, the same the simulation and the passes use.
 """
 
 from __future__ import annotations
@@ -35,34 +39,64 @@ import zlib
 
 import numpy as np
 
-from nq_onnx import quant
 from nq_onnx.config import NoiseMode, SearchConfig
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LinearOperand:
-    """A consumer of the group in ``X @ W + B`` layout: ``W`` is ``[K, N]`` whatever the graph stores."""
+    """A consumer of the group in ``X @ W + B`` layout: ``W`` is ``[K, N]`` (the canonical ``MatMul`` layout)."""
 
     name: str
     weight: np.ndarray
     bias: np.ndarray
-    bits: int
-    scales: np.ndarray | None = None
+    quantizer: WeightQuantizer
 
     def minmax_scales(self) -> np.ndarray:
-        return quant.weight_scales(self.weight, axis=1, bits=self.bits)
+        return self.quantizer.minmax_scales(self.weight)
 
-    def quantized_weight(self) -> np.ndarray:
-        return quant.fake_quant(self.weight, self.scales[None, :], self.bits)
+    def quantized_weight(self, scales: np.ndarray) -> np.ndarray:
+        return self.quantizer.fake_quant(self.weight, scales)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSample:
+    """What calibration knows of one group's input: token rows to fit on, rows of other images to check on
+    (``held_out``), its range over all calibration rows, and how many rows that range came from."""
+
+    x: np.ndarray
+    absmax: float
+    channel_min: np.ndarray
+    channel_max: np.ndarray
+    held_out: np.ndarray | None = None
+    calib_rows: int | None = None  # None: enough to centre on
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSearch:
+    """The input of one group's search. ``noise_mode = None``: EasyQuant only. ``noise_seed`` seeds the group's
+    uniform noise draw (:func:`group_seed`)."""
+
+    sample: GroupSample
+    layers: tuple[LinearOperand, ...]
+    act: ActQuantizer
+    config: SearchConfig
+    noise_mode: NoiseMode | None = None
+    noise_seed: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if self.noise_mode is not None and not self.act.signed:
+            raise ValueError("a noisy group is quantized signed: X + N can be negative")
 
 
 @dataclasses.dataclass
 class GroupResult:
     scale: float
-    noise: np.ndarray | None
-    noise_shift: float
-    noise_amplitude: float
+    weight_scales: dict[str, np.ndarray]
     metrics: dict[str, dict[str, float]]
+    noise: np.ndarray | None = None
+    noise_shift: float = 0.0
+    noise_amplitude: float = 0.0
     base_scale: float = 0.0  # the EasyQuant step, before any noise search
 
 
@@ -89,9 +123,13 @@ def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Genera
     return np.ascontiguousarray(rows[np.sort(chosen)], dtype=np.float32)
 
 
+def group_seed(seed: int, name: str) -> tuple[int, int]:
+    """The seed of one group: depends on the seed and the group's name only, not on the order of work."""
+    return seed, zlib.crc32(name.encode())
+
+
 def group_rng(seed: int, name: str) -> np.random.Generator:
-    """The generator of one group: depends on the seed and the group's name only, not on the order of work."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return np.random.default_rng(list(group_seed(seed, name)))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,143 +148,123 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
-def layer_mse(
-    x_q: np.ndarray, layers: list[LinearOperand], targets: list[np.ndarray], noise: np.ndarray | None = None
-) -> list[float]:
+def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], scales: dict[str, np.ndarray],
+              targets: list[np.ndarray], noise: np.ndarray | None = None) -> list[float]:
     """Per-layer output MSE of ``x_q dq(W) + B - N dq(W)`` against the float outputs."""
     out = []
     for layer, target in zip(layers, targets):
-        w_q = layer.quantized_weight()
+        w_q = layer.quantized_weight(scales[layer.name])
         bias = layer.bias if noise is None else layer.bias - noise @ w_q
         out.append(_mse(x_q @ w_q + bias, target))
     return out
 
 
 def search_weight_scales(x_q: np.ndarray, layer: LinearOperand, target: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Per output channel, the step ``a * s_c^minmax`` whose channel output is most cosine-similar to the float one."""
     base = layer.minmax_scales()
     best = np.full(base.shape, -np.inf)
     best_alpha = np.ones(base.shape)
     for alpha in alphas:  # one fake-quantized weight alive at a time: weights can be hundreds of MB
-        scales = (base * alpha)[None, :].astype(np.float32)
-        cos = _column_cosine(x_q @ quant.fake_quant(layer.weight, scales, layer.bits) + layer.bias, target)
+        cos = _column_cosine(x_q @ layer.quantized_weight((base * alpha).astype(np.float32)) + layer.bias, target)
         better = cos > best
         best[better], best_alpha[better] = cos[better], alpha
     return (base * best_alpha).astype(np.float32)
 
 
-def search_linear_group(
-    x: np.ndarray,
-    absmax: float,
-    layers: list[LinearOperand],
-    a_bits: int,
-    config: SearchConfig,
-    noise_mode: NoiseMode | None,
-    channel_min: np.ndarray,
-    channel_max: np.ndarray,
-    rng: np.random.Generator,
-    signed: bool = True,
-    calib_rows: int | None = None,
-    held_out: np.ndarray | None = None,
-) -> GroupResult:
-    """EasyQuant (and, with a ``noise_mode``, NoisyQuant) for one activation group of linear layers.
+def search_linear_group(problem: GroupSearch) -> GroupResult:
+    """EasyQuant (and, with a ``noise_mode``, NoisyQuant) for one activation group of linear layers."""
+    sample, layers = problem.sample, problem.layers
+    if sample.absmax == 0:  # an all-zero input (e.g. a zero-initialized token): nothing to search
+        zero = {"mse_minmax": 0.0, "mse_easyquant": 0.0} | ({"mse_noisyquant": 0.0} if problem.noise_mode else {})
+        return GroupResult(1.0, {op.name: op.minmax_scales() for op in layers}, {op.name: dict(zero) for op in layers},
+                           base_scale=1.0)
+    targets = [sample.x @ layer.weight + layer.bias for layer in layers]
+    easy, alpha = _easyquant(problem, targets)
+    if problem.noise_mode is None:
+        return easy
+    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha)
+    if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, noise, scale):
+        noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
+    x_q = problem.act.fake_quant(sample.x + noise, scale)
+    for layer, m in zip(layers, layer_mse(x_q, layers, easy.weight_scales, targets, noise)):
+        easy.metrics[layer.name]["mse_noisyquant"] = m
+    return dataclasses.replace(easy, scale=scale, noise=noise if np.any(noise) else None, noise_shift=shift,
+                               noise_amplitude=amplitude)
 
-    ``signed = False`` (a non-negative input, never with noise) quantizes to unsigned codes. ``calib_rows``
-    is how many rows the per-channel ranges were calibrated on (``None``: enough to centre on). ``held_out``:
-    rows ``[T', K]`` of other images, on which a noise must beat EasyQuant to be kept.
-    """
-    with_noise = noise_mode is not None
-    if with_noise and not signed:
-        raise ValueError("a noisy group is quantized signed: X + N can be negative")
-    if absmax == 0:  # an all-zero input (e.g. a zero-initialized token): nothing to search
-        for layer in layers:
-            layer.scales = layer.minmax_scales()
-        zero = {"mse_minmax": 0.0, "mse_easyquant": 0.0} | ({"mse_noisyquant": 0.0} if with_noise else {})
-        return GroupResult(1.0, None, 0.0, 0.0, {layer.name: dict(zero) for layer in layers}, 1.0)
-    targets = [x @ layer.weight + layer.bias for layer in layers]
-    base = float(quant.minmax_scale(absmax, a_bits, signed))
-    for layer in layers:
-        layer.scales = layer.minmax_scales()
-    metrics = {
-        layer.name: {"mse_minmax": m}
-        for layer, m in zip(layers, layer_mse(quant.fake_quant(x, base, a_bits, signed), layers, targets))
-    }
 
-    alpha = 1.0
+def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float]:
+    """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result
+    and its activation step as a multiple of the MinMax step."""
+    x, layers, act, config = problem.sample.x, problem.layers, problem.act, problem.config
+    base = act.minmax_scale(problem.sample.absmax)
+    minmax = {layer.name: layer.minmax_scales() for layer in layers}
+    mse_minmax = layer_mse(act.fake_quant(x, base), layers, minmax, targets)
+    metrics = {layer.name: {"mse_minmax": m} for layer, m in zip(layers, mse_minmax)}
+    alpha, scales = 1.0, dict(minmax)
     for _ in range(config.rounds):
-        x_q = quant.fake_quant(x, np.float32(base * alpha), a_bits, signed)
-        for layer, target in zip(layers, targets):
-            layer.scales = search_weight_scales(x_q, layer, target, grid(config.weight_alphas))
-        w_q = [layer.quantized_weight() for layer in layers]
+        x_q = act.fake_quant(x, base * alpha)
+        scales = {layer.name: search_weight_scales(x_q, layer, target, grid(config.weight_alphas))
+                  for layer, target in zip(layers, targets)}
+        w_q = [layer.quantized_weight(scales[layer.name]) for layer in layers]
         best = -np.inf
         for candidate in grid(config.act_alphas):
-            x_q = quant.fake_quant(x, np.float32(base * candidate), a_bits, signed)
+            x_q = act.fake_quant(x, base * candidate)
             score = float(np.mean([_cosine(x_q @ w + layer.bias, t) for w, layer, t in zip(w_q, layers, targets)]))
             if score > best:
                 best, alpha = score, float(candidate)
-    scale = base * alpha
-    easy = layer_mse(quant.fake_quant(x, np.float32(scale), a_bits, signed), layers, targets)
-    if sum(easy) > sum(metrics[layer.name]["mse_minmax"] for layer in layers):
+    easy = layer_mse(act.fake_quant(x, base * alpha), layers, scales, targets)
+    if sum(easy) > sum(mse_minmax):
         # cosine ignores magnitude: a solution that lost to MinMax on output MSE is not kept
-        alpha, scale = 1.0, base
+        alpha, scales, easy = 1.0, minmax, mse_minmax
         for layer in layers:
-            layer.scales = layer.minmax_scales()
             metrics[layer.name]["minmax_kept"] = 1.0
-        easy = [metrics[layer.name]["mse_minmax"] for layer in layers]
     for layer, m in zip(layers, easy):
         metrics[layer.name]["mse_easyquant"] = m
-    if not with_noise:
-        return GroupResult(scale, None, 0.0, 0.0, metrics, scale)
-
-    base_step = scale
-    shifts, amplitudes = config.noise_grid(noise_mode)
-    if calib_rows is not None and calib_rows < config.shift_min_rows:
-        shifts = (0.0,)
-    noise, scale, shift, amplitude = _search_noise(
-        x, layers, targets, a_bits, alpha, channel_min, channel_max, rng, scale, shifts, amplitudes,
-        grid(config.act_alphas)
-    )
-    if held_out is not None and np.any(noise) and not _wins_held_out(held_out, layers, a_bits, noise, scale,
-                                                                      base_step, metrics):
-        noise, scale, shift, amplitude = np.zeros_like(noise), base_step, 0.0, 0.0
-    x_q = quant.fake_quant(x + noise, np.float32(scale), a_bits)
-    for layer, m in zip(layers, layer_mse(x_q, layers, targets, noise)):
-        metrics[layer.name]["mse_noisyquant"] = m
-    return GroupResult(scale, noise if np.any(noise) else None, shift, amplitude, metrics, base_scale=base_step)
+    scale = base * alpha
+    return GroupResult(scale, scales, metrics, base_scale=scale), alpha
 
 
-def _wins_held_out(rows, layers, a_bits, noise, scale, easy_scale, metrics) -> bool:
+def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, scale: float) -> bool:
     """Whether ``noise`` at ``scale`` beats the noiseless EasyQuant step on rows no search fitted on (summed layer
     output MSE); records both errors per layer, and ``noise_rejected`` where it loses."""
+    rows, layers, act = problem.sample.held_out, problem.layers, problem.act
     targets = [rows @ layer.weight + layer.bias for layer in layers]
-    easy = layer_mse(quant.fake_quant(rows, np.float32(easy_scale), a_bits), layers, targets)
-    noisy = layer_mse(quant.fake_quant(rows + noise, np.float32(scale), a_bits), layers, targets, noise)
-    for layer, e, n in zip(layers, easy, noisy):
-        metrics[layer.name]["mse_easyquant_held_out"] = e
-        metrics[layer.name]["mse_noisyquant_held_out"] = n
-    if sum(noisy) < sum(easy):
+    plain = layer_mse(act.fake_quant(rows, easy.scale), layers, easy.weight_scales, targets)
+    noisy = layer_mse(act.fake_quant(rows + noise, scale), layers, easy.weight_scales, targets, noise)
+    for layer, e, n in zip(layers, plain, noisy):
+        easy.metrics[layer.name]["mse_easyquant_held_out"] = e
+        easy.metrics[layer.name]["mse_noisyquant_held_out"] = n
+    if sum(noisy) < sum(plain):
         return True
     for layer in layers:
-        metrics[layer.name]["noise_rejected"] = 1.0
+        easy.metrics[layer.name]["noise_rejected"] = 1.0
     return False
 
 
-def _search_noise(x, layers, targets, a_bits, alpha, channel_min, channel_max, rng, easy_scale, shifts, amplitudes,
-                  act_alphas):
-    qmax = quant.qmax(a_bits)
-    u = rng.uniform(-0.5, 0.5, size=x.shape[1]).astype(np.float64)
-    centre = (channel_min.astype(np.float64) + channel_max.astype(np.float64)) / 2.0
-    w_q = [layer.quantized_weight() for layer in layers]
+def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult,
+                  alpha: float) -> tuple[np.ndarray, float, float, float]:
+    """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
+    EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
+    sample, act, config = problem.sample, problem.act, problem.config
+    qmax = act.code_range[1]
+    u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
+    centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
+    w_q = [layer.quantized_weight(easy.weight_scales[layer.name]) for layer in problem.layers]
+    shifts, amplitudes = config.noise_grid(problem.noise_mode)
+    if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
+        shifts = (0.0,)
 
     def range_of(noise: np.ndarray) -> float:
-        return float(np.max(np.maximum(np.abs(channel_min + noise), np.abs(channel_max + noise))))
+        return float(np.max(np.maximum(np.abs(sample.channel_min + noise), np.abs(sample.channel_max + noise))))
 
     def loss(noise: np.ndarray, scale: float) -> float:
         n32 = noise.astype(np.float32)
-        x_q = quant.fake_quant(x + n32, np.float32(scale), a_bits)
-        return float(sum(_mse(x_q @ w + (layer.bias - n32 @ w), t) for w, layer, t in zip(w_q, layers, targets)))
+        x_q = act.fake_quant(sample.x + n32, scale)
+        terms = zip(w_q, problem.layers, targets)
+        return float(sum(_mse(x_q @ w + (layer.bias - n32 @ w), t) for w, layer, t in terms))
 
     zero = np.zeros_like(u)
-    best = (loss(zero, easy_scale), zero, easy_scale, 0.0, 0.0)  # the EasyQuant solution itself
+    best = (loss(zero, easy.scale), zero, easy.scale, 0.0, 0.0)  # the EasyQuant solution itself
     for shift in shifts:
         shifted = -shift * centre
         step = alpha * range_of(shifted) / qmax
@@ -260,29 +278,21 @@ def _search_noise(x, layers, targets, a_bits, alpha, channel_min, channel_max, r
                 best = (value, noise, scale, float(shift), float(amplitude))
     value, noise, scale, shift, amplitude = best
     base = range_of(noise) / qmax
-    for candidate in act_alphas if base > 0 else ():
+    for candidate in grid(config.act_alphas) if base > 0 else ():
         trial = loss(noise, base * candidate)
         if trial < value:
             value, scale = trial, base * candidate
     return noise.astype(np.float32), float(scale), shift, amplitude
 
 
-def search_act_matmul(
-    a: np.ndarray,
-    b: np.ndarray,
-    absmax: tuple[float, float],
-    bits: int,
-    config: SearchConfig,
-    signed: tuple[bool, bool] = (True, True),
-) -> tuple[float, float, dict]:
+def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
+                      quantizers: tuple[ActQuantizer, ActQuantizer], config: SearchConfig) -> tuple[float, float, dict]:
     """EasyQuant for ``A @ B`` with both operands per-tensor quantized: alternate the two steps."""
     target = a @ b
-    base = [float(quant.minmax_scale(m, bits, s)) for m, s in zip(absmax, signed)]
+    base = [q.minmax_scale(m) for q, m in zip(quantizers, absmax)]
 
     def product(scales: list[float]) -> np.ndarray:
-        return quant.fake_quant(a, np.float32(scales[0]), bits, signed[0]) @ quant.fake_quant(
-            b, np.float32(scales[1]), bits, signed[1]
-        )
+        return quantizers[0].fake_quant(a, scales[0]) @ quantizers[1].fake_quant(b, scales[1])
 
     scales = list(base)
     metrics = {"mse_minmax": _mse(product(base), target)}

@@ -15,7 +15,8 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.passes.base import PassResult, consumers, constant, is_graph_output
+from nq_onnx import naming
+from nq_onnx.passes.base import PassResult, Role, consumers, constant, is_graph_output, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 
 ACTIVATIONS = ("Relu", "Clip")
@@ -27,7 +28,7 @@ class AddZeroBias:
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
-        nodes = {n.name: n for n in graph.nodes}
+        nodes = nodes_by_name(graph)
         for spec in self.layers.layers:
             node = nodes.get(spec.node)
             if spec.kind == ACT_MATMUL or node is None or node.op != "MatMul":
@@ -36,9 +37,11 @@ class AddZeroBias:
             readers = consumers(graph, out)
             if is_graph_output(graph, out) or not any(r.op in ACTIVATIONS for r in readers):
                 continue
-            inner = gs.Variable(f"{spec.name}/matmul_out", dtype=out.dtype)
+            inner = gs.Variable(naming.of(spec.name, naming.MATMUL_OUT), dtype=out.dtype)
             node.outputs[0] = inner
-            zero = constant(f"{spec.name}/zero_bias", np.zeros(spec.out_features, np.float32))
-            graph.nodes.append(gs.Node("Add", name=f"{spec.name}/add_zero_bias", inputs=[inner, zero], outputs=[out]))
+            zero = constant(naming.of(spec.name, naming.ZERO_BIAS), np.zeros(spec.out_features, np.float32))
+            graph.nodes.append(gs.Node("Add", name=naming.of(spec.name, naming.ADD_ZERO_BIAS), inputs=[inner, zero],
+                                       outputs=[out]))
             result.applied.append(spec.name)
+            result.record(Role.ZERO_BIAS, zero.name)
         return result

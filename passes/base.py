@@ -8,7 +8,7 @@ a model.
 from __future__ import annotations
 
 import dataclasses
-
+import enum
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +19,66 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from nq_onnx import external_data
 
 
+class Role(str, enum.Enum):
+    """What a pass created or changed (the values of :attr:`PassResult.created`: node or tensor names)."""
+
+    NOISE = "noise"  # an explicit noise constant N (tensor)
+    NOISE_ADD = "noise_add"  # the Add(X, N) before a group's quantizer (node)
+    NOISE_FOLDED = "noise_folded"  # a preceding bias with N folded in, so no Add is needed (tensor)
+    BIAS_DENOISED = "bias_denoised"  # a layer bias B' = B - N dq(W) (tensor; edited in place or a copy)
+    BIAS_ADDED = "bias_added"  # a bias a layer did not have, holding -N dq(W) (tensor)
+    ZERO_BIAS = "zero_bias"  # an explicit zero bias that lets onnxruntime fuse (tensor)
+    INT8_WEIGHTS = "int8_weights"  # a layer whose weight codes are stored int8 (layer)
+    UINT8_WEIGHTS = "uint8_weights"  # ... stored uint8 with zero point 128 (layer)
+    ACT_QUANTIZER = "act_quantizer"  # a group's QuantizeLinear (node)
+    INT16_CODES = "int16_codes"  # a float constant now stored as int16 codes (tensor it replaced)
+    DECOMPOSED_GEMM = "decomposed_gemm"  # a Gemm rewritten as MatMul + Add (node)
+    FOLDED_WEIGHT = "folded_weight"  # a weight chain folded to one constant (layer node)
+
+
+class SkipKind(str, enum.Enum):
+    """Why a pass left something alone."""
+
+    NOT_PLANNED = "not_planned"  # the plan has no entry for it
+    EXCLUDED = "excluded"  # the user excluded it
+    NO_NOISE = "no_noise"  # its plan has no (or a zero) noise vector
+    NOT_NOISY = "not_noisy"  # read by an activation matmul, which takes no noise
+    UNSUPPORTED = "unsupported"  # a form the pass cannot rewrite
+
+
 @dataclasses.dataclass(frozen=True)
 class Skip:
     """A layer a pass left alone, with the reason in words a user can act on."""
 
     layer: str
     reason: str
+    kind: SkipKind = SkipKind.UNSUPPORTED
+
+    @property
+    def user_facing(self) -> bool:
+        """Whether the summary lists it: a layer left in float because of the plan or the user."""
+        return self.kind in (SkipKind.NOT_PLANNED, SkipKind.EXCLUDED)
 
 
 @dataclasses.dataclass
 class PassResult:
+    """What a pass did: the layers (or groups, or nodes) it ``applied`` to, what it ``skipped`` and why, and
+    what it ``created`` or changed, by :class:`Role`."""
+
     graph: gs.Graph
     applied: list[str] = dataclasses.field(default_factory=list)
     skipped: list[Skip] = dataclasses.field(default_factory=list)
-    roles: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # what was created, by role
+    created: dict[Role, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def modified(self) -> bool:
         return bool(self.applied)
+
+    def record(self, role: Role, name: str) -> None:
+        self.created.setdefault(role, []).append(name)
+
+    def names(self, role: Role) -> list[str]:
+        return list(self.created.get(role, ()))
 
 
 class _ExternalValues(LazyValues):
@@ -61,6 +103,10 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
             if isinstance(values, LazyValues) and external_data.is_external(values.tensor):
                 tensor._values = _ExternalValues(values.tensor, folder)
     return graph
+
+
+def nodes_by_name(graph: gs.Graph) -> dict[str, gs.Node]:
+    return {n.name: n for n in graph.nodes}
 
 
 def consumers(graph: gs.Graph, tensor: gs.Tensor) -> list[gs.Node]:

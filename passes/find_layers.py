@@ -1,9 +1,9 @@
 """Find the matrix multiplications to quantize and the activation tensors that feed them.
 
-A *linear* layer is ``MatMul(X, W)`` with a constant 2-D ``W`` of shape ``[K, N]`` (the exporters store
-``W^T`` of a ``Linear``) or ``Gemm(X, W, C)`` with constant ``W``; its output channels lie along axis 1 of a
-``MatMul`` weight and along axis ``1 - transB`` of a ``Gemm`` weight. Its bias is ``C`` of a ``Gemm`` or the
-constant 1-D operand of the single ``Add`` that consumes the ``MatMul`` output. An *activation matmul* is a
+A *linear* layer is ``MatMul(X, W)`` with a constant 2-D ``W`` of shape ``[K, N]`` (the exporters store ``W^T`` of
+a ``Linear``); its output channels lie along axis 1. Its bias is the constant 1-D operand of the single ``Add``
+that consumes the ``MatMul`` output. The graph must be in the canonical form of ``pipeline.canonicalize`` (every
+weight ``Gemm`` rewritten as ``MatMul + Add``): a weight ``Gemm`` is refused. An *activation matmul* is a
 ``MatMul`` whose two operands are both computed (attention ``Q K^T`` and ``A V``).
 
 An *activation group* is one tensor ``X`` and every quantized layer reading it: they share one activation
@@ -37,7 +37,6 @@ class LayerSpec:
     kind: str
     inputs: tuple[str, ...]
     weight: str | None = None
-    weight_axis: int = 1
     bias: str | None = None
     bias_node: str | None = None
     in_features: int = 0
@@ -118,17 +117,9 @@ def _linear(node: gs.Node) -> LayerSpec | None:
     if node.op == "Gemm":
         if node.attrs.get("transA", 0):
             return None
-        axis = 0 if node.attrs.get("transB", 0) else 1
-        bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
-        bias_name = bias.name if bias is not None and bias.values.size > 1 else None
-        bias_node = node.name if bias_name else None
-    else:
-        axis = 1
-        bias_name = bias_node = None
-    out_features = int(w.values.shape[axis])
-    in_features = int(w.values.shape[1 - axis])
-    if node.op == "MatMul":
-        bias_name, bias_node = _bias_of_matmul(node, out_features)
+        raise ValueError(f"weight Gemm {node.name!r} in the graph: the passes need pipeline.canonicalize first")
+    in_features, out_features = (int(d) for d in w.values.shape)
+    bias_name, bias_node = _bias_of_matmul(node, out_features)
     return LayerSpec(
         name="",
         node=node.name,
@@ -136,12 +127,18 @@ def _linear(node: gs.Node) -> LayerSpec | None:
         kind=LINEAR,
         inputs=(x.name,),
         weight=w.name,
-        weight_axis=axis,
         bias=bias_name,
         bias_node=bias_node,
         in_features=in_features,
         out_features=out_features,
     )
+
+
+def require_matmul(node: gs.Node) -> gs.Node:
+    """``node``, checked to be a ``MatMul`` (the canonical form every pass after ``find_layers`` relies on)."""
+    if node.op != "MatMul":
+        raise ValueError(f"layer node {node.name!r} is a {node.op}, not a MatMul: canonicalize the graph first")
+    return node
 
 
 def _act_matmul(node: gs.Node) -> LayerSpec | None:

@@ -17,9 +17,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx import quant
-from nq_onnx.passes.base import PassResult, constant
+from nq_onnx.passes.base import PassResult, Role, constant
 
-SUFFIXES = ("/noise", "/noise_folded_bias", "/bias_denoised")
+# what the noise passes created or changed: the constants this pass stores as int16
+ROLES = (Role.NOISE, Role.NOISE_FOLDED, Role.BIAS_DENOISED, Role.BIAS_ADDED)
 
 
 def int16_codes(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
@@ -30,9 +31,9 @@ def int16_codes(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
 
 @dataclasses.dataclass(frozen=True)
 class StoreInt16Bias:
-    """``denoised`` names the bias tensors that ``fold_denoising_bias`` edited in place (their names did not change)."""
+    """``tensors``: the float constants to store, by name (the :data:`ROLES` of the noise passes' results)."""
 
-    denoised: frozenset[str] = frozenset()
+    tensors: frozenset[str] = frozenset()
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
@@ -41,7 +42,7 @@ class StoreInt16Bias:
             for i, tensor in enumerate(node.inputs):
                 if not isinstance(tensor, gs.Constant) or tensor.values.dtype != np.float32:
                     continue
-                if not (tensor.name.endswith(SUFFIXES) or tensor.name in self.denoised):
+                if tensor.name not in self.tensors:
                     continue
                 if tensor.name not in done:
                     codes, scale = int16_codes(tensor.values)
@@ -54,5 +55,6 @@ class StoreInt16Bias:
                         outputs=[out]))
                     done[tensor.name] = out
                     result.applied.append(tensor.name)
+                    result.record(Role.INT16_CODES, tensor.name)
                 node.inputs[i] = done[tensor.name]
         return result

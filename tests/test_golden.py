@@ -43,7 +43,8 @@ def sha(path: Path) -> str:
 
 
 def digests(model: Path, photos: Path, out: Path, setting: dict) -> dict[str, str]:
-    config = QuantConfig(calib_size=8, search=SearchConfig(search_images=4, holdout_images=2, shift_min_rows=16, tokens=64), **setting)
+    search = SearchConfig(search_images=4, holdout_images=2, shift_min_rows=16, tokens=64)
+    config = QuantConfig(calib_size=8, search=search, **setting)
     convert(model, out / "q.onnx", photos, config, save_plan=out / "plan.json", evaluate=False)
     return {"model": sha(out / "q.onnx"), "plan": sha(out / "plan.json"), "arrays": sha(out / "plan.npz")}
 

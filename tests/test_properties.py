@@ -78,7 +78,7 @@ def test_random_graphs_convert_and_noise_folding_is_exact(case):
         noise = rng.uniform(-2, 2, group.channels).astype(np.float32) if group.noisy else None
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.05, 8, noise)
     for spec in layers.layers:
-        scales = None if spec.kind == "act_matmul" else quant.weight_scales(weights[spec.weight], spec.weight_axis, 8)
+        scales = None if spec.kind == "act_matmul" else quant.weight_scales(weights[spec.weight], 1, 8)
         plan.layers[spec.name] = LayerPlan(spec.name, scales, 8)
     x = (2 * rng.standard_normal((3, model.graph.input[0].type.tensor_type.shape.dim[1].dim_value))).astype(np.float32)
     quantized, _ = apply_plan(model, layers, plan)  # runs the full checker

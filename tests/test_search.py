@@ -9,7 +9,16 @@ import pytest
 
 from nq_onnx import quant
 from nq_onnx.config import NoiseMode, SearchConfig
-from nq_onnx.search import LinearOperand, group_rng, sample_rows, search_linear_group
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.search import (
+    GroupSample,
+    GroupSearch,
+    LinearOperand,
+    group_rng,
+    group_seed,
+    sample_rows,
+    search_linear_group,
+)
 
 _erf = np.vectorize(math.erf)
 
@@ -22,16 +31,20 @@ def post_gelu(rng: np.random.Generator, tokens: int, channels: int, spread: np.n
 
 def held_out_mse(x, w, b, bits, result, operand) -> float:
     noise = result.noise if result.noise is not None else np.zeros(x.shape[1], np.float32)
-    w_q = operand.quantized_weight()
+    w_q = operand.quantized_weight(result.weight_scales[operand.name])
     out = quant.fake_quant(x + noise, np.float32(result.scale), bits) @ w_q + (b - noise @ w_q)
     return float(np.mean((out.astype(np.float64) - (x @ w + b)) ** 2))
 
 
+def problem(x, w, b, bits, name, config=SearchConfig(), mode=None, held_out=None, calib_rows=None) -> GroupSearch:
+    sample = GroupSample(x, float(np.abs(x).max()), x.min(axis=0), x.max(axis=0), held_out, calib_rows)
+    operand = LinearOperand(name, w, b, WeightQuantizer(bits))
+    return GroupSearch(sample, (operand,), ActQuantizer(bits), config, mode, group_seed(0, name))
+
+
 def search(x, w, b, bits, with_noise, config=SearchConfig(), mode=NoiseMode.BOTH, held_out=None):
-    operand = LinearOperand("fc2", w, b, bits)
-    result = search_linear_group(x, float(np.abs(x).max()), [operand], bits, config, mode if with_noise else None,
-                                 x.min(axis=0), x.max(axis=0), group_rng(0, "fc2"), held_out=held_out)
-    return result, operand
+    task = problem(x, w, b, bits, "fc2", config, mode if with_noise else None, held_out)
+    return search_linear_group(task), task.layers[0]
 
 
 @pytest.mark.parametrize("bits", [8, 6])
@@ -126,10 +139,8 @@ def test_sample_rows_keeps_the_largest_rows_and_is_seeded():
 
 
 def search_rows(x, w, b, bits, calib_rows):
-    operand = LinearOperand("head", w, b, bits)
-    result = search_linear_group(x, float(np.abs(x).max()), [operand], bits, SearchConfig(), NoiseMode.BOTH,
-                                 x.min(axis=0), x.max(axis=0), group_rng(0, "head"), calib_rows=calib_rows)
-    return result, operand
+    task = problem(x, w, b, bits, "head", mode=NoiseMode.BOTH, calib_rows=calib_rows)
+    return search_linear_group(task), task.layers[0]
 
 
 def test_no_mean_shift_where_the_ranges_come_from_few_rows():
@@ -169,3 +180,23 @@ def test_search_and_holdout_image_counts_and_the_split_by_image():
     np.testing.assert_array_equal(fit.reshape(4, 4, 3), value[:4])
     assert rest.shape[0] == 4
     assert split_images(value[:5], images=6, fit=4)[1] is None  # the leading axis does not run over the images
+
+
+def test_search_leaves_its_input_untouched_and_repeats_itself():
+    """A search is a function of its input value: the operands' arrays are not written, a second run gives the same
+    steps, noise and weight steps bit for bit."""
+    rng = np.random.default_rng(9)
+    x = post_gelu(rng, 512, 32, rng.uniform(0.5, 1.5, 32))
+    w = (rng.standard_normal((32, 16)) / 6).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.1).astype(np.float32)
+    task = problem(x, w, b, 6, "fc2", mode=NoiseMode.BOTH, held_out=post_gelu(rng, 256, 32, np.ones(32)))
+    copies = [a.copy() for a in (x, w, b, task.sample.channel_min, task.sample.channel_max)]
+    first, second = search_linear_group(task), search_linear_group(task)
+    for before, after in zip(copies, (task.sample.x, task.layers[0].weight, task.layers[0].bias,
+                                      task.sample.channel_min, task.sample.channel_max)):
+        np.testing.assert_array_equal(before, after)
+    assert first.scale == second.scale and first.noise_shift == second.noise_shift
+    np.testing.assert_array_equal(first.weight_scales["fc2"], second.weight_scales["fc2"])
+    assert (first.noise is None) == (second.noise is None)
+    if first.noise is not None:
+        np.testing.assert_array_equal(first.noise, second.noise)
