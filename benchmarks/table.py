@@ -260,6 +260,35 @@ def demo_markdown(demo: dict, source) -> str:
             f"times in it are not quoted: that run shared the machine with another benchmark).")
 
 
+METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
+ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+reparam": "EasyQuant + reparam",
+             "noisyquant+reparam": "NoisyQuant + reparam", "easyquant+gptq": "EasyQuant + GPTQ",
+             "easyquant+bc": "EasyQuant + bias correction", "all": "NoisyQuant + reparam + GPTQ + bias correction"}
+
+
+def methods_markdown(results: dict, source) -> str:
+    """The methods table (``benchmarks/methods.py``): per bit-width, every row's top-1, held-out output MSE against
+    the bit-width's EasyQuant row, convert time, and the gap to FP32."""
+    fp32 = results["fp32"]["cifar"]["top1"]
+    images = results["settings"]["cifar_per_class"] * 10
+    lines = [f"| bits | method | top-1 % ({images} CIFAR-10) | vs FP32 | held-out MSE | vs EasyQuant | convert s |",
+             "|---|---|---|---|---|---|---|", f"| 32 | FP32 | {100 * fp32:.2f} | | 0 | | |"]
+    rows = results["rows"]
+    for name, e in rows.items():
+        bits = e["bits"]
+        base = rows.get(f"easyquant_w{bits}a{bits}")
+        mse = e["imagenet_heldout"]["mse"]
+        ratio = f"{mse / base['imagenet_heldout']['mse']:.3f}x" if base else "-"
+        top1 = e["cifar"]["top1"]
+        lines.append(f"| W{bits}A{bits} | {ROW_LABEL.get(e['row'], e['row'])} | {100 * top1:.2f} | "
+                     f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |")
+    settings = results["settings"]
+    return "\n".join(lines) + (
+        f"\n\n{settings['calib_size']} ImageNet calibration images (seed {settings['seed']}), held-out output MSE "
+        f"on {settings['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}` "
+        "(`python benchmarks/methods.py`).")
+
+
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     if begin not in text:
@@ -282,6 +311,10 @@ def update_readme(readme: Path) -> None:
     if ablation.exists():
         text = _replace_block(text, ABLATION_BEGIN, ABLATION_END,
                               markdown(json.loads(ablation.read_text()), ablation.resolve().relative_to(root)))
+    methods = RESULTS / "methods.json"
+    if methods.exists():
+        text = _replace_block(text, METHODS_BEGIN, METHODS_END,
+                              methods_markdown(json.loads(methods.read_text()), methods.resolve().relative_to(root)))
     demo = RESULTS / "demo.json"
     if demo.exists():
         text = _replace_block(text, DEMO_BEGIN, DEMO_END,
@@ -295,4 +328,7 @@ if __name__ == "__main__":
     else:
         path = Path(sys.argv[1])
         data = json.loads(path.read_text())
-        print(cpu_markdown(data, path) if path.stem.startswith("cpu_exact") else markdown(data, path))
+        if path.stem.startswith("cpu_exact"):
+            print(cpu_markdown(data, path))
+        else:
+            print(methods_markdown(data, path) if path.stem.startswith("methods") else markdown(data, path))

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from nq_onnx._version import __version__
-from nq_onnx.config import SUPPORTED_BITS, Method, NoiseMode, QuantConfig, SearchConfig, WeightDtype
+from nq_onnx.config import SUPPORTED_BITS, Method, NoiseMode, QuantConfig, SearchConfig, WeightDtype, WeightRounding
 from nq_onnx.errors import NQError
 
 
@@ -77,9 +77,21 @@ def _add_convert(sub) -> None:
                    help="weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero "
                         "point 128 elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 "
                         "targets: saturates on x86 without VNNI)")
+    _add_method_options(p)
     _add_search_options(p)
     _add_output_options(p)
     p.set_defaults(func=_convert)
+
+
+def _add_method_options(p) -> None:
+    p.add_argument("--reparam", action="store_true",
+                   help="LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of "
+                        "every LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers")
+    p.add_argument("--weight-rounding", choices=[m.value for m in WeightRounding], default="nearest",
+                   help="nearest, or gptq (second-order: each rounding error pushed onto the not yet rounded "
+                        "inputs through the inverse input Hessian)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="fold each layer's mean output error on the calibration sample into its bias")
 
 
 def _add_search_options(p) -> None:
@@ -243,6 +255,9 @@ def _config_from(args) -> QuantConfig:
         int16_bias=args.int16_bias,
         weight_dtype=args.weight_dtype,
         noise=args.noise,
+        reparam=args.reparam,
+        weight_rounding=args.weight_rounding,
+        bias_correction=args.bias_correction,
         search=search,
     )
 
@@ -264,6 +279,9 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "holdout_images",
             "noise",
             "no_sequential",
+            "reparam",
+            "weight_rounding",
+            "bias_correction",
         )
         if getattr(args, name) != parser_defaults.get(name)
     ]
@@ -313,6 +331,8 @@ def format_summary(summary, elapsed: float, output) -> str:
             f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
             f"{summary.noise_adds} need an explicit Add"
         )
+    if summary.reparam_groups:
+        lines.append(f"  reparameterized: {summary.reparam_groups} LayerNorm-fed groups")
     if summary.noise_rejected:
         lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
                      "calibration images")

@@ -36,6 +36,13 @@ class NoiseMode(str, enum.Enum):
     BOTH = "paper+shift"
 
 
+class WeightRounding(str, enum.Enum):
+    """How weights are rounded to their codes: to the nearest code, or GPTQ's error-compensating order."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class WeightDtype(str, enum.Enum):
     """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.cpu`).
 
@@ -105,6 +112,10 @@ class SearchConfig:
         return shifts, amplitudes
 
 
+ENUM_FIELDS = (("method", Method, "method"), ("noise", NoiseMode, "noise mode"),
+               ("weight_rounding", WeightRounding, "weight rounding"), ("weight_dtype", WeightDtype, "weight dtype"))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
@@ -125,24 +136,18 @@ class QuantConfig:
     int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
     weight_dtype: WeightDtype = WeightDtype.AUTO
     noise: NoiseMode = NoiseMode.BOTH  # NoisyQuant only: what N may hold
+    reparam: bool = False  # LayerNorm reparameterization before the search (nq_onnx.reparam)
+    weight_rounding: WeightRounding = WeightRounding.NEAREST
+    bias_correction: bool = False  # fold each layer's mean output error into its bias
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "method", Method(self.method))
-        except ValueError:
-            choices = ", ".join(m.value for m in Method)
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {choices}") from None
-        try:
-            object.__setattr__(self, "noise", NoiseMode(self.noise))
-        except ValueError:
-            choices = ", ".join(m.value for m in NoiseMode)
-            raise ConfigError(f"unknown noise mode {self.noise!r}; choose one of {choices}") from None
-        try:
-            object.__setattr__(self, "weight_dtype", WeightDtype(self.weight_dtype))
-        except ValueError:
-            choices = ", ".join(m.value for m in WeightDtype)
-            raise ConfigError(f"unknown weight dtype {self.weight_dtype!r}; choose one of {choices}") from None
+        for name, kind, label in ENUM_FIELDS:
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(m.value for m in kind)
+                raise ConfigError(f"unknown {label} {getattr(self, name)!r}; choose one of {choices}") from None
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
@@ -159,9 +164,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["method"] = self.method.value
-        out["weight_dtype"] = self.weight_dtype.value
-        out["noise"] = self.noise.value
+        for name, _, _ in ENUM_FIELDS:
+            out[name] = getattr(self, name).value
         return out
 
     @classmethod

@@ -31,6 +31,12 @@ NOISE_FOLDED_BIAS = "noise_folded_bias"
 BIAS_DENOISED = "bias_denoised"
 MATMUL_OUTPUT = "matmul_output"
 ADD_DENOISING_BIAS = "add_denoising_bias"
+# LayerNorm reparameterization
+REPARAM_GAMMA = "reparam_gamma"
+REPARAM_BETA = "reparam_beta"
+REPARAM_WEIGHT = "reparam_weight"
+REPARAM_BIAS = "reparam_bias"
+ADD_REPARAM_BIAS = "add_reparam_bias"
 # zero bias before an activation
 MATMUL_OUT = "matmul_out"
 ZERO_BIAS = "zero_bias"

@@ -40,6 +40,7 @@ from nq_onnx.passes import (
     find_layers,
     import_graph,
 )
+from nq_onnx import reparam
 from nq_onnx.plan import Plan
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
@@ -58,6 +59,7 @@ class Summary:
     data_skipped: int = 0
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
+    reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -179,6 +181,13 @@ def check_plan_fits(plan: Plan, layers: Layers) -> None:
         raise PlanError(
             f"plan does not fit the model: layer {name!r} is {'missing from' if missing else 'unknown to'} the plan"
         )
+    for spec in layers.layers:
+        layer = plan.layers[spec.name]
+        for what, value, shape in (("weight codes", layer.weight_codes, (spec.in_features, spec.out_features)),
+                                   ("bias correction", layer.bias_correction, (spec.out_features,))):
+            if value is not None and value.shape != shape:
+                raise PlanError(f"plan does not fit the model: layer {spec.name!r} has {what} of shape "
+                                f"{list(value.shape)}, the model needs {list(shape)}")
 
 
 def quantize(
@@ -196,20 +205,19 @@ def quantize(
         config = plan.config
     model = canonicalize(model)
     layers = discover(model, config)
+    reparam_skips: list[Skip] = []
     if plan is None:
         if calib is None:
             raise NQError("calibration data is needed unless a plan is loaded")
-        start = time.perf_counter()
-        stats = collect_stats(model, [g.tensor for g in layers.groups], calib, config.batch_size, progress)
-        timings["calibrate_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        plan = Plan(digest, config)
-        if config.method == Method.MINMAX:
-            plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
-        else:
-            search_data = calib.head(sum(search_counts(len(calib), config.search)))
-            plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
-        timings["search_s"] = time.perf_counter() - start
+        model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings)
+    else:
+        factors = {name: g.reparam for name, g in plan.groups.items() if g.reparam is not None}
+        if factors:
+            model, result = reparam.reparameterize(model, layers, factors)
+            layers = discover(model, config)
+            if result.skipped:
+                raise PlanError(f"plan does not fit the model: group {result.skipped[0].layer!r} cannot be "
+                                f"reparameterized ({result.skipped[0].reason})")
     check_plan_fits(plan, layers)
     start = time.perf_counter()
     out, rewrite = apply_plan(model, layers, plan)
@@ -217,7 +225,7 @@ def quantize(
     summary = Summary(
         config.method.value,
         [s.name for s in layers.layers],
-        [Skip(n, r, SkipKind.EXCLUDED) for n, r in layers.excluded] + rewrite.skipped,
+        [Skip(n, r, SkipKind.EXCLUDED) for n, r in layers.excluded] + reparam_skips + rewrite.skipped,
         sum(1 for g in plan.groups.values() if g.noise is not None),
         timings,
         calib_images=len(calib) if calib is not None else 0,
@@ -225,8 +233,40 @@ def quantize(
         noise_adds=len(rewrite.names(Role.NOISE_ADD)),
         noise_rejected=sum(1 for g in layers.groups
                            if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
+        reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
     )
     return Result(out, plan, layers, summary, model)
+
+
+def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,
+            timings: dict[str, float]) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
+    """Calibrate, reparameterize the LayerNorms (``config.reparam``) and search; returns the float model and layers
+    the plan refers to, the plan, and the groups that could not be reparameterized."""
+    config = plan.config
+    start = time.perf_counter()
+    stats = collect_stats(model, [g.tensor for g in layers.groups], calib, config.batch_size, progress)
+    timings["calibrate_s"] = time.perf_counter() - start
+    factors, skipped = {}, []
+    if config.reparam:
+        start = time.perf_counter()
+        candidates = reparam.candidates(layers, stats, config.search.shift_min_rows)
+        model, result = reparam.reparameterize(model, layers, candidates)
+        layers = discover(model, config)
+        factors = {name: candidates[name] for name in result.applied}
+        tensors = {layers.group(name).tensor: factor for name, factor in factors.items()}
+        stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
+        skipped = result.skipped
+        timings["reparam_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    if config.method == Method.MINMAX:
+        plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
+    else:
+        search_data = calib.head(sum(search_counts(len(calib), config.search)))
+        plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
+    for name, factor in factors.items():
+        plan.groups[name].reparam = factor
+    timings["search_s"] = time.perf_counter() - start
+    return model, layers, plan, skipped
 
 
 EVAL_INPUTS = 64

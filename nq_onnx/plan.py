@@ -18,11 +18,21 @@ from typing import Any
 
 import numpy as np
 
+from nq_onnx import quant
 from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.config import QuantConfig
 from nq_onnx.errors import PlanError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan)
+READABLE_SCHEMAS = (2, 3)  # a schema-2 plan is a schema-3 plan without reparameterization
+
+
+@dataclasses.dataclass
+class Reparam:
+    """A group's LayerNorm reparameterization: its layers read ``X' = (X - shift) / scale`` (per input channel)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
 
 
 @dataclasses.dataclass
@@ -39,6 +49,7 @@ class GroupPlan:
     signed: bool = True  # False: a non-negative tensor, codes [0, 2^b - 1] with zero point 0
     input_range: tuple[float, float] | None = None  # calibrated min and max of X (for the report)
     base_scale: float | None = None  # the EasyQuant step before the noise search (for the report)
+    reparam: Reparam | None = None  # folded into the float model before the search (``QuantConfig.reparam``)
 
 
 @dataclasses.dataclass
@@ -49,6 +60,14 @@ class LayerPlan:
     weight_scales: np.ndarray | None
     bits: int
     search: dict[str, float] = dataclasses.field(default_factory=dict)
+    weight_codes: np.ndarray | None = None  # int8 [K, N] where not nearest rounding of the steps (GPTQ)
+    bias_correction: np.ndarray | None = None  # added to the layer's bias
+
+    def codes(self, w_kn: np.ndarray) -> np.ndarray:
+        """The layer's integer weight codes: the stored ones, or ``w_kn`` rounded to the nearest code."""
+        if self.weight_codes is not None:
+            return self.weight_codes
+        return quant.quantize_weight(w_kn, self.weight_scales, 1, self.bits)
 
 
 @dataclasses.dataclass
@@ -90,16 +109,23 @@ class Plan:
                 "signed": g.signed,
                 "input_range": list(g.input_range) if g.input_range else None,
                 "base_scale": g.base_scale,
+                "reparam": None,
             }
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
+            if g.reparam is not None:
+                entry["reparam"] = {"scale": f"group/{g.name}/reparam_scale", "shift": f"group/{g.name}/reparam_shift"}
+                arrays[entry["reparam"]["scale"]] = g.reparam.scale
+                arrays[entry["reparam"]["shift"]] = g.reparam.shift
             doc["groups"].append(entry)
         for layer in self.layers.values():
-            entry = {"name": layer.name, "bits": layer.bits, "search": layer.search, "weight_scales": None}
-            if layer.weight_scales is not None:
-                entry["weight_scales"] = f"layer/{layer.name}/weight_scales"
-                arrays[entry["weight_scales"]] = layer.weight_scales
+            entry = {"name": layer.name, "bits": layer.bits, "search": layer.search, "weight_scales": None,
+                     "weight_codes": None, "bias_correction": None}
+            for key in ("weight_scales", "weight_codes", "bias_correction"):
+                if getattr(layer, key) is not None:
+                    entry[key] = f"layer/{layer.name}/{key}"
+                    arrays[entry[key]] = getattr(layer, key)
             doc["layers"].append(entry)
         write_bytes_atomic(npz_path, _npz_bytes(arrays))
         write_bytes_atomic(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
@@ -116,8 +142,9 @@ class Plan:
             raise PlanError(f"{json_path} is not a plan (invalid JSON: {exc})") from None
         if not isinstance(doc, dict) or "schema_version" not in doc:
             raise PlanError(f"{json_path} is not an nq-onnx plan (no schema_version)")
-        if doc["schema_version"] != SCHEMA_VERSION:
-            raise PlanError(f"{json_path} has plan schema {doc['schema_version']}, this nq-onnx reads {SCHEMA_VERSION}")
+        if doc["schema_version"] not in READABLE_SCHEMAS:
+            raise PlanError(f"{json_path} has plan schema {doc['schema_version']}, this nq-onnx reads "
+                            f"{', '.join(map(str, READABLE_SCHEMAS))}")
         npz_path = json_path.parent / doc.get("arrays", json_path.with_suffix(".npz").name)
         try:
             with np.load(npz_path, allow_pickle=False) as npz:
@@ -130,6 +157,10 @@ class Plan:
             plan = cls(model_digest=doc["model_digest"], config=QuantConfig.from_dict(doc["config"]))
             for g in doc["groups"]:
                 noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
+                reparam = g.get("reparam")
+                if reparam:
+                    reparam = Reparam(arrays[reparam["scale"]].astype(np.float32),
+                                      arrays[reparam["shift"]].astype(np.float32))
                 plan.groups[g["name"]] = GroupPlan(
                     g["name"],
                     g["tensor"],
@@ -141,10 +172,15 @@ class Plan:
                     bool(g["signed"]),
                     tuple(g["input_range"]) if g.get("input_range") else None,
                     g.get("base_scale"),
+                    reparam or None,
                 )
             for layer in doc["layers"]:
-                scales = arrays[layer["weight_scales"]].astype(np.float32) if layer["weight_scales"] else None
-                plan.layers[layer["name"]] = LayerPlan(layer["name"], scales, int(layer["bits"]), dict(layer["search"]))
+                scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None
+                                             for k in ("weight_scales", "weight_codes", "bias_correction"))
+                plan.layers[layer["name"]] = LayerPlan(
+                    layer["name"], None if scales is None else scales.astype(np.float32), int(layer["bits"]),
+                    dict(layer["search"]), None if codes is None else codes.astype(np.int8),
+                    None if correction is None else correction.astype(np.float32))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{json_path} is a malformed plan ({type(exc).__name__}: {exc})") from None
         return plan

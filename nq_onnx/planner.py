@@ -27,6 +27,7 @@ from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.rounding import finish_layer
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -200,11 +201,18 @@ class SearchPlanner:
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
                                             _range(stats), result.base_scale)
         self._sim.set_group(group.name, result.scale, result.noise)
+        rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]
-            plan.layers[operand.name] = LayerPlan(operand.name, scales, config.w_bits, result.metrics[operand.name])
-            fake = operand.quantized_weight(scales)
-            self._sim.set_layer(operand.name, fake, None if result.noise is None else -(result.noise @ fake))
+            done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
+                                result.noise, config.weight_rounding, config.bias_correction)
+            metrics = {**result.metrics[operand.name], **done.metrics}
+            plan.layers[operand.name] = LayerPlan(operand.name, scales, config.w_bits, metrics, done.codes,
+                                                  done.correction)
+            delta = None if result.noise is None else -(result.noise @ done.weight)
+            if done.correction is not None:
+                delta = done.correction if delta is None else delta + done.correction
+            self._sim.set_layer(operand.name, done.weight, delta)
 
     def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
         """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise

@@ -125,6 +125,10 @@ class WeightQuantizer:
 
     bits: int
 
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return quant.code_range(self.bits)
+
     def minmax_scales(self, w_kn: np.ndarray) -> np.ndarray:
         return quant.weight_scales(w_kn, axis=1, bits=self.bits)
 
@@ -133,6 +137,11 @@ class WeightQuantizer:
 
     def fake_quant(self, w_kn: np.ndarray, scales: np.ndarray) -> np.ndarray:
         return quant.fake_quant(w_kn, np.asarray(scales, np.float32)[None, :], self.bits)
+
+    @staticmethod
+    def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """``s_c * q`` in float32: :meth:`fake_quant` of the weight whose codes these are."""
+        return quant.dequantize_weight(codes, scales, 1)
 
     @staticmethod
     def emit(graph: gs.Graph, layer: str, codes: np.ndarray, scales: np.ndarray, as_uint8: bool) -> gs.Variable:

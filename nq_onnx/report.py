@@ -74,6 +74,14 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
             "mse_easyquant": eq,
             "mse_noisyquant": nq,
             "reduction_pct": 100.0 * (1.0 - nq / eq) if eq and nq is not None else None,
+            "reparam_min": float(gp.reparam.scale.min()) if gp is not None and gp.reparam is not None else None,
+            "reparam_max": float(gp.reparam.scale.max()) if gp is not None and gp.reparam is not None else None,
+            "weight_error_nearest": search.get("weight_error_nearest"),
+            "weight_error_gptq": search.get("weight_error_gptq"),
+            "gptq_kept": lp.weight_codes is not None,
+            "mse_before_bias_correction": search.get("mse_before_bias_correction"),
+            "mse_after_bias_correction": search.get("mse_after_bias_correction"),
+            "bias_corrected": lp.bias_correction is not None,
         }
         rows.append(row)
     return rows
@@ -208,6 +216,27 @@ window.addEventListener("load", () => {
 </script>"""
 
 
+def _mechanism_table(layers: list[dict], num) -> str:
+    """Per layer, what LayerNorm reparameterization (the range of its factors r), GPTQ (held-out weight error,
+    nearest and GPTQ) and bias correction (held-out layer output MSE before and after) did; empty without them."""
+    keys = ("reparam_min", "weight_error_nearest", "mse_before_bias_correction")
+    rows = "".join(
+        f"<tr><td>{html.escape(r['layer'])}</td><td>{num(r['reparam_min'], '{:.3g}')} .. "
+        f"{num(r['reparam_max'], '{:.3g}')}</td><td>{num(r['weight_error_nearest'])}</td>"
+        f"<td>{num(r['weight_error_gptq'])}{'' if r['gptq_kept'] else ' (kept nearest)'}</td>"
+        f"<td>{num(r['mse_before_bias_correction'])}</td><td>{num(r['mse_after_bias_correction'])}"
+        f"{'' if r['bias_corrected'] else ' (not applied)'}</td></tr>"
+        for r in layers if any(r.get(k) is not None for k in keys)
+    )
+    if not rows:
+        return ""
+    return ("<h2>Reparameterization, rounding and bias correction</h2>\n<p>Held-out rows: weight error "
+            "||X (W - dq(W))||&sup2; per element; layer output MSE with the activation quantizer.</p>\n"
+            '<table id="mechanisms" class="sortable"><thead><tr><th>layer</th><th>reparam r</th>'
+            "<th>weight error nearest</th><th>weight error GPTQ</th><th>MSE before bias correction</th>"
+            f"<th>MSE after</th></tr></thead>\n<tbody>{rows}</tbody></table>")
+
+
 def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str]) -> str:
     def img(key: str, alt: str) -> str:
         uri = base64.b64encode(figures[key]).decode()
@@ -234,6 +263,7 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
         for r in data.layers
     )
     settings = html.escape(json.dumps(data.config, sort_keys=True))
+    mechanisms = _mechanism_table(data.layers, num)
     chart_html = f"<h2>Output-error reduction across depth</h2>{img(chart, 'reduction chart')}" if chart else ""
     hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
     return f"""<!DOCTYPE html>
@@ -252,6 +282,7 @@ Click a column header to sort.</p>
 <table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>input range</th><th>activation step</th>
 <th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th></tr></thead>
 <tbody>{rows}</tbody></table>
+{mechanisms}
 {chart_html}
 <h2>Histograms</h2>
 {hist if hist else "<p>No histograms: no noisy layer, or no data was given.</p>"}

@@ -34,6 +34,7 @@ class Role(str, enum.Enum):
     INT16_CODES = "int16_codes"  # a float constant now stored as int16 codes (tensor it replaced)
     DECOMPOSED_GEMM = "decomposed_gemm"  # a Gemm rewritten as MatMul + Add (node)
     FOLDED_WEIGHT = "folded_weight"  # a weight chain folded to one constant (layer node)
+    REPARAMETERIZED = "reparameterized"  # a group whose LayerNorm and layers absorbed r and c (group)
 
 
 class SkipKind(str, enum.Enum):

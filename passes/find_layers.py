@@ -66,6 +66,9 @@ class Layers:
     def layer(self, name: str) -> LayerSpec:
         return next(layer for layer in self.layers if layer.name == name)
 
+    def group(self, name: str) -> GroupSpec:
+        return next(group for group in self.groups if group.name == name)
+
     def group_of(self, tensor: str) -> GroupSpec:
         return next(group for group in self.groups if group.tensor == tensor)
 

@@ -1,11 +1,12 @@
-"""Fold NoisyQuant's denoising bias into each noisy layer's bias.
+"""Fold NoisyQuant's denoising bias (and a planned bias correction) into each layer's bias.
 
 With noise ``N`` added to the layer input and the weight as the graph holds it (``dq(W_q)`` once weights
 are quantized, ``W`` otherwise)::
 
-    Y = (X + N) W + B'          B' = B - N · dq(W_q)
+    Y = (X + N) W + B'          B' = B - N · dq(W_q) + C
 
-so that without activation quantization the output is unchanged. ``B'`` is computed once, in float64, from
+so that without activation quantization and with no correction ``C`` the output is unchanged (``C``: the layer's
+planned bias correction, :mod:`nq_onnx.rounding`; zero without one). ``B'`` is computed once, in float64, from
 the same stored ``N`` that ``insert_noise`` adds. A bias initializer used by another node is copied, never
 edited in place (role ``BIAS_DENOISED`` either way); a layer without a bias gets an ``Add`` after its ``MatMul``
 (role ``BIAS_ADDED``). The graph is in canonical form: every layer is a ``MatMul``.
@@ -21,7 +22,7 @@ import onnx_graphsurgeon as gs
 from nq_onnx import naming
 from nq_onnx.plan import Plan
 from nq_onnx.passes.base import PassResult, Role, constant, nodes_by_name
-from nq_onnx.passes.find_layers import Layers, LayerSpec, const_value, require_matmul
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 
 
 def effective_weight(node: gs.Node) -> np.ndarray:
@@ -54,20 +55,30 @@ class FoldDenoisingBias:
         result = PassResult(graph)
         nodes = nodes_by_name(graph)
         tensors = graph.tensors()
-        for group in self.layers.groups:
-            plan = self.plan.groups.get(group.name)
-            if plan is None or plan.noise is None or not np.any(plan.noise) or not group.noisy:
+        for spec in self.layers.layers:
+            delta = self._delta(spec, nodes)
+            if delta is None:
                 continue
-            for layer_name in group.consumers:
-                spec = self.layers.layer(layer_name)
-                node = require_matmul(nodes[spec.node])
-                delta = denoising_delta(node, plan.noise)
-                if spec.bias is not None:
-                    result.record(Role.BIAS_DENOISED, self._fold_into_bias(graph, tensors, nodes, spec, delta))
-                else:
-                    result.record(Role.BIAS_ADDED, self._add_bias(graph, node, spec, delta))
-                result.applied.append(spec.name)
+            if spec.bias is not None:
+                result.record(Role.BIAS_DENOISED, self._fold_into_bias(graph, tensors, nodes, spec, delta))
+            else:
+                result.record(Role.BIAS_ADDED, self._add_bias(graph, require_matmul(nodes[spec.node]), spec, delta))
+            result.applied.append(spec.name)
         return result
+
+    def _delta(self, spec: LayerSpec, nodes: dict) -> np.ndarray | None:
+        """``-N dq(W) + C`` of the layer in float64, or ``None`` where it has neither noise nor a correction."""
+        if spec.kind == ACT_MATMUL:
+            return None
+        group = self.layers.group_of(spec.inputs[0])
+        plan = self.plan.groups.get(group.name)
+        noisy = plan is not None and plan.noise is not None and np.any(plan.noise) and group.noisy
+        layer = self.plan.layers.get(spec.name)
+        correction = layer.bias_correction if layer is not None else None
+        if not noisy and correction is None:
+            return None
+        delta = denoising_delta(require_matmul(nodes[spec.node]), plan.noise) if noisy else 0.0
+        return delta + (0.0 if correction is None else correction.astype(np.float64))
 
     @staticmethod
     def _fold_into_bias(graph: gs.Graph, tensors: dict, nodes: dict, spec: LayerSpec, delta: np.ndarray) -> str:

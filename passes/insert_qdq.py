@@ -6,6 +6,8 @@ every weight ``Gemm`` into one)::
     W  ->  DequantizeLinear(codes = q(W, s_c), s_c, zero_point 0, axis)              stored as int8, or
     W  ->  DequantizeLinear(codes = q(W, s_c) + 128, s_c, zero_point 128, axis)      stored as uint8
 
+(``q(W, s_c)`` the nearest codes, or the plan's own codes where it holds them: GPTQ's).
+
 The two containers hold the same numbers; they differ in the kernel onnxruntime picks. int8 weights run on
 U8S8 kernels, which on x86 without VNNI add pairs of ``u * w`` into a saturating int16; uint8 weights run on
 exact U8U8 kernels. With ``weight_dtype = auto`` a layer is int8 only where :func:`quant.u8s8_safe` proves
@@ -52,7 +54,7 @@ class InsertQDQ:
                 continue
             if spec.kind != ACT_MATMUL:
                 node = require_matmul(nodes[spec.node])
-                codes = WeightQuantizer(plan.bits).codes(node.inputs[1].values, plan.weight_scales)
+                codes = plan.codes(node.inputs[1].values)
                 as_uint8 = self._as_uint8(codes, self._input_quantizer(spec))
                 node.inputs[1] = WeightQuantizer.emit(graph, spec.name, codes, plan.weight_scales, as_uint8)
                 result.record(Role.UINT8_WEIGHTS if as_uint8 else Role.INT8_WEIGHTS, spec.name)

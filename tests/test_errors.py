@@ -258,6 +258,7 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--noise", "gaussian", "invalid choice: 'gaussian'"),
     ("--holdout-images", "-1", "search.holdout_images must be non-negative"),
     ("--holdout-images", "two", "invalid int value: 'two'"),
+    ("--weight-rounding", "stochastic", "invalid choice: 'stochastic'"),
 ])
 def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, needle):
     tmp, model, calib = work
@@ -267,6 +268,8 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
 @pytest.mark.parametrize("field,value,message", [
     ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
+    ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq"),
+    ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant"),
 ])
 def test_unknown_weight_dtype_or_noise_mode_in_the_api(field, value, message):
     with pytest.raises(ConfigError) as error:

@@ -1,0 +1,112 @@
+"""Methods benchmark on the real ViT-S/14: EasyQuant / NoisyQuant with LayerNorm reparameterization, GPTQ rounding
+and bias correction, each row converted and evaluated in the same run on the same images.
+
+    python benchmarks/methods.py                       # W8A8, W6A6, W4A4; every row; 2,000 CIFAR-10 images
+    python benchmarks/methods.py --bits 6 --rows easyquant,noisyquant,noisyquant+reparam --cifar-per-class 50
+
+Rows are named ``<method>[+reparam][+gptq][+bc]``; ``all`` is ``noisyquant+reparam+gptq+bc``. Each row records
+top-1 on the first ``--cifar-per-class`` CIFAR-10 test images of every class, the output MSE against FP32 on
+held-out ImageNet images (disjoint from the 128 calibration images), convert time, the groups reparameterized,
+and the CPU it ran on. Writes ``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import (  # noqa: E402
+    CHECKPOINT,
+    CIFAR,
+    IMAGENET,
+    RESULTS,
+    WORK,
+    cifar_subset,
+    export_model,
+    image_arrays,
+    layer_table,
+    link_folder,
+    machine,
+    plain,
+    run_model,
+    split_imagenet,
+)
+
+import nq_onnx  # noqa: E402
+from nq_onnx.calibration.data import Preprocess  # noqa: E402
+from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
+from nq_onnx.inspect import inspect_model  # noqa: E402
+
+ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "easyquant+gptq", "easyquant+bc",
+        "all")
+
+
+def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
+    parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
+    return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
+                               reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
+                               bias_correction="bc" in parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", default="8,6,4", help="comma-separated bit-widths (WnAn), default 8,6,4")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default: {','.join(ROWS)})")
+    parser.add_argument("--cifar-per-class", type=int, default=200, help="CIFAR-10 test images per class (200)")
+    parser.add_argument("--imagenet-eval", type=int, default=200, help="held-out ImageNet images (200)")
+    parser.add_argument("--calib-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="methods", help="results file name (default: methods)")
+    args = parser.parse_args(argv)
+    for path in (CHECKPOINT, IMAGENET, CIFAR):
+        if not path.exists():
+            print(f"benchmark: missing {path}", file=sys.stderr)
+            return 2
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
+    pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
+    calib_files, held_files = split_imagenet(args.calib_size, args.imagenet_eval, args.seed)
+    calib = link_folder(calib_files, WORK / f"calib{args.calib_size}")
+    held = image_arrays(held_files, pre)
+    cifar, labels = cifar_subset(args.cifar_per_class, pre)
+    reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
+    results: dict = {"machine": machine(), "settings": vars(args), "started": time.time(),
+                     "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
+    path = RESULTS / f"{args.name}.json"
+    for bits in (int(b) for b in args.bits.split(",")):
+        for row in args.rows.split(","):
+            name = f"{row}_w{bits}a{bits}"
+            out = WORK / f"methods_{name}.onnx"
+            start = time.perf_counter()
+            result = nq_onnx.convert(fp32, out, calib, config_of(row, bits, args.calib_size, args.seed), force=True,
+                                     evaluate=False)
+            seconds = time.perf_counter() - start
+            inspection = inspect_model(onnx.load(str(out)))
+            entry = {
+                "row": row, "bits": bits, "convert_s": seconds, "timings": result.summary.timings,
+                "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
+                "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
+                "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
+                "weight_layers_integer": f"{sum(k.integer for k in inspection.weight_layers)}/"
+                                         f"{len(inspection.weight_layers)}",
+                "layers": layer_table(result.plan),
+            }
+            results["rows"][name] = entry
+            log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, ImageNet MSE {entry['imagenet_heldout']['mse']:.5f}, "
+                f"convert {seconds:.0f} s")
+            results["finished"] = time.time()
+            path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Second-order weight rounding (GPTQ) and bias correction: what a layer does after its steps are chosen.
+
+**GPTQ** (Frantar et al. 2023, after OBQ): with the layer's input rows ``X`` (``[T, K]``, ``X + N`` where the layer
+takes noise) and ``H = X^T X + lambda I`` (``lambda`` = ``damp`` x the mean diagonal), the codes of a ``[K, N]`` weight
+are chosen input channel by input channel, ``k = 0 .. K-1``, each rounding error pushed onto the channels not yet
+rounded so that ``X W`` moves as little as possible::
+
+    q_k = clip(rint(W_k / s), lo, hi)               (per output channel steps s, fixed by the search)
+    e_k = (W_k - s q_k) / U_kk
+    W_j -= U_kj e_k            for j > k            (U: the upper Cholesky factor of H^-1)
+
+in blocks of ``block`` channels with the update of the later blocks deferred (the same arithmetic, fewer passes).
+Only the integer codes change: the graph stays plain QDQ with the same steps. A channel never active in ``X``
+(``H_kk = 0``) is rounded to the nearest code.
+
+**Bias correction**: the mean output error of the quantized layer on the calibration rows, per output channel,
+``E[f(X) - f_q(X)]``, added to its bias (``f_q`` with the activation quantizer, the noise and the final codes), so
+the quantized layer is unbiased on the calibration distribution.
+
+Both are checked on rows of held-out images where they are given: a layer keeps GPTQ's codes (or its correction)
+only where the layer output error on those rows is lower than without (``gptq_rejected``, ``bias_correction_rejected``
+in its metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from nq_onnx.config import WeightRounding
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.search import LinearOperand
+
+
+def gptq_codes(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, damp: float = 0.01,
+               block: int = 128) -> np.ndarray:
+    """GPTQ codes (int8, ``[K, N]``) of ``w_kn`` with per-output-channel ``scales`` for input rows ``x``."""
+    lo, hi = WeightQuantizer(bits).code_range
+    w = np.array(w_kn, dtype=np.float64)
+    s = np.asarray(scales, dtype=np.float64)[None, :]
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    codes = np.zeros(w.shape, dtype=np.int8)
+    for start in range(0, w.shape[0], block):
+        stop = min(start + block, w.shape[0])
+        errors = np.zeros((stop - start, w.shape[1]))
+        for k in range(start, stop):
+            q = np.clip(np.rint(w[k] / s[0]), lo, hi)
+            codes[k] = q
+            error = (w[k] - q * s[0]) / u[k, k]
+            w[k + 1:stop] -= np.outer(u[k, k + 1:stop], error)
+            errors[k - start] = error
+        w[stop:] -= u[start:stop, stop:].T @ errors
+    return codes
+
+
+def layer_error(x: np.ndarray, w_kn: np.ndarray, w_q: np.ndarray) -> float:
+    """Mean squared ``X W - X dq(W)`` over rows and output channels (the weight's own share of the output error)."""
+    diff = x.astype(np.float64) @ (w_kn.astype(np.float64) - w_q.astype(np.float64))
+    return float(np.mean(diff**2))
+
+
+def correction(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
+               bias: np.ndarray, w_q: np.ndarray) -> np.ndarray:
+    """``E[f(X) - f_q(X)]`` per output channel over the rows ``x``: what bias correction adds to the bias."""
+    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
+    quantized = act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
+    return (x @ w_kn + bias - quantized).astype(np.float64).mean(axis=0).astype(np.float32)
+
+
+def output_mse(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
+               bias: np.ndarray, w_q: np.ndarray, delta: np.ndarray | None = None) -> float:
+    """The quantized layer's output MSE against the float one on rows ``x`` (with a bias ``delta`` added)."""
+    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
+    quantized = act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
+    if delta is not None:
+        quantized = quantized + delta
+    return float(np.mean((quantized.astype(np.float64) - (x @ w_kn + bias)) ** 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedLayer:
+    """A layer's final weight (codes where they are not nearest rounding of the steps, and ``dq``) and the bias
+    correction it takes, with the errors that decided them."""
+
+    codes: np.ndarray | None
+    weight: np.ndarray
+    correction: np.ndarray | None
+    metrics: dict[str, float]
+
+
+def finish_layer(operand: LinearOperand, scales: np.ndarray, rows: np.ndarray, held_out: np.ndarray | None,
+                 act: ActQuantizer, scale: float, noise: np.ndarray | None, rounding: WeightRounding,
+                 bias_correction: bool) -> FinishedLayer:
+    """GPTQ codes and bias correction for one searched layer (module docstring); ``rows`` are the layer's fit input
+    rows (all tokens of the fit images), ``held_out`` rows of other images decide what is kept."""
+    metrics: dict[str, float] = {}
+    codes, w_q = None, operand.quantized_weight(scales)
+    n = np.zeros(rows.shape[1], np.float32) if noise is None else noise
+    check = held_out if held_out is not None else rows
+    if rounding == WeightRounding.GPTQ:
+        candidate = gptq_codes(operand.weight, scales, rows + n, operand.quantizer.bits)
+        w_gptq = WeightQuantizer.dequantize(candidate, scales)
+        metrics["weight_error_nearest"] = layer_error(check + n, operand.weight, w_q)
+        metrics["weight_error_gptq"] = layer_error(check + n, operand.weight, w_gptq)
+        if metrics["weight_error_gptq"] < metrics["weight_error_nearest"]:
+            codes, w_q = candidate, w_gptq
+        else:
+            metrics["gptq_rejected"] = 1.0
+    correction_ = None
+    if bias_correction:
+        candidate = correction(rows, noise, act, scale, operand.weight, operand.bias, w_q)
+        before = output_mse(check, noise, act, scale, operand.weight, operand.bias, w_q)
+        after = output_mse(check, noise, act, scale, operand.weight, operand.bias, w_q, candidate)
+        metrics["mse_before_bias_correction"], metrics["mse_after_bias_correction"] = before, after
+        if after < before:
+            correction_ = candidate
+        else:
+            metrics["bias_correction_rejected"] = 1.0
+    return FinishedLayer(codes, w_q, correction_, metrics)
