@@ -3,6 +3,7 @@ and bias correction, each row converted and evaluated in the same run on the sam
 
     python benchmarks/methods.py                       # W8A8, W6A6, W4A4; every row; 2,000 CIFAR-10 images
     python benchmarks/methods.py --bits 6 --rows easyquant,noisyquant,noisyquant+reparam --cifar-per-class 50
+    python benchmarks/methods.py --set 6=easyquant,all --set 8=noisyquant,all   # other rows per bit-width
 
 Rows are named ``<method>[+reparam][+gptq][+bc]``; ``all`` is ``noisyquant+reparam+gptq+bc``. Each row records
 top-1 on the first ``--cifar-per-class`` CIFAR-10 test images of every class, the output MSE against FP32 on
@@ -45,7 +46,7 @@ from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "easyquant+gptq", "easyquant+bc",
-        "all")
+        "all", "ptq4vit", "noisyquant-ptq4vit")
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
@@ -59,11 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="8,6,4", help="comma-separated bit-widths (WnAn), default 8,6,4")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default: {','.join(ROWS)})")
+    parser.add_argument("--set", action="append", default=[], metavar="BITS=ROWS",
+                        help="rows for one bit-width (repeatable; replaces --bits and --rows)")
     parser.add_argument("--cifar-per-class", type=int, default=200, help="CIFAR-10 test images per class (200)")
     parser.add_argument("--imagenet-eval", type=int, default=200, help="held-out ImageNet images (200)")
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="methods", help="results file name (default: methods)")
+    parser.add_argument("--append", action="store_true",
+                        help="add (or replace) rows in an existing results file with the same settings: the same "
+                             "calibration and evaluation images; each row records the invocation it came from")
+    parser.add_argument("--latency-rounds", type=int, default=0,
+                        help="after the rows, time every row's model and FP32 at batch 8, interleaved, this many "
+                             "rounds (default 0: no timing)")
     args = parser.parse_args(argv)
     for path in (CHECKPOINT, IMAGENET, CIFAR):
         if not path.exists():
@@ -78,11 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     held = image_arrays(held_files, pre)
     cifar, labels = cifar_subset(args.cifar_per_class, pre)
     reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
-    results: dict = {"machine": machine(), "settings": vars(args), "started": time.time(),
-                     "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
     path = RESULTS / f"{args.name}.json"
-    for bits in (int(b) for b in args.bits.split(",")):
-        for row in args.rows.split(","):
+    settings = {k: v for k, v in vars(args).items() if k not in ("bits", "rows", "set", "append", "latency_rounds")}
+    results: dict = {"machine": machine(), "settings": settings, "started": time.time(),
+                     "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
+    if args.append and path.exists():
+        previous = json.loads(path.read_text())
+        kept = {k: v for k, v in previous["settings"].items() if k in settings}
+        if kept != settings:
+            print(f"benchmark: {path} has other settings ({kept}); not appending", file=sys.stderr)
+            return 2
+        results["rows"] = previous["rows"]
+        results["invocations"] = previous.get("invocations", [previous["started"]])
+    results.setdefault("invocations", []).append(results["started"])
+    plan = [(int(b), r.split(",")) for b, r in (item.split("=") for item in args.set)] or \
+        [(int(b), args.rows.split(",")) for b in args.bits.split(",")]
+    for bits, rows in plan:
+        for row in rows:
             name = f"{row}_w{bits}a{bits}"
             out = WORK / f"methods_{name}.onnx"
             start = time.perf_counter()
@@ -92,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             inspection = inspect_model(onnx.load(str(out)))
             entry = {
                 "row": row, "bits": bits, "convert_s": seconds, "timings": result.summary.timings,
+                "invocation": results["started"],
                 "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
                 "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
                 "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
@@ -104,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"convert {seconds:.0f} s")
             results["finished"] = time.time()
             path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+    if args.latency_rounds:
+        from timing import latency_round_robin
+
+        paths = {"fp32": fp32, **{name: WORK / f"methods_{name}.onnx" for name in results["rows"]}}
+        stats = latency_round_robin(paths, cifar[:8], rounds=args.latency_rounds)
+        for name, entry in stats.items():
+            entry["ratio_to_fp32"] = entry["median_ms"] / stats["fp32"]["median_ms"]
+        results["latency_batch8"] = stats
+        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+        log("batch 8: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
     log(f"wrote {path}")
     return 0
 

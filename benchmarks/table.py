@@ -263,7 +263,8 @@ def demo_markdown(demo: dict, source) -> str:
 METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
 ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+reparam": "EasyQuant + reparam",
              "noisyquant+reparam": "NoisyQuant + reparam", "easyquant+gptq": "EasyQuant + GPTQ",
-             "easyquant+bc": "EasyQuant + bias correction", "all": "NoisyQuant + reparam + GPTQ + bias correction"}
+             "easyquant+bc": "EasyQuant + bias correction", "all": "NoisyQuant + reparam + GPTQ + bias correction",
+             "ptq4vit": "PTQ4ViT (twin-uniform)", "noisyquant-ptq4vit": "NoisyQuant-PTQ4ViT"}
 
 
 def methods_markdown(results: dict, source) -> str:
@@ -287,6 +288,24 @@ def methods_markdown(results: dict, source) -> str:
         f"\n\n{settings['calib_size']} ImageNet calibration images (seed {settings['seed']}), held-out output MSE "
         f"on {settings['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}` "
         "(`python benchmarks/methods.py`).")
+
+
+OVERHEAD_BEGIN, OVERHEAD_END = "<!-- noise-overhead:begin -->", "<!-- noise-overhead:end -->"
+
+
+def overhead_markdown(data: dict, source) -> str:
+    """The README's paragraph on what the noise costs at inference, from ``noise_overhead.json``."""
+    b1, b8, models = data["batch1"], data["batch8"], data["models"]
+
+    def pct(stats: dict, name: str) -> str:
+        return f"{100 * (stats[name]['ratio_to_plain_qdq'] - 1):.1f} %"
+
+    return (f"`python benchmarks/noise_overhead.py` measures the noise's inference cost on the same model "
+            f"(`{source}`): with every noise as an explicit `Add` ({models['explicit_adds']['noise_adds']} Adds) "
+            f"NoisyQuant ran {pct(b8, 'explicit_adds')} slower than the plain-QDQ model of the same scales at batch 8 "
+            f"({pct(b1, 'explicit_adds')} at batch 1); with the noise folded into LayerNorm betas "
+            f"({models['folded']['noise_adds']} Adds left, before attention proj and fc2) {pct(b8, 'folded')} "
+            f"({pct(b1, 'folded')} at batch 1). {cpu_line(data)}")
 
 
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
@@ -315,6 +334,10 @@ def update_readme(readme: Path) -> None:
     if methods.exists():
         text = _replace_block(text, METHODS_BEGIN, METHODS_END,
                               methods_markdown(json.loads(methods.read_text()), methods.resolve().relative_to(root)))
+    overhead = RESULTS / "noise_overhead.json"
+    if overhead.exists():
+        text = _replace_block(text, OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown(
+            json.loads(overhead.read_text()), overhead.resolve().relative_to(root)))
     demo = RESULTS / "demo.json"
     if demo.exists():
         text = _replace_block(text, DEMO_BEGIN, DEMO_END,

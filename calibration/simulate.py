@@ -32,10 +32,10 @@ def _names(group: str) -> dict[str, str]:
     return {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
 
 
-def build_simulation(
-    model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset()
-) -> onnx.ModelProto:
-    """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``)."""
+def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset(),
+                     quantizers: dict | None = None) -> onnx.ModelProto:
+    """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``); ``quantizers`` gives a group
+    another quantizer (a twin-uniform one) by name."""
     graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
@@ -48,7 +48,8 @@ def build_simulation(
         graph.inputs.extend([noise, scale, on])
         noisy = gs.Variable(f"sim/{group.name}/t0", dtype=np.float32)
         chosen = gs.Variable(f"sim/{group.name}/t5", dtype=np.float32)
-        quantize, fake = ActQuantizer(a_bits, group.name not in unsigned).simulate(f"sim/{group.name}", noisy, scale)
+        quantizer = (quantizers or {}).get(group.name) or ActQuantizer(a_bits, group.name not in unsigned)
+        quantize, fake = quantizer.simulate(f"sim/{group.name}", noisy, scale)
         graph.nodes += [gs.Node("Add", inputs=[x, noise], outputs=[noisy]), *quantize,
                         gs.Node("Where", inputs=[on, fake, x], outputs=[chosen])]
         for name in group.consumers:
@@ -90,9 +91,10 @@ class Simulator:
     float_weights: dict[str, np.ndarray]
     inputs: dict[str, np.ndarray]
     unsigned: frozenset[str] = frozenset()
+    quantizers: dict | None = None  # groups with another quantizer than ``a_bits`` uniform
 
     def __post_init__(self) -> None:
-        self._sim = build_simulation(self.model, self.layers, self.a_bits, self.unsigned)
+        self._sim = build_simulation(self.model, self.layers, self.a_bits, self.unsigned, self.quantizers)
         graph = self._sim.graph
         self._nodes = list(graph.node)
         self._producer = {out: i for i, node in enumerate(self._nodes) for out in node.output if out}

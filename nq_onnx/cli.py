@@ -11,6 +11,7 @@ from pathlib import Path
 from nq_onnx._version import __version__
 from nq_onnx.config import SUPPORTED_BITS, Method, NoiseMode, QuantConfig, SearchConfig, WeightDtype, WeightRounding
 from nq_onnx.errors import NQError
+from nq_onnx.summary import format_summary
 
 
 
@@ -57,7 +58,8 @@ def _add_convert(sub) -> None:
         "--method",
         default="noisyquant",
         choices=[m.value for m in Method],
-        help="scale choice: minmax, easyquant (cosine search) or noisyquant (easyquant + noisy bias)",
+        help="scale choice: minmax, easyquant (cosine search), noisyquant (easyquant + noisy bias), ptq4vit "
+             "(easyquant with PTQ4ViT's twin-uniform quantizers after Softmax and GELU) or noisyquant-ptq4vit",
     )
     p.add_argument("--noise", choices=[m.value for m in NoiseMode], default="paper+shift",
                    help="what NoisyQuant's N may hold: paper (the paper's uniform noisy bias alone), shift (a "
@@ -319,38 +321,6 @@ def _convert(args) -> int:
     )
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0
-
-
-def format_summary(summary, elapsed: float, output) -> str:
-    lines = [
-        f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
-        f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"
-    ]
-    if summary.noisy_groups:
-        lines.append(
-            f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
-            f"{summary.noise_adds} need an explicit Add"
-        )
-    if summary.reparam_groups:
-        lines.append(f"  reparameterized: {summary.reparam_groups} LayerNorm-fed groups")
-    if summary.noise_rejected:
-        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
-                     "calibration images")
-    if summary.calib_images:
-        extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
-        lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
-    excluded = [s for s in summary.skipped if s.user_facing]
-    for skip in excluded:
-        lines.append(f"  skipped {skip.layer}: {skip.reason}")
-    timing = ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in summary.timings.items())
-    lines.append(f"  time: {timing}")
-    for method, m in summary.metrics.items():
-        agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
-        lines.append(
-            f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
-            f"SQNR {m['sqnr_db']:.2f} dB{agree}"
-        )
-    return "\n".join(lines)
 
 
 def _export(args) -> int:

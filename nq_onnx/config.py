@@ -21,6 +21,18 @@ class Method(str, enum.Enum):
     MINMAX = "minmax"
     EASYQUANT = "easyquant"
     NOISYQUANT = "noisyquant"
+    PTQ4VIT = "ptq4vit"  # EasyQuant's search with PTQ4ViT's twin-uniform quantizers after Softmax and GELU
+    NOISYQUANT_PTQ4VIT = "noisyquant-ptq4vit"  # the paper's NoisyQuant-PTQ4ViT: the noisy bias on top of that
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the method searches NoisyQuant's noise."""
+        return self in (Method.NOISYQUANT, Method.NOISYQUANT_PTQ4VIT)
+
+    @property
+    def twin(self) -> bool:
+        """Whether post-Softmax and post-GELU inputs take PTQ4ViT's twin-uniform quantizer."""
+        return self in (Method.PTQ4VIT, Method.NOISYQUANT_PTQ4VIT)
 
 
 class NoiseMode(str, enum.Enum):

@@ -42,25 +42,9 @@ from nq_onnx.passes import (
 )
 from nq_onnx import reparam
 from nq_onnx.plan import Plan
+from nq_onnx.summary import Summary
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
-
-
-@dataclasses.dataclass
-class Summary:
-    """What a conversion did, for the CLI and the report."""
-
-    method: str
-    layers: list[str]
-    skipped: list[Skip]
-    noisy_groups: int
-    timings: dict[str, float]
-    calib_images: int = 0
-    data_skipped: int = 0
-    noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
-    noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
-    reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
-    metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -249,20 +233,22 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
     factors, skipped = {}, []
     if config.reparam:
         start = time.perf_counter()
-        candidates = reparam.candidates(layers, stats, config.search.shift_min_rows)
+        candidates, few_rows = reparam.candidates(layers, stats, config.search.shift_min_rows)
         model, result = reparam.reparameterize(model, layers, candidates)
         layers = discover(model, config)
         factors = {name: candidates[name] for name in result.applied}
         tensors = {layers.group(name).tensor: factor for name, factor in factors.items()}
         stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
-        skipped = result.skipped
+        skipped = few_rows + result.skipped
         timings["reparam_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if config.method == Method.MINMAX:
         plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
     else:
         search_data = calib.head(sum(search_counts(len(calib), config.search)))
-        plan = SearchPlanner(model, layers, stats, search_data, config).run(plan, progress)
+        planner = SearchPlanner(model, layers, stats, search_data, config)
+        plan = planner.run(plan, progress)
+        timings.update({f"search.{k}": v for k, v in planner.timings.items()})
     for name, factor in factors.items():
         plan.groups[name].reparam = factor
     timings["search_s"] = time.perf_counter() - start

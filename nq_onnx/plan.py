@@ -22,9 +22,23 @@ from nq_onnx import quant
 from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.config import QuantConfig
 from nq_onnx.errors import PlanError
+from nq_onnx.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
 
 SCHEMA_VERSION = 3  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan)
 READABLE_SCHEMAS = (2, 3)  # a schema-2 plan is a schema-3 plan without reparameterization
+
+
+@dataclasses.dataclass(frozen=True)
+class TwinSpec:
+    """A group quantized with PTQ4ViT's twin-uniform quantizer: ``kind`` (``softmax`` or ``gelu``) and its fixed
+    step (``d2 = 1 / L`` of a softmax group, the negative range's ``d1`` of a GELU group); the searched one is the
+    group's ``scale``."""
+
+    kind: str
+    fixed: float
+
+    def quantizer(self, bits: int) -> TwinSoftmax | TwinGelu:
+        return TwinSoftmax(bits) if self.kind == "softmax" else TwinGelu(bits, self.fixed)
 
 
 @dataclasses.dataclass
@@ -50,6 +64,13 @@ class GroupPlan:
     input_range: tuple[float, float] | None = None  # calibrated min and max of X (for the report)
     base_scale: float | None = None  # the EasyQuant step before the noise search (for the report)
     reparam: Reparam | None = None  # folded into the float model before the search (``QuantConfig.reparam``)
+    twin: TwinSpec | None = None  # PTQ4ViT's twin-uniform quantizer instead of one uniform range
+
+    def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu:
+        """The group's activation quantizer, the same object the search scored and the passes emit."""
+        if self.twin is None:
+            return ActQuantizer(self.bits, self.signed)
+        return self.twin.quantizer(self.bits)
 
 
 @dataclasses.dataclass
@@ -110,6 +131,7 @@ class Plan:
                 "input_range": list(g.input_range) if g.input_range else None,
                 "base_scale": g.base_scale,
                 "reparam": None,
+                "twin": dataclasses.asdict(g.twin) if g.twin is not None else None,
             }
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
@@ -173,6 +195,7 @@ class Plan:
                     tuple(g["input_range"]) if g.get("input_range") else None,
                     g.get("base_scale"),
                     reparam or None,
+                    TwinSpec(str(g["twin"]["kind"]), float(g["twin"]["fixed"])) if g.get("twin") else None,
                 )
             for layer in doc["layers"]:
                 scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None

@@ -12,8 +12,10 @@ is kept (:mod:`nq_onnx.search`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -22,10 +24,10 @@ import onnx_graphsurgeon as gs
 from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
-from nq_onnx.config import Method, QuantConfig, SearchConfig
+from nq_onnx.config import QuantConfig, SearchConfig
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
-from nq_onnx.plan import GroupPlan, LayerPlan, Plan
+from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.search import (
@@ -106,10 +108,28 @@ def _range(stats: TensorStats) -> tuple[float, float]:
     return float(stats.channel_min.min()), float(stats.channel_max.max())
 
 
-def plain_group(group: GroupSpec, scale: float, bits: int, signed: bool, stats: TensorStats) -> GroupPlan:
+def plain_group(group: GroupSpec, scale: float, bits: int, signed: bool, stats: TensorStats,
+                twin: TwinSpec | None = None) -> GroupPlan:
     """A group quantized without noise (MinMax, or an activation-matmul operand)."""
     return GroupPlan(group.name, group.tensor, scale, bits, signed=signed, input_range=_range(stats),
-                     base_scale=scale)
+                     base_scale=scale, twin=twin)
+
+
+def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> dict[str, TwinSpec]:
+    """PTQ4ViT's twin-uniform quantizer for every Softmax output read as the ``A`` of ``A @ V`` and every GELU output
+    read by linear layers (``method.twin``); a GELU group's negative step covers its calibrated minimum."""
+    if not config.method.twin:
+        return {}
+    levels = 2 ** (config.a_bits - 1) - 1
+    out = {}
+    for group in layers.groups:
+        readers = [layers.layer(name) for name in group.consumers]
+        if group.after == "softmax" and all(r.kind == ACT_MATMUL and r.inputs[0] == group.tensor for r in readers):
+            out[group.name] = TwinSpec("softmax", 1.0 / levels)
+        elif group.after == "gelu" and group.noisy:
+            low = -float(stats[group.tensor].channel_min.min())
+            out[group.name] = TwinSpec("gelu", float(np.float32(max(low, 1e-6) / levels)))
+    return out
 
 
 def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
@@ -117,7 +137,7 @@ def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: Quant
     return frozenset(
         g.name
         for g in layers.groups
-        if float(stats[g.tensor].channel_min.min()) >= 0 and not (config.method == Method.NOISYQUANT and g.noisy)
+        if float(stats[g.tensor].channel_min.min()) >= 0 and not (config.method.noisy and g.noisy)
     )
 
 
@@ -149,6 +169,17 @@ class SearchPlanner:
     _unsigned: frozenset[str] = dataclasses.field(init=False, repr=False, default=frozenset())
     _sim: Simulator | None = dataclasses.field(init=False, repr=False, default=None)
     _images: int = dataclasses.field(init=False, repr=False, default=0)
+    _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    # seconds spent per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s``, ...)
+    timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
+
+    @contextlib.contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
     _fit: int = dataclasses.field(init=False, repr=False, default=0)
 
     def run(self, plan: Plan, progress: Callable | None = None) -> Plan:
@@ -161,8 +192,10 @@ class SearchPlanner:
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
+        self._twins = twin_specs(self.layers, self.stats, self.config)
         self._sim = Simulator(
-            self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned
+            self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
+            {name: spec.quantizer(self.config.a_bits) for name, spec in self._twins.items()},
         )
         steps = layer_steps(graph, self.layers)
         cached = None
@@ -172,12 +205,14 @@ class SearchPlanner:
         for step in iterator:
             specs = [self.layers.layer(name) for name in step]
             tensors = sorted({t for spec in specs for t in spec.inputs})
-            acts = cached if cached is not None else self._sim.run(tensors)
+            with self._timed("simulate_s"):
+                acts = cached if cached is not None else self._sim.run(tensors)
             for group in self._groups_of(specs):
                 self._plan_linear_group(plan, group, acts[group.tensor])
             for spec in specs:
                 if spec.kind == ACT_MATMUL:
-                    self._plan_act_matmul(plan, spec, acts[spec.inputs[0]], acts[spec.inputs[1]])
+                    with self._timed("act_matmul_search_s"):
+                        self._plan_act_matmul(plan, spec, acts[spec.inputs[0]], acts[spec.inputs[1]])
         return plan
 
     def _groups_of(self, specs: list[LayerSpec]) -> list[GroupSpec]:
@@ -190,22 +225,24 @@ class SearchPlanner:
         problem = GroupSearch(
             self._sample(group, value),
             tuple(_operand(s, self._weights[s.name], self._tensors, config.w_bits) for s in specs),
-            ActQuantizer(config.a_bits, group.name not in self._unsigned),
+            self._quantizer(group),
             config.search,
-            config.noise if config.method == Method.NOISYQUANT and group.noisy else None,
+            config.noise if config.method.noisy and group.noisy else None,
             group_seed(config.seed, group.name),
         )
-        result = search_linear_group(problem)
+        with self._timed("linear_search_s"):
+            result = search_linear_group(problem)
         stats = self.stats[group.tensor]
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
-                                            _range(stats), result.base_scale)
+                                            _range(stats), result.base_scale, twin=self._twins.get(group.name))
         self._sim.set_group(group.name, result.scale, result.noise)
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]
-            done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
-                                result.noise, config.weight_rounding, config.bias_correction)
+            with self._timed("rounding_s"):
+                done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
+                                    result.noise, config.weight_rounding, config.bias_correction)
             metrics = {**result.metrics[operand.name], **done.metrics}
             plan.layers[operand.name] = LayerPlan(operand.name, scales, config.w_bits, metrics, done.codes,
                                                   done.correction)
@@ -213,6 +250,13 @@ class SearchPlanner:
             if done.correction is not None:
                 delta = done.correction if delta is None else delta + done.correction
             self._sim.set_layer(operand.name, done.weight, delta)
+
+    def _quantizer(self, group: GroupSpec):
+        """The group's activation quantizer: twin-uniform where :func:`twin_specs` says so, else uniform."""
+        twin = self._twins.get(group.name)
+        if twin is not None:
+            return twin.quantizer(self.config.a_bits)
+        return ActQuantizer(self.config.a_bits, group.name not in self._unsigned)
 
     def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
         """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise
@@ -232,7 +276,7 @@ class SearchPlanner:
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         signed = tuple(g.name not in self._unsigned for g in groups)
-        quantizers = tuple(ActQuantizer(config.a_bits, sg) for sg in signed)
+        quantizers = tuple(self._quantizer(g) for g in groups)
         metrics: dict[str, float] = {}
         a, b = (split_images(v, self._images, self._fit)[0] for v in (a, b))
         if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
@@ -244,6 +288,7 @@ class SearchPlanner:
             s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
         for group, scale, sg in zip(groups, (s_a, s_b), signed):
             if group.name not in plan.groups:
-                plan.groups[group.name] = plain_group(group, scale, config.a_bits, sg, self.stats[group.tensor])
+                plan.groups[group.name] = plain_group(group, scale, config.a_bits, sg, self.stats[group.tensor],
+                                                      self._twins.get(group.name))
                 self._sim.set_group(group.name, scale, None)
         plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)

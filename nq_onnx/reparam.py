@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx.calibration.collect import TensorStats
-from nq_onnx.passes.base import PassResult, import_graph
+from nq_onnx.passes.base import PassResult, Skip, SkipKind, import_graph
 from nq_onnx.passes.find_layers import Layers
 from nq_onnx.passes.reparam_layernorm import ReparamLayerNorm
 from nq_onnx.plan import Reparam
@@ -54,9 +54,20 @@ def reparameterize(model: onnx.ModelProto, layers: Layers,
     return out, result
 
 
-def candidates(layers: Layers, stats: dict[str, TensorStats], min_rows: int = 0) -> dict[str, Reparam]:
+def candidates(layers: Layers, stats: dict[str, TensorStats],
+               min_rows: int = 0) -> tuple[dict[str, Reparam], list[Skip]]:
     """Factors for every group read only by linear layers whose ranges were calibrated on at least ``min_rows``
-    rows (the pass refuses those not fed by a LayerNorm). A range from few rows (a pooled head sees one per image)
-    is too loose to centre and scale on: held-out rows beyond it would be clipped, as for NoisyQuant's shift."""
-    return {g.name: choose(stats[g.tensor]) for g in layers.groups
-            if g.noisy and g.channels > 1 and stats[g.tensor].count >= min_rows}
+    rows (the pass refuses those not fed by a LayerNorm), and the groups left out for too few rows. A range from
+    few rows (a pooled head sees one per image) is too loose to centre and scale on: held-out rows beyond it would
+    be clipped, as for NoisyQuant's shift."""
+    factors, skipped = {}, []
+    for g in layers.groups:
+        if not g.noisy or g.channels <= 1:
+            continue
+        count = stats[g.tensor].count
+        if count >= min_rows:
+            factors[g.name] = choose(stats[g.tensor])
+        else:
+            skipped.append(Skip(g.name, f"calibrated on fewer than {min_rows} rows ({count})",
+                                SkipKind.NOT_REPARAMETERIZED))
+    return factors, skipped

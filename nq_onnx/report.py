@@ -29,7 +29,7 @@ from nq_onnx.calibration.collect import sample_rows
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.plan import Plan
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.quantizers import WeightQuantizer
 
 MAX_HISTOGRAM_LAYERS = 12
 SAMPLE_ROWS = 2048
@@ -65,6 +65,7 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
             "input_min": gp.input_range[0] if gp and gp.input_range else None,
             "input_max": gp.input_range[1] if gp and gp.input_range else None,
             "act_scale": gp.scale if gp else None,
+            "twin": dataclasses.asdict(gp.twin) if gp is not None and gp.twin is not None else None,
             "signed": gp.signed if gp else True,
             "noise_min": float(gp.noise.min()) if gp is not None and gp.noise is not None else 0.0,
             "noise_max": float(gp.noise.max()) if gp is not None and gp.noise is not None else 0.0,
@@ -138,7 +139,7 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     noise = gp.noise if gp.noise is not None else np.zeros(x.shape[1], np.float32)
     base = gp.base_scale or gp.scale
     x_n = x + noise
-    act = ActQuantizer(gp.bits, gp.signed)
+    act = gp.quantizer()
     x_q = act.fake_quant(x_n, gp.scale)
     w_q, bias = weights[group.consumers[0]]
     fp32 = x @ w_q + bias  # dq(W_q): isolates the activation error the noise acts on
@@ -216,6 +217,15 @@ window.addEventListener("load", () => {
 </script>"""
 
 
+def _step(row: dict, num) -> str:
+    """The activation step, or both steps of a twin-uniform quantizer (fine / coarse)."""
+    twin = row.get("twin")
+    if twin is None:
+        return f"{num(row['act_scale'])}{'' if row['signed'] else ' (unsigned)'}"
+    fine, coarse = (row["act_scale"], twin["fixed"]) if twin["kind"] == "softmax" else (twin["fixed"], row["act_scale"])
+    return f"twin {twin['kind']}: {num(fine)} / {num(coarse)}"
+
+
 def _mechanism_table(layers: list[dict], num) -> str:
     """Per layer, what LayerNorm reparameterization (the range of its factors r), GPTQ (held-out weight error,
     nearest and GPTQ) and bias correction (held-out layer output MSE before and after) did; empty without them."""
@@ -255,7 +265,7 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
         f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td>"
         f'<td data-v="{r["input_min"] if r["input_min"] is not None else ""}">'
         f"{num(r['input_min'], '{:.3g}')} .. {num(r['input_max'], '{:.3g}')}</td>"
-        f"<td>{num(r['act_scale'])}{'' if r['signed'] else ' (unsigned)'}</td>"
+        f"<td>{_step(r, num)}</td>"
         f'<td data-v="{r["noise_max"] - r["noise_min"]}">{num(r["noise_min"], "{:.3g}")} .. '
         f"{num(r['noise_max'], '{:.3g}')}</td>"
         f"<td>{num(r['mse_easyquant'])}</td><td>{num(r['mse_noisyquant'])}</td>"

@@ -285,9 +285,11 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     return noise.astype(np.float32), float(scale), shift, amplitude
 
 
-def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
-                      quantizers: tuple[ActQuantizer, ActQuantizer], config: SearchConfig) -> tuple[float, float, dict]:
-    """EasyQuant for ``A @ B`` with both operands per-tensor quantized: alternate the two steps."""
+def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], quantizers: tuple,
+                      config: SearchConfig) -> tuple[float, float, dict]:
+    """EasyQuant for ``A @ B`` with both operands quantized (per tensor, or ``A`` twin-uniform): alternate the two
+    steps over each quantizer's candidates, on the cosine similarity of the product (PTQ4ViT scores with a
+    Hessian-guided metric, which needs output gradients an ONNX model does not give: the product's cosine here)."""
     target = a @ b
     base = [q.minmax_scale(m) for q, m in zip(quantizers, absmax)]
 
@@ -299,9 +301,9 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
     for _ in range(config.rounds):
         for which in (0, 1):
             best = -np.inf
-            for candidate in grid(config.act_alphas):
+            for candidate in quantizers[which].candidates(base[which], grid(config.act_alphas)):
                 trial = list(scales)
-                trial[which] = base[which] * candidate
+                trial[which] = candidate
                 score = _cosine(product(trial), target)
                 if score > best:
                     best, chosen = score, trial[which]

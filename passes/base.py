@@ -31,6 +31,7 @@ class Role(str, enum.Enum):
     INT8_WEIGHTS = "int8_weights"  # a layer whose weight codes are stored int8 (layer)
     UINT8_WEIGHTS = "uint8_weights"  # ... stored uint8 with zero point 128 (layer)
     ACT_QUANTIZER = "act_quantizer"  # a group's QuantizeLinear (node)
+    TWIN_QUANTIZER = "twin_quantizer"  # a layer split into two twin-uniform branches (layer)
     INT16_CODES = "int16_codes"  # a float constant now stored as int16 codes (tensor it replaced)
     DECOMPOSED_GEMM = "decomposed_gemm"  # a Gemm rewritten as MatMul + Add (node)
     FOLDED_WEIGHT = "folded_weight"  # a weight chain folded to one constant (layer node)
@@ -45,6 +46,7 @@ class SkipKind(str, enum.Enum):
     NO_NOISE = "no_noise"  # its plan has no (or a zero) noise vector
     NOT_NOISY = "not_noisy"  # read by an activation matmul, which takes no noise
     UNSUPPORTED = "unsupported"  # a form the pass cannot rewrite
+    NOT_REPARAMETERIZED = "not_reparameterized"  # --reparam left this group as it is
 
 
 @dataclasses.dataclass(frozen=True)

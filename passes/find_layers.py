@@ -55,6 +55,7 @@ class GroupSpec:
     consumers: tuple[str, ...]
     channels: int
     noisy: bool
+    after: str = ""  # what produces the tensor: "softmax", "gelu" (also decomposed with Erf or Tanh) or ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,10 +231,31 @@ def _groups(graph: gs.Graph, layers: list[LayerSpec]) -> tuple[GroupSpec, ...]:
             name = first.name
         name = _dedupe(re.sub(r"\s+", "_", name), used_names)
         noisy = all(c.kind == LINEAR for c in consumers)
-        groups.append(
-            GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers), noisy)
-        )
+        groups.append(GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers),
+                                noisy, _activation(graph.tensors().get(tensor))))
     return tuple(groups)
+
+
+def _activation(tensor: gs.Tensor | None) -> str:
+    """``"softmax"`` for a ``Softmax`` output, ``"gelu"`` for a ``Gelu`` output or the last node of a decomposed GELU
+    (``x * 0.5 * (1 + erf(x / sqrt 2))``, or its tanh form: an ``Erf``/``Tanh`` within four nodes above), else
+    ``""``."""
+    node = tensor.inputs[0] if tensor is not None and tensor.inputs else None
+    if node is None:
+        return ""
+    if node.op == "Softmax":
+        return "softmax"
+    if node.op == "Gelu":
+        return "gelu"
+    if node.op != "Mul":
+        return ""
+    frontier, seen = [node], 0
+    while frontier and seen < 4:
+        frontier = [t.inputs[0] for n in frontier for t in n.inputs if t.inputs]
+        if any(n.op in ("Erf", "Tanh") for n in frontier):
+            return "gelu"
+        seen += 1
+    return ""
 
 
 def _dedupe(name: str, used: set[str]) -> str:

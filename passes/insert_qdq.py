@@ -19,7 +19,8 @@ Activations (per tensor, one quantizer per group, one dequantizer per consumer):
 
 The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128`` (zero point 0 and codes
 ``[0, 2^b - 1]`` for a non-negative tensor planned unsigned); below 8 bits the explicit ``Clip`` keeps codes
-inside the b-bit range, which the 8-bit container alone would not. The arithmetic is
+inside the b-bit range, which the 8-bit container alone would not. A group planned twin-uniform (PTQ4ViT) turns
+each of its layers into two branches (:class:`~nq_onnx.quantizers.TwinUniformQuantizer`). The arithmetic is
 :class:`~nq_onnx.quantizers.ActQuantizer`'s and :class:`~nq_onnx.quantizers.WeightQuantizer`'s, the same objects
 the search and the simulation use.
 """
@@ -59,9 +60,13 @@ class InsertQDQ:
                 node.inputs[1] = WeightQuantizer.emit(graph, spec.name, codes, plan.weight_scales, as_uint8)
                 result.record(Role.UINT8_WEIGHTS if as_uint8 else Role.INT8_WEIGHTS, spec.name)
             result.applied.append(spec.name)
+        twins = []
         for group in self.layers.groups:
             plan = self.plan.groups.get(group.name)
             if plan is None:
+                continue
+            if plan.twin is not None:  # after every other input: its branches copy the consumer's other input
+                twins.append((group, plan))
                 continue
             first = self.layers.layer(group.consumers[0])
             source = nodes[first.node].inputs[first.inputs.index(group.tensor)]
@@ -71,6 +76,11 @@ class InsertQDQ:
                 index = spec.inputs.index(group.tensor)
                 nodes[spec.node].inputs[index] = ActQuantizer.emit_dequantize(
                     graph, quantized, spec.name, index if spec.kind == ACT_MATMUL else None)
+        for group, plan in twins:
+            for spec in (self.layers.layer(name) for name in group.consumers):
+                plan.quantizer().emit_matmul(graph, nodes[spec.node], spec.inputs.index(group.tensor), plan.scale,
+                                             spec.name)
+                result.record(Role.TWIN_QUANTIZER, spec.name)
         return result
 
     def _input_quantizer(self, spec: LayerSpec) -> ActQuantizer:

@@ -51,7 +51,7 @@ class ReparamLayerNorm:
             readers = {self.layers.layer(name).node for name in group.consumers}
             slots, reason = affine_slots(graph, tensors[group.tensor], readers, group.channels)
             if slots is None:
-                result.skipped.append(Skip(group.name, reason, SkipKind.UNSUPPORTED))
+                result.skipped.append(Skip(group.name, reason, SkipKind.NOT_REPARAMETERIZED))
                 continue
             r, c = reparam.scale.astype(np.float64), reparam.shift.astype(np.float64)
             gamma, beta = (_vector(slot, group.channels) for slot in slots)

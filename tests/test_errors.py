@@ -269,7 +269,8 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
     ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
     ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq"),
-    ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant"),
+    ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant, ptq4vit, "
+                       "noisyquant-ptq4vit"),
 ])
 def test_unknown_weight_dtype_or_noise_mode_in_the_api(field, value, message):
     with pytest.raises(ConfigError) as error:

@@ -43,7 +43,7 @@ def reparameterized(request, tmp_path_factory, photo_folder):
     layers = discover(model, QuantConfig())
     data = load_dataset(photo_folder, model, limit=16, seed=0)
     stats = collect_stats(model, [g.tensor for g in layers.groups], data, 8)
-    out, result = reparam.reparameterize(model, layers, reparam.candidates(layers, stats))
+    out, result = reparam.reparameterize(model, layers, reparam.candidates(layers, stats)[0])
     return request.param, model, out, result, layers, stats, data
 
 
@@ -152,9 +152,23 @@ def test_real_weights_with_decomposed_layernorms_fold_exactly():
     name = model.graph.input[0].name
     calib = Dataset((name,), arrays={name: crops(photos[EVAL_PHOTOS:], pre, 0)[:24]})
     stats = collect_stats(model, [g.tensor for g in layers.groups], calib, 8)
-    out, result = reparam.reparameterize(model, layers, reparam.candidates(layers, stats, 1024))
+    out, result = reparam.reparameterize(model, layers, reparam.candidates(layers, stats, 1024)[0])
     names = result.names(Role.REPARAMETERIZED)
     assert len(names) == 24 and all(n.endswith(("attention.attention.key", "mlp.fc1")) for n in names)
     feeds = {name: crops(photos[:EVAL_PHOTOS], pre, 1)[:16]}
     want, got = run(model, feeds)[0], run(out, feeds)[0]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_the_summary_says_what_was_reparameterized_and_why_not(tmp_path, photo_folder, capsys):
+    """Nine 32-pixel photographs give 45 rows per block input, under the 1024 needed to reparameterize: the CLI says
+    so, per reason, instead of silently converting without it."""
+    from nq_onnx.cli import main
+
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2), num_classes=10)
+    assert main(["convert", str(path), "-o", str(tmp_path / "q.onnx"), "--calib", str(photo_folder), "--calib-size",
+                 "9", "--reparam", "--no-eval", "-q", "--search-tokens", "64"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "reparameterized" in x)
+    assert line.strip() == ("reparameterized: 0 LayerNorm-fed groups (not: 9 groups: calibrated on fewer than 1024 "
+                            "rows)")

@@ -62,14 +62,23 @@ def quantizer_input(emitted: onnx.ModelProto, spec, index: int) -> str:
     matmul = next(n for n in emitted.graph.node if n.name == spec.node)
     q = producers[producers[matmul.input[index]].input[0]]
     clip = producers.get(q.input[0])
-    return clip.input[0] if clip is not None and clip.op_type == "Clip" else q.input[0]
+    source = clip.input[0] if clip is not None and clip.op_type == "Clip" else q.input[0]
+    branch = producers.get(source)  # a twin-uniform branch: the range's Where (softmax) or Relu (GELU) of X + N
+    if branch is not None and branch.op_type == "Where":
+        return branch.input[2]
+    if branch is not None and branch.op_type == "Relu":
+        return branch.input[0]
+    return source
 
 
-def compare(path, photo_folder, config, tmp_path, break_simulation=None) -> dict[str, float]:
-    """``{layer: SQNR dB of the emitted layer against the simulation, on the same X + N}``."""
+def compare(path, photo_folder, config, tmp_path, break_simulation=None, plans=None) -> dict[str, float]:
+    """``{layer: SQNR dB of the emitted layer against the simulation, on the same X + N}`` (the plan is appended to
+    ``plans`` where given)."""
     model, layers, plan, planner, data = searched(path, photo_folder, config)
     if break_simulation:
         break_simulation(planner, plan, layers)
+    if plans is not None:
+        plans.append(plan)
     emitted, _ = apply_plan(model, layers, plan)
     onnx.save(emitted, tmp_path / "emitted.onnx")
     options = ort.SessionOptions()
@@ -87,10 +96,15 @@ def compare(path, photo_folder, config, tmp_path, break_simulation=None) -> dict
     return sqnr
 
 
-@pytest.mark.parametrize("bits", [8, 6])
-def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folder, bits, tmp_path):
-    config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, search=SearchConfig(shift_min_rows=0))
-    sqnr = compare(vit, photo_folder, config, tmp_path)
+@pytest.mark.parametrize("bits,method", [(8, "noisyquant"), (6, "noisyquant"), (6, "noisyquant-ptq4vit")])
+def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folder, bits, method, tmp_path):
+    """Also with PTQ4ViT's twin-uniform quantizers (A of A V, fc2's input): the two-branch graph computes what the
+    simulation's one-expression twin fake-quant does."""
+    config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, method=method, search=SearchConfig(shift_min_rows=0))
+    plans = []
+    sqnr = compare(vit, photo_folder, config, tmp_path, plans=plans)
+    twins = sorted(g.twin.kind for g in plans[0].groups.values() if g.twin is not None)
+    assert twins == (["gelu", "gelu", "softmax", "softmax"] if method.endswith("ptq4vit") else [])
     assert len(sqnr) == 2 * 6 + 1  # qkv, proj, fc1, fc2, two attention matmuls per block; the head
     assert min(sqnr.values()) > FLOOR_DB, sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
 

@@ -1,0 +1,67 @@
+"""What a conversion did, as a value (:class:`Summary`) and as the lines ``nq-onnx convert`` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nq_onnx.passes.base import Skip, SkipKind
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a conversion did, for the CLI and the report."""
+
+    method: str
+    layers: list[str]
+    skipped: list[Skip]
+    noisy_groups: int
+    timings: dict[str, float]
+    calib_images: int = 0
+    data_skipped: int = 0
+    noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
+    noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
+    reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
+    metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+def format_summary(summary, elapsed: float, output) -> str:
+    lines = [
+        f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
+        f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"
+    ]
+    if summary.noisy_groups:
+        lines.append(
+            f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
+            f"{summary.noise_adds} need an explicit Add"
+        )
+    refused = [s for s in summary.skipped if s.kind == SkipKind.NOT_REPARAMETERIZED]
+    if summary.reparam_groups or refused:
+        reasons: dict[str, int] = {}
+        for skip in refused:
+            key = skip.reason.split(" (")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        why = "; ".join(f"{n} groups: {reason}" for reason, n in reasons.items())
+        lines.append(f"  reparameterized: {summary.reparam_groups} LayerNorm-fed groups" + (f" (not: {why})" if why
+                                                                                            else ""))
+    if summary.noise_rejected:
+        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
+                     "calibration images")
+    if summary.calib_images:
+        extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
+        lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
+    excluded = [s for s in summary.skipped if s.user_facing]
+    for skip in excluded:
+        lines.append(f"  skipped {skip.layer}: {skip.reason}")
+    parts = {k: v for k, v in summary.timings.items() if "." not in k}
+    inner = ", ".join(f"{k.split('.', 1)[1][:-2].replace('_', ' ')} {v:.1f} s"
+                      for k, v in summary.timings.items() if "." in k)
+    timing = ", ".join(f"{k[:-2]} {v:.1f} s" + (f" ({inner})" if k == "search_s" and inner else "")
+                       for k, v in parts.items())
+    lines.append(f"  time: {timing}")
+    for method, m in summary.metrics.items():
+        agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
+        lines.append(
+            f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
+            f"SQNR {m['sqnr_db']:.2f} dB{agree}"
+        )
+    return "\n".join(lines)
