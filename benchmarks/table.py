@@ -275,7 +275,9 @@ def methods_markdown(results: dict, source) -> str:
     lines = [f"| bits | method | top-1 % ({images} CIFAR-10) | vs FP32 | held-out MSE | vs EasyQuant | convert s |",
              "|---|---|---|---|---|---|---|", f"| 32 | FP32 | {100 * fp32:.2f} | | 0 | | |"]
     rows = results["rows"]
-    for name, e in rows.items():
+    order = list(ROW_LABEL)
+    for name, e in sorted(rows.items(), key=lambda kv: (-kv[1]["bits"], order.index(kv[1]["row"])
+                                                        if kv[1]["row"] in order else len(order))):
         bits = e["bits"]
         base = rows.get(f"easyquant_w{bits}a{bits}")
         mse = e["imagenet_heldout"]["mse"]
@@ -284,6 +286,13 @@ def methods_markdown(results: dict, source) -> str:
         lines.append(f"| W{bits}A{bits} | {ROW_LABEL.get(e['row'], e['row'])} | {100 * top1:.2f} | "
                      f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |")
     settings = results["settings"]
+    lines += ["", methods_findings(rows, fp32)]
+    latency = results.get("latency_batch8")
+    if latency:
+        runs = latency["fp32"].get("runs", "?")
+        lines += ["", f"Batch-8 latency, interleaved ({runs} runs each): " + ", ".join(
+            f"{'FP32' if n == 'fp32' else n} {e['median_ms']:.0f} ms ({e['ratio_to_fp32']:.2f}x)"
+            for n, e in latency.items()) + "."]
     return "\n".join(lines) + (
         f"\n\n{settings['calib_size']} ImageNet calibration images (seed {settings['seed']}), held-out output MSE "
         f"on {settings['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}` "
@@ -306,6 +315,32 @@ def overhead_markdown(data: dict, source) -> str:
             f"({pct(b1, 'explicit_adds')} at batch 1); with the noise folded into LayerNorm betas "
             f"({models['folded']['noise_adds']} Adds left, before attention proj and fc2) {pct(b8, 'folded')} "
             f"({pct(b1, 'folded')} at batch 1). {cpu_line(data)}")
+
+
+def methods_findings(rows: dict, fp32: float) -> str:
+    """The issue's goals and comparisons, computed from the rows that exist."""
+    def get(name):
+        return rows.get(name)
+
+    out = []
+    for bits, margin in ((6, 2.0), (8, 0.3)):
+        best = get(f"all_w{bits}a{bits}")
+        if best:
+            top1 = best["cifar"]["top1"]
+            verdict = "met" if top1 >= fp32 - margin / 100 else "**missed**"
+            out.append(f"W{bits}A{bits} all together >= FP32 - {margin} points: {verdict} "
+                       f"({100 * (top1 - fp32):+.2f})")
+    for bits in (8, 6, 4):
+        rep, both = get(f"easyquant+reparam_w{bits}a{bits}"), get(f"noisyquant+reparam_w{bits}a{bits}")
+        if rep and both:
+            ratio = both["imagenet_heldout"]["mse"] / rep["imagenet_heldout"]["mse"]
+            out.append(f"W{bits}A{bits} NoisyQuant on top of reparam: {ratio:.3f}x reparam alone's held-out MSE "
+                       f"({'does not lose' if ratio <= 1 else '**loses**'})")
+        eq, gptq = get(f"easyquant_w{bits}a{bits}"), get(f"easyquant+gptq_w{bits}a{bits}")
+        if eq and gptq:
+            ratio = gptq["imagenet_heldout"]["mse"] / eq["imagenet_heldout"]["mse"]
+            out.append(f"W{bits}A{bits} GPTQ on EasyQuant: {ratio:.3f}x EasyQuant's held-out MSE")
+    return "Goals and comparisons: " + "; ".join(out) + "." if out else ""
 
 
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
