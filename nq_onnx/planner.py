@@ -28,7 +28,7 @@ from nq_onnx.config import QuantConfig, SearchConfig
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.search import (
     GroupSample,
@@ -120,12 +120,13 @@ def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfi
     read by linear layers (``method.twin``); a GELU group's negative step covers its calibrated minimum."""
     if not config.method.twin:
         return {}
-    levels = 2 ** (config.a_bits - 1) - 1
+    softmax = TwinSoftmax(config.a_bits)
+    levels = softmax.twin.levels
     out = {}
     for group in layers.groups:
         readers = [layers.layer(name) for name in group.consumers]
         if group.after == "softmax" and all(r.kind == ACT_MATMUL and r.inputs[0] == group.tensor for r in readers):
-            out[group.name] = TwinSpec("softmax", 1.0 / levels)
+            out[group.name] = TwinSpec("softmax", softmax.fixed)
         elif group.after == "gelu" and group.noisy:
             low = -float(stats[group.tensor].channel_min.min())
             out[group.name] = TwinSpec("gelu", float(np.float32(max(low, 1e-6) / levels)))

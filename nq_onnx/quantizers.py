@@ -232,8 +232,8 @@ class TwinUniformQuantizer:
         ``[Clip] -> QuantizeLinear -> DequantizeLinear -> MatMul`` with the node's other (already dequantized)
         input, the node itself becoming the coarse branch's matmul."""
         x, out = node.inputs[index], node.outputs[0]
-        zero = _constant(naming.of(owner, "twin_zero"), np.array(0, np.float32))
         if self.kind == TwinKind.SOFTMAX:
+            zero = _constant(naming.of(owner, "twin_zero"), np.array(0, np.float32))
             below = gs.Variable(naming.of(owner, "twin_below"), dtype=np.bool_)
             split = _constant(naming.of(owner, "twin_split"), np.array(self.split(d1), np.float32))
             fine, coarse = (gs.Variable(naming.of(owner, f"twin_{p}_input"), dtype=np.float32)
@@ -255,11 +255,11 @@ class TwinUniformQuantizer:
             quantized = quantizer.emit(graph, f"{owner}/twin_{part}", source, step)
             dequantized = quantizer.emit_dequantize(graph, quantized, f"{owner}/twin_{part}", None)
             product = gs.Variable(naming.of(owner, f"twin_{part}_product"), dtype=np.float32)
-            inputs = list(node.inputs)
-            inputs[index] = dequantized
             if part == "coarse":
                 node.inputs[index], node.outputs[0] = dequantized, product
             else:
+                inputs = list(node.inputs)
+                inputs[index] = dequantized
                 graph.nodes.append(gs.Node("MatMul", name=naming.of(owner, "twin_fine_matmul"), inputs=inputs,
                                            outputs=[product]))
             products.append(product)

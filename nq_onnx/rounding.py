@@ -68,19 +68,24 @@ def layer_error(x: np.ndarray, w_kn: np.ndarray, w_q: np.ndarray) -> float:
     return float(np.mean(diff**2))
 
 
+def _quantized_output(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, bias: np.ndarray,
+                      w_q: np.ndarray) -> np.ndarray:
+    """``dq(q(X + N)) dq(W) + B - N dq(W)``: the quantized layer's output on rows ``x``."""
+    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
+    return act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
+
+
 def correction(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
                bias: np.ndarray, w_q: np.ndarray) -> np.ndarray:
     """``E[f(X) - f_q(X)]`` per output channel over the rows ``x``: what bias correction adds to the bias."""
-    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
-    quantized = act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
-    return (x @ w_kn + bias - quantized).astype(np.float64).mean(axis=0).astype(np.float32)
+    return (x @ w_kn + bias - _quantized_output(x, noise, act, scale, bias, w_q)).astype(np.float64).mean(
+        axis=0).astype(np.float32)
 
 
 def output_mse(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
                bias: np.ndarray, w_q: np.ndarray, delta: np.ndarray | None = None) -> float:
     """The quantized layer's output MSE against the float one on rows ``x`` (with a bias ``delta`` added)."""
-    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
-    quantized = act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
+    quantized = _quantized_output(x, noise, act, scale, bias, w_q)
     if delta is not None:
         quantized = quantized + delta
     return float(np.mean((quantized.astype(np.float64) - (x @ w_kn + bias)) ** 2))
