@@ -4,8 +4,10 @@ and bias correction, each row converted and evaluated in the same run on the sam
     python benchmarks/methods.py                       # W8A8, W6A6, W4A4; every row; 2,000 CIFAR-10 images
     python benchmarks/methods.py --bits 6 --rows easyquant,noisyquant,noisyquant+reparam --cifar-per-class 50
     python benchmarks/methods.py --set 6=easyquant,all --set 8=noisyquant,all   # other rows per bit-width
+    python benchmarks/methods.py --name mixed --set 8=noisyquant,noisyquant+budget6.0 --set 6=noisyquant
 
-Rows are named ``<method>[+reparam][+gptq][+bc]``; ``all`` is ``noisyquant+reparam+gptq+bc``. Each row records
+Rows are named ``<method>[+reparam][+gptq][+bc][+budget<B>]``; ``all`` is ``noisyquant+reparam+gptq+bc``;
+``budget6.0`` is mixed precision at an average of 6.0 bits (such rows are given as bit-width 8). Each row records
 top-1 on the first ``--cifar-per-class`` CIFAR-10 test images of every class, the output MSE against FP32 on
 held-out ImageNet images (disjoint from the 128 calibration images), convert time, the groups reparameterized,
 and the CPU it ran on. Writes ``benchmarks/results/<name>.json``.
@@ -50,10 +52,12 @@ ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "e
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
+    """``budget<B>`` in a row: mixed precision at an average of ``B`` bits (give such rows as bit-width 8)."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
+    budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
-                               bias_correction="bc" in parts)
+                               bias_correction="bc" in parts, bits_budget=budget)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 "row": row, "bits": bits, "convert_s": seconds, "timings": result.summary.timings,
                 "invocation": results["started"],
                 "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
+                "average_bits": result.summary.average_bits or float(bits),
+                "bits_groups": {str(b): n for b, n in result.summary.bits_groups.items()},
                 "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
                 "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
                 "weight_layers_integer": f"{sum(k.integer for k in inspection.weight_layers)}/"

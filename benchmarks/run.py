@@ -142,7 +142,8 @@ def cifar_subset(per_class: int, pre: Preprocess) -> tuple[np.ndarray, np.ndarra
     data = np.load(CIFAR)
     labels = data["labels"].astype(np.int64)
     index = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
-    images = np.stack([prepare_image(Image.fromarray(data["images"][i]), pre) for i in index])
+    pixels = data["images"]  # read once: each access to an npz member decompresses all of it
+    images = np.stack([prepare_image(Image.fromarray(pixels[i]), pre) for i in index])
     return images, labels[index]
 
 

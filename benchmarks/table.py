@@ -343,6 +343,122 @@ def methods_findings(rows: dict, fp32: float) -> str:
     return "Goals and comparisons: " + "; ".join(out) + "." if out else ""
 
 
+COST_BEGIN, COST_END = "<!-- compile-cost:begin -->", "<!-- compile-cost:end -->"
+STAGES = (("calibrate_s", "calibration pass"), ("search.simulate_s", "simulation"),
+          ("search.linear_search_s", "linear-layer search"), ("search.act_matmul_search_s", "attention-matmul search"),
+          ("search.mixed_precision_s", "mixed-precision sensitivities"), ("search.rounding_s", "rounding"),
+          ("rewrite_s", "graph passes"))
+
+
+def _stages(e: dict) -> dict[str, float]:
+    """Seconds per stage of one conversion; what the named stages do not cover is "other" (loading, saving,
+    checking, preparing images)."""
+    t = e["timings"]
+    out = {label: t[key] for key, label in STAGES if t.get(key)}
+    out["other"] = max(e["convert_s"] - sum(out.values()), 0.0)
+    return out
+
+
+def cost_markdown(results: dict, source) -> str:
+    """The compile-cost table (``benchmarks/compile_cost.py``): per row the wall time and peak memory of one
+    conversion, its stages as bars, and, for the real model, held-out quality."""
+    rows = results["rows"]
+    lines = ["| row | model (M params) | method | grid stride | calib images | convert s | peak MB | s per M params "
+             "| held-out MSE | top-1 % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in rows.items():
+        scored = "cifar" in e
+        lines.append(
+            f"| {name} | {e['model']} ({e['parameters_m']:.1f}) | {e['method']} W{e['bits']}A{e['bits']} | "
+            f"{e['grid_stride'] or 'none (before)'} | {e['calib_images']} | {e['convert_s']:.1f} | "
+            f"{e['peak_rss_mb']:.0f} | {e['convert_s'] / e['parameters_m']:.2f} | "
+            + (f"{e['imagenet_heldout']['mse']:.4f} | {100 * e['cifar']['top1']:.2f} |" if scored else "- | - |"))
+    lines += ["", "Where the seconds go (each block is 5 s):", "", "| row | stage | s | |", "|---|---|---|---|"]
+    for name, e in rows.items():
+        for stage, seconds in _stages(e).items():
+            lines.append(f"| {name} | {stage} | {seconds:.1f} | {'█' * max(int(round(seconds / 5)), 0)} |")
+    before = next((e for e in rows.values() if e.get("source")), None)
+    after = rows.get("nq_w8a8")
+    if before and after:
+        def search(e: dict) -> float:
+            return e["timings"].get("search_s", 0.0)
+
+        lines += ["", f"Speed-up on NoisyQuant W8A8, 128 images: {before['convert_s'] / after['convert_s']:.2f}x "
+                      f"in all ({before['convert_s']:.0f} s -> {after['convert_s']:.0f} s), "
+                      f"{search(before) / search(after):.2f}x in the search; peak memory "
+                      f"{before['peak_rss_mb']:.0f} -> {after['peak_rss_mb']:.0f} MB."]
+    for bits in (8, 6):
+        fine, coarse = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_grid3")
+        if fine and coarse and "cifar" in fine and "cifar" in coarse:
+            ratio = coarse["imagenet_heldout"]["mse"] / fine["imagenet_heldout"]["mse"]
+            lines.append(f"- W{bits}A{bits}, coarse-to-fine grids (stride 3) against every grid point (stride 1): "
+                         f"{fine['convert_s'] / coarse['convert_s']:.2f}x faster, held-out MSE {ratio:.3f}x, top-1 "
+                         f"{100 * (coarse['cifar']['top1'] - fine['cifar']['top1']):+.2f} points.")
+    settings = results.get("settings", {})
+    return "\n".join(lines) + (
+        f"\n\nEach conversion alone in a fresh process, evaluation off; top-1 on "
+        f"{settings.get('cifar_per_class', 0) * 10} CIFAR-10 images, held-out MSE on {settings.get('imagenet_eval')} "
+        f"ImageNet images no conversion saw. {cpu_line(results)} Source: `{source}`.")
+
+
+MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
+
+
+def _mixed_lines(results: dict) -> dict[str, list[tuple[float, float, float, str]]]:
+    """Per line (method, uniform or mixed): ``(average bits, top-1, held-out MSE, row name)`` sorted by bits."""
+    lines: dict[str, list] = {}
+    for name, e in results["rows"].items():
+        method = e["row"].split("+")[0]
+        kind = "mixed precision" if "+budget" in e["row"] else "uniform"
+        label = f"{ROW_LABEL.get(method, method)}, {kind}"
+        lines.setdefault(label, []).append((e["average_bits"], e["cifar"]["top1"], e["imagenet_heldout"]["mse"], name))
+    return {k: sorted(v) for k, v in sorted(lines.items())}
+
+
+def mixed_chart(results: dict, out: Path) -> None:
+    """Top-1 against average bits, one line per method (a PNG beside the results file)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, points in _mixed_lines(results).items():
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
+    ax.axhline(100 * results["fp32"]["cifar"]["top1"], color="grey", linestyle=":", label="FP32")
+    ax.set_xlabel("average bits (weights and activations, count-weighted)")
+    ax.set_ylabel(f"top-1 % ({results['settings']['cifar_per_class'] * 10} CIFAR-10)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
+def mixed_markdown(results: dict, source, chart) -> str:
+    """The mixed-precision table (``methods.py --name mixed``) and its chart."""
+    fp32 = results["fp32"]["cifar"]["top1"]
+    lines = ["| method | average bits | top-1 % | vs FP32 | held-out MSE | groups at 8/6/5/4 bits | convert s |",
+             "|---|---|---|---|---|---|---|"]
+    for label, points in _mixed_lines(results).items():
+        for bits, top1, mse, name in points:
+            e = results["rows"][name]
+            groups = "/".join(str(e.get("bits_groups", {}).get(str(b), 0)) for b in (8, 6, 5, 4))
+            groups = groups if e.get("bits_groups") else "-"
+            lines.append(f"| {label} | {bits:.2f} | {100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | "
+                         f"{groups} | {e['convert_s']:.0f} |")
+    rows = results["rows"]
+    mixed6, uniform6 = rows.get("noisyquant+budget6.0_w8a8"), rows.get("noisyquant_w6a6")
+    if mixed6 and uniform6:
+        gap = 100 * (mixed6["cifar"]["top1"] - uniform6["cifar"]["top1"])
+        lines += ["", f"Goal: at a 6.0-bit budget, mixed precision + NoisyQuant >= uniform W6A6 NoisyQuant + 3 points: "
+                      f"{'met' if gap >= 3 else '**missed**'} ({gap:+.2f} points; held-out MSE "
+                      f"{mixed6['imagenet_heldout']['mse'] / uniform6['imagenet_heldout']['mse']:.2f}x uniform's)."]
+    return "\n".join(lines) + (
+        f"\n\n![top-1 against average bits]({chart})\n\nFP32 {100 * fp32:.2f} %. "
+        f"{results['settings']['calib_size']} ImageNet calibration images, held-out MSE on "
+        f"{results['settings']['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}`.")
+
+
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     if begin not in text:
@@ -369,6 +485,28 @@ def update_readme(readme: Path) -> None:
     if methods.exists():
         text = _replace_block(text, METHODS_BEGIN, METHODS_END,
                               methods_markdown(json.loads(methods.read_text()), methods.resolve().relative_to(root)))
+    mixed = RESULTS / "mixed.json"
+    if mixed.exists():
+        data = json.loads(mixed.read_text())
+        chart = RESULTS / "mixed.png"
+        mixed_chart(data, chart)
+        text = _replace_block(text, MIXED_BEGIN, MIXED_END, mixed_markdown(
+            data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
+    cost = RESULTS / "compile_cost.json"
+    if cost.exists():
+        text = _replace_block(text, COST_BEGIN, COST_END,
+                              cost_markdown(json.loads(cost.read_text()), cost.resolve().relative_to(root)))
+    mixed = RESULTS / "mixed.json"
+    if mixed.exists():
+        data = json.loads(mixed.read_text())
+        chart = RESULTS / "mixed.png"
+        mixed_chart(data, chart)
+        text = _replace_block(text, MIXED_BEGIN, MIXED_END, mixed_markdown(
+            data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
+    cost = RESULTS / "compile_cost.json"
+    if cost.exists():
+        text = _replace_block(text, COST_BEGIN, COST_END,
+                              cost_markdown(json.loads(cost.read_text()), cost.resolve().relative_to(root)))
     overhead = RESULTS / "noise_overhead.json"
     if overhead.exists():
         text = _replace_block(text, OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown(

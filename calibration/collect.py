@@ -46,13 +46,14 @@ def collect_stats(
     for feeds in batches:
         outputs = sess.run(tensors, feeds)
         for name, value in zip(tensors, outputs):
-            if not np.all(np.isfinite(value)):
-                raise DataError(f"the float model produces NaN or Inf in {name!r} on the calibration data")
             value = value.astype(np.float32, copy=False)
             if name not in stats:
                 width = value.shape[-1] if value.ndim else 1
                 stats[name] = TensorStats(np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32))
             stats[name].update(value if value.ndim else value.reshape(1, 1))
+            # min and max propagate NaN and reach +-Inf: checking them checks every value, without another pass
+            if not (np.all(np.isfinite(stats[name].channel_min)) and np.all(np.isfinite(stats[name].channel_max))):
+                raise DataError(f"the float model produces NaN or Inf in {name!r} on the calibration data")
     return stats
 
 
@@ -71,3 +72,9 @@ def sample_rows(
             pick = rng.choice(len(flat), min(per_batch, len(flat)), replace=False)
             kept[name].append(flat[np.sort(pick)])
     return {name: np.concatenate(parts)[:rows] for name, parts in kept.items()}
+
+
+def float_values(model: onnx.ModelProto, tensors: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float values of ``tensors`` on ``feeds`` (a few images: every value is kept whole)."""
+    sess = session(with_outputs(model, tensors))
+    return dict(zip(tensors, (v.astype(np.float32, copy=False) for v in sess.run(tensors, feeds))))

@@ -22,7 +22,7 @@ from nq_onnx.calibration.runtime import session
 def model_outputs(
     model: onnx.ModelProto, dataset: Dataset, batch_size: int, progress: Callable | None = None, desc: str = "evaluate"
 ) -> np.ndarray:
-    sess = session(model, optimize=True)
+    sess = session(model, deploy=True)
     name = sess.get_outputs()[0].name
     batches = dataset.batches(batch_size)
     if progress is not None:

@@ -9,10 +9,15 @@ from nq_onnx.errors import ModelError
 from nq_onnx.external_data import configure_session
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, *, optimize: bool = True, deploy: bool = False,
+            threads: int = 0) -> ort.InferenceSession:
+    """A CPU session: basic graph optimizations (float semantics kept, for statistics), none, or with ``deploy``
+    every optimization a deployment gets (QDQ pairs fused into integer kernels: what a quantized model computes,
+    and at its speed)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if deploy
+        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 3
     if threads:

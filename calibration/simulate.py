@@ -25,7 +25,7 @@ from nq_onnx.external_data import carry_source_dir
 from nq_onnx.calibration.runtime import session
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
-from nq_onnx.quantizers import ActQuantizer
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
 def _names(group: str) -> dict[str, str]:
@@ -75,6 +75,21 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
     return carry_source_dir(model, sim)
 
 
+def float_feeds(layers: Layers, float_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The simulation's inputs that make it the float model: every group off, no noise, float weights."""
+    feeds: dict[str, np.ndarray] = {}
+    for group in layers.groups:
+        names = _names(group.name)
+        feeds[names["noise"]] = np.zeros(max(group.channels, 1), np.float32)
+        feeds[names["scale"]] = np.array(1.0, np.float32)
+        feeds[names["on"]] = np.array(False)
+    for spec in layers.layers:
+        if spec.kind != ACT_MATMUL:
+            feeds[f"sim/{spec.name}/weight"] = float_weights[spec.name]
+            feeds[f"sim/{spec.name}/delta"] = np.zeros(spec.out_features, np.float32)
+    return feeds
+
+
 @dataclasses.dataclass
 class Simulator:
     """Runs the simulation model on a fixed, in-memory set of inputs with the current partial plan.
@@ -110,16 +125,7 @@ class Simulator:
         }
         self._computed: set[int] = set()
         self._cache: dict[str, np.ndarray] = dict(self.inputs)
-        self._feeds: dict[str, np.ndarray] = {}
-        for group in self.layers.groups:
-            names = _names(group.name)
-            self._feeds[names["noise"]] = np.zeros(max(group.channels, 1), np.float32)
-            self._feeds[names["scale"]] = np.array(1.0, np.float32)
-            self._feeds[names["on"]] = np.array(False)
-        for spec in self.layers.layers:
-            if spec.kind != ACT_MATMUL:
-                self._feeds[f"sim/{spec.name}/weight"] = self.float_weights[spec.name]
-                self._feeds[f"sim/{spec.name}/delta"] = np.zeros(spec.out_features, np.float32)
+        self._feeds: dict[str, np.ndarray] = float_feeds(self.layers, self.float_weights)
 
     def set_group(self, name: str, scale: float, noise: np.ndarray | None) -> None:
         names = _names(name)
@@ -186,3 +192,35 @@ class Simulator:
         sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
         sess = session(carry_source_dir(self._sim, sub), optimize=False)
         return dict(zip(outputs, sess.run(outputs, feeds)))
+
+
+def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
+                         inputs: dict[str, np.ndarray], unsigned: frozenset[str], absmax: dict[str, float],
+                         choices: tuple[int, ...]) -> dict[str, dict[int, float]]:
+    """Per group and bit-width ``b``: the mean squared error of the model's first output when that group alone
+    (its input and its layers' weights) is MinMax-quantized at ``b`` bits and everything else stays float, on
+    ``inputs``. One simulation model per width; one forward pass per group and width."""
+    out: dict[str, dict[int, float]] = {g.name: {} for g in layers.groups}
+    reference = None
+    for bits in choices:
+        sim = build_simulation(model, layers, bits, unsigned)
+        sess = session(carry_source_dir(model, sim), optimize=False)
+        name = sess.get_outputs()[0].name
+        feeds = dict(inputs) | float_feeds(layers, float_weights)
+        if reference is None:
+            reference = sess.run([name], feeds)[0].astype(np.float64)
+        for group in layers.groups:
+            names = _names(group.name)
+            act = ActQuantizer(bits, group.name not in unsigned)
+            trial = dict(feeds)
+            trial[names["scale"]] = np.array(act.minmax_scale(absmax[group.name]), np.float32)
+            trial[names["on"]] = np.array(True)
+            for consumer in group.consumers:
+                spec = layers.layer(consumer)
+                if spec.kind != ACT_MATMUL:
+                    w = WeightQuantizer(bits)
+                    trial[f"sim/{consumer}/weight"] = w.fake_quant(float_weights[consumer],
+                                                                   w.minmax_scales(float_weights[consumer]))
+            y = sess.run([name], trial)[0].astype(np.float64)
+            out[group.name][bits] = float(np.mean((y - reference) ** 2))
+    return out

@@ -54,6 +54,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--calib-size", type=int, default=128, help="calibration images to use (default 128)")
     p.add_argument("--w-bits", type=int, default=8, choices=SUPPORTED_BITS, help="weight bits (default 8)")
     p.add_argument("--a-bits", type=int, default=8, choices=SUPPORTED_BITS, help="activation bits (default 8)")
+    p.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
+                   help="mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "
+                        "activation-count-weighted average at most BITS")
+    p.add_argument("--mixed-sensitivity", choices=["output", "nuclear"], default="output",
+                   help="how --bits-budget rates a group: the model output's error with the group alone quantized "
+                        "(default), or PTQ-ViT's nuclear-norm-weighted error of the outputs it feeds")
     p.add_argument(
         "--method",
         default="noisyquant",
@@ -100,6 +106,9 @@ def _add_search_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
+    p.add_argument("--grid-stride", type=int, default=1,
+                   help="search grids coarse to fine: every Nth point, then the best one's neighbours (default 1: "
+                        "every point; 3 is faster and slightly less accurate)")
     p.add_argument("--holdout-images", type=int, default=4,
                    help="further images on which a searched noise must beat EasyQuant to be kept (default 4; 0: no "
                         "check)")
@@ -243,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args) -> QuantConfig:
     search = SearchConfig(
         search_images=args.search_images, holdout_images=args.holdout_images, tokens=args.search_tokens,
-        sequential=not args.no_sequential,
+        grid_stride=args.grid_stride, sequential=not args.no_sequential,
     )
     return QuantConfig(
         method=args.method,
@@ -260,6 +269,8 @@ def _config_from(args) -> QuantConfig:
         reparam=args.reparam,
         weight_rounding=args.weight_rounding,
         bias_correction=args.bias_correction,
+        bits_budget=args.bits_budget,
+        mixed_sensitivity=args.mixed_sensitivity,
         search=search,
     )
 
@@ -278,12 +289,15 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "exclude",
             "search_images",
             "search_tokens",
+            "grid_stride",
             "holdout_images",
             "noise",
             "no_sequential",
             "reparam",
             "weight_rounding",
             "bias_correction",
+            "bits_budget",
+            "mixed_sensitivity",
         )
         if getattr(args, name) != parser_defaults.get(name)
     ]

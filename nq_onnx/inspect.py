@@ -56,6 +56,7 @@ class LayerKernel:
     weight_dtype: str | None = None  # int8 or uint8 weight codes (None: an activation matmul)
     input_codes: tuple[int, int] | None = None  # stored code range of the activation input, e.g. (0, 255)
     pair_sum_bound: int | None = None  # largest |a_i w_i + a_j w_j| the codes allow (int8 weights only)
+    weight_bits: int | None = None  # the narrowest signed width holding every code - zero point (steps saturate)
 
     @property
     def integer(self) -> bool:
@@ -166,7 +167,11 @@ def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
     bound = None
     if codes.dtype == np.int8 and input_codes is not None and input_codes[0] >= 0:  # U8S8: uint8 activations
         bound = int(quant.pair_sum_bound(codes, *input_codes).max(initial=0))
-    return LayerKernel(name, node.name, node.op, "", True, codes.dtype.name, input_codes, bound)
+    zp = _constant(weight.inputs[2]) if len(weight.inputs) > 2 else None
+    centred = codes.astype(np.int32) - (zp.astype(np.int32).reshape(1, -1) if zp is not None else 0)
+    hi, low = int(centred.max(initial=0)), int(centred.min(initial=0))
+    bits = max(hi.bit_length(), (-low - 1).bit_length()) + 1  # the narrowest signed range [-2^(b-1), 2^(b-1) - 1]
+    return LayerKernel(name, node.name, node.op, "", True, codes.dtype.name, input_codes, bound, bits)
 
 
 def quantized_layers(model: onnx.ModelProto) -> list[LayerKernel]:
@@ -234,13 +239,15 @@ def format_inspection(inspection: Inspection, verbose: bool = True) -> str:
                  f"flags: {' '.join(cpu.flags) or 'none found'})")
     if verbose:
         width = max(len(k.layer) for k in inspection.layers)
-        lines.append(f"{'layer':<{width}}  {'op':<7}{'kernel':<22}{'weights':<9}{'input codes':<13}")
+        lines.append(f"{'layer':<{width}}  {'op':<7}{'kernel':<22}{'weights':<9}{'w bits':<8}{'input codes':<13}")
         for k in inspection.layers:
             codes = f"[{k.input_codes[0]}, {k.input_codes[1]}]" if k.input_codes else "-"
             flag = "" if k.integer else "   <- float fallback"
             if k.can_overflow:
                 flag += f"   <- pair sums up to {k.pair_sum_bound} overflow int16 without VNNI"
-            lines.append(f"{k.layer:<{width}}  {k.op:<7}{k.kernel:<22}{k.weight_dtype or '-':<9}{codes:<13}{flag}")
+            bits = str(k.weight_bits) if k.weight_bits else "-"
+            lines.append(f"{k.layer:<{width}}  {k.op:<7}{k.kernel:<22}{k.weight_dtype or '-':<9}{bits:<8}"
+                         f"{codes:<13}{flag}")
     acts = [k for k in inspection.layers if not k.has_weight]
     lines.append(
         f"{inspection.provider}: {integer}/{len(weights)} weight matmuls and "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +42,7 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx import reparam
-from nq_onnx.plan import Plan
+from nq_onnx.plan import Plan, average_bits
 from nq_onnx.summary import Summary
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
@@ -218,6 +219,8 @@ def quantize(
         noise_rejected=sum(1 for g in layers.groups
                            if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
+        average_bits=average_bits(plan.groups),
+        bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
     )
     return Result(out, plan, layers, summary, model)
 

@@ -18,14 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from nq_onnx import quant
+from nq_onnx import mixed, quant
 from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.config import QuantConfig
 from nq_onnx.errors import PlanError
+from nq_onnx.mixed import Module
 from nq_onnx.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
 
-SCHEMA_VERSION = 3  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan)
-READABLE_SCHEMAS = (2, 3)  # a schema-2 plan is a schema-3 plan without reparameterization
+SCHEMA_VERSION = 4  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
+# 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision)
+READABLE_SCHEMAS = (2, 3, 4)  # an older plan is a newer one without the features added since
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class GroupPlan:
     base_scale: float | None = None  # the EasyQuant step before the noise search (for the report)
     reparam: Reparam | None = None  # folded into the float model before the search (``QuantConfig.reparam``)
     twin: TwinSpec | None = None  # PTQ4ViT's twin-uniform quantizer instead of one uniform range
+    precision: Module | None = None  # its cost and sensitivity per bit-width, under a bits budget (nq_onnx.mixed)
 
     def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu:
         """The group's activation quantizer, the same object the search scored and the passes emit."""
@@ -140,6 +143,9 @@ class Plan:
                 entry["reparam"] = {"scale": f"group/{g.name}/reparam_scale", "shift": f"group/{g.name}/reparam_shift"}
                 arrays[entry["reparam"]["scale"]] = g.reparam.scale
                 arrays[entry["reparam"]["shift"]] = g.reparam.shift
+            if g.precision is not None:
+                entry["precision"] = {"cost": g.precision.cost,
+                                      "sensitivity": {str(b): v for b, v in g.precision.sensitivity.items()}}
             doc["groups"].append(entry)
         for layer in self.layers.values():
             entry = {"name": layer.name, "bits": layer.bits, "search": layer.search, "weight_scales": None,
@@ -196,6 +202,7 @@ class Plan:
                     g.get("base_scale"),
                     reparam or None,
                     TwinSpec(str(g["twin"]["kind"]), float(g["twin"]["fixed"])) if g.get("twin") else None,
+                    _module(g["name"], g["precision"]) if g.get("precision") else None,
                 )
             for layer in doc["layers"]:
                 scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None
@@ -207,6 +214,18 @@ class Plan:
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{json_path} is a malformed plan ({type(exc).__name__}: {exc})") from None
         return plan
+
+
+def _module(name: str, entry: dict) -> Module:
+    return Module(name, int(entry["cost"]), {int(b): float(v) for b, v in entry["sensitivity"].items()})
+
+
+def average_bits(groups: dict[str, GroupPlan]) -> float | None:
+    """The cost-weighted average bits of a mixed-precision plan (``None`` without a bits budget)."""
+    modules = [g.precision for g in groups.values() if g.precision is not None]
+    if not modules:
+        return None
+    return mixed.average_bits(modules, {g.name: g.bits for g in groups.values()})
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

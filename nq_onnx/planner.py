@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx.calibration.collect import TensorStats
+from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.calibration.simulate import Simulator
-from nq_onnx.config import QuantConfig, SearchConfig
+from nq_onnx.calibration.simulate import Simulator, output_sensitivities
+from nq_onnx.config import MixedSensitivity, QuantConfig, SearchConfig
+from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
@@ -42,6 +43,10 @@ from nq_onnx.search import (
 )
 
 ACT_MATMUL_SLICES = 16
+SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sensitivities
+SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
+SENSITIVITY_SLICES = 8  # per-head product maps per attention matmul's sensitivity
+OUTPUT_SENSITIVITY_IMAGES = 1  # images of the model-output sensitivities (a forward pass per group and width)
 
 
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
@@ -115,21 +120,22 @@ def plain_group(group: GroupSpec, scale: float, bits: int, signed: bool, stats: 
                      base_scale=scale, twin=twin)
 
 
-def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> dict[str, TwinSpec]:
+def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig,
+               bits: dict[str, int] | None = None) -> dict[str, TwinSpec]:
     """PTQ4ViT's twin-uniform quantizer for every Softmax output read as the ``A`` of ``A @ V`` and every GELU output
-    read by linear layers (``method.twin``); a GELU group's negative step covers its calibrated minimum."""
+    read by linear layers (``method.twin``); a GELU group's negative step covers its calibrated minimum. ``bits``:
+    a group's bits where they are not ``config.a_bits`` (mixed precision)."""
     if not config.method.twin:
         return {}
-    softmax = TwinSoftmax(config.a_bits)
-    levels = softmax.twin.levels
     out = {}
     for group in layers.groups:
+        softmax = TwinSoftmax((bits or {}).get(group.name, config.a_bits))
         readers = [layers.layer(name) for name in group.consumers]
         if group.after == "softmax" and all(r.kind == ACT_MATMUL and r.inputs[0] == group.tensor for r in readers):
             out[group.name] = TwinSpec("softmax", softmax.fixed)
         elif group.after == "gelu" and group.noisy:
             low = -float(stats[group.tensor].channel_min.min())
-            out[group.name] = TwinSpec("gelu", float(np.float32(max(low, 1e-6) / levels)))
+            out[group.name] = TwinSpec("gelu", float(np.float32(max(low, 1e-6) / softmax.twin.levels)))
     return out
 
 
@@ -171,6 +177,8 @@ class SearchPlanner:
     _sim: Simulator | None = dataclasses.field(init=False, repr=False, default=None)
     _images: int = dataclasses.field(init=False, repr=False, default=0)
     _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
+    _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
     # seconds spent per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s``, ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
 
@@ -193,10 +201,13 @@ class SearchPlanner:
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
-        self._twins = twin_specs(self.layers, self.stats, self.config)
+        if self.config.bits_budget is not None:
+            with self._timed("mixed_precision_s"):
+                self._bits = self._assign_bits(inputs)
+        self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
         self._sim = Simulator(
             self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
-            {name: spec.quantizer(self.config.a_bits) for name, spec in self._twins.items()},
+            {g.name: self._quantizer(g) for g in self.layers.groups},
         )
         steps = layer_steps(graph, self.layers)
         cached = None
@@ -225,7 +236,7 @@ class SearchPlanner:
         specs = [self.layers.layer(name) for name in group.consumers]
         problem = GroupSearch(
             self._sample(group, value),
-            tuple(_operand(s, self._weights[s.name], self._tensors, config.w_bits) for s in specs),
+            tuple(_operand(s, self._weights[s.name], self._tensors, self._w_bits(group)) for s in specs),
             self._quantizer(group),
             config.search,
             config.noise if config.method.noisy and group.noisy else None,
@@ -234,9 +245,10 @@ class SearchPlanner:
         with self._timed("linear_search_s"):
             result = search_linear_group(problem)
         stats = self.stats[group.tensor]
-        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, config.a_bits, result.noise,
+        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
-                                            _range(stats), result.base_scale, twin=self._twins.get(group.name))
+                                            _range(stats), result.base_scale, twin=self._twins.get(group.name),
+                                            precision=self._modules.get(group.name))
         self._sim.set_group(group.name, result.scale, result.noise)
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
@@ -245,7 +257,7 @@ class SearchPlanner:
                 done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
                                     result.noise, config.weight_rounding, config.bias_correction)
             metrics = {**result.metrics[operand.name], **done.metrics}
-            plan.layers[operand.name] = LayerPlan(operand.name, scales, config.w_bits, metrics, done.codes,
+            plan.layers[operand.name] = LayerPlan(operand.name, scales, operand.quantizer.bits, metrics, done.codes,
                                                   done.correction)
             delta = None if result.noise is None else -(result.noise @ done.weight)
             if done.correction is not None:
@@ -254,10 +266,56 @@ class SearchPlanner:
 
     def _quantizer(self, group: GroupSpec):
         """The group's activation quantizer: twin-uniform where :func:`twin_specs` says so, else uniform."""
-        twin = self._twins.get(group.name)
+        twin, bits = self._twins.get(group.name), self._bits.get(group.name, self.config.a_bits)
         if twin is not None:
-            return twin.quantizer(self.config.a_bits)
-        return ActQuantizer(self.config.a_bits, group.name not in self._unsigned)
+            return twin.quantizer(bits)
+        return ActQuantizer(bits, group.name not in self._unsigned)
+
+    def _w_bits(self, group: GroupSpec) -> int:
+        """The weight bits of the layers reading ``group``: the group's own under a bits budget."""
+        return self._bits.get(group.name, self.config.w_bits)
+
+    def _assign_bits(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+        """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.mixed`): costs from the float values of the
+        first fit images, sensitivities as ``config.mixed_sensitivity`` says."""
+        images = min(self._fit, SENSITIVITY_IMAGES)
+        feeds = {k: v[:images] for k, v in inputs.items()}
+        values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
+        if self.config.mixed_sensitivity == MixedSensitivity.OUTPUT:
+            absmax = {g.name: self.stats[g.tensor].absmax for g in self.layers.groups}
+            one = {k: v[:OUTPUT_SENSITIVITY_IMAGES] for k, v in inputs.items()}
+            sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, absmax,
+                                               BIT_CHOICES)
+        else:
+            sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
+        self._modules = {}
+        for g in self.layers.groups:
+            weights = sum(self._weights[c].size for c in g.consumers if self.layers.layer(c).kind != ACT_MATMUL)
+            self._modules[g.name] = Module(g.name, int(values[g.tensor].size // images + weights),
+                                           sensitivity[g.name])
+        return assign_bits(list(self._modules.values()), self.config.bits_budget)
+
+    def _nuclear_sensitivity(self, group: GroupSpec, values: dict[str, np.ndarray]) -> dict[int, float]:
+        """PTQ-ViT's sensitivity of a group (:mod:`nq_onnx.mixed`) on its float values."""
+        absmax, signed = self.stats[group.tensor].absmax, group.name not in self._unsigned
+        value = values[group.tensor]
+        specs = [self.layers.layer(name) for name in group.consumers]
+        linear = [s for s in specs if s.kind != ACT_MATMUL]
+        sensitivity = dict.fromkeys(BIT_CHOICES, 0.0)
+        if linear:
+            rows = sample_rows(value, group.channels, SENSITIVITY_ROWS, group_rng(2, group.name))
+            operands = tuple(_operand(s, self._weights[s.name], self._tensors, 8) for s in linear)
+            for bits, omega in linear_sensitivity(rows, operands, absmax, signed).items():
+                sensitivity[bits] += omega
+        for spec in specs:
+            if spec.kind == ACT_MATMUL:
+                a, b = values[spec.inputs[0]], values[spec.inputs[1]]
+                if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:  # the first SENSITIVITY_SLICES maps (an SVD each)
+                    a, b = (v.reshape(-1, *v.shape[-2:])[:SENSITIVITY_SLICES] for v in (a, b))
+                    which = spec.inputs.index(group.tensor)
+                    for bits, omega in matmul_sensitivity(a, b, which, absmax, signed).items():
+                        sensitivity[bits] += omega
+        return sensitivity
 
     def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
         """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise
@@ -287,9 +345,10 @@ class SearchPlanner:
             s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search)
         else:
             s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
-        for group, scale, sg in zip(groups, (s_a, s_b), signed):
+        for group, scale, sg, q in zip(groups, (s_a, s_b), signed, quantizers):
             if group.name not in plan.groups:
-                plan.groups[group.name] = plain_group(group, scale, config.a_bits, sg, self.stats[group.tensor],
-                                                      self._twins.get(group.name))
+                plan.groups[group.name] = dataclasses.replace(
+                    plain_group(group, scale, q.bits, sg, self.stats[group.tensor], self._twins.get(group.name)),
+                    precision=self._modules.get(group.name))
                 self._sim.set_group(group.name, scale, None)
-        plan.layers[spec.name] = LayerPlan(spec.name, None, config.w_bits, metrics)
+        plan.layers[spec.name] = LayerPlan(spec.name, None, max(q.bits for q in quantizers), metrics)

@@ -62,6 +62,9 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
             "layer": spec.name,
             "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
             "group": group.name,
+            "bits": f"W{lp.bits}A{gp.bits}" if spec.kind != ACT_MATMUL and gp is not None else
+                    "A" + "/A".join(str(plan.groups[layers.group_of(t).name].bits) for t in spec.inputs
+                                    if layers.group_of(t).name in plan.groups),
             "input_min": gp.input_range[0] if gp and gp.input_range else None,
             "input_max": gp.input_range[1] if gp and gp.input_range else None,
             "act_scale": gp.scale if gp else None,
@@ -262,7 +265,7 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
         for m, v in data.methods.items()
     )
     rows = "".join(
-        f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td>"
+        f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td><td>{html.escape(r['bits'])}</td>"
         f'<td data-v="{r["input_min"] if r["input_min"] is not None else ""}">'
         f"{num(r['input_min'], '{:.3g}')} .. {num(r['input_max'], '{:.3g}')}</td>"
         f"<td>{_step(r, num)}</td>"
@@ -289,8 +292,9 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
 <h2>Per layer</h2>
 <p>Output MSE of each layer as its search measured it (on a token sample, earlier layers already quantized).
 Click a column header to sort.</p>
-<table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>input range</th><th>activation step</th>
-<th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th></tr></thead>
+<table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>bits</th><th>input range</th>
+<th>activation step</th><th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th>
+</tr></thead>
 <tbody>{rows}</tbody></table>
 {mechanisms}
 {chart_html}

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Callable
 
 import numpy as np
 
@@ -105,6 +106,22 @@ def grid(spec: tuple[float, float, int]) -> np.ndarray:
     return np.linspace(low, high, int(count), dtype=np.float64)
 
 
+def grid_argmax(count: int, score: Callable[[int], float], stride: int) -> tuple[int, float]:
+    """The index of the highest ``score`` over grid points ``0..count-1`` (ties: the lowest index), scored coarse to
+    fine: every ``stride``-th point and the last, then the points less than ``stride`` away from the best of
+    those. ``stride = 1`` scores every point (the default: coarser strides cost held-out accuracy,
+    ``benchmarks/compile_cost.py``)."""
+    scores: dict[int, float] = {}
+    for i in sorted({*range(0, count, stride), count - 1}):
+        scores[i] = score(i)
+    best = min(scores, key=lambda i: (-scores[i], i))
+    for i in range(max(best - stride + 1, 0), min(best + stride, count)):
+        if i not in scores:
+            scores[i] = score(i)
+    best = min(scores, key=lambda i: (-scores[i], i))
+    return best, scores[best]
+
+
 def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``tokens`` rows of ``x`` viewed as ``[-1, channels]``.
 
@@ -132,18 +149,6 @@ def group_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(list(group_seed(seed, name)))
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    denom = np.linalg.norm(a64) * np.linalg.norm(b64)
-    return float(a64 @ b64 / denom) if denom > 0 else 1.0
-
-
-def _column_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    num = np.einsum("tn,tn->n", a, b, dtype=np.float64)
-    den = np.sqrt(np.einsum("tn,tn->n", a, a, dtype=np.float64) * np.einsum("tn,tn->n", b, b, dtype=np.float64))
-    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
-
-
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
@@ -159,16 +164,118 @@ def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], scales: dict[s
     return out
 
 
-def search_weight_scales(x_q: np.ndarray, layer: LinearOperand, target: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """Per output channel, the step ``a * s_c^minmax`` whose channel output is most cosine-similar to the float one."""
+def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, alphas: np.ndarray,
+                         stride: int = 1) -> np.ndarray:
+    """Per output channel, the step ``a * s_c^minmax`` whose channel output is most cosine-similar to the float one.
+
+    Channel ``c`` of the quantized layer errs by ``E_c = x_q D_c + F_c`` (``D = dq(W) - W``, ``F = (x_q - x) W``),
+    so its cosine with ``t_c = x w_c + b_c`` follows from ``<E_c, t_c> = D_c . (x_q^T t)_c + <F_c, t_c>`` and
+    ``||E_c||^2 = D_c^T (x_q^T x_q) D_c + 2 D_c . (x_q^T F)_c + ||F_c||^2``: a ``K x K x N`` product per
+    candidate where ``K`` is below the token count ``T``, the ``T x K x N`` product ``x_q D`` elsewhere. The
+    terms are small differences computed as such, so the cosine keeps its precision near 1. The grid is searched
+    as :func:`grid_argmax` does, each channel around its own best coarse point.
+    """
     base = layer.minmax_scales()
-    best = np.full(base.shape, -np.inf)
-    best_alpha = np.ones(base.shape)
-    for alpha in alphas:  # one fake-quantized weight alive at a time: weights can be hundreds of MB
-        cos = _column_cosine(x_q @ layer.quantized_weight((base * alpha).astype(np.float32)) + layer.bias, target)
+    w = layer.weight
+    target = x @ w + layer.bias
+    f = (x_q - x) @ w
+    gram = x_q.T @ x_q if w.shape[0] < x_q.shape[0] else None
+    if gram is not None:
+        cross_t, cross_f = x_q.T @ target, x_q.T @ f
+    t2 = _colsum(target, target)
+    f2, ft = _colsum(f, f), _colsum(f, target)
+
+    def cosines(alpha: np.ndarray) -> np.ndarray:
+        delta = layer.quantized_weight((base * alpha).astype(np.float32))
+        delta -= w
+        if gram is not None:
+            e2 = _colsum(delta, gram @ delta) + 2.0 * _colsum(delta, cross_f) + f2
+            et = _colsum(delta, cross_t) + ft
+        else:
+            err = x_q @ delta
+            err += f
+            e2, et = _colsum(err, err), _colsum(err, target)
+        return _cosine_of(t2, et, e2)
+
+    # grid_argmax per channel (the channels decouple): the coarse points, then each channel's own neighbours
+    count = len(alphas)
+    best, best_index = np.full(base.shape, -np.inf), np.zeros(base.shape, dtype=np.int64)
+    for i in sorted({*range(0, count, stride), count - 1}):  # one fake-quantized weight alive at a time
+        cos = cosines(np.full(base.shape, alphas[i]))
         better = cos > best
-        best[better], best_alpha[better] = cos[better], alpha
-    return (base * best_alpha).astype(np.float32)
+        best[better], best_index[better] = cos[better], i
+    centre = best_index.copy()
+    for offset in [o for o in range(1 - stride, stride) if o != 0]:
+        index = centre + offset
+        valid = (index >= 0) & (index < count) & (index % stride != 0) & (index != count - 1)
+        if not valid.any():
+            continue
+        cos = np.where(valid, cosines(alphas[np.clip(index, 0, count - 1)]), -np.inf)
+        better = (cos > best) | ((cos == best) & (index < best_index))
+        best[better], best_index[better] = cos[better], index[better]
+    return (base * alphas[best_index]).astype(np.float32)
+
+
+def _colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_rows a * b`` per column, in float64."""
+    return np.einsum("tn,tn->n", a, b).astype(np.float64)
+
+
+def _cosine_of(t2, et, e2):
+    """The cosine of ``t + E`` with ``t`` from ``||t||^2``, ``<E, t>`` and ``||E||^2`` (0 where ``t = 0``)."""
+    t2, et, e2 = (np.asarray(v, dtype=np.float64) for v in (t2, et, e2))
+    den = np.sqrt(t2 * np.maximum(t2 + 2.0 * et + e2, 0.0))
+    return np.where(den > 0, (t2 + et) / np.maximum(den, 1e-300), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerError:
+    """One layer's output error as a function of its input's quantization error, its weights fixed.
+
+    With ``t = X W + B`` the float output, ``W_q`` the quantized weight and ``X + N`` quantized to ``X_q`` (the
+    bias ``B - N W_q``), the output errs by ``E = D W_q + C`` with ``D = X_q - (X + N)`` and ``C = X (W_q - W)``;
+    so ::
+
+        ||E||^2 = ||D W_q||^2 + 2 <D, C W_q^T> + ||C||^2,        <E, t> = <D, t W_q^T> + <C, t>
+
+    and ``||D W_q|| = ||D R||`` with ``R = W_q`` where ``N <= K`` and else the ``K x K`` factor of
+    ``W_q^T = Q R^T`` (``Q`` orthonormal): a candidate costs a ``T x K x min(K, N)`` product and two dot
+    products instead of ``T x K x N`` and a pass over the output. Every term is small and computed as such.
+    """
+
+    factor: np.ndarray
+    c_wt: np.ndarray
+    t_wt: np.ndarray
+    c2: float
+    ct: float
+    t2: float
+    size: int
+
+    @classmethod
+    def build(cls, x: np.ndarray, layer: LinearOperand, w_q: np.ndarray) -> "LayerError":
+        target = x @ layer.weight + layer.bias
+        c = x @ (w_q - layer.weight)
+        factor = w_q
+        if w_q.shape[1] > w_q.shape[0]:
+            factor = np.linalg.qr(w_q.T.astype(np.float64), mode="r").T.astype(np.float32)
+        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, _dot(c, c), _dot(c, target),
+                   _dot(target, target), target.size)
+
+    def terms(self, d: np.ndarray) -> tuple[float, float]:
+        """``(||E||^2, <E, t>)`` for the input error ``d``."""
+        dr = d @ self.factor
+        return _dot(dr, dr) + 2.0 * _dot(d, self.c_wt) + self.c2, _dot(d, self.t_wt) + self.ct
+
+    def mse(self, d: np.ndarray) -> float:
+        return self.terms(d)[0] / self.size
+
+    def cosine(self, d: np.ndarray) -> float:
+        e2, et = self.terms(d)
+        return float(_cosine_of(self.t2, et, e2))
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a.ravel(), b.ravel()))
 
 
 def search_linear_group(problem: GroupSearch) -> GroupResult:
@@ -182,7 +289,7 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
     easy, alpha = _easyquant(problem, targets)
     if problem.noise_mode is None:
         return easy
-    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha)
+    noise, scale, shift, amplitude = _search_noise(problem, easy, alpha)
     if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, noise, scale):
         noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
     x_q = problem.act.fake_quant(sample.x + noise, scale)
@@ -203,15 +310,17 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     alpha, scales = 1.0, dict(minmax)
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
-        scales = {layer.name: search_weight_scales(x_q, layer, target, grid(config.weight_alphas))
-                  for layer, target in zip(layers, targets)}
-        w_q = [layer.quantized_weight(scales[layer.name]) for layer in layers]
-        best = -np.inf
-        for candidate in grid(config.act_alphas):
-            x_q = act.fake_quant(x, base * candidate)
-            score = float(np.mean([_cosine(x_q @ w + layer.bias, t) for w, layer, t in zip(w_q, layers, targets)]))
-            if score > best:
-                best, alpha = score, float(candidate)
+        scales = {layer.name: search_weight_scales(x_q, x, layer, grid(config.weight_alphas), config.grid_stride)
+                  for layer in layers}
+        errors = [LayerError.build(x, layer, layer.quantized_weight(scales[layer.name])) for layer in layers]
+        alphas = grid(config.act_alphas)
+
+        def score(i: int) -> float:
+            d = act.fake_quant(x, base * alphas[i])
+            d -= x
+            return float(np.mean([error.cosine(d) for error in errors]))
+
+        alpha = float(alphas[grid_argmax(len(alphas), score, config.grid_stride)[0]])
     easy = layer_mse(act.fake_quant(x, base * alpha), layers, scales, targets)
     if sum(easy) > sum(mse_minmax):
         # cosine ignores magnitude: a solution that lost to MinMax on output MSE is not kept
@@ -241,15 +350,15 @@ def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, s
     return False
 
 
-def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult,
-                  alpha: float) -> tuple[np.ndarray, float, float, float]:
+def _search_noise(problem: GroupSearch, easy: GroupResult, alpha: float) -> tuple[np.ndarray, float, float, float]:
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
     sample, act, config = problem.sample, problem.act, problem.config
     qmax = act.code_range[1]
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
-    w_q = [layer.quantized_weight(easy.weight_scales[layer.name]) for layer in problem.layers]
+    errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]))
+              for layer in problem.layers]
     shifts, amplitudes = config.noise_grid(problem.noise_mode)
     if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
         shifts = (0.0,)
@@ -258,10 +367,10 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         return float(np.max(np.maximum(np.abs(sample.channel_min + noise), np.abs(sample.channel_max + noise))))
 
     def loss(noise: np.ndarray, scale: float) -> float:
-        n32 = noise.astype(np.float32)
-        x_q = act.fake_quant(sample.x + n32, scale)
-        terms = zip(w_q, problem.layers, targets)
-        return float(sum(_mse(x_q @ w + (layer.bias - n32 @ w), t) for w, layer, t in terms))
+        noisy = sample.x + noise.astype(np.float32)
+        d = act.fake_quant(noisy, scale)
+        d -= noisy
+        return float(sum(error.mse(d) for error in errors))
 
     zero = np.zeros_like(u)
     best = (loss(zero, easy.scale), zero, easy.scale, 0.0, 0.0)  # the EasyQuant solution itself
@@ -277,11 +386,11 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
             if value < best[0]:
                 best = (value, noise, scale, float(shift), float(amplitude))
     value, noise, scale, shift, amplitude = best
-    base = range_of(noise) / qmax
-    for candidate in grid(config.act_alphas) if base > 0 else ():
-        trial = loss(noise, base * candidate)
-        if trial < value:
-            value, scale = trial, base * candidate
+    base, alphas = range_of(noise) / qmax, grid(config.act_alphas)
+    if base > 0:
+        i, trial = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
+        if -trial < value:
+            scale = base * alphas[i]
     return noise.astype(np.float32), float(scale), shift, amplitude
 
 
@@ -291,24 +400,32 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
     steps over each quantizer's candidates, on the cosine similarity of the product (PTQ4ViT scores with a
     Hessian-guided metric, which needs output gradients an ONNX model does not give: the product's cosine here)."""
     target = a @ b
+    t2 = _dot(target, target)
+    operands = (a, b)
     base = [q.minmax_scale(m) for q, m in zip(quantizers, absmax)]
+    quantized = [q.fake_quant(v, s) for q, v, s in zip(quantizers, operands, base)]
 
-    def product(scales: list[float]) -> np.ndarray:
-        return quantizers[0].fake_quant(a, scales[0]) @ quantizers[1].fake_quant(b, scales[1])
+    def error(which: int, scale: float) -> np.ndarray:
+        trial = list(quantized)
+        trial[which] = quantizers[which].fake_quant(operands[which], scale)
+        err = trial[0] @ trial[1]
+        err -= target
+        return err
 
     scales = list(base)
-    metrics = {"mse_minmax": _mse(product(base), target)}
+    metrics = {"mse_minmax": _dot(err := error(0, base[0]), err) / target.size}
     for _ in range(config.rounds):
         for which in (0, 1):
-            best = -np.inf
-            for candidate in quantizers[which].candidates(base[which], grid(config.act_alphas)):
-                trial = list(scales)
-                trial[which] = candidate
-                score = _cosine(product(trial), target)
-                if score > best:
-                    best, chosen = score, trial[which]
+            candidates = quantizers[which].candidates(base[which], grid(config.act_alphas))
+
+            def score(i: int) -> float:
+                err = error(which, candidates[i])
+                return float(_cosine_of(t2, _dot(err, target), _dot(err, err)))
+
+            chosen = candidates[grid_argmax(len(candidates), score, config.grid_stride)[0]]
             scales[which] = chosen
-    metrics["mse_easyquant"] = _mse(product(scales), target)
+            quantized[which] = quantizers[which].fake_quant(operands[which], chosen)
+    metrics["mse_easyquant"] = _dot(err := error(0, scales[0]), err) / target.size
     if metrics["mse_easyquant"] > metrics["mse_minmax"]:  # as for linear groups: never worse than MinMax
         scales, metrics["mse_easyquant"], metrics["minmax_kept"] = list(base), metrics["mse_minmax"], 1.0
     return scales[0], scales[1], metrics

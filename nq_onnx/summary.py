@@ -21,6 +21,8 @@ class Summary:
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
+    average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
+    bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
@@ -43,6 +45,9 @@ def format_summary(summary, elapsed: float, output) -> str:
         why = "; ".join(f"{n} groups: {reason}" for reason, n in reasons.items())
         lines.append(f"  reparameterized: {summary.reparam_groups} LayerNorm-fed groups" + (f" (not: {why})" if why
                                                                                             else ""))
+    if summary.average_bits is not None:
+        widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(summary.bits_groups.items(), reverse=True))
+        lines.append(f"  mixed precision: {summary.average_bits:.2f} average bits ({widths} groups)")
     if summary.noise_rejected:
         lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
                      "calibration images")

@@ -200,3 +200,72 @@ def test_search_leaves_its_input_untouched_and_repeats_itself():
     assert (first.noise is None) == (second.noise is None)
     if first.noise is not None:
         np.testing.assert_array_equal(first.noise, second.noise)
+
+
+@pytest.mark.parametrize("k,n", [(24, 8), (16, 40)])  # N <= K: W_q itself; N > K: the K x K factor of W_q^T
+def test_layer_error_terms_equal_the_direct_output_error(k, n):
+    """The search scores a candidate from ``||D R||``, ``<D, C W^T>`` and ``<D, t W^T>`` (LayerError) instead of
+    forming the layer output: both give the output MSE and cosine of the direct float64 computation."""
+    from nq_onnx.search import LayerError
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    op = LinearOperand("l", w, b, WeightQuantizer(6))
+    w_q = op.quantized_weight(op.minmax_scales())
+    error = LayerError.build(x, op, w_q)
+    noise = (0.1 * rng.standard_normal(k)).astype(np.float32)
+    act = ActQuantizer(6, True)
+    x_q = act.fake_quant(x + noise, act.minmax_scale(float(np.abs(x + noise).max())))
+    d = x_q - (x + noise)
+    out = x_q.astype(np.float64) @ w_q + (b - noise.astype(np.float64) @ w_q)
+    target = x.astype(np.float64) @ w + b
+    mse = np.mean((out - target) ** 2)
+    cosine = np.sum(out * target) / (np.linalg.norm(out) * np.linalg.norm(target))
+    assert error.mse(d) == pytest.approx(mse, rel=1e-4)
+    assert 1 - error.cosine(d) == pytest.approx(1 - cosine, rel=1e-3)
+
+
+@pytest.mark.parametrize("tokens", [64, 512])  # K < T: the Gram form; K >= T: x_q D per candidate
+def test_weight_scale_search_picks_each_channels_best_cosine(tokens):
+    """Per output channel, the chosen step is the grid point whose quantized channel output is most
+    cosine-similar to the float one, computed directly in float64 (stride 1: every point)."""
+    from nq_onnx.search import search_weight_scales
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((tokens, 96)) * rng.lognormal(0, 1, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 12)).astype(np.float32)
+    b = rng.standard_normal(12).astype(np.float32)
+    op = LinearOperand("l", w, b, WeightQuantizer(4))
+    act = ActQuantizer(8, True)
+    x_q = act.fake_quant(x, act.minmax_scale(float(np.abs(x).max())))
+    alphas = np.linspace(0.5, 1.0, 26)
+    chosen = search_weight_scales(x_q, x, op, alphas)
+    target = x.astype(np.float64) @ w + b
+    base = op.minmax_scales()
+    cos = []
+    for a in alphas:
+        y = x_q.astype(np.float64) @ op.quantized_weight((base * a).astype(np.float32)) + b
+        cos.append(np.sum(y * target, 0) / (np.linalg.norm(y, axis=0) * np.linalg.norm(target, axis=0)))
+    cos = np.array(cos)  # [alphas, channels]
+    got = np.array([cos[np.argmin(np.abs(alphas - c / s)), j] for j, (c, s) in enumerate(zip(chosen, base))])
+    np.testing.assert_allclose(got, cos.max(axis=0), rtol=0, atol=1e-9)
+
+
+def test_grid_argmax_coarse_to_fine():
+    """Stride 1 is the plain argmax (first of ties); stride 3 finds a unimodal maximum with under half the
+    evaluations, and scores each point at most once."""
+    from nq_onnx.search import grid_argmax
+
+    values = np.array([0.1, 0.5, 0.5, 0.2, 0.9, 0.9, 0.3])
+    assert grid_argmax(len(values), lambda i: values[i], 1) == (4, 0.9)
+    calls = []
+    peak = 23
+
+    def unimodal(i: int) -> float:
+        calls.append(i)
+        return -abs(i - peak) ** 1.5
+
+    assert grid_argmax(36, unimodal, 3)[0] == peak
+    assert len(calls) == len(set(calls)) and len(calls) < 18

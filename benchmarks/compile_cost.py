@@ -1,0 +1,162 @@
+"""Compile cost of ``convert``: where the seconds go, peak memory, and what each speed-up costs in accuracy.
+
+    python benchmarks/compile_cost.py                          # the default rows (below), ~25 min on 2 cores
+    python benchmarks/compile_cost.py --before ../old-checkout # adds the same conversion by another checkout
+    python benchmarks/compile_cost.py --rows nq_w8a8,vit_b16 --append
+
+Each conversion runs alone in a fresh process (this script with ``--child``), which reports the summary's
+timing breakdown (calibration pass, simulation, linear-layer search, attention-matmul search, rounding, rewrite)
+and its own peak resident memory (``VmHWM``). Rows that convert the real ViT-S/14 are then scored on images no
+conversion saw: output MSE against FP32 on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up
+which changes the search's choices is judged on held-out data. ``--before DIR`` converts with the nq-onnx of
+another checkout (e.g. a ``git worktree`` of an older commit), for the speed-up factor of a change.
+Writes ``benchmarks/results/compile_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name: (model, method, bits, grid_stride (None: the checkout's default), calibration images, scored)
+ROWS = {
+    "nq_w8a8": ("vit_s14", "noisyquant", 8, 1, 128, True),
+    "nq_w8a8_grid3": ("vit_s14", "noisyquant", 8, 3, 128, True),
+    "nq_w6a6": ("vit_s14", "noisyquant", 6, 1, 128, True),
+    "nq_w6a6_grid3": ("vit_s14", "noisyquant", 6, 3, 128, True),
+    "eq_w8a8": ("vit_s14", "easyquant", 8, 1, 128, False),
+    "nq_w8a8_calib32": ("vit_s14", "noisyquant", 8, 1, 32, False),
+    "nq_w8a8_calib1000": ("vit_s14", "noisyquant", 8, 1, 1000, False),
+    "vit_b16": ("vit_b16", "noisyquant", 8, 1, 128, False),
+    "vit_b16_grid3": ("vit_b16", "noisyquant", 8, 3, 128, False),
+}
+DEFAULT_ROWS = ("nq_w8a8", "nq_w8a8_grid3", "nq_w6a6", "nq_w6a6_grid3", "vit_b16")
+
+
+def child(spec: dict) -> None:
+    """Convert once and print the summary's timings and this process's peak memory as JSON."""
+    sys.path.insert(0, spec["src"])
+    import nq_onnx
+
+    search = {} if spec["stride"] is None else {"search": nq_onnx.SearchConfig(grid_stride=spec["stride"])}
+    config = nq_onnx.QuantConfig(method=spec["method"], w_bits=spec["bits"], a_bits=spec["bits"],
+                                 calib_size=spec["calib_size"], **search)
+    start = time.perf_counter()
+    result = nq_onnx.convert(spec["model"], spec["out"], spec["calib"], config, force=True, evaluate=False)
+    seconds = time.perf_counter() - start
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"convert_s": seconds, "peak_rss_mb": peak, "timings": result.summary.timings,
+                      "nq_onnx_file": nq_onnx.__file__}))
+
+
+def source_tree(checkout: Path, into: Path) -> Path:
+    """A directory importing ``nq_onnx`` (with its ``passes``/``calibration``/``models`` subpackages, which the
+    project maps from top-level folders) from ``checkout``'s files, ahead of the installed package."""
+    package = into / "nq_onnx"
+    package.mkdir(parents=True)
+    for item in (checkout / "nq_onnx").iterdir():
+        (package / item.name).symlink_to(item.resolve())
+    for sub in ("passes", "calibration", "models"):
+        (package / sub).symlink_to((checkout / sub).resolve())
+    return into
+
+
+def convert_row(name: str, src: Path, models: dict, calib: dict, work: Path) -> dict:
+    model, method, bits, stride, calib_size, _ = ROWS[name]
+    spec = {"src": str(src), "model": str(models[model]), "out": str(work / f"compile_{name}.onnx"),
+            "calib": str(calib[calib_size]), "method": method, "bits": bits, "stride": stride,
+            "calib_size": calib_size}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: convert failed: {proc.stderr[-2000:]}")
+    entry = json.loads(proc.stdout.strip().splitlines()[-1])
+    return entry | {"model": model, "method": method, "bits": bits, "grid_stride": stride, "calib_images": calib_size,
+                    "out": spec["out"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    parser.add_argument("--before", type=Path, help="also convert nq_w8a8 with the nq-onnx of this checkout")
+    parser.add_argument("--before-label", default="before", help="the row name of --before (default: before)")
+    parser.add_argument("--cifar-per-class", type=int, default=100)
+    parser.add_argument("--imagenet-eval", type=int, default=200)
+    parser.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    import onnx
+    from run import (RESULTS, WORK, cifar_subset, export_model, image_arrays, link_folder, machine, plain,
+                     run_model, split_imagenet)
+
+    from nq_onnx.calibration.data import Preprocess
+    from nq_onnx.calibration.evaluate import output_metrics
+    from nq_onnx.export import export_timm
+
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    models = {"vit_s14": export_model(WORK / "vit_s14_dinov2_cifar10.onnx")}
+    if any(ROWS[r][0] == "vit_b16" for r in rows):
+        models["vit_b16"] = WORK / "vit_base_patch16_224_random.onnx"
+        if not models["vit_b16"].exists():  # random weights: the cost of a conversion does not depend on them
+            export_timm("vit_base_patch16_224", models["vit_b16"], num_classes=1000, seed=0)
+    calib = {size: link_folder(split_imagenet(min(size, 1000), 0, 0)[0], WORK / f"calib{size}")
+             for size in {ROWS[r][4] for r in rows} | {128}}
+    path = RESULTS / "compile_cost.json"
+    results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": {}}
+    results.update(machine=machine(), settings={"cifar_per_class": args.cifar_per_class,
+                                                "imagenet_eval": args.imagenet_eval, "calib_seed": 0})
+    pre = Preprocess.from_model(onnx.load(str(models["vit_s14"]), load_external_data=False))
+    held = image_arrays(split_imagenet(128, args.imagenet_eval, 0)[1], pre)
+    cifar, labels = cifar_subset(args.cifar_per_class, pre)
+    reference = None
+    jobs = [(r, ROOT) for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before is not None:
+            ROWS[args.before_label] = (*ROWS["nq_w8a8"][:3], None, *ROWS["nq_w8a8"][4:])
+            jobs.insert(0, (args.before_label, source_tree(args.before, Path(tmp))))
+        for name, src in jobs:
+            log(f"{name}: converting")
+            entry = convert_row(name, src, models, calib, WORK)
+            if ROWS[name][5]:
+                if reference is None:
+                    reference = {"cifar": run_model(models["vit_s14"], cifar),
+                                 "imagenet": run_model(models["vit_s14"], held)}
+                entry["imagenet_heldout"] = output_metrics(reference["imagenet"], run_model(Path(entry["out"]), held))
+                entry["cifar"] = output_metrics(reference["cifar"], run_model(Path(entry["out"]), cifar), labels)
+            if name == args.before_label:
+                entry["source"] = str(args.before)
+            results["rows"][name] = entry
+            graph = onnx.load(str(models[ROWS[name][0]]), load_external_data=False).graph
+            entry["parameters_m"] = sum(int(np.prod(t.dims)) for t in graph.initializer) / 1e6
+            log(f"{name}: {entry['convert_s']:.1f} s, {entry['peak_rss_mb']:.0f} MB"
+                + (f", held-out MSE {entry['imagenet_heldout']['mse']:.5f}, top-1 {entry['cifar']['top1']:.4f}"
+                   if "cifar" in entry else ""))
+            results["finished"] = time.time()
+            path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+    if reference is not None:
+        results["fp32_top1"] = output_metrics(reference["cifar"], reference["cifar"], labels)["top1"]
+        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Mixed precision under an average-bit budget (after PTQ-ViT, Liu et al., NeurIPS 2021).
+
+A *module* here is one activation group: its input tensor and the layers that read it (their weights take the
+group's bit-width too, so a module is ``WbAb``). Its sensitivity at ``b`` bits is by default the model output's
+MSE with that module alone MinMax-quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`), or
+PTQ-ViT's (``QuantConfig.mixed_sensitivity = "nuclear"``) ::
+
+    Omega_i(b) = sum_l ||Y_l||_* * ||Y_l(b) - Y_l||_F^2
+
+over the module's outputs ``Y_l`` (a linear layer's ``X W + B``; the product of an attention matmul, per head),
+with ``||.||_*`` the nuclear norm (the sum of singular values: how much of the output's structure the module
+carries) and ``Y_l(b)`` the output with the module's input and weights MinMax-quantized at ``b`` bits (the
+searched quantizers come later and would need a search per bit-width). Its cost is its number of weights plus
+activation values per image, so the model's average bit-width is ``sum_i c_i b_i / sum_i c_i``.
+
+The assignment (:func:`assign_bits`) minimizes ``sum_i Omega_i(b_i)`` subject to ``sum_i c_i b_i <= budget *
+sum_i c_i``: the point of the (average bits, total sensitivity) Pareto front at the budget, which PTQ-ViT
+searches for. It is a multiple-choice knapsack, solved by dynamic programming over the cost (in units of 1/4096 of
+the model's cost per bit). The result never exceeds the budget, and no single further step up
+fits in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from nq_onnx.errors import ConfigError
+from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+
+BIT_CHOICES = (4, 5, 6, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """One group's cost (weights + activation values per image) and its sensitivity at each bit choice."""
+
+    name: str
+    cost: int
+    sensitivity: dict[int, float]
+
+
+def nuclear_norm(y: np.ndarray) -> float:
+    """``||Y||_*`` of a matrix, or the sum over the leading axes of a stack of matrices."""
+    y = np.asarray(y, dtype=np.float64)
+    return float(np.sum(np.linalg.svd(y.reshape(-1, *y.shape[-2:]), compute_uv=False)))
+
+
+def average_bits(modules: list[Module], bits: dict[str, int]) -> float:
+    total = sum(m.cost for m in modules)
+    return sum(m.cost * bits[m.name] for m in modules) / total if total else 0.0
+
+
+RESOLUTION = 4096  # cost units per average bit in the assignment's knapsack
+
+
+def assign_bits(modules: list[Module], budget: float, choices: tuple[int, ...] = BIT_CHOICES) -> dict[str, int]:
+    """Bits per module from ``choices`` minimizing the summed sensitivity with the cost-weighted average at most
+    ``budget`` (module docstring): a multiple-choice knapsack solved by dynamic programming over the cost in units
+    of ``sum c / RESOLUTION`` per bit (each module's ``c_i b_i`` rounded to the nearest unit; the capacity lowered
+    until the solution fits the exact budget, so an assignment within ``2 len(modules)`` units of it may be
+    missed), kept only if it beats uniform precision at the budget, then every step up that still fits taken."""
+    choices = tuple(sorted(set(choices)))
+    if budget < choices[0]:
+        raise ConfigError(f"a bits budget of {budget:g} is below the narrowest choice ({choices[0]} bits)")
+    modules = sorted(modules, key=lambda m: m.name)
+    if not modules:
+        return {}
+    total = sum(m.cost for m in modules)
+    limit = budget * total * (1 + 1e-12)
+    unit = total / RESOLUTION
+    weights = np.array([[round(m.cost * b / unit) for b in choices] for m in modules], dtype=np.int64)
+    bits = None
+    for capacity in range(int(limit / unit) + len(modules), -1, -1):
+        bits = _knapsack(modules, weights, capacity, choices)
+        if bits is not None and sum(m.cost * bits[m.name] for m in modules) <= limit:
+            break
+    uniform = dict.fromkeys(bits or (m.name for m in modules), max(b for b in choices if b <= budget))
+    if bits is None or _total(modules, uniform) < _total(modules, bits):
+        bits = uniform
+    return _fill(modules, bits, limit, choices)
+
+
+def _total(modules: list[Module], bits: dict[str, int]) -> float:
+    return sum(m.sensitivity[bits[m.name]] for m in modules)
+
+
+def _knapsack(modules: list[Module], weights: np.ndarray, capacity: int,
+              choices: tuple[int, ...]) -> dict[str, int] | None:
+    """The least total sensitivity with summed ``weights`` at most ``capacity`` (``None``: nothing fits)."""
+    best = np.full(capacity + 1, np.inf)
+    best[0] = 0.0
+    picks = np.zeros((len(modules), capacity + 1), dtype=np.int8)
+    for i, m in enumerate(modules):
+        new = np.full(capacity + 1, np.inf)
+        for j, bits in enumerate(choices):
+            w = int(weights[i, j])
+            if w > capacity:
+                continue
+            trial = np.full(capacity + 1, np.inf)
+            trial[w:] = best[: capacity + 1 - w] + m.sensitivity[bits]
+            better = trial < new
+            new[better], picks[i, better] = trial[better], j
+        best = new
+    at = int(np.argmin(best))
+    if not np.isfinite(best[at]):
+        return None
+    out = {}
+    for i in range(len(modules) - 1, -1, -1):
+        j = int(picks[i, at])
+        out[modules[i].name] = choices[j]
+        at -= int(weights[i, j])
+    return out
+
+
+def _fill(modules: list[Module], bits: dict[str, int], limit: float, choices: tuple[int, ...]) -> dict[str, int]:
+    """Take every step up that fits in ``limit`` (weighted bits), the largest sensitivity drop per bit first."""
+    bits = dict(bits)
+    used = sum(m.cost * bits[m.name] for m in modules)
+    while True:
+        steps = []
+        for m in modules:
+            i = choices.index(bits[m.name])
+            if i + 1 < len(choices) and used + m.cost * (choices[i + 1] - bits[m.name]) <= limit:
+                up = choices[i + 1]
+                steps.append(((m.sensitivity[up] - m.sensitivity[bits[m.name]]) / (m.cost * (up - bits[m.name])),
+                              m.name, m, up))
+        if not steps:
+            return bits
+        _, _, m, up = min(steps, key=lambda s: (s[0], s[1]))
+        used += m.cost * (up - bits[m.name])
+        bits[m.name] = up
+
+
+def _sq_error(y_q: np.ndarray, y: np.ndarray) -> float:
+    diff = y_q.astype(np.float64) - y
+    return float(np.sum(diff * diff))
+
+
+def linear_sensitivity(x: np.ndarray, operands: tuple, absmax: float, signed: bool,
+                       choices: tuple[int, ...] = BIT_CHOICES) -> dict[int, float]:
+    """``Omega(b)`` of a group of linear layers (``LinearOperand``s) reading the token rows ``x``."""
+    outputs = [x @ op.weight + op.bias for op in operands]
+    norms = [nuclear_norm(y) for y in outputs]
+    out = {}
+    for bits in choices:
+        act = ActQuantizer(bits, signed)
+        x_q = act.fake_quant(x, act.minmax_scale(absmax))
+        total = 0.0
+        for op, y, norm in zip(operands, outputs, norms):
+            w = WeightQuantizer(bits)
+            total += norm * _sq_error(x_q @ w.fake_quant(op.weight, w.minmax_scales(op.weight)) + op.bias, y)
+        out[bits] = total
+    return out
+
+
+def matmul_sensitivity(a: np.ndarray, b: np.ndarray, which: int, absmax: float, signed: bool,
+                       choices: tuple[int, ...] = BIT_CHOICES) -> dict[int, float]:
+    """``Omega(b)`` of operand ``which`` (0: ``A``, 1: ``B``) of the batched product ``A @ B``, the other in float."""
+    y = a @ b
+    norm = nuclear_norm(y)
+    out = {}
+    for bits in choices:
+        act = ActQuantizer(bits, signed)
+        ops = [a, b]
+        ops[which] = act.fake_quant(ops[which], act.minmax_scale(absmax))
+        out[bits] = norm * _sq_error(ops[0] @ ops[1], y)
+    return out
