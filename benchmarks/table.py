@@ -264,7 +264,8 @@ METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
 ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+reparam": "EasyQuant + reparam",
              "noisyquant+reparam": "NoisyQuant + reparam", "easyquant+gptq": "EasyQuant + GPTQ",
              "easyquant+bc": "EasyQuant + bias correction", "all": "NoisyQuant + reparam + GPTQ + bias correction",
-             "ptq4vit": "PTQ4ViT (twin-uniform)", "noisyquant-ptq4vit": "NoisyQuant-PTQ4ViT (twin-uniform)"}
+             "ptq4vit": "PTQ4ViT (twin-uniform)", "noisyquant-ptq4vit": "NoisyQuant-PTQ4ViT (twin-uniform)",
+             "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam"}
 
 
 def methods_markdown(results: dict, source) -> str:
