@@ -478,14 +478,16 @@ def update_readme(readme: Path) -> None:
               for p in sorted(RESULTS.glob("cpu_exact_*.json")) if not p.stem.endswith("_quick")]
     if tables:
         text = _replace_block(text, CPU_BEGIN, CPU_END, "\n\n".join(tables))
-    ablation = RESULTS / "ablation_w6a6.json"
-    if ablation.exists():
-        text = _replace_block(text, ABLATION_BEGIN, ABLATION_END,
-                              markdown(json.loads(ablation.read_text()), ablation.resolve().relative_to(root)))
-    methods = RESULTS / "methods.json"
-    if methods.exists():
-        text = _replace_block(text, METHODS_BEGIN, METHODS_END,
-                              methods_markdown(json.loads(methods.read_text()), methods.resolve().relative_to(root)))
+    sections = (("ablation_w6a6.json", ABLATION_BEGIN, ABLATION_END, markdown),
+                ("methods.json", METHODS_BEGIN, METHODS_END, methods_markdown),
+                ("compile_cost.json", COST_BEGIN, COST_END, cost_markdown),
+                ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),
+                ("demo.json", DEMO_BEGIN, DEMO_END, demo_markdown))
+    for name, begin, end, render in sections:
+        path = RESULTS / name
+        if path.exists():
+            body = render(json.loads(path.read_text()), path.resolve().relative_to(root))
+            text = _replace_block(text, begin, end, body)
     mixed = RESULTS / "mixed.json"
     if mixed.exists():
         data = json.loads(mixed.read_text())
@@ -493,29 +495,6 @@ def update_readme(readme: Path) -> None:
         mixed_chart(data, chart)
         text = _replace_block(text, MIXED_BEGIN, MIXED_END, mixed_markdown(
             data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
-    cost = RESULTS / "compile_cost.json"
-    if cost.exists():
-        text = _replace_block(text, COST_BEGIN, COST_END,
-                              cost_markdown(json.loads(cost.read_text()), cost.resolve().relative_to(root)))
-    mixed = RESULTS / "mixed.json"
-    if mixed.exists():
-        data = json.loads(mixed.read_text())
-        chart = RESULTS / "mixed.png"
-        mixed_chart(data, chart)
-        text = _replace_block(text, MIXED_BEGIN, MIXED_END, mixed_markdown(
-            data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
-    cost = RESULTS / "compile_cost.json"
-    if cost.exists():
-        text = _replace_block(text, COST_BEGIN, COST_END,
-                              cost_markdown(json.loads(cost.read_text()), cost.resolve().relative_to(root)))
-    overhead = RESULTS / "noise_overhead.json"
-    if overhead.exists():
-        text = _replace_block(text, OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown(
-            json.loads(overhead.read_text()), overhead.resolve().relative_to(root)))
-    demo = RESULTS / "demo.json"
-    if demo.exists():
-        text = _replace_block(text, DEMO_BEGIN, DEMO_END,
-                              demo_markdown(json.loads(demo.read_text()), demo.resolve().relative_to(root)))
     readme.write_text(text)
 
 

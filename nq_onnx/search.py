@@ -164,8 +164,8 @@ def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], scales: dict[s
     return out
 
 
-def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, alphas: np.ndarray,
-                         stride: int = 1) -> np.ndarray:
+def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, target: np.ndarray,
+                         alphas: np.ndarray, stride: int = 1) -> np.ndarray:
     """Per output channel, the step ``a * s_c^minmax`` whose channel output is most cosine-similar to the float one.
 
     Channel ``c`` of the quantized layer errs by ``E_c = x_q D_c + F_c`` (``D = dq(W) - W``, ``F = (x_q - x) W``),
@@ -177,7 +177,6 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, a
     """
     base = layer.minmax_scales()
     w = layer.weight
-    target = x @ w + layer.bias
     f = (x_q - x) @ w
     gram = x_q.T @ x_q if w.shape[0] < x_q.shape[0] else None
     if gram is not None:
@@ -252,8 +251,8 @@ class LayerError:
     size: int
 
     @classmethod
-    def build(cls, x: np.ndarray, layer: LinearOperand, w_q: np.ndarray) -> "LayerError":
-        target = x @ layer.weight + layer.bias
+    def build(cls, x: np.ndarray, layer: LinearOperand, w_q: np.ndarray, target: np.ndarray) -> "LayerError":
+        """``target``: the float output ``x W + B``."""
         c = x @ (w_q - layer.weight)
         factor = w_q
         if w_q.shape[1] > w_q.shape[0]:
@@ -289,7 +288,7 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
     easy, alpha = _easyquant(problem, targets)
     if problem.noise_mode is None:
         return easy
-    noise, scale, shift, amplitude = _search_noise(problem, easy, alpha)
+    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha)
     if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, noise, scale):
         noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
     x_q = problem.act.fake_quant(sample.x + noise, scale)
@@ -310,9 +309,10 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     alpha, scales = 1.0, dict(minmax)
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
-        scales = {layer.name: search_weight_scales(x_q, x, layer, grid(config.weight_alphas), config.grid_stride)
-                  for layer in layers}
-        errors = [LayerError.build(x, layer, layer.quantized_weight(scales[layer.name])) for layer in layers]
+        scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride)
+                  for layer, t in zip(layers, targets)}
+        errors = [LayerError.build(x, layer, layer.quantized_weight(scales[layer.name]), t)
+                  for layer, t in zip(layers, targets)]
         alphas = grid(config.act_alphas)
 
         def score(i: int) -> float:
@@ -350,15 +350,16 @@ def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, s
     return False
 
 
-def _search_noise(problem: GroupSearch, easy: GroupResult, alpha: float) -> tuple[np.ndarray, float, float, float]:
+def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult,
+                  alpha: float) -> tuple[np.ndarray, float, float, float]:
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
     sample, act, config = problem.sample, problem.act, problem.config
     qmax = act.code_range[1]
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
-    errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]))
-              for layer in problem.layers]
+    errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]), t)
+              for layer, t in zip(problem.layers, targets)]
     shifts, amplitudes = config.noise_grid(problem.noise_mode)
     if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
         shifts = (0.0,)

@@ -214,7 +214,7 @@ def test_layer_error_terms_equal_the_direct_output_error(k, n):
     b = rng.standard_normal(n).astype(np.float32)
     op = LinearOperand("l", w, b, WeightQuantizer(6))
     w_q = op.quantized_weight(op.minmax_scales())
-    error = LayerError.build(x, op, w_q)
+    error = LayerError.build(x, op, w_q, x @ w + b)
     noise = (0.1 * rng.standard_normal(k)).astype(np.float32)
     act = ActQuantizer(6, True)
     x_q = act.fake_quant(x + noise, act.minmax_scale(float(np.abs(x + noise).max())))
@@ -241,7 +241,7 @@ def test_weight_scale_search_picks_each_channels_best_cosine(tokens):
     act = ActQuantizer(8, True)
     x_q = act.fake_quant(x, act.minmax_scale(float(np.abs(x).max())))
     alphas = np.linspace(0.5, 1.0, 26)
-    chosen = search_weight_scales(x_q, x, op, alphas)
+    chosen = search_weight_scales(x_q, x, op, x @ w + b, alphas)
     target = x.astype(np.float64) @ w + b
     base = op.minmax_scales()
     cos = []
