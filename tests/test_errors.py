@@ -259,6 +259,10 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--holdout-images", "-1", "search.holdout_images must be non-negative"),
     ("--holdout-images", "two", "invalid int value: 'two'"),
     ("--weight-rounding", "stochastic", "invalid choice: 'stochastic'"),
+    ("--grid-stride", "0", "search.grid_stride must be at least 1"),
+    ("--bits-budget", "3", "bits-budget must be between 4 and 8 (average bits), got 3"),
+    ("--bits-budget", "six", "invalid float value: 'six'"),
+    ("--mixed-sensitivity", "hessian", "invalid choice: 'hessian'"),
 ])
 def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, needle):
     tmp, model, calib = work
@@ -269,6 +273,7 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
     ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
     ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq"),
+    ("mixed_sensitivity", "hessian", "unknown mixed-precision sensitivity 'hessian'; choose one of output, nuclear"),
     ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant, ptq4vit, "
                        "noisyquant-ptq4vit"),
 ])
