@@ -66,6 +66,10 @@ def test_report_renders_in_headless_browser(mlp):
     fc2 = numbers["layers"][1]
     assert fc2["mse_noisyquant"] <= fc2["mse_easyquant"]
     assert fc2["reduction_pct"] == pytest.approx(100 * (1 - fc2["mse_noisyquant"] / fc2["mse_easyquant"]))
+    curve = numbers["theorem"]["mlp.fc2"]  # Theorem 1 on the fc2 input: the no-noise point is the plain error
+    assert (folder / "theorem.png").is_file() and curve["widths"][0] == 0.0
+    assert curve["measured"][0] == pytest.approx(curve["no_noise"]) == pytest.approx(curve["predicted"][0])
+    np.testing.assert_allclose(curve["measured"], curve["predicted"], rtol=0.1)  # 32 channels, one noise value each
 
 
 def test_report_of_one_layer_model_without_labels(tmp_path, photo_folder):
