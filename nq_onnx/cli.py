@@ -9,7 +9,16 @@ import warnings
 from pathlib import Path
 
 from nq_onnx._version import __version__
-from nq_onnx.config import SUPPORTED_BITS, Method, NoiseMode, QuantConfig, SearchConfig, WeightDtype, WeightRounding
+from nq_onnx.config import (
+    SUPPORTED_BITS,
+    Method,
+    NoiseMode,
+    Objective,
+    QuantConfig,
+    SearchConfig,
+    WeightDtype,
+    WeightRounding,
+)
 from nq_onnx.errors import NQError
 from nq_onnx.summary import format_summary
 
@@ -109,6 +118,12 @@ def _add_search_options(p) -> None:
     p.add_argument("--grid-stride", type=int, default=1,
                    help="search grids coarse to fine: every Nth point, then the best one's neighbours (default 1: "
                         "every point; 3 is faster and slightly less accurate)")
+    p.add_argument("--objective", default="cosine", choices=[o.value for o in Objective],
+                   help="what the scale searches maximize on each layer's output: cosine (EasyQuant, default) or "
+                        "pearson (PTQ-ViT's similarity-aware search)")
+    p.add_argument("--ranking-loss", type=float, default=0.0, metavar="GAMMA",
+                   help="PTQ-ViT's ranking loss on attention scores (Q K^T), weighted by GAMMA (the paper: 0.1; "
+                        "default 0: off; margin 0.2)")
     p.add_argument("--holdout-images", type=int, default=4,
                    help="further images on which a searched noise must beat EasyQuant to be kept (default 4; 0: no "
                         "check)")
@@ -252,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args) -> QuantConfig:
     search = SearchConfig(
         search_images=args.search_images, holdout_images=args.holdout_images, tokens=args.search_tokens,
-        grid_stride=args.grid_stride, sequential=not args.no_sequential,
+        grid_stride=args.grid_stride, sequential=not args.no_sequential, objective=args.objective,
+        ranking_loss=args.ranking_loss,
     )
     return QuantConfig(
         method=args.method,
@@ -290,6 +306,8 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "search_images",
             "search_tokens",
             "grid_stride",
+            "objective",
+            "ranking_loss",
             "holdout_images",
             "noise",
             "no_sequential",

@@ -55,6 +55,17 @@ class WeightRounding(str, enum.Enum):
     GPTQ = "gptq"
 
 
+class Objective(str, enum.Enum):
+    """What the EasyQuant-style scale searches maximize on a layer's output ``Y`` against the float ``T``.
+
+    ``cosine`` (EasyQuant, the default): ``<Y, T> / (||Y|| ||T||)``. ``pearson`` (PTQ-ViT's similarity-aware
+    search): the cosine of the mean-centred outputs, blind to an offset as well as to a scale.
+    """
+
+    COSINE = "cosine"
+    PEARSON = "pearson"
+
+
 class MixedSensitivity(str, enum.Enum):
     """How mixed precision (``bits_budget``) measures a group's sensitivity to its bit-width (:mod:`nq_onnx.mixed`).
 
@@ -113,8 +124,19 @@ class SearchConfig:
     holdout_images: int = 4
     sequential: bool = True
     grid_stride: int = 1
+    objective: Objective = Objective.COSINE
+    ranking_loss: float = 0.0  # gamma of PTQ-ViT's ranking loss on attention scores (Q K^T); 0: off
+    ranking_margin: float = 0.2  # theta of that loss, in the units of the scores
+    ranking_pairs: int = 16  # sampled score pairs per query row
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "objective", Objective(self.objective))
+        except ValueError:
+            choices = ", ".join(m.value for m in Objective)
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {choices}") from None
+        if self.ranking_loss < 0 or self.ranking_margin < 0 or self.ranking_pairs < 1:
+            raise ConfigError("search.ranking_loss and ranking_margin must be non-negative, ranking_pairs at least 1")
         for name in ("act_alphas", "weight_alphas"):
             low, high, count = getattr(self, name)
             if not (0 < low <= high) or int(count) < 1:
@@ -210,6 +232,7 @@ class QuantConfig:
         out = dataclasses.asdict(self)
         for name, _, _ in ENUM_FIELDS:
             out[name] = getattr(self, name).value
+        out["search"]["objective"] = self.search.objective.value
         return out
 
     @classmethod

@@ -342,7 +342,8 @@ class SearchPlanner:
             a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
             rng = group_rng(0, spec.name)
             pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
-            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search)
+            scores = all(g.after != "softmax" for g in groups)  # Q K^T, not A V: PTQ-ViT's ranking loss applies
+            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search, scores)
         else:
             s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
         for group, scale, sg, q in zip(groups, (s_a, s_b), signed, quantizers):

@@ -6,7 +6,8 @@ earlier layers were quantized, and on each consumer's float layer ``f_l(X) = X W
 EasyQuant (Wu et al. 2020), alternating for ``rounds``: with the activation step fixed, each output
 channel ``c`` of each layer picks ``s_c = a * s_c^minmax`` (``a`` on a grid) maximizing the cosine similarity
 of that channel's quantized output with the float one; then the shared activation step ``s = a * s^minmax``
-maximizes the mean cosine similarity of the layer outputs.
+maximizes the mean cosine similarity of the layer outputs. With ``SearchConfig.objective`` Pearson (PTQ-ViT's
+similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`).
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
@@ -40,7 +41,8 @@ from typing import Callable
 
 import numpy as np
 
-from nq_onnx.config import NoiseMode, SearchConfig
+from nq_onnx.config import NoiseMode, Objective, SearchConfig
+from nq_onnx.objectives import LayerError, _colsum, _cosine_of, _dot, _similarity_of, ranking_loss, ranking_pairs
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -165,8 +167,10 @@ def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], scales: dict[s
 
 
 def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, target: np.ndarray,
-                         alphas: np.ndarray, stride: int = 1) -> np.ndarray:
-    """Per output channel, the step ``a * s_c^minmax`` whose channel output is most cosine-similar to the float one.
+                         alphas: np.ndarray, stride: int = 1,
+                         objective: Objective = Objective.COSINE) -> np.ndarray:
+    """Per output channel, the step ``a * s_c^minmax`` whose channel output is most similar to the float one
+    (cosine, or with ``objective`` Pearson: the same from column sums, :func:`_similarity_of`).
 
     Channel ``c`` of the quantized layer errs by ``E_c = x_q D_c + F_c`` (``D = dq(W) - W``, ``F = (x_q - x) W``),
     so its cosine with ``t_c = x w_c + b_c`` follows from ``<E_c, t_c> = D_c . (x_q^T t)_c + <F_c, t_c>`` and
@@ -183,6 +187,8 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
         cross_t, cross_f = x_q.T @ target, x_q.T @ f
     t2 = _colsum(target, target)
     f2, ft = _colsum(f, f), _colsum(f, target)
+    rows = x_q.shape[0]
+    t_sum, f_sum, xq_sum = (v.sum(axis=0, dtype=np.float64) for v in (target, f, x_q))
 
     def cosines(alpha: np.ndarray) -> np.ndarray:
         delta = layer.quantized_weight((base * alpha).astype(np.float32))
@@ -194,7 +200,9 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
             err = x_q @ delta
             err += f
             e2, et = _colsum(err, err), _colsum(err, target)
-        return _cosine_of(t2, et, e2)
+        if objective == Objective.COSINE:
+            return _cosine_of(t2, et, e2)
+        return _similarity_of(objective, t2, et, e2, t_sum, xq_sum @ delta + f_sum, rows)
 
     # grid_argmax per channel (the channels decouple): the coarse points, then each channel's own neighbours
     count = len(alphas)
@@ -215,68 +223,6 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     return (base * alphas[best_index]).astype(np.float32)
 
 
-def _colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``sum_rows a * b`` per column, in float64."""
-    return np.einsum("tn,tn->n", a, b).astype(np.float64)
-
-
-def _cosine_of(t2, et, e2):
-    """The cosine of ``t + E`` with ``t`` from ``||t||^2``, ``<E, t>`` and ``||E||^2`` (0 where ``t = 0``)."""
-    t2, et, e2 = (np.asarray(v, dtype=np.float64) for v in (t2, et, e2))
-    den = np.sqrt(t2 * np.maximum(t2 + 2.0 * et + e2, 0.0))
-    return np.where(den > 0, (t2 + et) / np.maximum(den, 1e-300), 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerError:
-    """One layer's output error as a function of its input's quantization error, its weights fixed.
-
-    With ``t = X W + B`` the float output, ``W_q`` the quantized weight and ``X + N`` quantized to ``X_q`` (the
-    bias ``B - N W_q``), the output errs by ``E = D W_q + C`` with ``D = X_q - (X + N)`` and ``C = X (W_q - W)``;
-    so ::
-
-        ||E||^2 = ||D W_q||^2 + 2 <D, C W_q^T> + ||C||^2,        <E, t> = <D, t W_q^T> + <C, t>
-
-    and ``||D W_q|| = ||D R||`` with ``R = W_q`` where ``N <= K`` and else the ``K x K`` factor of
-    ``W_q^T = Q R^T`` (``Q`` orthonormal): a candidate costs a ``T x K x min(K, N)`` product and two dot
-    products instead of ``T x K x N`` and a pass over the output. Every term is small and computed as such.
-    """
-
-    factor: np.ndarray
-    c_wt: np.ndarray
-    t_wt: np.ndarray
-    c2: float
-    ct: float
-    t2: float
-    size: int
-
-    @classmethod
-    def build(cls, x: np.ndarray, layer: LinearOperand, w_q: np.ndarray, target: np.ndarray) -> "LayerError":
-        """``target``: the float output ``x W + B``."""
-        c = x @ (w_q - layer.weight)
-        factor = w_q
-        if w_q.shape[1] > w_q.shape[0]:
-            factor = np.linalg.qr(w_q.T.astype(np.float64), mode="r").T.astype(np.float32)
-        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, _dot(c, c), _dot(c, target),
-                   _dot(target, target), target.size)
-
-    def terms(self, d: np.ndarray) -> tuple[float, float]:
-        """``(||E||^2, <E, t>)`` for the input error ``d``."""
-        dr = d @ self.factor
-        return _dot(dr, dr) + 2.0 * _dot(d, self.c_wt) + self.c2, _dot(d, self.t_wt) + self.ct
-
-    def mse(self, d: np.ndarray) -> float:
-        return self.terms(d)[0] / self.size
-
-    def cosine(self, d: np.ndarray) -> float:
-        e2, et = self.terms(d)
-        return float(_cosine_of(self.t2, et, e2))
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.dot(a.ravel(), b.ravel()))
-
-
 def search_linear_group(problem: GroupSearch) -> GroupResult:
     """EasyQuant (and, with a ``noise_mode``, NoisyQuant) for one activation group of linear layers."""
     sample, layers = problem.sample, problem.layers
@@ -285,10 +231,10 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
         return GroupResult(1.0, {op.name: op.minmax_scales() for op in layers}, {op.name: dict(zero) for op in layers},
                            base_scale=1.0)
     targets = [sample.x @ layer.weight + layer.bias for layer in layers]
-    easy, alpha = _easyquant(problem, targets)
+    easy, alpha, errors = _easyquant(problem, targets)
     if problem.noise_mode is None:
         return easy
-    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha)
+    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, errors)
     if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, noise, scale):
         noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
     x_q = problem.act.fake_quant(sample.x + noise, scale)
@@ -298,9 +244,10 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
                                noise_amplitude=amplitude)
 
 
-def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float]:
-    """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result
-    and its activation step as a multiple of the MinMax step."""
+def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float, list | None]:
+    """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result,
+    its activation step as a multiple of the MinMax step, and the layers' :class:`LayerError` at the chosen weights
+    (``None`` where MinMax was kept: they were built for other weights)."""
     x, layers, act, config = problem.sample.x, problem.layers, problem.act, problem.config
     base = act.minmax_scale(problem.sample.absmax)
     minmax = {layer.name: layer.minmax_scales() for layer in layers}
@@ -309,7 +256,8 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     alpha, scales = 1.0, dict(minmax)
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
-        scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride)
+        scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride,
+                                                   config.objective)
                   for layer, t in zip(layers, targets)}
         errors = [LayerError.build(x, layer, layer.quantized_weight(scales[layer.name]), t)
                   for layer, t in zip(layers, targets)]
@@ -318,19 +266,19 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
         def score(i: int) -> float:
             d = act.fake_quant(x, base * alphas[i])
             d -= x
-            return float(np.mean([error.cosine(d) for error in errors]))
+            return float(np.mean([error.similarity(d, config.objective) for error in errors]))
 
         alpha = float(alphas[grid_argmax(len(alphas), score, config.grid_stride)[0]])
     easy = layer_mse(act.fake_quant(x, base * alpha), layers, scales, targets)
     if sum(easy) > sum(mse_minmax):
         # cosine ignores magnitude: a solution that lost to MinMax on output MSE is not kept
-        alpha, scales, easy = 1.0, minmax, mse_minmax
+        alpha, scales, easy, errors = 1.0, minmax, mse_minmax, None
         for layer in layers:
             metrics[layer.name]["minmax_kept"] = 1.0
     for layer, m in zip(layers, easy):
         metrics[layer.name]["mse_easyquant"] = m
     scale = base * alpha
-    return GroupResult(scale, scales, metrics, base_scale=scale), alpha
+    return GroupResult(scale, scales, metrics, base_scale=scale), alpha, errors
 
 
 def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, scale: float) -> bool:
@@ -350,16 +298,17 @@ def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, s
     return False
 
 
-def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult,
-                  alpha: float) -> tuple[np.ndarray, float, float, float]:
+def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult, alpha: float,
+                  errors: list[LayerError] | None = None) -> tuple[np.ndarray, float, float, float]:
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
     sample, act, config = problem.sample, problem.act, problem.config
     qmax = act.code_range[1]
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
-    errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]), t)
-              for layer, t in zip(problem.layers, targets)]
+    if errors is None:  # EasyQuant's last round built them on the same rows and weights where it kept its own
+        errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]), t)
+                  for layer, t in zip(problem.layers, targets)]
     shifts, amplitudes = config.noise_grid(problem.noise_mode)
     if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
         shifts = (0.0,)
@@ -396,12 +345,17 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
 
 
 def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], quantizers: tuple,
-                      config: SearchConfig) -> tuple[float, float, dict]:
+                      config: SearchConfig, ranking: bool = False) -> tuple[float, float, dict]:
     """EasyQuant for ``A @ B`` with both operands quantized (per tensor, or ``A`` twin-uniform): alternate the two
     steps over each quantizer's candidates, on the cosine similarity of the product (PTQ4ViT scores with a
-    Hessian-guided metric, which needs output gradients an ONNX model does not give: the product's cosine here)."""
+    Hessian-guided metric, which needs output gradients an ONNX model does not give: the product's cosine here).
+    ``config.objective`` Pearson scores the product's correlation instead; with ``ranking`` (attention scores
+    ``Q K^T``) and ``config.ranking_loss = gamma > 0`` a candidate scores ``similarity - gamma * ranking loss``
+    (PTQ-ViT, :func:`ranking_loss` on ``config.ranking_pairs`` sampled pairs per query row)."""
     target = a @ b
-    t2 = _dot(target, target)
+    t2, t_sum = _dot(target, target), float(target.sum(dtype=np.float64))
+    pairs = (ranking_pairs(target, config.ranking_pairs, np.random.default_rng(0))
+             if ranking and config.ranking_loss > 0 else None)
     operands = (a, b)
     base = [q.minmax_scale(m) for q, m in zip(quantizers, absmax)]
     quantized = [q.fake_quant(v, s) for q, v, s in zip(quantizers, operands, base)]
@@ -421,7 +375,12 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
 
             def score(i: int) -> float:
                 err = error(which, candidates[i])
-                return float(_cosine_of(t2, _dot(err, target), _dot(err, err)))
+                value = float(_similarity_of(config.objective, t2, _dot(err, target), _dot(err, err), t_sum,
+                                             float(err.sum(dtype=np.float64)), target.size))
+                if pairs is not None:
+                    err += target  # the quantized scores
+                    value -= config.ranking_loss * ranking_loss(err, pairs, config.ranking_margin)
+                return value
 
             chosen = candidates[grid_argmax(len(candidates), score, config.grid_stride)[0]]
             scales[which] = chosen

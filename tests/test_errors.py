@@ -263,6 +263,8 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--bits-budget", "3", "bits-budget must be between 4 and 8 (average bits), got 3"),
     ("--bits-budget", "six", "invalid float value: 'six'"),
     ("--mixed-sensitivity", "hessian", "invalid choice: 'hessian'"),
+    ("--objective", "spearman", "invalid choice: 'spearman'"),
+    ("--ranking-loss", "-0.1", "search.ranking_loss and ranking_margin must be non-negative"),
 ])
 def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, needle):
     tmp, model, calib = work
