@@ -1,7 +1,9 @@
 """One streamed float pass over the calibration set: per-channel running min and max of every group input.
 
 Memory stays bounded by one batch of activations: for each tensor only ``min_c`` and ``max_c`` (over every
-axis but the last, so per input channel of the layers that read it) are kept.
+axis but the last, so per input channel of the layers that read it) are kept, and the batch is small enough that
+its exposed activations stay within :data:`OUTPUT_BUDGET` (the first input runs alone to measure them). Minimum
+and maximum do not depend on how the inputs are batched, so neither do the statistics.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import onnx
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.runtime import session, with_outputs
 from nq_onnx.errors import DataError
+
+OUTPUT_BUDGET = 128 << 20  # bytes of exposed activations per calibration batch (ViT-S/14 at 224: 2 images)
 
 
 @dataclasses.dataclass
@@ -37,24 +41,37 @@ class TensorStats:
 def collect_stats(
     model: onnx.ModelProto, tensors: list[str], dataset: Dataset, batch_size: int, progress: Callable | None = None
 ) -> dict[str, TensorStats]:
-    """Run the float model over ``dataset`` and keep per-channel ranges of ``tensors``."""
+    """Run the float model over ``dataset`` and keep per-channel ranges of ``tensors``, in batches of at most
+    ``batch_size`` inputs (fewer where a batch's exposed activations would pass :data:`OUTPUT_BUDGET`)."""
     sess = session(with_outputs(model, tensors))
     stats: dict[str, TensorStats] = {}
-    batches = dataset.batches(batch_size)
+    first = next(dataset.batches(1), None)
+    if first is None:
+        return stats
+    per_input = _update(stats, tensors, sess.run(tensors, first))
+    batch = max(1, min(batch_size, OUTPUT_BUDGET // max(per_input, 1)))
+    batches = dataset.batches(batch, first=1)
     if progress is not None:
-        batches = progress(batches, total=-(-len(dataset) // batch_size), desc="calibrate")
+        batches = progress(batches, total=-(-(len(dataset) - 1) // batch), desc="calibrate")
     for feeds in batches:
-        outputs = sess.run(tensors, feeds)
-        for name, value in zip(tensors, outputs):
-            value = value.astype(np.float32, copy=False)
-            if name not in stats:
-                width = value.shape[-1] if value.ndim else 1
-                stats[name] = TensorStats(np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32))
-            stats[name].update(value if value.ndim else value.reshape(1, 1))
-            # min and max propagate NaN and reach +-Inf: checking them checks every value, without another pass
-            if not (np.all(np.isfinite(stats[name].channel_min)) and np.all(np.isfinite(stats[name].channel_max))):
-                raise DataError(f"the float model produces NaN or Inf in {name!r} on the calibration data")
+        _update(stats, tensors, sess.run(tensors, feeds))
     return stats
+
+
+def _update(stats: dict[str, TensorStats], tensors: list[str], outputs: list[np.ndarray]) -> int:
+    """Fold one batch's outputs into ``stats``; returns their size in bytes."""
+    size = 0
+    for name, value in zip(tensors, outputs):
+        size += value.nbytes
+        value = value.astype(np.float32, copy=False)
+        if name not in stats:
+            width = value.shape[-1] if value.ndim else 1
+            stats[name] = TensorStats(np.full(width, np.inf, np.float32), np.full(width, -np.inf, np.float32))
+        stats[name].update(value if value.ndim else value.reshape(1, 1))
+        # min and max propagate NaN and reach +-Inf: checking them checks every value, without another pass
+        if not (np.all(np.isfinite(stats[name].channel_min)) and np.all(np.isfinite(stats[name].channel_max))):
+            raise DataError(f"the float model produces NaN or Inf in {name!r} on the calibration data")
+    return size
 
 
 def sample_rows(

@@ -142,9 +142,10 @@ class Dataset:
             return len(next(iter(self.arrays.values())))
         return len(self.files)
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, limit: int | None = None, first: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The inputs ``first .. limit - 1`` in batches of ``batch_size`` (the last may be smaller)."""
         count = len(self) if limit is None else min(limit, len(self))
-        for start in range(0, count, batch_size):
+        for start in range(first, count, batch_size):
             stop = min(start + batch_size, count)
             if self.arrays is not None:
                 yield {k: v[start:stop] for k, v in self.arrays.items()}

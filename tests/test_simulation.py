@@ -122,3 +122,23 @@ def test_a_broken_simulation_is_caught(vit, photo_folder, tmp_path):
 
     sqnr = compare(vit, photo_folder, config, tmp_path, forget_a_delta)
     assert min(sqnr.values()) < 60, sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
+
+
+def test_calibration_statistics_do_not_depend_on_the_batch_it_streams(vit, photo_folder, monkeypatch):
+    """The calibration pass shrinks its batch to keep one batch's exposed activations within a byte budget (peak
+    memory); ranges are minima and maxima, so one image per batch and all of them at once give the same bits."""
+    import nq_onnx.calibration.collect as collect
+
+    model = canonicalize(load_model(vit)[0])
+    layers = discover(model, QuantConfig())
+    tensors = [g.tensor for g in layers.groups]
+    data = load_dataset(photo_folder, model, limit=12, seed=0)
+    monkeypatch.setattr(collect, "OUTPUT_BUDGET", 1)  # every batch one image
+    one = collect_stats(model, tensors, data, 8)
+    monkeypatch.setattr(collect, "OUTPUT_BUDGET", 1 << 40)
+    eight = collect_stats(model, tensors, data, 8)
+    assert one.keys() == eight.keys() == set(tensors)
+    for name in tensors:
+        np.testing.assert_array_equal(one[name].channel_min, eight[name].channel_min)
+        np.testing.assert_array_equal(one[name].channel_max, eight[name].channel_max)
+        assert one[name].count == eight[name].count
