@@ -92,6 +92,15 @@ class WeightDtype(str, enum.Enum):
     INT8 = "int8"
 
 
+def _coerce_enum(config, name: str, kind: type[enum.Enum], label: str) -> None:
+    """Turn the string in a frozen config's field ``name`` into its enum member, or raise a one-line ConfigError."""
+    try:
+        object.__setattr__(config, name, kind(getattr(config, name)))
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ConfigError(f"unknown {label} {getattr(config, name)!r}; choose one of {choices}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """Grids and sample sizes of the EasyQuant scale search and the NoisyQuant noise search.
@@ -130,11 +139,7 @@ class SearchConfig:
     ranking_pairs: int = 16  # sampled score pairs per query row
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "objective", Objective(self.objective))
-        except ValueError:
-            choices = ", ".join(m.value for m in Objective)
-            raise ConfigError(f"unknown objective {self.objective!r}; choose one of {choices}") from None
+        _coerce_enum(self, "objective", Objective, "objective")
         if self.ranking_loss < 0 or self.ranking_margin < 0 or self.ranking_pairs < 1:
             raise ConfigError("search.ranking_loss and ranking_margin must be non-negative, ranking_pairs at least 1")
         for name in ("act_alphas", "weight_alphas"):
@@ -202,11 +207,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name, kind, label in ENUM_FIELDS:
-            try:
-                object.__setattr__(self, name, kind(getattr(self, name)))
-            except ValueError:
-                choices = ", ".join(m.value for m in kind)
-                raise ConfigError(f"unknown {label} {getattr(self, name)!r}; choose one of {choices}") from None
+            _coerce_enum(self, name, kind, label)
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:

@@ -19,26 +19,26 @@ if TYPE_CHECKING:
     from nq_onnx.search import LinearOperand
 
 
-def _colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``sum_rows a * b`` per column, in float64."""
     return np.einsum("tn,tn->n", a, b).astype(np.float64)
 
 
-def _cosine_of(t2, et, e2):
+def cosine_of(t2, et, e2):
     """The cosine of ``t + E`` with ``t`` from ``||t||^2``, ``<E, t>`` and ``||E||^2`` (0 where ``t = 0``)."""
     t2, et, e2 = (np.asarray(v, dtype=np.float64) for v in (t2, et, e2))
     den = np.sqrt(t2 * np.maximum(t2 + 2.0 * et + e2, 0.0))
     return np.where(den > 0, (t2 + et) / np.maximum(den, 1e-300), 1.0)
 
 
-def _similarity_of(objective: Objective, t2, et, e2, t_sum, e_sum, n: int):
+def similarity_of(objective: Objective, t2, et, e2, t_sum, e_sum, n: int):
     """The similarity of ``t + E`` with ``t`` from the cosine's terms and, for Pearson, the sums of ``t`` and ``E``
     over ``n`` values: Pearson's correlation is the cosine of the centred vectors, whose terms are
     ``||t||^2 - (sum t)^2 / n``, ``<E, t> - sum E sum t / n`` and ``||E||^2 - (sum E)^2 / n``."""
     if objective == Objective.PEARSON:
         t_sum, e_sum = np.asarray(t_sum, dtype=np.float64), np.asarray(e_sum, dtype=np.float64)
         t2, et, e2 = t2 - t_sum * t_sum / n, et - t_sum * e_sum / n, e2 - e_sum * e_sum / n
-    return _cosine_of(t2, et, e2)
+    return cosine_of(t2, et, e2)
 
 
 def ranking_pairs(scores: np.ndarray, pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
@@ -99,21 +99,21 @@ class LayerError:
         factor = w_q
         if w_q.shape[1] > w_q.shape[0]:
             factor = np.linalg.qr(w_q.T.astype(np.float64), mode="r").T.astype(np.float32)
-        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, _dot(c, c), _dot(c, target),
-                   _dot(target, target), target.size, w_q.sum(axis=1, dtype=np.float64),
+        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, dot(c, c), dot(c, target),
+                   dot(target, target), target.size, w_q.sum(axis=1, dtype=np.float64),
                    float(c.sum(dtype=np.float64)), float(target.sum(dtype=np.float64)))
 
     def terms(self, d: np.ndarray) -> tuple[float, float]:
         """``(||E||^2, <E, t>)`` for the input error ``d``."""
         dr = d @ self.factor
-        return _dot(dr, dr) + 2.0 * _dot(d, self.c_wt) + self.c2, _dot(d, self.t_wt) + self.ct
+        return dot(dr, dr) + 2.0 * dot(d, self.c_wt) + self.c2, dot(d, self.t_wt) + self.ct
 
     def mse(self, d: np.ndarray) -> float:
         return self.terms(d)[0] / self.size
 
     def cosine(self, d: np.ndarray) -> float:
         e2, et = self.terms(d)
-        return float(_cosine_of(self.t2, et, e2))
+        return float(cosine_of(self.t2, et, e2))
 
     def similarity(self, d: np.ndarray, objective: Objective) -> float:
         """:meth:`cosine`, or Pearson's correlation of the whole output with ``sum E = sum(D W_q) + sum C``."""
@@ -121,8 +121,8 @@ class LayerError:
             return self.cosine(d)
         e2, et = self.terms(d)
         e_sum = float(d.sum(axis=0, dtype=np.float64) @ self.w_sum) + self.c_sum
-        return float(_similarity_of(objective, self.t2, et, e2, self.t_sum, e_sum, self.size))
+        return float(similarity_of(objective, self.t2, et, e2, self.t_sum, e_sum, self.size))
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
+def dot(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a.ravel(), b.ravel()))

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from nq_onnx.config import NoiseMode, Objective, SearchConfig
-from nq_onnx.objectives import LayerError, _colsum, _cosine_of, _dot, _similarity_of, ranking_loss, ranking_pairs
+from nq_onnx.objectives import LayerError, colsum, cosine_of, dot, ranking_loss, ranking_pairs, similarity_of
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -170,7 +170,7 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
                          alphas: np.ndarray, stride: int = 1,
                          objective: Objective = Objective.COSINE) -> np.ndarray:
     """Per output channel, the step ``a * s_c^minmax`` whose channel output is most similar to the float one
-    (cosine, or with ``objective`` Pearson: the same from column sums, :func:`_similarity_of`).
+    (cosine, or with ``objective`` Pearson: the same from column sums, :func:`similarity_of`).
 
     Channel ``c`` of the quantized layer errs by ``E_c = x_q D_c + F_c`` (``D = dq(W) - W``, ``F = (x_q - x) W``),
     so its cosine with ``t_c = x w_c + b_c`` follows from ``<E_c, t_c> = D_c . (x_q^T t)_c + <F_c, t_c>`` and
@@ -185,8 +185,8 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     gram = x_q.T @ x_q if w.shape[0] < x_q.shape[0] else None
     if gram is not None:
         cross_t, cross_f = x_q.T @ target, x_q.T @ f
-    t2 = _colsum(target, target)
-    f2, ft = _colsum(f, f), _colsum(f, target)
+    t2 = colsum(target, target)
+    f2, ft = colsum(f, f), colsum(f, target)
     rows = x_q.shape[0]
     t_sum, f_sum, xq_sum = (v.sum(axis=0, dtype=np.float64) for v in (target, f, x_q))
 
@@ -194,15 +194,15 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
         delta = layer.quantized_weight((base * alpha).astype(np.float32))
         delta -= w
         if gram is not None:
-            e2 = _colsum(delta, gram @ delta) + 2.0 * _colsum(delta, cross_f) + f2
-            et = _colsum(delta, cross_t) + ft
+            e2 = colsum(delta, gram @ delta) + 2.0 * colsum(delta, cross_f) + f2
+            et = colsum(delta, cross_t) + ft
         else:
             err = x_q @ delta
             err += f
-            e2, et = _colsum(err, err), _colsum(err, target)
+            e2, et = colsum(err, err), colsum(err, target)
         if objective == Objective.COSINE:
-            return _cosine_of(t2, et, e2)
-        return _similarity_of(objective, t2, et, e2, t_sum, xq_sum @ delta + f_sum, rows)
+            return cosine_of(t2, et, e2)
+        return similarity_of(objective, t2, et, e2, t_sum, xq_sum @ delta + f_sum, rows)
 
     # grid_argmax per channel (the channels decouple): the coarse points, then each channel's own neighbours
     count = len(alphas)
@@ -353,7 +353,7 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
     ``Q K^T``) and ``config.ranking_loss = gamma > 0`` a candidate scores ``similarity - gamma * ranking loss``
     (PTQ-ViT, :func:`ranking_loss` on ``config.ranking_pairs`` sampled pairs per query row)."""
     target = a @ b
-    t2, t_sum = _dot(target, target), float(target.sum(dtype=np.float64))
+    t2, t_sum = dot(target, target), float(target.sum(dtype=np.float64))
     pairs = (ranking_pairs(target, config.ranking_pairs, np.random.default_rng(0))
              if ranking and config.ranking_loss > 0 else None)
     operands = (a, b)
@@ -368,15 +368,16 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
         return err
 
     scales = list(base)
-    metrics = {"mse_minmax": _dot(err := error(0, base[0]), err) / target.size}
+    metrics = {"mse_minmax": dot(err := error(0, base[0]), err) / target.size}
     for _ in range(config.rounds):
         for which in (0, 1):
             candidates = quantizers[which].candidates(base[which], grid(config.act_alphas))
 
             def score(i: int) -> float:
                 err = error(which, candidates[i])
-                value = float(_similarity_of(config.objective, t2, _dot(err, target), _dot(err, err), t_sum,
-                                             float(err.sum(dtype=np.float64)), target.size))
+                e_sum = float(err.sum(dtype=np.float64)) if config.objective == Objective.PEARSON else 0.0
+                value = float(similarity_of(config.objective, t2, dot(err, target), dot(err, err), t_sum, e_sum,
+                                            target.size))
                 if pairs is not None:
                     err += target  # the quantized scores
                     value -= config.ranking_loss * ranking_loss(err, pairs, config.ranking_margin)
@@ -385,7 +386,7 @@ def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float],
             chosen = candidates[grid_argmax(len(candidates), score, config.grid_stride)[0]]
             scales[which] = chosen
             quantized[which] = quantizers[which].fake_quant(operands[which], chosen)
-    metrics["mse_easyquant"] = _dot(err := error(0, scales[0]), err) / target.size
+    metrics["mse_easyquant"] = dot(err := error(0, scales[0]), err) / target.size
     if metrics["mse_easyquant"] > metrics["mse_minmax"]:  # as for linear groups: never worse than MinMax
         scales, metrics["mse_easyquant"], metrics["minmax_kept"] = list(base), metrics["mse_minmax"], 1.0
     return scales[0], scales[1], metrics
