@@ -32,8 +32,7 @@ import nq_onnx  # noqa: E402
 from nq_onnx import naming, theorem  # noqa: E402
 from nq_onnx.calibration.collect import sample_rows  # noqa: E402
 from nq_onnx.calibration.data import load_dataset  # noqa: E402
-from nq_onnx.passes.base import import_graph  # noqa: E402
-from nq_onnx.passes.find_layers import find_layers  # noqa: E402
+from nq_onnx.pipeline import canonicalize, discover  # noqa: E402
 
 WIDTHS = np.arange(0.0, 2.01, 0.25)
 PLOTTED = ("blocks.0.mlp.fc2", "blocks.5.mlp.fc2", "blocks.11.mlp.fc2")
@@ -43,7 +42,7 @@ def fc2_steps(quantized: Path, groups) -> dict[str, float]:
     """The activation step of each fc2 input group, read from a quantized model's initializers."""
     model = onnx.load(str(quantized), load_external_data=False)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    return {g.name: float(values[naming.of(g.name, naming.INPUT_SCALE)]) for g in groups}
+    return {g.name: float(values[naming.of(g.name, naming.INPUT_SCALE)].reshape(-1)[0]) for g in groups}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=6)
     args = parser.parse_args(argv)
     fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
-    model = onnx.load(str(fp32))
+    model = canonicalize(onnx.load(str(fp32)))
     files, _ = split_imagenet(128, 0, 0)
     calib = link_folder(files, WORK / "calib128")
     steps_from = args.steps_from
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         steps_from = WORK / f"theorem_easyquant_w{args.bits}a{args.bits}.onnx"
         config = nq_onnx.QuantConfig(method="easyquant", w_bits=args.bits, a_bits=args.bits)
         nq_onnx.convert(fp32, steps_from, calib, config, force=True, evaluate=False)
-    layers = find_layers(import_graph(model))
+    layers = discover(model, nq_onnx.QuantConfig())
     groups = [g for g in layers.groups if any(naming.is_mlp_output(c) for c in g.consumers)]
     steps = fc2_steps(steps_from, groups)
     config = nq_onnx.QuantConfig()
