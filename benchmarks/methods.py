@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +53,16 @@ ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "e
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
-    """``budget<B>`` in a row: mixed precision at an average of ``B`` bits (give such rows as bit-width 8)."""
+    """A row is ``method+option+...``: ``reparam``, ``gptq``, ``bc`` (bias correction), ``pearson`` (PTQ-ViT's
+    similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
+    ``B`` bits: give such rows as bit-width 8); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
-                               bias_correction="bc" in parts, bits_budget=budget)
+                               bias_correction="bc" in parts, bits_budget=budget,
+                               search=nq_onnx.SearchConfig(objective="pearson" if "pearson" in parts else "cosine",
+                                                           ranking_loss=0.1 if "rank" in parts else 0.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rounds", type=int, default=0,
                         help="after the rows, time every row's model and FP32 at batch 8, interleaved, this many "
                              "rounds (default 0: no timing)")
+    parser.add_argument("--only-latency", action="store_true",
+                        help="convert nothing: time the models of the rows already in the results file (kept in "
+                             "benchmarks/work) and FP32, --latency-rounds rounds (default 10), into that file")
     args = parser.parse_args(argv)
     for path in (CHECKPOINT, IMAGENET, CIFAR):
         if not path.exists():
@@ -85,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
+    if args.only_latency:
+        path = RESULTS / f"{args.name}.json"
+        results = json.loads(path.read_text())
+        pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
+        time_rows(results, fp32, cifar_subset(1, pre)[0], args.latency_rounds or 10, log)
+        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+        return 0
     pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
     calib_files, held_files = split_imagenet(args.calib_size, args.imagenet_eval, args.seed)
     calib = link_folder(calib_files, WORK / f"calib{args.calib_size}")
@@ -92,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     cifar, labels = cifar_subset(args.cifar_per_class, pre)
     reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
     path = RESULTS / f"{args.name}.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("bits", "rows", "set", "append", "latency_rounds")}
+    per_run = ("bits", "rows", "set", "append", "latency_rounds", "only_latency")
+    settings = {k: v for k, v in vars(args).items() if k not in per_run}
     results: dict = {"machine": machine(), "settings": settings, "started": time.time(),
                      "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
     if args.append and path.exists():
@@ -133,17 +149,26 @@ def main(argv: list[str] | None = None) -> int:
             results["finished"] = time.time()
             path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
     if args.latency_rounds:
-        from timing import latency_round_robin
-
-        paths = {"fp32": fp32, **{name: WORK / f"methods_{name}.onnx" for name in results["rows"]}}
-        stats = latency_round_robin(paths, cifar[:8], rounds=args.latency_rounds)
-        for name, entry in stats.items():
-            entry["ratio_to_fp32"] = entry["median_ms"] / stats["fp32"]["median_ms"]
-        results["latency_batch8"] = stats
+        time_rows(results, fp32, cifar, args.latency_rounds, log)
         path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-        log("batch 8: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
     log(f"wrote {path}")
     return 0
+
+
+def time_rows(results: dict, fp32: Path, images: np.ndarray, rounds: int, log) -> None:
+    """Batch-8 latency of every row's model and FP32, interleaved, into ``results["latency_batch8"]`` with the CPU
+    it was measured on (a row whose model is no longer in ``benchmarks/work`` is left out)."""
+    from timing import latency_round_robin
+
+    paths = {"fp32": fp32, **{name: WORK / f"methods_{name}.onnx" for name in results["rows"]
+                               if (WORK / f"methods_{name}.onnx").exists()}}
+    stats = latency_round_robin(paths, images[:8], rounds=rounds)
+    for entry in stats.values():
+        entry["ratio_to_fp32"] = entry["median_ms"] / stats["fp32"]["median_ms"]
+    results["latency_batch8"] = stats
+    results["latency_machine"] = machine()
+    results["latency_measured"] = time.time()
+    log("batch 8: " + ", ".join(f"{n} {s['median_ms']:.1f} ms" for n, s in stats.items()))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ def layer_kinds(entry: dict) -> list[str]:
     """Per layer kind: how many layers took noise and the held-out output-MSE reduction against EasyQuant."""
     kinds: dict[str, list] = {}
     for layer in entry.get("layers", {}).values():
+        if layer["kind"] == "attention":  # Q K^T and A V: no weight, so no noise (the same step as EasyQuant's)
+            kinds.setdefault("attention", []).append((False, 0.0))
+            continue
         if "mse_noisyquant" not in layer:
             continue
         held = "mse_noisyquant_held_out" in layer and not layer.get("noise_rejected")
@@ -159,11 +162,12 @@ def markdown(results: dict, source) -> str:
         top = [100 * m[n]["cifar"]["top1"] for _, n in sizes]
         lines += ["", f"Top-1 spread over calibration sizes: {max(top) - min(top):.2f} points (the paper's "
                       "supplementary Table 2: within 0.5)."]
-    for name in ("noisyquant_w6a6", "noisyquant_paper_w6a6"):
+    for name in ("noisyquant_w8a8", "noisyquant_paper_w8a8", "noisyquant_w6a6", "noisyquant_paper_w6a6"):
         kinds = layer_kinds(m.get(name, {}))
         if kinds:
             lines += ["", f"Per-layer output-MSE reduction against EasyQuant, `{name}` (held-out rows where the noise "
-                          "was checked on them; the paper reports up to 60 %):", "",
+                          "was checked on them; the paper reports up to 60 %; the attention matmuls `Q K^T` "
+                          "and `A V` have no weight, so no noise):", "",
                       "| layer kind | layers | with noise | median reduction | largest reduction |",
                       "|---|---|---|---|---|", *kinds]
     compile_ = results.get("compile")
@@ -265,7 +269,9 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant+reparam": "NoisyQuant + reparam", "easyquant+gptq": "EasyQuant + GPTQ",
              "easyquant+bc": "EasyQuant + bias correction", "all": "NoisyQuant + reparam + GPTQ + bias correction",
              "ptq4vit": "PTQ4ViT (twin-uniform)", "noisyquant-ptq4vit": "NoisyQuant-PTQ4ViT (twin-uniform)",
-             "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam"}
+             "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam",
+             "easyquant+pearson+rank+bc": "PTQ-ViT (Pearson + ranking loss + bias correction)",
+             "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
 
 
 def methods_markdown(results: dict, source) -> str:
@@ -273,8 +279,17 @@ def methods_markdown(results: dict, source) -> str:
     the bit-width's EasyQuant row, convert time, and the gap to FP32."""
     fp32 = results["fp32"]["cifar"]["top1"]
     images = results["settings"]["cifar_per_class"] * 10
-    lines = [f"| bits | method | top-1 % ({images} CIFAR-10) | vs FP32 | held-out MSE | vs EasyQuant | convert s |",
-             "|---|---|---|---|---|---|---|", f"| 32 | FP32 | {100 * fp32:.2f} | | 0 | | |"]
+    latency = results.get("latency_batch8") or {}
+    timed = bool(latency)
+
+    def ms(name: str) -> str:
+        e = latency.get(name)
+        return (f" {e['median_ms']:.0f} ({e['ratio_to_fp32']:.2f}x) |" if e else " - |") if timed else ""
+
+    lines = [f"| bits | method | top-1 % ({images} CIFAR-10) | vs FP32 | held-out MSE | vs EasyQuant | convert s |"
+             + (" batch-8 ms (x FP32) |" if timed else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if timed else ""),
+             f"| 32 | FP32 | {100 * fp32:.2f} | | 0 | | |" + ms("fp32")]
     rows = results["rows"]
     order = list(ROW_LABEL)
     for name, e in sorted(rows.items(), key=lambda kv: (-kv[1]["bits"], order.index(kv[1]["row"])
@@ -285,15 +300,13 @@ def methods_markdown(results: dict, source) -> str:
         ratio = f"{mse / base['imagenet_heldout']['mse']:.3f}x" if base else "-"
         top1 = e["cifar"]["top1"]
         lines.append(f"| W{bits}A{bits} | {ROW_LABEL.get(e['row'], e['row'])} | {100 * top1:.2f} | "
-                     f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |")
+                     f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |" + ms(name))
     settings = results["settings"]
     lines += ["", methods_findings(rows, fp32)]
-    latency = results.get("latency_batch8")
-    if latency:
+    if timed:
         runs = latency["fp32"].get("runs", "?")
-        lines += ["", f"Batch-8 latency, interleaved ({runs} runs each): " + ", ".join(
-            f"{'FP32' if n == 'fp32' else n} {e['median_ms']:.0f} ms ({e['ratio_to_fp32']:.2f}x)"
-            for n, e in latency.items()) + "."]
+        lines += ["", f"Batch-8 latency: median of {runs} interleaved runs per model, onnxruntime CPU EP, 2 threads "
+                      f"({cpu_line({'cpu': results['latency_machine']['cpu']})[5:-1]})."]
     return "\n".join(lines) + (
         f"\n\n{settings['calib_size']} ImageNet calibration images (seed {settings['seed']}), held-out output MSE "
         f"on {settings['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}` "
@@ -402,6 +415,7 @@ def cost_markdown(results: dict, source) -> str:
 
 
 MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
+THEOREM_BEGIN, THEOREM_END = "<!-- theorem:begin -->", "<!-- theorem:end -->"
 
 
 def _mixed_lines(results: dict) -> dict[str, list[tuple[float, float, float, str]]]:
@@ -488,6 +502,13 @@ def update_readme(readme: Path) -> None:
         if path.exists():
             body = render(json.loads(path.read_text()), path.resolve().relative_to(root))
             text = _replace_block(text, begin, end, body)
+    theorem = RESULTS / "theorem.json"
+    if theorem.exists():
+        from theorem import theorem_markdown
+
+        text = _replace_block(text, THEOREM_BEGIN, THEOREM_END, theorem_markdown(
+            json.loads(theorem.read_text()), theorem.resolve().relative_to(root),
+            (RESULTS / "theorem.png").resolve().relative_to(root)))
     mixed = RESULTS / "mixed.json"
     if mixed.exists():
         data = json.loads(mixed.read_text())
