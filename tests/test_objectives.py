@@ -15,7 +15,6 @@ from nq_onnx.search import (
     LinearOperand,
     search_act_matmul,
     search_linear_group,
-    search_weight_scales,
 )
 
 
@@ -42,25 +41,6 @@ def test_layer_error_pearson_equals_the_direct_correlation(k, n):
     got = error.similarity(x_q - x, Objective.PEARSON)
     assert 1 - got == pytest.approx(1 - direct, rel=1e-4)
     assert abs(got - error.cosine(x_q - x)) > 1e-4  # a different objective, not the cosine renamed
-
-
-@pytest.mark.parametrize("tokens", [64, 512])
-def test_weight_scale_search_picks_each_channels_best_pearson(tokens):
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((tokens, 96)) * rng.lognormal(0, 1, 96) + 0.5).astype(np.float32)
-    w = rng.standard_normal((96, 12)).astype(np.float32)
-    b = rng.standard_normal(12).astype(np.float32)
-    op = LinearOperand("l", w, b, WeightQuantizer(4))
-    act = ActQuantizer(8, True)
-    x_q = act.fake_quant(x, act.minmax_scale(float(np.abs(x).max())))
-    alphas = np.linspace(0.5, 1.0, 26)
-    chosen = search_weight_scales(x_q, x, op, x @ w + b, alphas, objective=Objective.PEARSON)
-    target = x.astype(np.float64) @ w + b
-    base = op.minmax_scales()
-    corr = np.array([pearson(x_q.astype(np.float64) @ op.quantized_weight((base * a).astype(np.float32)) + b,
-                             target, axis=0) for a in alphas])
-    got = np.array([corr[np.argmin(np.abs(alphas - c / s)), j] for j, (c, s) in enumerate(zip(chosen, base))])
-    np.testing.assert_allclose(got, corr.max(axis=0), rtol=0, atol=1e-9)
 
 
 def test_pearson_search_never_loses_to_minmax_on_its_own_objective():

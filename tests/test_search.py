@@ -227,30 +227,36 @@ def test_layer_error_terms_equal_the_direct_output_error(k, n):
     assert 1 - error.cosine(d) == pytest.approx(1 - cosine, rel=1e-3)
 
 
+def _column_similarity(y: np.ndarray, t: np.ndarray, centred: bool) -> np.ndarray:
+    """Per column, the cosine of ``y`` and ``t`` (their Pearson correlation with ``centred``), in float64."""
+    if centred:
+        y, t = y - y.mean(axis=0), t - t.mean(axis=0)
+    return np.sum(y * t, 0) / (np.linalg.norm(y, axis=0) * np.linalg.norm(t, axis=0))
+
+
+@pytest.mark.parametrize("objective,seed,offset", [("cosine", 4, 0.0), ("pearson", 1, 0.5)])
 @pytest.mark.parametrize("tokens", [64, 512])  # K < T: the Gram form; K >= T: x_q D per candidate
-def test_weight_scale_search_picks_each_channels_best_cosine(tokens):
-    """Per output channel, the chosen step is the grid point whose quantized channel output is most
-    cosine-similar to the float one, computed directly in float64 (stride 1: every point)."""
+def test_weight_scale_search_picks_each_channels_best_similarity(tokens, objective, seed, offset):
+    """Per output channel, the chosen step is the grid point whose quantized channel output is most similar
+    (cosine, or Pearson on offset inputs) to the float one, computed directly in float64 (stride 1: every point)."""
+    from nq_onnx.config import Objective
     from nq_onnx.search import search_weight_scales
 
-    rng = np.random.default_rng(4)
-    x = (rng.standard_normal((tokens, 96)) * rng.lognormal(0, 1, 96)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((tokens, 96)) * rng.lognormal(0, 1, 96) + offset).astype(np.float32)
     w = rng.standard_normal((96, 12)).astype(np.float32)
     b = rng.standard_normal(12).astype(np.float32)
     op = LinearOperand("l", w, b, WeightQuantizer(4))
     act = ActQuantizer(8, True)
     x_q = act.fake_quant(x, act.minmax_scale(float(np.abs(x).max())))
     alphas = np.linspace(0.5, 1.0, 26)
-    chosen = search_weight_scales(x_q, x, op, x @ w + b, alphas)
+    chosen = search_weight_scales(x_q, x, op, x @ w + b, alphas, objective=Objective(objective))
     target = x.astype(np.float64) @ w + b
     base = op.minmax_scales()
-    cos = []
-    for a in alphas:
-        y = x_q.astype(np.float64) @ op.quantized_weight((base * a).astype(np.float32)) + b
-        cos.append(np.sum(y * target, 0) / (np.linalg.norm(y, axis=0) * np.linalg.norm(target, axis=0)))
-    cos = np.array(cos)  # [alphas, channels]
-    got = np.array([cos[np.argmin(np.abs(alphas - c / s)), j] for j, (c, s) in enumerate(zip(chosen, base))])
-    np.testing.assert_allclose(got, cos.max(axis=0), rtol=0, atol=1e-9)
+    sim = np.array([_column_similarity(x_q.astype(np.float64) @ op.quantized_weight((base * a).astype(np.float32))
+                                       + b, target, objective == "pearson") for a in alphas])  # [alphas, channels]
+    got = np.array([sim[np.argmin(np.abs(alphas - c / s)), j] for j, (c, s) in enumerate(zip(chosen, base))])
+    np.testing.assert_allclose(got, sim.max(axis=0), rtol=0, atol=1e-9)
 
 
 def test_grid_argmax_coarse_to_fine():
