@@ -115,6 +115,11 @@ def _add_search_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
+    p.add_argument("--screen-tokens", type=int, default=SearchConfig.screen_tokens,
+                   help="score every candidate step on this many of the token rows first, then only the best few "
+                        "(--screen-keep) on all of them (0: score every candidate on all rows)")
+    p.add_argument("--screen-keep", type=int, default=SearchConfig.screen_keep,
+                   help="candidates per search scored on all rows after screening")
     p.add_argument("--grid-stride", type=int, default=1,
                    help="search grids coarse to fine: every Nth point, then the best one's neighbours (default 1: "
                         "every point; 3 is faster and slightly less accurate)")
@@ -267,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args) -> QuantConfig:
     search = SearchConfig(
         search_images=args.search_images, holdout_images=args.holdout_images, tokens=args.search_tokens,
-        grid_stride=args.grid_stride, sequential=not args.no_sequential, objective=args.objective,
+        screen_tokens=args.screen_tokens, screen_keep=args.screen_keep, grid_stride=args.grid_stride,
+        sequential=not args.no_sequential, objective=args.objective,
         ranking_loss=args.ranking_loss,
     )
     return QuantConfig(
@@ -305,6 +311,8 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "exclude",
             "search_images",
             "search_tokens",
+            "screen_tokens",
+            "screen_keep",
             "grid_stride",
             "objective",
             "ranking_loss",

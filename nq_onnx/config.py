@@ -116,6 +116,13 @@ class SearchConfig:
     is kept only where it also beats the noiseless (EasyQuant) solution on rows of the next ``holdout_images``
     images, which no search saw (``0``: no such check).
 
+    Candidate activation steps of EasyQuant's alternating search are screened: with ``screen_tokens > 0`` every
+    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.search.screen_rows`) and
+    only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.search.grid_argmax`). On the real ViT-S/14 the
+    full search's best step was the screen's first or second in all 192 searches (W8A8 and W6A6); ``screen_tokens
+    = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise search and
+    the attention-matmul search choose exactly what scoring every candidate in full would.
+
     With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.search.grid_argmax`): every
     ``grid_stride``-th point, then the points around the best of them. The default 1 scores every point: on the
     real ViT-S/14 a stride of 3 converted 1.3x faster but raised the held-out output MSE by 3 % (W8A8) and 6 %
@@ -129,6 +136,8 @@ class SearchConfig:
     noise_shifts: tuple[float, ...] = (0.0, 0.5, 1.0)
     shift_min_rows: int = 1024
     tokens: int = 1024
+    screen_tokens: int = 256
+    screen_keep: int = 3
     search_images: int = 8
     holdout_images: int = 4
     sequential: bool = True
@@ -156,6 +165,8 @@ class SearchConfig:
             raise ConfigError("search.shift_min_rows must be non-negative")
         if self.tokens < 16:
             raise ConfigError("search.tokens must be at least 16")
+        if self.screen_tokens < 0 or self.screen_keep < 1:
+            raise ConfigError("search.screen_tokens must be non-negative and search.screen_keep at least 1")
         if self.search_images < 1:
             raise ConfigError("search.search_images must be at least 1")
         if self.grid_stride < 1:

@@ -79,18 +79,22 @@ class LayerError:
     and ``||D W_q|| = ||D R||`` with ``R = W_q`` where ``N <= K`` and else the ``K x K`` factor of
     ``W_q^T = Q R^T`` (``Q`` orthonormal): a candidate costs a ``T x K x min(K, N)`` product and two dot
     products instead of ``T x K x N`` and a pass over the output. Every term is small and computed as such.
+
+    Every term is a sum over the ``T`` token rows, so the per-row parts are kept: :meth:`rows` gives the same
+    error on a subset of the rows (the searches screen candidates on a subset, :func:`nq_onnx.search.grid_argmax`).
     """
 
     factor: np.ndarray
     c_wt: np.ndarray
     t_wt: np.ndarray
-    c2: float
-    ct: float
-    t2: float
-    size: int
+    c2_rows: np.ndarray  # per row: ||C_i||^2, <C_i, t_i>, ||t_i||^2, sum C_i, sum t_i (float64)
+    ct_rows: np.ndarray
+    t2_rows: np.ndarray
+    c_sum_rows: np.ndarray
+    t_sum_rows: np.ndarray
+    width: int  # N, the output values per row
     w_sum: np.ndarray  # W_q 1: sum(D W_q) = sum_k (sum_rows D)_k (W_q 1)_k, for Pearson
-    c_sum: float
-    t_sum: float
+    weight: np.ndarray | None = None  # per row (:meth:`rows`); None: every row counts once
 
     @classmethod
     def build(cls, x: np.ndarray, layer: "LinearOperand", w_q: np.ndarray, target: np.ndarray) -> "LayerError":
@@ -99,14 +103,34 @@ class LayerError:
         factor = w_q
         if w_q.shape[1] > w_q.shape[0]:
             factor = np.linalg.qr(w_q.T.astype(np.float64), mode="r").T.astype(np.float32)
-        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, dot(c, c), dot(c, target),
-                   dot(target, target), target.size, w_q.sum(axis=1, dtype=np.float64),
-                   float(c.sum(dtype=np.float64)), float(target.sum(dtype=np.float64)))
+        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, rowdot(c, c), rowdot(c, target),
+                   rowdot(target, target), c.sum(axis=1, dtype=np.float64), target.sum(axis=1, dtype=np.float64),
+                   target.shape[1], w_q.sum(axis=1, dtype=np.float64))
+
+    def rows(self, index: np.ndarray, weight: np.ndarray | None = None) -> "LayerError":
+        """The same layer's error on the token rows ``index`` alone (``d`` then holds those rows), each row's terms
+        counted ``weight`` times (an estimate of the whole from a stratified sample of its rows)."""
+        per_row = {f.name: getattr(self, f.name)[index] for f in dataclasses.fields(self)
+                   if f.name not in ("factor", "width", "w_sum", "weight")}
+        if weight is not None:
+            weight = np.asarray(weight, dtype=np.float64)
+            per_row = {k: v * (weight if v.ndim == 1 else weight[:, None].astype(v.dtype)) for k, v in per_row.items()}
+        return dataclasses.replace(self, weight=weight, **per_row)
+
+    @property
+    def size(self) -> float:
+        rows = self.c2_rows.size if self.weight is None else float(self.weight.sum())
+        return rows * self.width
+
+    @property
+    def t2(self) -> float:
+        return float(self.t2_rows.sum())
 
     def terms(self, d: np.ndarray) -> tuple[float, float]:
-        """``(||E||^2, <E, t>)`` for the input error ``d``."""
-        dr = d @ self.factor
-        return dot(dr, dr) + 2.0 * dot(d, self.c_wt) + self.c2, dot(d, self.t_wt) + self.ct
+        """``(||E||^2, <E, t>)`` for the input error ``d`` (its rows weighted as :meth:`rows` says)."""
+        dr = (d if self.weight is None else d * np.sqrt(self.weight)[:, None].astype(d.dtype)) @ self.factor
+        return (dot(dr, dr) + 2.0 * dot(d, self.c_wt) + float(self.c2_rows.sum()),
+                dot(d, self.t_wt) + float(self.ct_rows.sum()))
 
     def mse(self, d: np.ndarray) -> float:
         return self.terms(d)[0] / self.size
@@ -120,8 +144,14 @@ class LayerError:
         if objective == Objective.COSINE:
             return self.cosine(d)
         e2, et = self.terms(d)
-        e_sum = float(d.sum(axis=0, dtype=np.float64) @ self.w_sum) + self.c_sum
-        return float(similarity_of(objective, self.t2, et, e2, self.t_sum, e_sum, self.size))
+        d_sum = d.sum(axis=0, dtype=np.float64) if self.weight is None else self.weight @ d.astype(np.float64)
+        e_sum = float(d_sum @ self.w_sum) + float(self.c_sum_rows.sum())
+        return float(similarity_of(objective, self.t2, et, e2, float(self.t_sum_rows.sum()), e_sum, self.size))
+
+
+def rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_columns a * b`` per row, in float64."""
+    return np.einsum("tn,tn->t", a.astype(np.float64), b.astype(np.float64))
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:

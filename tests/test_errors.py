@@ -260,6 +260,8 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--holdout-images", "two", "invalid int value: 'two'"),
     ("--weight-rounding", "stochastic", "invalid choice: 'stochastic'"),
     ("--grid-stride", "0", "search.grid_stride must be at least 1"),
+    ("--screen-tokens", "-1", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
+    ("--screen-keep", "0", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
     ("--bits-budget", "3", "bits-budget must be between 4 and 8 (average bits), got 3"),
     ("--bits-budget", "six", "invalid float value: 'six'"),
     ("--mixed-sensitivity", "hessian", "invalid choice: 'hessian'"),

@@ -275,3 +275,85 @@ def test_grid_argmax_coarse_to_fine():
 
     assert grid_argmax(36, unimodal, 3)[0] == peak
     assert len(calls) == len(set(calls)) and len(calls) < 18
+
+
+def test_additive_argmin_is_the_full_argmin_scoring_fewer_parts():
+    """A loss summed over row parts: the lowest sum and its index exactly as summing every part of every candidate
+    (ties to the lowest index), with most far-off candidates dropped after their first part."""
+    from nq_onnx.search import additive_argmin
+
+    rng = np.random.default_rng(5)
+    totals = (np.arange(36) - 22.0) ** 2 + 1.0  # a loss curve over a grid, lowest at 22
+    parts = rng.dirichlet(np.ones(4), size=36) * totals[:, None]
+    parts[[9, 30]] = parts[22]  # two candidates tie with the best one, before and after it
+    calls = []
+
+    def part(i: int, j: int) -> float:
+        calls.append((i, j))
+        return float(parts[i, j])
+
+    best, total = additive_argmin(36, part, 4)
+    sums = parts.sum(axis=1)
+    assert best == 9 and total == pytest.approx(sums.min(), rel=1e-12)
+    assert len(set(calls)) == len(calls) < 36 + 3 * 8
+
+
+def test_screened_grid_argmax_scores_only_the_screens_best_in_full():
+    """With a screen, the full score runs on its ``keep`` best points only, and the result is the full search's when
+    the full best is among them (here the screen is the score plus small noise)."""
+    from nq_onnx.search import grid_argmax
+
+    rng = np.random.default_rng(2)
+    score = -((np.arange(36) - 17.0) ** 2) / 100.0
+    screen = score + rng.normal(0.0, 0.01, 36)
+    full_calls = []
+
+    def full(i: int) -> float:
+        full_calls.append(i)
+        return float(score[i])
+
+    assert grid_argmax(36, full, 1, lambda i: float(screen[i]), keep=5) == (17, 0.0)
+    assert sorted(full_calls) == sorted(np.argsort(-screen, kind="stable")[:5].tolist())
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("inner", [8, 40])  # Q K^T-like (k < m: the Gram form) and A V-like (k > m: R_q itself)
+def test_act_matmul_error_terms_equal_the_direct_product(which, inner):
+    """The attention-matmul search scores ``q(A) q(B)`` from ``D``, ``C R_q^T`` and ``t R_q^T`` (one operand varying,
+    the other fixed at its quantized value) without forming the product: ``||E||^2``, ``<E, t>`` and ``sum E`` as
+    the direct float64 product error gives them."""
+    from nq_onnx.search import _OperandError
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3, 30, inner)).astype(np.float32)
+    b = rng.standard_normal((3, inner, 30 if inner < 30 else 12)).astype(np.float32)
+    act = ActQuantizer(6, True)
+    quantized = [act.fake_quant(v, act.minmax_scale(float(np.abs(v).max()))) for v in (a, b)]
+    trial = act.fake_quant((a, b)[which], 0.7 * act.minmax_scale(float(np.abs((a, b)[which]).max())))
+    error = _OperandError.build((a, b), quantized, a @ b, which)
+    d = trial - (a, b)[which]
+    e2, et, e_sum = error.terms(d if which == 0 else np.swapaxes(d, -1, -2))
+    operands = [v.astype(np.float64) for v in quantized]
+    operands[which] = trial.astype(np.float64)
+    target = a.astype(np.float64) @ b
+    err = operands[0] @ operands[1] - target
+    assert e2 == pytest.approx(np.sum(err * err), rel=1e-4)
+    assert et == pytest.approx(np.sum(err * target), rel=1e-4, abs=1e-3 * np.sqrt(np.sum(err * err)))
+    assert e_sum == pytest.approx(np.sum(err), rel=1e-3, abs=1e-3 * np.sqrt(np.sum(err * err)))
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_screened_step_search_matches_scoring_every_candidate_on_held_out_tokens(bits):
+    """Screening the activation steps on a quarter of the rows (the default) against scoring every candidate on all
+    rows: the same held-out layer output MSE within 2 %, for fewer full scorings."""
+    rng = np.random.default_rng(11)
+    k, n = 64, 48
+    spread = rng.uniform(0.5, 1.5, k)
+    w = (rng.standard_normal((k, n)) / 8).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    calib, held = post_gelu(rng, 1024, k, spread), post_gelu(rng, 1024, k, spread)
+    full, full_op = search(calib, w, b, bits, with_noise=False, config=SearchConfig(screen_tokens=0))
+    fast, fast_op = search(calib, w, b, bits, with_noise=False)
+    assert SearchConfig().screen_tokens == 256
+    ratio = held_out_mse(held, w, b, bits, fast, fast_op) / held_out_mse(held, w, b, bits, full, full_op)
+    assert abs(ratio - 1) < 0.02, f"screened/full held-out layer output MSE {ratio:.4f}"
