@@ -117,13 +117,13 @@ class SearchConfig:
     images, which no search saw (``0``: no such check).
 
     Candidate activation steps of EasyQuant's alternating search are screened: with ``screen_tokens > 0`` every
-    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.search.screen_rows`) and
-    only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.search.grid_argmax`). On the real ViT-S/14 the
+    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.grids.screen_rows`) and
+    only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.grids.grid_argmax`). On the real ViT-S/14 the
     full search's best step was the screen's first or second in all 192 searches (W8A8 and W6A6); ``screen_tokens
     = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise search and
     the attention-matmul search choose exactly what scoring every candidate in full would.
 
-    With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.search.grid_argmax`): every
+    With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.grids.grid_argmax`): every
     ``grid_stride``-th point, then the points around the best of them. The default 1 scores every point: on the
     real ViT-S/14 a stride of 3 converted 1.3x faster but raised the held-out output MSE by 3 % (W8A8) and 6 %
     (W6A6) (``benchmarks/compile_cost.py``, the ``*_grid3`` rows of the results file at commit 02266f2).

@@ -31,6 +31,7 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
+from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -38,7 +39,6 @@ from nq_onnx.search import (
     group_rng,
     group_seed,
     sample_rows,
-    search_act_matmul,
     search_linear_group,
 )
 

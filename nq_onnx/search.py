@@ -38,12 +38,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from typing import Callable
 
 import numpy as np
 
 from nq_onnx.config import NoiseMode, Objective, SearchConfig
-from nq_onnx.objectives import LayerError, colsum, cosine_of, dot, ranking_loss, ranking_pairs, similarity_of
+from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
+from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -102,80 +102,6 @@ class GroupResult:
     noise_shift: float = 0.0
     noise_amplitude: float = 0.0
     base_scale: float = 0.0  # the EasyQuant step, before any noise search
-
-
-LOSS_PARTS = 4  # disjoint row sets a summed-MSE search scores one at a time (additive_argmin)
-
-
-def grid(spec: tuple[float, float, int]) -> np.ndarray:
-    low, high, count = spec
-    return np.linspace(low, high, int(count), dtype=np.float64)
-
-
-def grid_argmax(count: int, score: Callable[[int], float], stride: int, screen: Callable[[int], float] | None = None,
-                keep: int = 1) -> tuple[int, float]:
-    """The index of the highest ``score`` over grid points ``0..count-1`` (ties: the lowest index), scored coarse to
-    fine: every ``stride``-th point and the last, then the points less than ``stride`` away from the best of
-    those. ``stride = 1`` scores every point (the default: coarser strides cost held-out accuracy,
-    ``benchmarks/compile_cost.py``).
-
-    With ``screen`` (a cheaper estimate of ``score``: the same objective on a subset of the rows) the grid is
-    searched as above on ``screen``, and only its ``keep`` best points are scored with ``score``: the result is the
-    full search's wherever the full search's best point is among the screen's ``keep`` best."""
-    def search(f: Callable[[int], float]) -> dict[int, float]:
-        scores = {i: f(i) for i in sorted({*range(0, count, stride), count - 1})}
-        best = min(scores, key=lambda i: (-scores[i], i))
-        for i in range(max(best - stride + 1, 0), min(best + stride, count)):
-            if i not in scores:
-                scores[i] = f(i)
-        return scores
-
-    if screen is None:
-        scores = search(score)
-    else:
-        screened = search(screen)
-        scores = {i: score(i) for i in sorted(screened, key=lambda i: (-screened[i], i))[:keep]}
-    best = min(scores, key=lambda i: (-scores[i], i))
-    return best, scores[best]
-
-
-def screen_rows(x: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The rows of ``x`` candidates are screened on (:func:`grid_argmax`) and each one's weight, or ``None`` where
-    ``tokens`` (0: no screening) is not below the row count. A stratified sample: the quarter of ``tokens`` rows
-    with the largest magnitude, each counted once (the few outliers that decide how much a step clips), and evenly
-    spaced rows of the rest, each counted for the rows it stands for."""
-    rows = x.shape[0]
-    if not 0 < tokens < rows:
-        return None
-    top = np.sort(np.argsort(-np.abs(x).max(axis=1), kind="stable")[: tokens // 4])
-    rest = np.setdiff1d(np.arange(rows), top)
-    spaced = rest[np.linspace(0, rest.size - 1, tokens - top.size).round().astype(np.int64)]
-    index = np.concatenate([top, spaced])
-    weight = np.concatenate([np.ones(top.size), np.full(spaced.size, rest.size / spaced.size)])
-    order = np.argsort(index, kind="stable")
-    return index[order], weight[order]
-
-
-def additive_argmin(count: int, part: Callable[[int, int], float], parts: int) -> tuple[int, float]:
-    """The index ``i`` of the lowest ``sum_j part(i, j)`` over ``j < parts`` (ties: the lowest index) and that sum,
-    for non-negative parts (a loss summed over disjoint sets of rows).
-
-    Candidates are taken in the order of their first part, and one stops being summed as soon as its partial sum
-    exceeds the lowest complete sum found: a partial sum only grows, so the result is the full search's, for
-    fewer parts scored."""
-    first = [part(i, 0) for i in range(count)]
-    best, best_sum = -1, np.inf
-    for i in sorted(range(count), key=lambda i: (first[i], i)):
-        if first[i] > best_sum:
-            break
-        total = first[i]
-        for j in range(1, parts):
-            if total > best_sum:
-                break
-            total += part(i, j)
-        if total < best_sum or (total == best_sum and i < best):
-            best, best_sum = i, total
-    return best, float(best_sum)
 
 
 def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
@@ -418,128 +344,3 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         if trial < value:
             scale = base * alphas[i]
     return noise.astype(np.float32), float(scale), shift, amplitude
-
-
-def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], quantizers: tuple,
-                      config: SearchConfig, ranking: bool = False) -> tuple[float, float, dict]:
-    """EasyQuant for ``A @ B`` with both operands quantized (per tensor, or ``A`` twin-uniform): alternate the two
-    steps over each quantizer's candidates, on the cosine similarity of the product (PTQ4ViT scores with a
-    Hessian-guided metric, which needs output gradients an ONNX model does not give: the product's cosine here).
-    ``config.objective`` Pearson scores the product's correlation instead; with ``ranking`` (attention scores
-    ``Q K^T``) and ``config.ranking_loss = gamma > 0`` a candidate scores ``similarity - gamma * ranking loss``
-    (PTQ-ViT, :func:`ranking_loss` on ``config.ranking_pairs`` sampled pairs per query row)."""
-    base = [q.minmax_scale(m) for q, m in zip(quantizers, absmax)]
-    full = _ProductScore(a, b, quantizers, base, config, ranking)
-    scales = list(base)
-    metrics = {"mse_minmax": full.mse(0, base[0])}
-    for _ in range(config.rounds):
-        for which in (0, 1):
-            candidates = quantizers[which].candidates(base[which], grid(config.act_alphas))
-            index, _ = grid_argmax(len(candidates), lambda i: full.score(which, candidates[i]), config.grid_stride)
-            scales[which] = candidates[index]
-            full.set(which, scales[which])
-    metrics["mse_easyquant"] = full.mse(0, scales[0])
-    if metrics["mse_easyquant"] > metrics["mse_minmax"]:  # as for linear groups: never worse than MinMax
-        scales, metrics["mse_easyquant"], metrics["minmax_kept"] = list(base), metrics["mse_minmax"], 1.0
-    return scales[0], scales[1], metrics
-
-
-class _ProductScore:
-    """The similarity of ``q(A) @ q(B)`` with ``A @ B`` as one operand's step varies, the other's quantized at its
-    current step (:meth:`set`).
-
-    With ``B`` fixed at ``B_q`` and ``A`` quantized with error ``D``, the product errs by ``E = D B_q + C``
-    (``C = A (B_q - B)``), which :class:`_OperandError` scores without forming ``E``; a varying ``B`` is the same
-    problem transposed (``E^T = D^T A_q^T + B^T (A_q - A)^T``). The ranking loss needs the quantized scores
-    themselves: with it, the product is formed; so it is where the algebra saves nothing (``A V``: the fixed
-    operand's outer dimension is below the shared one)."""
-
-    def __init__(self, a: np.ndarray, b: np.ndarray, quantizers: tuple, scales: list[float], config: SearchConfig,
-                 ranking: bool) -> None:
-        self.operands, self.quantizers, self.config = (a, b), quantizers, config
-        self.target = a @ b
-        self.t2, self.t_sum = dot(self.target, self.target), float(self.target.sum(dtype=np.float64))
-        self.pairs = (ranking_pairs(self.target, config.ranking_pairs, np.random.default_rng(0))
-                      if ranking and config.ranking_loss > 0 else None)
-        self.quantized = [q.fake_quant(v, s) for q, v, s in zip(quantizers, self.operands, scales)]
-        self._errors: dict[int, _OperandError] = {}
-
-    def set(self, which: int, scale: float) -> None:
-        self.quantized[which] = self.quantizers[which].fake_quant(self.operands[which], scale)
-        self._errors.clear()
-
-    def error(self, which: int, scale: float) -> np.ndarray:
-        trial = list(self.quantized)
-        trial[which] = self.quantizers[which].fake_quant(self.operands[which], scale)
-        err = trial[0] @ trial[1]
-        err -= self.target
-        return err
-
-    def mse(self, which: int, scale: float) -> float:
-        err = self.error(which, scale)
-        return dot(err, err) / self.target.size
-
-    def score(self, which: int, scale: float) -> float:
-        config, other = self.config, self.operands[1 - which]
-        # the algebra pays where the fixed operand's outer dimension exceeds the shared one (Q K^T), not for A V
-        outer, shared = (other.shape[-1], other.shape[-2]) if which == 0 else (other.shape[-2], other.shape[-1])
-        direct = self.pairs is not None or outer <= shared
-        if direct:
-            err = self.error(which, scale)
-            e2, et = dot(err, err), dot(err, self.target)
-            e_sum = float(err.sum(dtype=np.float64))
-        else:
-            if which not in self._errors:
-                self._errors[which] = _OperandError.build(self.operands, self.quantized, self.target, which)
-            d = self.quantizers[which].fake_quant(self.operands[which], scale)
-            d -= self.operands[which]
-            e2, et, e_sum = self._errors[which].terms(d if which == 0 else np.swapaxes(d, -1, -2))
-        if config.objective == Objective.COSINE:
-            value = float(cosine_of(self.t2, et, e2))
-        else:
-            value = float(similarity_of(config.objective, self.t2, et, e2, self.t_sum, e_sum, self.target.size))
-        if self.pairs is not None:
-            err += self.target  # the quantized scores
-            value -= config.ranking_loss * ranking_loss(err, self.pairs, config.ranking_margin)
-        return value
-
-
-@dataclasses.dataclass(frozen=True)
-class _OperandError:
-    """The error of a batched product ``L R`` (``[S, T, k] @ [S, k, m]``) whose right operand is fixed at ``R_q``
-    and whose left one errs by ``D``: ``E = D R_q + C`` with ``C = L (R_q - R)``, so ::
-
-        ||E||^2 = ||D R_q||^2 + 2 <D, C R_q^T> + ||C||^2,    <E, t> = <D, t R_q^T> + <C, t>,
-        sum E = sum_(s,i,j) D_sij (R_q 1)_sj + sum C
-
-    and ``||D R_q||^2 = <D G, D>`` with the ``k x k`` Gram matrices ``G = R_q R_q^T`` where ``k < m``: a candidate
-    costs ``S T k min(k, m)`` instead of the product's ``S T k m`` (``Q K^T``: ``k`` = 64 head channels, ``m`` =
-    the tokens). The same algebra as :class:`nq_onnx.objectives.LayerError`, per slice."""
-
-    right: np.ndarray  # R_q, or G where k < m
-    gram: bool
-    c_rt: np.ndarray
-    t_rt: np.ndarray
-    c2: float
-    ct: float
-    r_sum: np.ndarray
-    c_sum: float
-
-    @classmethod
-    def build(cls, operands: tuple, quantized: list, target: np.ndarray, which: int) -> "_OperandError":
-        """For operand ``which`` varying: ``A`` as is, ``B`` through the transposed product."""
-        t = lambda v: np.swapaxes(v, -1, -2)  # noqa: E731
-        left, right, right_q = operands[0], operands[1], quantized[1]
-        if which == 1:
-            left, right, right_q, target = t(operands[1]), t(operands[0]), t(quantized[0]), t(target)
-        c = left @ (right_q - right)
-        gram = right_q.shape[-2] < right_q.shape[-1]
-        return cls(right_q @ t(right_q) if gram else right_q, gram, c @ t(right_q), target @ t(right_q), dot(c, c),
-                   dot(c, target), right_q.sum(axis=-1, dtype=np.float64), float(c.sum(dtype=np.float64)))
-
-    def terms(self, d: np.ndarray) -> tuple[float, float, float]:
-        """``(||E||^2, <E, t>, sum E)`` for the left operand's error ``d``."""
-        p = d @ self.right
-        dd = dot(p, d) if self.gram else dot(p, p)
-        e_sum = float((d.sum(axis=-2, dtype=np.float64) * self.r_sum).sum()) + self.c_sum
-        return dd + 2.0 * dot(d, self.c_rt) + self.c2, dot(d, self.t_rt) + self.ct, e_sum

@@ -8,12 +8,12 @@ import pytest
 from nq_onnx.config import Objective, SearchConfig
 from nq_onnx.errors import ConfigError
 from nq_onnx.objectives import LayerError, ranking_loss, ranking_pairs
+from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
     LinearOperand,
-    search_act_matmul,
     search_linear_group,
 )
 

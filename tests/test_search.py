@@ -262,7 +262,7 @@ def test_weight_scale_search_picks_each_channels_best_similarity(tokens, objecti
 def test_grid_argmax_coarse_to_fine():
     """Stride 1 is the plain argmax (first of ties); stride 3 finds a unimodal maximum with under half the
     evaluations, and scores each point at most once."""
-    from nq_onnx.search import grid_argmax
+    from nq_onnx.grids import grid_argmax
 
     values = np.array([0.1, 0.5, 0.5, 0.2, 0.9, 0.9, 0.3])
     assert grid_argmax(len(values), lambda i: values[i], 1) == (4, 0.9)
@@ -280,7 +280,7 @@ def test_grid_argmax_coarse_to_fine():
 def test_additive_argmin_is_the_full_argmin_scoring_fewer_parts():
     """A loss summed over row parts: the lowest sum and its index exactly as summing every part of every candidate
     (ties to the lowest index), with most far-off candidates dropped after their first part."""
-    from nq_onnx.search import additive_argmin
+    from nq_onnx.grids import additive_argmin
 
     rng = np.random.default_rng(5)
     totals = (np.arange(36) - 22.0) ** 2 + 1.0  # a loss curve over a grid, lowest at 22
@@ -301,7 +301,7 @@ def test_additive_argmin_is_the_full_argmin_scoring_fewer_parts():
 def test_screened_grid_argmax_scores_only_the_screens_best_in_full():
     """With a screen, the full score runs on its ``keep`` best points only, and the result is the full search's when
     the full best is among them (here the screen is the score plus small noise)."""
-    from nq_onnx.search import grid_argmax
+    from nq_onnx.grids import grid_argmax
 
     rng = np.random.default_rng(2)
     score = -((np.arange(36) - 17.0) ** 2) / 100.0
@@ -322,7 +322,7 @@ def test_act_matmul_error_terms_equal_the_direct_product(which, inner):
     """The attention-matmul search scores ``q(A) q(B)`` from ``D``, ``C R_q^T`` and ``t R_q^T`` (one operand varying,
     the other fixed at its quantized value) without forming the product: ``||E||^2``, ``<E, t>`` and ``sum E`` as
     the direct float64 product error gives them."""
-    from nq_onnx.search import _OperandError
+    from nq_onnx.matmul_search import OperandError
 
     rng = np.random.default_rng(7)
     a = rng.standard_normal((3, 30, inner)).astype(np.float32)
@@ -330,7 +330,7 @@ def test_act_matmul_error_terms_equal_the_direct_product(which, inner):
     act = ActQuantizer(6, True)
     quantized = [act.fake_quant(v, act.minmax_scale(float(np.abs(v).max()))) for v in (a, b)]
     trial = act.fake_quant((a, b)[which], 0.7 * act.minmax_scale(float(np.abs((a, b)[which]).max())))
-    error = _OperandError.build((a, b), quantized, a @ b, which)
+    error = OperandError.build((a, b), quantized, a @ b, which)
     d = trial - (a, b)[which]
     e2, et, e_sum = error.terms(d if which == 0 else np.swapaxes(d, -1, -2))
     operands = [v.astype(np.float64) for v in quantized]
