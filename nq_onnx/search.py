@@ -7,7 +7,10 @@ EasyQuant (Wu et al. 2020), alternating for ``rounds``: with the activation step
 channel ``c`` of each layer picks ``s_c = a * s_c^minmax`` (``a`` on a grid) maximizing the cosine similarity
 of that channel's quantized output with the float one; then the shared activation step ``s = a * s^minmax``
 maximizes the mean cosine similarity of the layer outputs. With ``SearchConfig.objective`` Pearson (PTQ-ViT's
-similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`).
+similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`). The activation
+step's candidates are screened on a stratified quarter of the rows, the best few scored on all of them
+(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`); the noise search's summed MSE is minimized
+part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate).
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
