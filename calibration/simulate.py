@@ -195,11 +195,12 @@ class Simulator:
 
 
 def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
-                         inputs: dict[str, np.ndarray], unsigned: frozenset[str], absmax: dict[str, float],
-                         choices: tuple[int, ...]) -> dict[str, dict[int, float]]:
+                         inputs: dict[str, np.ndarray], unsigned: frozenset[str],
+                         steps: dict[str, dict[int, float]], choices: tuple[int, ...]) -> dict[str, dict[int, float]]:
     """Per group and bit-width ``b``: the mean squared error of the model's first output when that group alone
-    (its input and its layers' weights) is MinMax-quantized at ``b`` bits and everything else stays float, on
-    ``inputs``. One simulation model per width; one forward pass per group and width."""
+    is quantized at ``b`` bits (its input with the step ``steps[group][b]``, its layers' weights MinMax) and
+    everything else stays float, on ``inputs``. One simulation model per width; one forward pass per group and
+    width."""
     out: dict[str, dict[int, float]] = {g.name: {} for g in layers.groups}
     reference = None
     for bits in choices:
@@ -211,9 +212,8 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
             reference = sess.run([name], feeds)[0].astype(np.float64)
         for group in layers.groups:
             names = _names(group.name)
-            act = ActQuantizer(bits, group.name not in unsigned)
             trial = dict(feeds)
-            trial[names["scale"]] = np.array(act.minmax_scale(absmax[group.name]), np.float32)
+            trial[names["scale"]] = np.array(steps[group.name][bits], np.float32)
             trial[names["on"]] = np.array(True)
             for consumer in group.consumers:
                 spec = layers.layer(consumer)

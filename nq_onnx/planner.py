@@ -31,6 +31,7 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
+from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.search import (
     GroupSample,
@@ -46,6 +47,7 @@ ACT_MATMUL_SLICES = 16
 SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sensitivities
 SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
 SENSITIVITY_SLICES = 8  # per-head product maps per attention matmul's sensitivity
+CLIP_VALUES = 1 << 18  # float values per group choosing the mixed-precision sensitivities' clipped steps
 OUTPUT_SENSITIVITY_IMAGES = 1  # images of the model-output sensitivities (a forward pass per group and width)
 
 
@@ -282,9 +284,9 @@ class SearchPlanner:
         feeds = {k: v[:images] for k, v in inputs.items()}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
         if self.config.mixed_sensitivity == MixedSensitivity.OUTPUT:
-            absmax = {g.name: self.stats[g.tensor].absmax for g in self.layers.groups}
+            steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
             one = {k: v[:OUTPUT_SENSITIVITY_IMAGES] for k, v in inputs.items()}
-            sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, absmax,
+            sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, steps,
                                                BIT_CHOICES)
         else:
             sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
@@ -294,6 +296,20 @@ class SearchPlanner:
             self._modules[g.name] = Module(g.name, int(values[g.tensor].size // images + weights),
                                            sensitivity[g.name])
         return assign_bits(list(self._modules.values()), self.config.bits_budget)
+
+    def _clipped_steps(self, group: GroupSpec, value: np.ndarray) -> dict[int, float]:
+        """Per bit choice, the group's activation step from the search's grid of MinMax multiples with the least
+        squared quantization error of its float values: the searches clip (a softmax output at 6 bits takes a
+        step far below MinMax's ``1/63``), so MinMax steps would overstate a narrow width's harm."""
+        flat = value.reshape(-1)
+        rows = flat[:: max(1, flat.size // CLIP_VALUES)]  # evenly spaced: an unbiased estimate of the mean error
+        alphas, out = grid(self.config.search.act_alphas), {}
+        for bits in BIT_CHOICES:
+            act = ActQuantizer(bits, group.name not in self._unsigned)
+            base = act.minmax_scale(self.stats[group.tensor].absmax)
+            errors = [float(np.mean((act.fake_quant(rows, base * a) - rows) ** 2)) for a in alphas]
+            out[bits] = float(base * alphas[int(np.argmin(errors))])
+        return out
 
     def _nuclear_sensitivity(self, group: GroupSpec, values: dict[str, np.ndarray]) -> dict[int, float]:
         """PTQ-ViT's sensitivity of a group (:mod:`nq_onnx.mixed`) on its float values."""

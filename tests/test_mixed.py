@@ -165,7 +165,10 @@ def test_output_sensitivity_is_the_model_output_error_with_one_group_quantized()
     y = hidden @ w2 + b2
     g_in, g_hidden = layers.group_of("x").name, layers.group_of("h2").name
     absmax = {g_in: float(np.abs(x).max()), g_hidden: float(hidden.max())}
-    got = output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), absmax, BIT_CHOICES)
+    # the input at a clipped step (0.8 x MinMax), the hidden group at MinMax's
+    steps = {g_in: {b: 0.8 * ActQuantizer(b, True).minmax_scale(absmax[g_in]) for b in BIT_CHOICES},
+             g_hidden: {b: ActQuantizer(b, False).minmax_scale(absmax[g_hidden]) for b in BIT_CHOICES}}
+    got = output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES)
 
     def fq_w(w, bits):
         q = WeightQuantizer(bits)
@@ -173,7 +176,7 @@ def test_output_sensitivity_is_the_model_output_error_with_one_group_quantized()
 
     for bits in BIT_CHOICES:
         signed, unsigned = ActQuantizer(bits, True), ActQuantizer(bits, False)
-        x_q = signed.fake_quant(x, signed.minmax_scale(absmax[g_in]))
+        x_q = signed.fake_quant(x, np.float32(0.8 * signed.minmax_scale(absmax[g_in])))
         first = np.maximum(x_q @ fq_w(w1, bits) + b1, 0) @ w2 + b2
         h_q = unsigned.fake_quant(hidden.astype(np.float32), unsigned.minmax_scale(absmax[g_hidden]))
         second = h_q @ fq_w(w2, bits) + b2
