@@ -2,7 +2,8 @@
 
 A *module* here is one activation group: its input tensor and the layers that read it (their weights take the
 group's bit-width too, so a module is ``WbAb``). Its sensitivity at ``b`` bits is by default the model output's
-MSE with that module alone MinMax-quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`), or
+MSE with that module alone quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`: weights MinMax,
+the input at the multiple of its MinMax step with the least squared error, as the searches clip), or
 PTQ-ViT's (``QuantConfig.mixed_sensitivity = "nuclear"``) ::
 
     Omega_i(b) = sum_l ||Y_l||_* * ||Y_l(b) - Y_l||_F^2
