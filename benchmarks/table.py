@@ -260,8 +260,9 @@ def demo_markdown(demo: dict, source) -> str:
                       for name, v in m.items())
     return (f"The demo printed (W{demo['bits']}A{demo['bits']}, output MSE against FP32 on {demo['eval_crops']} "
             f"crops of {demo['eval_photos']} photographs not used for calibration, {demo['calib_crops']} "
-            f"calibration crops): {parts}. {cpu_line(demo)} Source: `{source}` (`python benchmarks/demo.py`; the "
-            f"times in it are not quoted: that run shared the machine with another benchmark).")
+            f"calibration crops): {parts}; conversion times "
+            + ", ".join(f"{name} {v['seconds']:.0f} s" for name, v in m.items())
+            + f". {cpu_line(demo)} Source: `{source}` (`python benchmarks/demo.py`).")
 
 
 METHODS_BEGIN, METHODS_END = "<!-- methods:begin -->", "<!-- methods:end -->"
