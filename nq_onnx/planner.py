@@ -306,9 +306,9 @@ class SearchPlanner:
         alphas, out = grid(self.config.search.act_alphas), {}
         for bits in BIT_CHOICES:
             act = ActQuantizer(bits, group.name not in self._unsigned)
-            base = act.minmax_scale(self.stats[group.tensor].absmax)
-            errors = [float(np.mean((act.fake_quant(rows, base * a) - rows) ** 2)) for a in alphas]
-            out[bits] = float(base * alphas[int(np.argmin(errors))])
+            steps = act.candidates(act.minmax_scale(self.stats[group.tensor].absmax), alphas)
+            errors = [float(np.mean((act.fake_quant(rows, step) - rows) ** 2)) for step in steps]
+            out[bits] = float(steps[int(np.argmin(errors))])
         return out
 
     def _nuclear_sensitivity(self, group: GroupSpec, values: dict[str, np.ndarray]) -> dict[int, float]:

@@ -238,6 +238,7 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     metrics = {layer.name: {"mse_minmax": m} for layer, m in zip(layers, mse_minmax)}
     alpha, scales = 1.0, dict(minmax)
     sub = screen_rows(x, config.screen_tokens)
+    sub_x = None if sub is None else x[sub[0]]
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
         scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride,
@@ -254,7 +255,7 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
 
         screen = None
         if sub is not None:
-            screen = functools.partial(similarity, rows=x[sub[0]], errs=[error.rows(*sub) for error in errors])
+            screen = functools.partial(similarity, rows=sub_x, errs=[error.rows(*sub) for error in errors])
         index, _ = grid_argmax(len(alphas), functools.partial(similarity, rows=x, errs=errors), config.grid_stride,
                                screen, config.screen_keep)
         alpha = float(alphas[index])
@@ -321,6 +322,9 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         d -= noisy
         return float(sum(error.terms(d)[0] / size for error, size in zip(part_errors[j], sizes)))
 
+    def loss(noise: np.ndarray, scale: float) -> float:
+        return sum(loss_part(noise, scale, j) for j in range(LOSS_PARTS))
+
     def lowest(trials: list[tuple[np.ndarray, float]]) -> tuple[int, float]:
         return additive_argmin(len(trials), lambda i, j: loss_part(*trials[i], j), LOSS_PARTS)
 
@@ -341,8 +345,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         if config.grid_stride == 1:
             i, trial = lowest([(noise, base * a) for a in alphas])
         else:
-            i, negative = grid_argmax(len(alphas), lambda i: -sum(loss_part(noise, base * alphas[i], j)
-                                                                  for j in range(LOSS_PARTS)), config.grid_stride)
+            i, negative = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
             trial = -negative
         if trial < value:
             scale = base * alphas[i]
