@@ -55,12 +55,17 @@ ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "e
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
     """A row is ``method+option+...``: ``reparam``, ``gptq``, ``bc`` (bias correction), ``pearson`` (PTQ-ViT's
     similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
-    ``B`` bits: give such rows as bit-width 8); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
+    ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` (that mixed-precision sensitivity instead of
+    the default), ``images<N>`` (sensitivities on N images); ``all`` is NoisyQuant with reparam, GPTQ and bias
+    correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
                                bias_correction="bc" in parts, bits_budget=budget,
+                               mixed_sensitivity=next((p for p in parts if p in ("joint", "nuclear", "output")),
+                                                      nq_onnx.QuantConfig.mixed_sensitivity),
+                               mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),
                                search=nq_onnx.SearchConfig(objective="pearson" if "pearson" in parts else "cosine",
                                                            ranking_loss=0.1 if "rank" in parts else 0.0))
 
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         results["rows"] = previous["rows"]
         results["invocations"] = previous.get("invocations", [previous["started"]])
+        results |= {k: v for k, v in previous.items() if k.startswith("latency")}  # timed rows keep their times
     results.setdefault("invocations", []).append(results["started"])
     plan = [(int(b), r.split(",")) for b, r in (item.split("=") for item in args.set)] or \
         [(int(b), args.rows.split(",")) for b in args.bits.split(",")]

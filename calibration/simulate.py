@@ -29,13 +29,15 @@ from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
 def _names(group: str) -> dict[str, str]:
-    return {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
+    names = {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
+    return names | {"lo": f"sim/{group}/code_lo", "hi": f"sim/{group}/code_hi"}  # fed code ranges (fed_codes)
 
 
 def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset(),
-                     quantizers: dict | None = None) -> onnx.ModelProto:
+                     quantizers: dict | None = None, fed_codes: bool = False) -> onnx.ModelProto:
     """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``); ``quantizers`` gives a group
-    another quantizer (a twin-uniform one) by name."""
+    another quantizer (a twin-uniform one) by name. With ``fed_codes`` every uniform group's code range ``[lo,
+    hi]`` is a graph input too (``sim/<group>/lo``, ``.../hi``), so one model simulates any width per group."""
     graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
@@ -50,6 +52,11 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
         chosen = gs.Variable(f"sim/{group.name}/t5", dtype=np.float32)
         quantizer = (quantizers or {}).get(group.name) or ActQuantizer(a_bits, group.name not in unsigned)
         quantize, fake = quantizer.simulate(f"sim/{group.name}", noisy, scale)
+        if fed_codes and isinstance(quantizer, ActQuantizer):
+            clip = next(node for node in quantize if node.op == "Clip")
+            for index, key in ((1, "lo"), (2, "hi")):
+                clip.inputs[index] = gs.Variable(names[key], dtype=np.float32, shape=[])
+                graph.inputs.append(clip.inputs[index])
         graph.nodes += [gs.Node("Add", inputs=[x, noise], outputs=[noisy]), *quantize,
                         gs.Node("Where", inputs=[on, fake, x], outputs=[chosen])]
         for name in group.consumers:
@@ -196,31 +203,50 @@ class Simulator:
 
 def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
                          inputs: dict[str, np.ndarray], unsigned: frozenset[str],
-                         steps: dict[str, dict[int, float]], choices: tuple[int, ...]) -> dict[str, dict[int, float]]:
-    """Per group and bit-width ``b``: the mean squared error of the model's first output when that group alone
-    is quantized at ``b`` bits (its input with the step ``steps[group][b]``, its layers' weights MinMax) and
-    everything else stays float, on ``inputs``. One simulation model per width; one forward pass per group and
-    width."""
-    out: dict[str, dict[int, float]] = {g.name: {} for g in layers.groups}
-    reference = None
-    for bits in choices:
-        sim = build_simulation(model, layers, bits, unsigned)
-        sess = session(carry_source_dir(model, sim), optimize=False)
-        name = sess.get_outputs()[0].name
-        feeds = dict(inputs) | float_feeds(layers, float_weights)
-        if reference is None:
-            reference = sess.run([name], feeds)[0].astype(np.float64)
+                         steps: dict[str, dict[int, float]], choices: tuple[int, ...],
+                         base: int | None = None) -> dict[str, dict[int, float]]:
+    """Per group and bit-width ``b``: the mean squared error of the model's first output against the float
+    model's, on ``inputs``, with that group quantized at ``b`` bits (its input with the step ``steps[group][b]``,
+    its layers' weights MinMax).
+
+    With ``base = None`` every other group stays float: the group's error alone. With a ``base`` width every
+    other group is quantized at ``base`` bits too (the operating point of the uniform model at that width), and
+    the figure is the change from that model's error, ``MSE(group at b, the rest at base) - MSE(all at base)``
+    (0 at ``b = base``, negative where a wider group helps): a narrow group's error adds to the errors the others
+    already make, which its error alone does not show. One simulation model with each group's code range fed
+    (:func:`build_simulation`), one forward pass per group and width."""
+    sim = build_simulation(model, layers, max(choices), unsigned, fed_codes=True)
+    sess = session(carry_source_dir(model, sim), optimize=False)
+    name = sess.get_outputs()[0].name
+    floats = dict(inputs) | float_feeds(layers, float_weights)
+    for group in layers.groups:
+        names, (lo, hi) = _names(group.name), ActQuantizer(max(choices), group.name not in unsigned).code_range
+        floats[names["lo"]], floats[names["hi"]] = np.array(lo, np.float32), np.array(hi, np.float32)
+    reference = sess.run([name], floats)[0].astype(np.float64)
+
+    def quantized(group, bits: int) -> dict[str, np.ndarray]:
+        names = _names(group.name)
+        lo, hi = ActQuantizer(bits, group.name not in unsigned).code_range
+        feeds = {names["scale"]: np.array(steps[group.name][bits], np.float32), names["on"]: np.array(True),
+                 names["lo"]: np.array(lo, np.float32), names["hi"]: np.array(hi, np.float32)}
+        for consumer in group.consumers:
+            if layers.layer(consumer).kind != ACT_MATMUL:
+                w, weight = WeightQuantizer(bits), float_weights[consumer]
+                feeds[f"sim/{consumer}/weight"] = w.fake_quant(weight, w.minmax_scales(weight))
+        return feeds
+
+    def mse(feeds: dict[str, np.ndarray]) -> float:
+        return float(np.mean((sess.run([name], feeds)[0].astype(np.float64) - reference) ** 2))
+
+    if base is not None and base not in choices:
+        raise ValueError(f"the operating point's width {base} is not one of {choices}")
+    start = dict(floats)
+    if base is not None:
         for group in layers.groups:
-            names = _names(group.name)
-            trial = dict(feeds)
-            trial[names["scale"]] = np.array(steps[group.name][bits], np.float32)
-            trial[names["on"]] = np.array(True)
-            for consumer in group.consumers:
-                spec = layers.layer(consumer)
-                if spec.kind != ACT_MATMUL:
-                    w = WeightQuantizer(bits)
-                    trial[f"sim/{consumer}/weight"] = w.fake_quant(float_weights[consumer],
-                                                                   w.minmax_scales(float_weights[consumer]))
-            y = sess.run([name], trial)[0].astype(np.float64)
-            out[group.name][bits] = float(np.mean((y - reference) ** 2))
+            start |= quantized(group, base)
+    floor = 0.0 if base is None else mse(start)
+    out: dict[str, dict[int, float]] = {}
+    for group in layers.groups:
+        out[group.name] = {bits: 0.0 if bits == base else mse(start | quantized(group, bits)) - floor
+                           for bits in choices}
     return out

@@ -66,9 +66,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
                    help="mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "
                         "activation-count-weighted average at most BITS")
-    p.add_argument("--mixed-sensitivity", choices=["output", "nuclear"], default="output",
+    p.add_argument("--mixed-sensitivity", choices=["output", "joint", "nuclear"], default="output",
                    help="how --bits-budget rates a group: the model output's error with the group alone quantized "
-                        "(default), or PTQ-ViT's nuclear-norm-weighted error of the outputs it feeds")
+                        "(default); joint: its change when the group's width moves with every other group at the "
+                        "budget's uniform width; or PTQ-ViT's nuclear-norm-weighted error of the outputs it feeds")
+    p.add_argument("--mixed-images", type=int, default=1, metavar="N",
+                   help="calibration images the output and joint sensitivities are measured on (default 1; the "
+                        "sensitivity pass's time grows with N)")
     p.add_argument(
         "--method",
         default="noisyquant",
@@ -293,6 +297,7 @@ def _config_from(args) -> QuantConfig:
         bias_correction=args.bias_correction,
         bits_budget=args.bits_budget,
         mixed_sensitivity=args.mixed_sensitivity,
+        mixed_images=args.mixed_images,
         search=search,
     )
 
@@ -324,6 +329,7 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "bias_correction",
             "bits_budget",
             "mixed_sensitivity",
+            "mixed_images",
         )
         if getattr(args, name) != parser_defaults.get(name)
     ]

@@ -70,11 +70,14 @@ class MixedSensitivity(str, enum.Enum):
     """How mixed precision (``bits_budget``) measures a group's sensitivity to its bit-width (:mod:`nq_onnx.mixed`).
 
     ``output`` (default): the model output's MSE with that group alone MinMax-quantized, one forward pass per group
-    and width. ``nuclear``: PTQ-ViT's per-module ``||Y||_* ||Y(b) - Y||^2`` of the outputs the group feeds (cheaper,
-    but on the real ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
+    and width. ``joint``: the change of that MSE when the group's width moves with every other group quantized at
+    the budget's uniform width (the operating point the assignment departs from), as many passes. ``nuclear``:
+    PTQ-ViT's per-module ``||Y||_* ||Y(b) - Y||^2`` of the outputs the group feeds (cheaper, but on the real
+    ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
     """
 
     OUTPUT = "output"
+    JOINT = "joint"
     NUCLEAR = "nuclear"
 
 
@@ -214,6 +217,7 @@ class QuantConfig:
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
     bits_budget: float | None = None
     mixed_sensitivity: MixedSensitivity = MixedSensitivity.OUTPUT
+    mixed_images: int = 1  # calibration images the output / joint sensitivities are measured on
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
@@ -232,6 +236,8 @@ class QuantConfig:
                 raise ConfigError("bits-budget needs a searched method (easyquant, noisyquant, ...), not minmax")
             if (self.w_bits, self.a_bits) != (8, 8):
                 raise ConfigError("bits-budget chooses every layer's bits: leave w-bits and a-bits at 8")
+        if self.mixed_images < 1:
+            raise ConfigError(f"mixed-images must be at least 1, got {self.mixed_images}")
         if self.calib_size < 1:
             raise ConfigError(f"calib-size must be at least 1, got {self.calib_size}")
         if self.batch_size < 1:

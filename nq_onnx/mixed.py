@@ -3,8 +3,9 @@
 A *module* here is one activation group: its input tensor and the layers that read it (their weights take the
 group's bit-width too, so a module is ``WbAb``). Its sensitivity at ``b`` bits is by default the model output's
 MSE with that module alone quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`: weights MinMax,
-the input at the multiple of its MinMax step with the least squared error, as the searches clip), or
-PTQ-ViT's (``QuantConfig.mixed_sensitivity = "nuclear"``) ::
+the input at the multiple of its MinMax step with the least squared error, as the searches clip; on
+``QuantConfig.mixed_images`` calibration images), its change from the uniform model at the budget's width
+(``mixed_sensitivity = "joint"``), or PTQ-ViT's (``"nuclear"``) ::
 
     Omega_i(b) = sum_l ||Y_l||_* * ||Y_l(b) - Y_l||_F^2
 
@@ -53,6 +54,11 @@ def average_bits(modules: list[Module], bits: dict[str, int]) -> float:
     return sum(m.cost * bits[m.name] for m in modules) / total if total else 0.0
 
 
+def uniform_width(budget: float, choices: tuple[int, ...] = BIT_CHOICES) -> int:
+    """The widest choice a uniform model can take within ``budget``."""
+    return max(b for b in choices if b <= budget * (1 + 1e-12))
+
+
 RESOLUTION = 4096  # cost units per average bit in the assignment's knapsack
 
 
@@ -77,7 +83,7 @@ def assign_bits(modules: list[Module], budget: float, choices: tuple[int, ...] =
         bits = _knapsack(modules, weights, capacity, choices)
         if bits is not None and sum(m.cost * bits[m.name] for m in modules) <= limit:
             break
-    uniform = dict.fromkeys(bits or (m.name for m in modules), max(b for b in choices if b <= budget))
+    uniform = dict.fromkeys(bits or (m.name for m in modules), uniform_width(budget, choices))
     if bits is None or _total(modules, uniform) < _total(modules, bits):
         bits = uniform
     return _fill(modules, bits, limit, choices)

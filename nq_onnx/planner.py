@@ -25,7 +25,7 @@ from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator, output_sensitivities
 from nq_onnx.config import MixedSensitivity, QuantConfig, SearchConfig
-from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity
+from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity, uniform_width
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
@@ -48,7 +48,6 @@ SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sen
 SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
 SENSITIVITY_SLICES = 8  # per-head product maps per attention matmul's sensitivity
 CLIP_VALUES = 1 << 18  # float values per group choosing the mixed-precision sensitivities' clipped steps
-OUTPUT_SENSITIVITY_IMAGES = 1  # images of the model-output sensitivities (a forward pass per group and width)
 
 
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
@@ -283,11 +282,14 @@ class SearchPlanner:
         images = min(self._fit, SENSITIVITY_IMAGES)
         feeds = {k: v[:images] for k, v in inputs.items()}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
-        if self.config.mixed_sensitivity == MixedSensitivity.OUTPUT:
+        if self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
             steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
-            one = {k: v[:OUTPUT_SENSITIVITY_IMAGES] for k, v in inputs.items()}
+            one = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+            base = None
+            if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
+                base = uniform_width(self.config.bits_budget, BIT_CHOICES)
             sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, steps,
-                                               BIT_CHOICES)
+                                               BIT_CHOICES, base)
         else:
             sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
         self._modules = {}

@@ -262,6 +262,7 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--grid-stride", "0", "search.grid_stride must be at least 1"),
     ("--screen-tokens", "-1", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
     ("--screen-keep", "0", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
+    ("--mixed-images", "0", "mixed-images must be at least 1, got 0"),
     ("--bits-budget", "3", "bits-budget must be between 4 and 8 (average bits), got 3"),
     ("--bits-budget", "six", "invalid float value: 'six'"),
     ("--mixed-sensitivity", "hessian", "invalid choice: 'hessian'"),
@@ -277,7 +278,8 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
     ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
     ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq"),
-    ("mixed_sensitivity", "hessian", "unknown mixed-precision sensitivity 'hessian'; choose one of output, nuclear"),
+    ("mixed_sensitivity", "hessian",
+     "unknown mixed-precision sensitivity 'hessian'; choose one of output, joint, nuclear"),
     ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant, ptq4vit, "
                        "noisyquant-ptq4vit"),
 ])

@@ -183,3 +183,48 @@ def test_output_sensitivity_is_the_model_output_error_with_one_group_quantized()
         assert got[g_in][bits] == pytest.approx(np.mean((first - y) ** 2), rel=1e-3)
         assert got[g_hidden][bits] == pytest.approx(np.mean((second - y) ** 2), rel=1e-3)
     assert got[g_in][4] > got[g_in][8] and got[g_hidden][4] > got[g_hidden][8]
+
+
+def test_operating_point_sensitivity_is_the_change_from_the_uniform_model():
+    """With ``base = 6``, each group's value at width ``b`` is the model output's MSE (numpy) with that group at
+    ``b`` bits and the other at 6, minus the MSE with both at 6: 0 at 6, below 0 at 8, above 0 at 4."""
+    import onnx_graphsurgeon as gs
+    from conftest import mlp_model
+
+    from nq_onnx.calibration.simulate import output_sensitivities
+    from nq_onnx.passes.find_layers import find_layers
+    from nq_onnx.planner import float_weights
+
+    rng = np.random.default_rng(11)
+    model = mlp_model(rng)
+    graph = gs.import_onnx(model)
+    layers = find_layers(graph)
+    weights = float_weights(graph, layers)
+    consts = {n: t.values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
+    w1, b1, w2, b2 = (consts[n].astype(np.float64) for n in ("fc1.w", "fc1.b", "fc2.w", "fc2.b"))
+    hidden = np.maximum(x @ w1 + b1, 0)
+    y = hidden @ w2 + b2
+    g_in, g_hidden = layers.group_of("x").name, layers.group_of("h2").name
+    steps = {g_in: {b: 0.9 * ActQuantizer(b, True).minmax_scale(float(np.abs(x).max())) for b in BIT_CHOICES},
+             g_hidden: {b: ActQuantizer(b, False).minmax_scale(float(hidden.max())) for b in BIT_CHOICES}}
+    got = output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES, base=6)
+
+    def fq_w(w, bits):
+        q = WeightQuantizer(bits)
+        return q.fake_quant(w.astype(np.float32), q.minmax_scales(w.astype(np.float32))).astype(np.float64)
+
+    def output_mse(b_in, b_hidden):
+        x_q = ActQuantizer(b_in, True).fake_quant(x, np.float32(steps[g_in][b_in]))
+        h = np.maximum(x_q @ fq_w(w1, b_in) + b1, 0).astype(np.float32)
+        h_q = ActQuantizer(b_hidden, False).fake_quant(h, np.float32(steps[g_hidden][b_hidden]))
+        return np.mean((h_q @ fq_w(w2, b_hidden) + b2 - y) ** 2)
+
+    floor = output_mse(6, 6)
+    for bits in BIT_CHOICES:
+        assert got[g_in][bits] == pytest.approx(output_mse(bits, 6) - floor, rel=2e-3, abs=1e-9 * floor)
+        assert got[g_hidden][bits] == pytest.approx(output_mse(6, bits) - floor, rel=2e-3, abs=1e-9 * floor)
+    assert got[g_in][6] == got[g_hidden][6] == 0.0
+    assert got[g_in][8] < 0 < got[g_in][4] and got[g_hidden][8] < 0 < got[g_hidden][4]
+    with pytest.raises(ValueError, match="width 7"):
+        output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES, base=7)
