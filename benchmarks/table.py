@@ -272,6 +272,7 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "ptq4vit": "PTQ4ViT (twin-uniform)", "noisyquant-ptq4vit": "NoisyQuant-PTQ4ViT (twin-uniform)",
              "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam",
              "noisyquant-ptq4vit+reparam+bc": "NoisyQuant-PTQ4ViT + reparam + bias correction",
+             "noisyquant-ptq4vit+reparam+gptq+bc": "NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction",
              "easyquant+pearson+rank+bc": "PTQ-ViT (Pearson + ranking loss + bias correction)",
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
 

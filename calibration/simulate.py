@@ -215,6 +215,8 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
     (0 at ``b = base``, negative where a wider group helps): a narrow group's error adds to the errors the others
     already make, which its error alone does not show. One simulation model with each group's code range fed
     (:func:`build_simulation`), one forward pass per group and width."""
+    if base is not None and base not in choices:
+        raise ValueError(f"the operating point's width {base} is not one of {choices}")
     sim = build_simulation(model, layers, max(choices), unsigned, fed_codes=True)
     sess = session(carry_source_dir(model, sim), optimize=False)
     name = sess.get_outputs()[0].name
@@ -238,8 +240,6 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
     def mse(feeds: dict[str, np.ndarray]) -> float:
         return float(np.mean((sess.run([name], feeds)[0].astype(np.float64) - reference) ** 2))
 
-    if base is not None and base not in choices:
-        raise ValueError(f"the operating point's width {base} is not one of {choices}")
     start = dict(floats)
     if base is not None:
         for group in layers.groups:
