@@ -37,7 +37,8 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
                      quantizers: dict | None = None, fed_codes: bool = False) -> onnx.ModelProto:
     """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``); ``quantizers`` gives a group
     another quantizer (a twin-uniform one) by name. With ``fed_codes`` every uniform group's code range ``[lo,
-    hi]`` is a graph input too (``sim/<group>/lo``, ``.../hi``), so one model simulates any width per group."""
+    hi]`` is a graph input too (``sim/<group>/code_lo``, ``.../code_hi``), so one model simulates any width per
+    group."""
     graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}

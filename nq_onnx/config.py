@@ -71,9 +71,10 @@ class MixedSensitivity(str, enum.Enum):
 
     ``output`` (default): the model output's MSE with that group alone MinMax-quantized, one forward pass per group
     and width. ``joint``: the change of that MSE when the group's width moves with every other group quantized at
-    the budget's uniform width (the operating point the assignment departs from), as many passes. ``nuclear``:
-    PTQ-ViT's per-module ``||Y||_* ||Y(b) - Y||^2`` of the outputs the group feeds (cheaper, but on the real
-    ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
+    the budget's uniform width (the operating point the assignment departs from), as many passes; on the real
+    ViT-S/14 at a 6.0-bit budget it did worse (44.8 % top-1 against 60.0 %, ``benchmarks/results/mixed.json``).
+    ``nuclear``: PTQ-ViT's per-module ``||Y||_* ||Y(b) - Y||^2`` of the outputs the group feeds (cheaper, but on
+    the real ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
     """
 
     OUTPUT = "output"
