@@ -104,8 +104,10 @@ def test_budget_settings_are_checked():
         QuantConfig(bits_budget=6.0, method="minmax")
 
 
-@pytest.mark.parametrize("method,sensitivity", [("noisyquant", "output"), ("noisyquant-ptq4vit", "nuclear")])
-def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method, sensitivity, tmp_path, photo_folder):
+@pytest.mark.parametrize("method,sensitivity,images",
+                         [("noisyquant", "output", 1), ("noisyquant-ptq4vit", "nuclear", 1), ("easyquant", "joint", 2)])
+def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method, sensitivity, images, tmp_path,
+                                                                         photo_folder):
     """A 2-block ViT under a 6.0-bit budget: groups take more than one width, the plan's cost-weighted average is
     at most 6.0 and the summary says it, every layer's stored weight codes have exactly its planned width, every
     matmul runs as an integer kernel, and re-applying the saved plan gives the same model bytes."""
@@ -118,8 +120,8 @@ def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method,
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10)
-    config = QuantConfig(method=method, bits_budget=6.0, mixed_sensitivity=sensitivity, calib_size=12,
-                         search=SearchConfig(tokens=256))
+    config = QuantConfig(method=method, bits_budget=6.0, mixed_sensitivity=sensitivity, mixed_images=images,
+                         calib_size=12, search=SearchConfig(tokens=256))
     result = convert(path, tmp_path / "q.onnx", photo_folder, config, evaluate=False, save_plan=tmp_path / "p.json")
     plan = result.plan
     widths = {g.bits for g in plan.groups.values()}
