@@ -56,10 +56,13 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     """A row is ``method+option+...``: ``reparam``, ``gptq``, ``bc`` (bias correction), ``pearson`` (PTQ-ViT's
     similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
     ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` (that mixed-precision sensitivity instead of
-    the default), ``images<N>`` (sensitivities on N images); ``all`` is NoisyQuant with reparam, GPTQ and bias
+    the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the
+    searches fit on N images, 128 token rows each: default 8); ``all`` is NoisyQuant with reparam, GPTQ and bias
     correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
+    images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
+    fit = {"search_images": images, "tokens": 128 * images} if images else {}
     return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
                                bias_correction="bc" in parts, bits_budget=budget,
@@ -67,7 +70,7 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
                                                       nq_onnx.QuantConfig.mixed_sensitivity),
                                mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),
                                search=nq_onnx.SearchConfig(objective="pearson" if "pearson" in parts else "cosine",
-                                                           ranking_loss=0.1 if "rank" in parts else 0.0))
+                                                           ranking_loss=0.1 if "rank" in parts else 0.0, **fit))
 
 
 def main(argv: list[str] | None = None) -> int:

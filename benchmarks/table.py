@@ -273,6 +273,7 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam",
              "noisyquant-ptq4vit+reparam+bc": "NoisyQuant-PTQ4ViT + reparam + bias correction",
              "noisyquant-ptq4vit+reparam+gptq+bc": "NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction",
+             "noisyquant-ptq4vit+reparam+fit16": "NoisyQuant-PTQ4ViT + reparam, searches on 16 images",
              "easyquant+pearson+rank+bc": "PTQ-ViT (Pearson + ranking loss + bias correction)",
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
 
@@ -305,7 +306,7 @@ def methods_markdown(results: dict, source) -> str:
         lines.append(f"| W{bits}A{bits} | {ROW_LABEL.get(e['row'], e['row'])} | {100 * top1:.2f} | "
                      f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |" + ms(name))
     settings = results["settings"]
-    lines += ["", methods_findings(rows, fp32)]
+    lines += ["", methods_findings(rows, fp32, images)]
     if timed:
         runs = latency["fp32"].get("runs", "?")
         lines += ["", f"Batch-8 latency: median of {runs} interleaved runs per model, onnxruntime CPU EP, 2 threads "
@@ -334,8 +335,12 @@ def overhead_markdown(data: dict, source) -> str:
             f"({pct(b1, 'folded')} at batch 1). {cpu_line(data)}")
 
 
-def methods_findings(rows: dict, fp32: float) -> str:
-    """The issue's goals and comparisons, computed from the rows that exist."""
+GOAL_IMAGES = 2000  # the CIFAR-10 images the accuracy goals are stated on
+
+
+def methods_findings(rows: dict, fp32: float, images: int = GOAL_IMAGES) -> str:
+    """The issue's goals and comparisons, computed from the rows that exist; on fewer images than the goals are
+    stated on, a verdict is the sample's only."""
     def get(name):
         return rows.get(name)
 
@@ -364,7 +369,11 @@ def methods_findings(rows: dict, fp32: float) -> str:
         if eq and gptq:
             ratio = gptq["imagenet_heldout"]["mse"] / eq["imagenet_heldout"]["mse"]
             out.append(f"W{bits}A{bits} GPTQ on EasyQuant: {ratio:.3f}x EasyQuant's held-out MSE")
-    return "Goals and comparisons: " + "; ".join(out) + "." if out else ""
+    if not out:
+        return ""
+    sample = "" if images >= GOAL_IMAGES else (f" (top-1 verdicts on these {images} images; the goals are stated "
+                                                f"on {GOAL_IMAGES})")
+    return f"Goals and comparisons{sample}: " + "; ".join(out) + "."
 
 
 COST_BEGIN, COST_END = "<!-- compile-cost:begin -->", "<!-- compile-cost:end -->"
