@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -145,82 +146,79 @@ def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method,
     assert Plan.load(tmp_path / "p.json").groups.keys() == again.plan.groups.keys()
 
 
-def test_output_sensitivity_is_the_model_output_error_with_one_group_quantized():
-    """``output_sensitivities`` on x -> fc1 -> Relu -> fc2: each group's value at each width equals the model
-    output's MSE computed in numpy with that group alone MinMax-quantized (its input and its layer's weights)."""
+def _mlp_case(seed: int) -> SimpleNamespace:
+    """x -> fc1 -> Relu -> fc2 (``conftest.mlp_model``) with its layers, float weights (float64 copies ``w1, b1,
+    w2, b2``), an input ``x``, the float ``hidden`` and output ``y``, and its two groups' names."""
     import onnx_graphsurgeon as gs
     from conftest import mlp_model
 
-    from nq_onnx.calibration.simulate import output_sensitivities
     from nq_onnx.passes.find_layers import find_layers
     from nq_onnx.planner import float_weights
 
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     model = mlp_model(rng)
     graph = gs.import_onnx(model)
     layers = find_layers(graph)
-    weights = float_weights(graph, layers)
     consts = {n: t.values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     x = rng.standard_normal((2, 5, 12)).astype(np.float32)
     w1, b1, w2, b2 = (consts[n].astype(np.float64) for n in ("fc1.w", "fc1.b", "fc2.w", "fc2.b"))
     hidden = np.maximum(x @ w1 + b1, 0)
-    y = hidden @ w2 + b2
-    g_in, g_hidden = layers.group_of("x").name, layers.group_of("h2").name
-    absmax = {g_in: float(np.abs(x).max()), g_hidden: float(hidden.max())}
+    return SimpleNamespace(model=model, layers=layers, weights=float_weights(graph, layers), x=x, w1=w1, b1=b1,
+                           w2=w2, b2=b2, hidden=hidden, y=hidden @ w2 + b2, g_in=layers.group_of("x").name,
+                           g_hidden=layers.group_of("h2").name)
+
+
+def _minmax_weight(w: np.ndarray, bits: int) -> np.ndarray:
+    """``w`` fake-quantized per channel at its MinMax steps, in float64."""
+    q = WeightQuantizer(bits)
+    return q.fake_quant(w.astype(np.float32), q.minmax_scales(w.astype(np.float32))).astype(np.float64)
+
+
+def test_output_sensitivity_is_the_model_output_error_with_one_group_quantized():
+    """``output_sensitivities`` on x -> fc1 -> Relu -> fc2: each group's value at each width equals the model
+    output's MSE computed in numpy with that group alone MinMax-quantized (its input and its layer's weights)."""
+    from nq_onnx.calibration.simulate import output_sensitivities
+
+    m = _mlp_case(7)
+    g_in, g_hidden = m.g_in, m.g_hidden
+    absmax = {g_in: float(np.abs(m.x).max()), g_hidden: float(m.hidden.max())}
     # the input at a clipped step (0.8 x MinMax), the hidden group at MinMax's
     steps = {g_in: {b: 0.8 * ActQuantizer(b, True).minmax_scale(absmax[g_in]) for b in BIT_CHOICES},
              g_hidden: {b: ActQuantizer(b, False).minmax_scale(absmax[g_hidden]) for b in BIT_CHOICES}}
-    got = output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES)
-
-    def fq_w(w, bits):
-        q = WeightQuantizer(bits)
-        return q.fake_quant(w.astype(np.float32), q.minmax_scales(w.astype(np.float32))).astype(np.float64)
+    got = output_sensitivities(m.model, m.layers, m.weights, {"x": m.x}, frozenset({g_hidden}), steps, BIT_CHOICES)
 
     for bits in BIT_CHOICES:
         signed, unsigned = ActQuantizer(bits, True), ActQuantizer(bits, False)
-        x_q = signed.fake_quant(x, np.float32(0.8 * signed.minmax_scale(absmax[g_in])))
-        first = np.maximum(x_q @ fq_w(w1, bits) + b1, 0) @ w2 + b2
-        h_q = unsigned.fake_quant(hidden.astype(np.float32), unsigned.minmax_scale(absmax[g_hidden]))
-        second = h_q @ fq_w(w2, bits) + b2
-        assert got[g_in][bits] == pytest.approx(np.mean((first - y) ** 2), rel=1e-3)
-        assert got[g_hidden][bits] == pytest.approx(np.mean((second - y) ** 2), rel=1e-3)
+        x_q = signed.fake_quant(m.x, np.float32(0.8 * signed.minmax_scale(absmax[g_in])))
+        first = np.maximum(x_q @ _minmax_weight(m.w1, bits) + m.b1, 0) @ m.w2 + m.b2
+        h_q = unsigned.fake_quant(m.hidden.astype(np.float32), unsigned.minmax_scale(absmax[g_hidden]))
+        second = h_q @ _minmax_weight(m.w2, bits) + m.b2
+        assert got[g_in][bits] == pytest.approx(np.mean((first - m.y) ** 2), rel=1e-3)
+        assert got[g_hidden][bits] == pytest.approx(np.mean((second - m.y) ** 2), rel=1e-3)
     assert got[g_in][4] > got[g_in][8] and got[g_hidden][4] > got[g_hidden][8]
 
 
 def test_operating_point_sensitivity_is_the_change_from_the_uniform_model():
     """With ``base = 6``, each group's value at width ``b`` is the model output's MSE (numpy) with that group at
     ``b`` bits and the other at 6, minus the MSE with both at 6: 0 at 6, below 0 at 8, above 0 at 4."""
-    import onnx_graphsurgeon as gs
-    from conftest import mlp_model
-
     from nq_onnx.calibration.simulate import output_sensitivities
-    from nq_onnx.passes.find_layers import find_layers
-    from nq_onnx.planner import float_weights
 
-    rng = np.random.default_rng(11)
-    model = mlp_model(rng)
-    graph = gs.import_onnx(model)
-    layers = find_layers(graph)
-    weights = float_weights(graph, layers)
-    consts = {n: t.values for n, t in graph.tensors().items() if isinstance(t, gs.Constant)}
-    x = rng.standard_normal((2, 5, 12)).astype(np.float32)
-    w1, b1, w2, b2 = (consts[n].astype(np.float64) for n in ("fc1.w", "fc1.b", "fc2.w", "fc2.b"))
-    hidden = np.maximum(x @ w1 + b1, 0)
-    y = hidden @ w2 + b2
-    g_in, g_hidden = layers.group_of("x").name, layers.group_of("h2").name
-    steps = {g_in: {b: 0.9 * ActQuantizer(b, True).minmax_scale(float(np.abs(x).max())) for b in BIT_CHOICES},
-             g_hidden: {b: ActQuantizer(b, False).minmax_scale(float(hidden.max())) for b in BIT_CHOICES}}
-    got = output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES, base=6)
+    m = _mlp_case(11)
+    g_in, g_hidden = m.g_in, m.g_hidden
+    steps = {g_in: {b: 0.9 * ActQuantizer(b, True).minmax_scale(float(np.abs(m.x).max())) for b in BIT_CHOICES},
+             g_hidden: {b: ActQuantizer(b, False).minmax_scale(float(m.hidden.max())) for b in BIT_CHOICES}}
 
-    def fq_w(w, bits):
-        q = WeightQuantizer(bits)
-        return q.fake_quant(w.astype(np.float32), q.minmax_scales(w.astype(np.float32))).astype(np.float64)
+    def sensitivities(base):
+        return output_sensitivities(m.model, m.layers, m.weights, {"x": m.x}, frozenset({g_hidden}), steps,
+                                    BIT_CHOICES, base=base)
+
+    got = sensitivities(6)
 
     def output_mse(b_in, b_hidden):
-        x_q = ActQuantizer(b_in, True).fake_quant(x, np.float32(steps[g_in][b_in]))
-        h = np.maximum(x_q @ fq_w(w1, b_in) + b1, 0).astype(np.float32)
+        x_q = ActQuantizer(b_in, True).fake_quant(m.x, np.float32(steps[g_in][b_in]))
+        h = np.maximum(x_q @ _minmax_weight(m.w1, b_in) + m.b1, 0).astype(np.float32)
         h_q = ActQuantizer(b_hidden, False).fake_quant(h, np.float32(steps[g_hidden][b_hidden]))
-        return np.mean((h_q @ fq_w(w2, b_hidden) + b2 - y) ** 2)
+        return np.mean((h_q @ _minmax_weight(m.w2, b_hidden) + m.b2 - m.y) ** 2)
 
     floor = output_mse(6, 6)
     for bits in BIT_CHOICES:
@@ -229,4 +227,4 @@ def test_operating_point_sensitivity_is_the_change_from_the_uniform_model():
     assert got[g_in][6] == got[g_hidden][6] == 0.0
     assert got[g_in][8] < 0 < got[g_in][4] and got[g_hidden][8] < 0 < got[g_hidden][4]
     with pytest.raises(ValueError, match="width 7"):
-        output_sensitivities(model, layers, weights, {"x": x}, frozenset({g_hidden}), steps, BIT_CHOICES, base=7)
+        sensitivities(7)
