@@ -52,12 +52,15 @@ ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "e
         "all", "ptq4vit", "noisyquant-ptq4vit")
 
 
+SENSITIVITIES = ("joint", "nuclear", "output", "searched")  # row options naming a mixed-precision sensitivity
+
+
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
     """A row is ``method+option+...``: ``reparam``, ``gptq``, ``bc`` (bias correction), ``pearson`` (PTQ-ViT's
     similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
-    ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` (that mixed-precision sensitivity instead of
-    the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the
-    searches fit on N images, 128 token rows each: default 8); ``all`` is NoisyQuant with reparam, GPTQ and bias
+    ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision
+    sensitivity instead of the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the searches fit on
+    N images, 128 token rows each: default 8); ``all`` is NoisyQuant with reparam, GPTQ and bias
     correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
@@ -66,7 +69,7 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
                                bias_correction="bc" in parts, bits_budget=budget,
-                               mixed_sensitivity=next((p for p in parts if p in ("joint", "nuclear", "output")),
+                               mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
                                                       nq_onnx.QuantConfig.mixed_sensitivity),
                                mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),
                                search=nq_onnx.SearchConfig(objective="pearson" if "pearson" in parts else "cosine",

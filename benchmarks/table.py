@@ -443,67 +443,7 @@ def cost_markdown(results: dict, source) -> str:
         f"ImageNet images no conversion saw. {cpu_line(results)} Source: `{source}`.")
 
 
-MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
 THEOREM_BEGIN, THEOREM_END = "<!-- theorem:begin -->", "<!-- theorem:end -->"
-
-
-def _mixed_lines(results: dict) -> dict[str, list[tuple[float, float, float, str]]]:
-    """Per line (method, uniform or mixed): ``(average bits, top-1, held-out MSE, row name)`` sorted by bits."""
-    lines: dict[str, list] = {}
-    for name, e in results["rows"].items():
-        method = e["row"].split("+")[0]
-        parts = e["row"].split("+")
-        notes = [f"{p} sensitivity" for p in parts if p in ("joint", "nuclear")]
-        notes += [f"sensitivities on {p[len('images'):]} images" for p in parts if p.startswith("images")]
-        kind = "mixed precision" + (f" ({', '.join(notes)})" if notes else "") if "+budget" in e["row"] else "uniform"
-        label = f"{ROW_LABEL.get(method, method)}, {kind}"
-        lines.setdefault(label, []).append((e["average_bits"], e["cifar"]["top1"], e["imagenet_heldout"]["mse"], name))
-    return {k: sorted(v) for k, v in sorted(lines.items())}
-
-
-def mixed_chart(results: dict, out: Path) -> None:
-    """Top-1 against average bits, one line per method (a PNG beside the results file)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for label, points in _mixed_lines(results).items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
-    ax.axhline(100 * results["fp32"]["cifar"]["top1"], color="grey", linestyle=":", label="FP32")
-    ax.set_xlabel("average bits (weights and activations, count-weighted)")
-    ax.set_ylabel(f"top-1 % ({results['settings']['cifar_per_class'] * 10} CIFAR-10)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, metadata={"Software": None})
-    plt.close(fig)
-
-
-def mixed_markdown(results: dict, source, chart) -> str:
-    """The mixed-precision table (``methods.py --name mixed``) and its chart."""
-    fp32 = results["fp32"]["cifar"]["top1"]
-    lines = ["| method | average bits | top-1 % | vs FP32 | held-out MSE | groups at 8/6/5/4 bits | convert s |",
-             "|---|---|---|---|---|---|---|"]
-    for label, points in _mixed_lines(results).items():
-        for bits, top1, mse, name in points:
-            e = results["rows"][name]
-            groups = "/".join(str(e.get("bits_groups", {}).get(str(b), 0)) for b in (8, 6, 5, 4))
-            groups = groups if e.get("bits_groups") else "-"
-            lines.append(f"| {label} | {bits:.2f} | {100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | "
-                         f"{groups} | {e['convert_s']:.0f} |")
-    rows = results["rows"]
-    mixed6, uniform6 = rows.get("noisyquant+budget6.0_w8a8"), rows.get("noisyquant_w6a6")
-    if mixed6 and uniform6:
-        gap = 100 * (mixed6["cifar"]["top1"] - uniform6["cifar"]["top1"])
-        lines += ["", f"Goal: at a 6.0-bit budget, mixed precision + NoisyQuant >= uniform W6A6 NoisyQuant + 3 points: "
-                      f"{'met' if gap >= 3 else '**missed**'} ({gap:+.2f} points; held-out MSE "
-                      f"{mixed6['imagenet_heldout']['mse'] / uniform6['imagenet_heldout']['mse']:.2f}x uniform's)."]
-    return "\n".join(lines) + (
-        f"\n\n![top-1 against average bits]({chart})\n\nFP32 {100 * fp32:.2f} %. "
-        f"{results['settings']['calib_size']} ImageNet calibration images, held-out MSE on "
-        f"{results['settings']['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}`.")
 
 
 def _replace_block(text: str, begin: str, end: str, body: str) -> str:
@@ -543,6 +483,13 @@ def update_readme(readme: Path) -> None:
         text = _replace_block(text, THEOREM_BEGIN, THEOREM_END, theorem_markdown(
             json.loads(theorem.read_text()), theorem.resolve().relative_to(root),
             (RESULTS / "theorem.png").resolve().relative_to(root)))
+    from table_mixed import ADDITIVITY_BEGIN, ADDITIVITY_END, MIXED_BEGIN, MIXED_END, additivity_markdown, \
+        mixed_chart, mixed_markdown
+
+    additivity = RESULTS / "mixed_additivity.json"
+    if additivity.exists():
+        text = _replace_block(text, ADDITIVITY_BEGIN, ADDITIVITY_END, additivity_markdown(
+            json.loads(additivity.read_text()), additivity.resolve().relative_to(root)))
     mixed = RESULTS / "mixed.json"
     if mixed.exists():
         data = json.loads(mixed.read_text())

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from nq_onnx.external_data import carry_source_dir
 from nq_onnx.calibration.runtime import session
 from nq_onnx.passes.base import import_graph
-from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
@@ -142,6 +142,11 @@ class Simulator:
         if noise is not None:
             self._feeds[names["noise"]] = noise.astype(np.float32)
 
+    @property
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The graph inputs the plan so far sets (steps, noise, fake-quantized weights, deltas), a copy."""
+        return dict(self._feeds)
+
     def set_layer(self, name: str, fake_weight: np.ndarray, delta: np.ndarray | None) -> None:
         self._feeds[f"sim/{name}/weight"] = fake_weight.astype(np.float32)
         if delta is not None:
@@ -218,36 +223,99 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
     (:func:`build_simulation`), one forward pass per group and width."""
     if base is not None and base not in choices:
         raise ValueError(f"the operating point's width {base} is not one of {choices}")
-    sim = build_simulation(model, layers, max(choices), unsigned, fed_codes=True)
-    sess = session(carry_source_dir(model, sim), optimize=False)
-    name = sess.get_outputs()[0].name
-    floats = dict(inputs) | float_feeds(layers, float_weights)
-    for group in layers.groups:
-        names, (lo, hi) = _names(group.name), ActQuantizer(max(choices), group.name not in unsigned).code_range
-        floats[names["lo"]], floats[names["hi"]] = np.array(lo, np.float32), np.array(hi, np.float32)
-    reference = sess.run([name], floats)[0].astype(np.float64)
 
     def quantized(group, bits: int) -> dict[str, np.ndarray]:
-        names = _names(group.name)
-        lo, hi = ActQuantizer(bits, group.name not in unsigned).code_range
-        feeds = {names["scale"]: np.array(steps[group.name][bits], np.float32), names["on"]: np.array(True),
-                 names["lo"]: np.array(lo, np.float32), names["hi"]: np.array(hi, np.float32)}
+        feeds = {}
         for consumer in group.consumers:
             if layers.layer(consumer).kind != ACT_MATMUL:
                 w, weight = WeightQuantizer(bits), float_weights[consumer]
                 feeds[f"sim/{consumer}/weight"] = w.fake_quant(weight, w.minmax_scales(weight))
+        names = _names(group.name)
+        return feeds | {names["scale"]: np.array(steps[group.name][bits], np.float32), names["on"]: np.array(True)}
+
+    sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(choices), quantized)
+    return sim.sensitivities(choices, base)
+
+
+def searched_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
+                           inputs: dict[str, np.ndarray], unsigned: frozenset[str],
+                           searched: dict[int, dict[str, np.ndarray]], base: int) -> dict[str, dict[int, float]]:
+    """Per group and bit-width ``b``: ``MSE(group at b, the rest at base) - MSE(all at base)`` of the model's
+    first output against the float model's, on ``inputs``, where "at ``b``" is what the uniform search at ``b``
+    bits chose for that group (``searched[b]``: a finished :class:`Simulator`'s feeds, :attr:`Simulator.feeds`):
+    its step, noise, its layers' fake-quantized weights and denoising deltas. The searched quantizers, not MinMax
+    ones, are what the mixed model will run, so a wider group's figure is the gain the search leaves room for.
+    Uniform activation quantizers only (a twin-uniform quantizer's constants depend on its width)."""
+    if base not in searched:
+        raise ValueError(f"the operating point's width {base} is not one of {sorted(searched)}")
+
+    sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(searched),
+                          searched_feeds(layers, searched))
+    return sim.sensitivities(tuple(sorted(searched)), base)
+
+
+def searched_feeds(layers: Layers, searched: dict[int, dict[str, np.ndarray]]):
+    """``quantized(group, bits)`` for :class:`WidthSimulation`: the group's feeds from ``searched[bits]`` (a finished
+    :class:`Simulator`'s :attr:`~Simulator.feeds`): step, noise, its layers' fake-quantized weights and deltas."""
+
+    def quantized(group, bits: int) -> dict[str, np.ndarray]:
+        names = _names(group.name)
+        keys = [names[k] for k in ("noise", "scale", "on")]
+        for consumer in group.consumers:
+            if layers.layer(consumer).kind != ACT_MATMUL:
+                keys += [f"sim/{consumer}/weight", f"sim/{consumer}/delta"]
+        return {k: searched[bits][k] for k in keys}
+
+    return quantized
+
+
+class WidthSimulation:
+    """The model's first output with any width per group: one simulation with fed code ranges
+    (:func:`build_simulation`), run on ``inputs`` in batches of ``BATCH`` images; a group's feeds at ``b`` bits are
+    ``quantized(group, b)`` plus its code range. The float model's output on the same inputs is the reference."""
+
+    BATCH = 8
+
+    def __init__(self, model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
+                 inputs: dict[str, np.ndarray], unsigned: frozenset[str], max_bits: int, quantized) -> None:
+        self.layers, self.unsigned, self.inputs, self.quantized = layers, unsigned, inputs, quantized
+        sim = build_simulation(model, layers, max_bits, unsigned, fed_codes=True)
+        self._sess = session(carry_source_dir(model, sim), optimize=False)
+        self._name = self._sess.get_outputs()[0].name
+        self.floats = float_feeds(layers, float_weights)
+        for group in layers.groups:
+            names, (lo, hi) = _names(group.name), ActQuantizer(max_bits, group.name not in unsigned).code_range
+            self.floats[names["lo"]], self.floats[names["hi"]] = np.array(lo, np.float32), np.array(hi, np.float32)
+        self.reference = self.run(self.floats)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        images = len(next(iter(self.inputs.values())))
+        return np.concatenate([
+            self._sess.run([self._name], feeds | {k: v[i: i + self.BATCH] for k, v in self.inputs.items()})[0]
+            for i in range(0, images, self.BATCH)]).astype(np.float64)
+
+    def feeds(self, bits: dict[str, int]) -> dict[str, np.ndarray]:
+        """Every group named in ``bits`` at its width, the others float."""
+        feeds = dict(self.floats)
+        for group in self.layers.groups:
+            if group.name in bits:
+                feeds |= self.group_feeds(group, bits[group.name])
         return feeds
 
-    def mse(feeds: dict[str, np.ndarray]) -> float:
-        return float(np.mean((sess.run([name], feeds)[0].astype(np.float64) - reference) ** 2))
+    def group_feeds(self, group: GroupSpec, bits: int) -> dict[str, np.ndarray]:
+        names = _names(group.name)
+        lo, hi = ActQuantizer(bits, group.name not in self.unsigned).code_range
+        return self.quantized(group, bits) | {names["lo"]: np.array(lo, np.float32),
+                                              names["hi"]: np.array(hi, np.float32)}
 
-    start = dict(floats)
-    if base is not None:
-        for group in layers.groups:
-            start |= quantized(group, base)
-    floor = 0.0 if base is None else mse(start)
-    out: dict[str, dict[int, float]] = {}
-    for group in layers.groups:
-        out[group.name] = {bits: 0.0 if bits == base else mse(start | quantized(group, bits)) - floor
-                           for bits in choices}
-    return out
+    def mse(self, feeds: dict[str, np.ndarray]) -> float:
+        return float(np.mean((self.run(feeds) - self.reference) ** 2))
+
+    def sensitivities(self, choices: tuple[int, ...], base: int | None) -> dict[str, dict[int, float]]:
+        """The output MSE of every (group, width) in ``choices`` with every other group at ``base`` (float: ``base
+        = None``), less the MSE with every group there."""
+        groups = self.layers.groups
+        start = self.feeds({} if base is None else dict.fromkeys((g.name for g in groups), base))
+        floor = 0.0 if base is None else self.mse(start)
+        return {g.name: {bits: 0.0 if bits == base else self.mse(start | self.group_feeds(g, bits)) - floor
+                         for bits in choices} for g in groups}

@@ -12,6 +12,7 @@ from nq_onnx._version import __version__
 from nq_onnx.config import (
     SUPPORTED_BITS,
     Method,
+    MixedSensitivity,
     NoiseMode,
     Objective,
     QuantConfig,
@@ -66,13 +67,15 @@ def _add_convert(sub) -> None:
     p.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
                    help="mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "
                         "activation-count-weighted average at most BITS")
-    p.add_argument("--mixed-sensitivity", choices=["output", "joint", "nuclear"], default="output",
+    p.add_argument("--mixed-sensitivity", choices=[m.value for m in MixedSensitivity], default="output",
                    help="how --bits-budget rates a group: the model output's error with the group alone quantized "
                         "(default); joint: its change when the group's width moves with every other group at the "
-                        "budget's uniform width; or PTQ-ViT's nuclear-norm-weighted error of the outputs it feeds")
+                        "budget's uniform width; searched: as joint, with the quantizers the method's uniform search "
+                        "at each width chose (a search per width: about 5x the time); or PTQ-ViT's "
+                        "nuclear-norm-weighted error of the outputs it feeds")
     p.add_argument("--mixed-images", type=int, default=1, metavar="N",
-                   help="calibration images the output and joint sensitivities are measured on (default 1; the "
-                        "sensitivity pass's time grows with N)")
+                   help="calibration images the output, joint and searched sensitivities are measured on (default 1; "
+                        "the sensitivity pass's time grows with N)")
     p.add_argument(
         "--method",
         default="noisyquant",

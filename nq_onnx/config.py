@@ -75,11 +75,15 @@ class MixedSensitivity(str, enum.Enum):
     ViT-S/14 at a 6.0-bit budget it did worse (44.8 % top-1 against 60.0 %, ``benchmarks/results/mixed.json``).
     ``nuclear``: PTQ-ViT's per-module ``||Y||_* ||Y(b) - Y||^2`` of the outputs the group feeds (cheaper, but on
     the real ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
+    ``searched``: as ``joint``, but each group at each width takes what the method's own uniform search at that
+    width chose for it (step, noise, rounded weights), not MinMax: one full search per width (4, 5, 6 and 8
+    bits) before the mixed one, so about five times the search's time. Uniform activation quantizers only.
     """
 
     OUTPUT = "output"
     JOINT = "joint"
     NUCLEAR = "nuclear"
+    SEARCHED = "searched"
 
 
 class WeightDtype(str, enum.Enum):
@@ -237,6 +241,9 @@ class QuantConfig:
                 raise ConfigError("bits-budget needs a searched method (easyquant, noisyquant, ...), not minmax")
             if (self.w_bits, self.a_bits) != (8, 8):
                 raise ConfigError("bits-budget chooses every layer's bits: leave w-bits and a-bits at 8")
+        if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.method.twin:
+            raise ConfigError(f"mixed-sensitivity searched needs uniform activation quantizers; {self.method.value}'s "
+                              "twin-uniform ones change constants with their width")
         if self.mixed_images < 1:
             raise ConfigError(f"mixed-images must be at least 1, got {self.mixed_images}")
         if self.calib_size < 1:

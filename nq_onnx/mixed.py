@@ -5,7 +5,8 @@ group's bit-width too, so a module is ``WbAb``). Its sensitivity at ``b`` bits i
 MSE with that module alone quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`: weights MinMax,
 the input at the multiple of its MinMax step with the least squared error, as the searches clip; on
 ``QuantConfig.mixed_images`` calibration images), its change from the uniform model at the budget's width
-(``mixed_sensitivity = "joint"``), or PTQ-ViT's (``"nuclear"``) ::
+(``mixed_sensitivity = "joint"``), the same change with the quantizers the method's uniform search chose at each
+width instead of MinMax ones (``"searched"``: a search per width first), or PTQ-ViT's (``"nuclear"``) ::
 
     Omega_i(b) = sum_l ||Y_l||_* * ||Y_l(b) - Y_l||_F^2
 

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.calibration.simulate import Simulator, output_sensitivities
+from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
 from nq_onnx.config import MixedSensitivity, QuantConfig, SearchConfig
 from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity, uniform_width
 from nq_onnx.passes.base import import_graph
@@ -282,7 +282,9 @@ class SearchPlanner:
         images = min(self._fit, SENSITIVITY_IMAGES)
         feeds = {k: v[:images] for k, v in inputs.items()}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
-        if self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
+        if self.config.mixed_sensitivity == MixedSensitivity.SEARCHED:
+            sensitivity = self._searched_sensitivities(inputs)
+        elif self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
             steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
             one = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
             base = None
@@ -298,6 +300,27 @@ class SearchPlanner:
             self._modules[g.name] = Module(g.name, int(values[g.tensor].size // images + weights),
                                            sensitivity[g.name])
         return assign_bits(list(self._modules.values()), self.config.bits_budget)
+
+    def _searched_sensitivities(self, inputs: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
+        """``MixedSensitivity.SEARCHED``: each group's change of the output error when it takes its width-``b``
+        uniform search's quantizers with every other group at the budget's uniform width
+        (:func:`searched_sensitivities`)."""
+        searched = self.uniform_searches(BIT_CHOICES)
+        images = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+        return searched_sensitivities(self.model, self.layers, self._weights, images, self._unsigned, searched,
+                                      uniform_width(self.config.bits_budget, BIT_CHOICES))
+
+    def uniform_searches(self, widths: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+        """The method's uniform search at each of ``widths`` (no bits budget), each on its own simulator: per width,
+        the finished simulator's feeds (:attr:`Simulator.feeds`: every group's step and noise, every layer's
+        fake-quantized weight and delta)."""
+        out = {}
+        for bits in widths:
+            config = dataclasses.replace(self.config, bits_budget=None, w_bits=bits, a_bits=bits)
+            uniform = SearchPlanner(self.model, self.layers, self.stats, self.search_data, config)
+            uniform.run(Plan(model_digest="", config=config))
+            out[bits] = uniform._sim.feeds
+        return out
 
     def _clipped_steps(self, group: GroupSpec, value: np.ndarray) -> dict[int, float]:
         """Per bit choice, the group's activation step from the search's grid of MinMax multiples with the least

@@ -106,7 +106,8 @@ def test_budget_settings_are_checked():
 
 
 @pytest.mark.parametrize("method,sensitivity,images",
-                         [("noisyquant", "output", 1), ("noisyquant-ptq4vit", "nuclear", 1), ("easyquant", "joint", 2)])
+                         [("noisyquant", "output", 1), ("noisyquant-ptq4vit", "nuclear", 1), ("easyquant", "joint", 2),
+                          ("noisyquant", "searched", 1)])
 def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method, sensitivity, images, tmp_path,
                                                                          photo_folder):
     """A 2-block ViT under a 6.0-bit budget: groups take more than one width, the plan's cost-weighted average is
@@ -228,3 +229,47 @@ def test_operating_point_sensitivity_is_the_change_from_the_uniform_model():
     assert got[g_in][8] < 0 < got[g_in][4] and got[g_hidden][8] < 0 < got[g_hidden][4]
     with pytest.raises(ValueError, match="width 7"):
         sensitivities(7)
+
+
+def test_searched_sensitivity_feeds_each_width_search_choices_into_one_group():
+    """``searched_sensitivities`` on x -> fc1 -> Relu -> fc2 with a made-up "search result" per width (a step, a
+    noise vector on the input group, fake-quantized weights and the denoising delta ``-N dq(W)``): each group's
+    value at ``b`` equals numpy's output MSE with that group taking width ``b``'s choices and the other width 6's,
+    minus the MSE with both at 6."""
+    from nq_onnx.calibration.simulate import searched_sensitivities
+
+    m = _mlp_case(13)
+    rng = np.random.default_rng(5)
+    (fc1,), (fc2,) = (m.layers.group(g).consumers for g in (m.g_in, m.g_hidden))
+    step_in = {b: 0.9 * ActQuantizer(b, True).minmax_scale(float(np.abs(m.x).max())) for b in BIT_CHOICES}
+    step_h = {b: 0.95 * ActQuantizer(b, False).minmax_scale(float(m.hidden.max())) for b in BIT_CHOICES}
+    noise = {b: rng.uniform(-step_in[b] / 2, step_in[b] / 2, 12).astype(np.float32) for b in BIT_CHOICES}
+    w1 = {b: _minmax_weight(m.w1, b).astype(np.float32) for b in BIT_CHOICES}
+    w2 = {b: _minmax_weight(m.w2, b).astype(np.float32) for b in BIT_CHOICES}
+    delta = {b: -(noise[b] @ w1[b]) for b in BIT_CHOICES}
+    searched = {b: {f"sim/{m.g_in}/scale": np.array(step_in[b], np.float32), f"sim/{m.g_in}/on": np.array(True),
+                    f"sim/{m.g_in}/noise": noise[b], f"sim/{fc1}/weight": w1[b], f"sim/{fc1}/delta": delta[b],
+                    f"sim/{m.g_hidden}/scale": np.array(step_h[b], np.float32),
+                    f"sim/{m.g_hidden}/on": np.array(True), f"sim/{m.g_hidden}/noise": np.zeros(20, np.float32),
+                    f"sim/{fc2}/weight": w2[b], f"sim/{fc2}/delta": np.zeros(7, np.float32)}
+                for b in BIT_CHOICES}
+    got = searched_sensitivities(m.model, m.layers, m.weights, {"x": m.x}, frozenset({m.g_hidden}), searched, 6)
+
+    def output_mse(b_in, b_hidden):
+        x_q = ActQuantizer(b_in, True).fake_quant(m.x + noise[b_in], np.float32(step_in[b_in]))
+        h = np.maximum(x_q @ w1[b_in] + m.b1 + delta[b_in], 0).astype(np.float32)
+        h_q = ActQuantizer(b_hidden, False).fake_quant(h, np.float32(step_h[b_hidden]))
+        return np.mean((h_q @ w2[b_hidden].astype(np.float64) + m.b2 - m.y) ** 2)
+
+    floor = output_mse(6, 6)
+    for bits in BIT_CHOICES:
+        assert got[m.g_in][bits] == pytest.approx(output_mse(bits, 6) - floor, rel=2e-3, abs=1e-9 * floor)
+        assert got[m.g_hidden][bits] == pytest.approx(output_mse(6, bits) - floor, rel=2e-3, abs=1e-9 * floor)
+    assert got[m.g_in][8] < 0 < got[m.g_in][4]
+    with pytest.raises(ValueError, match="width 7"):
+        searched_sensitivities(m.model, m.layers, m.weights, {"x": m.x}, frozenset({m.g_hidden}), searched, 7)
+
+
+def test_searched_sensitivity_refuses_twin_uniform_quantizers():
+    with pytest.raises(ConfigError, match="searched needs uniform activation quantizers"):
+        QuantConfig(method="noisyquant-ptq4vit", bits_budget=6.0, mixed_sensitivity="searched")
