@@ -278,6 +278,16 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
 
 
+def row_label(row: str) -> str:
+    """A methods row's label: ``ROW_LABEL``'s, and for a ``+budget<B>`` row the method's with its budget."""
+    parts = row.split("+")
+    budget = next((p[len("budget"):] for p in parts if p.startswith("budget")), None)
+    if budget is None:
+        return ROW_LABEL.get(row, row)
+    method = "+".join(p for p in parts if not p.startswith("budget"))
+    return f"{ROW_LABEL.get(method, method)}, mixed precision at {budget} bits"
+
+
 def methods_markdown(results: dict, source) -> str:
     """The methods table (``benchmarks/methods.py``): per bit-width, every row's top-1, held-out output MSE against
     the bit-width's EasyQuant row, convert time, and the gap to FP32."""
@@ -296,15 +306,20 @@ def methods_markdown(results: dict, source) -> str:
              f"| 32 | FP32 | {100 * fp32:.2f} | | 0 | | |" + ms("fp32")]
     rows = results["rows"]
     order = list(ROW_LABEL)
-    for name, e in sorted(rows.items(), key=lambda kv: (-kv[1]["bits"], order.index(kv[1]["row"])
-                                                        if kv[1]["row"] in order else len(order))):
-        bits = e["bits"]
-        base = rows.get(f"easyquant_w{bits}a{bits}")
+
+    def width(e: dict) -> float:  # a budget row's bits are its average, not the 8 it is given as
+        return e["average_bits"] if "+budget" in e["row"] else e["bits"]
+
+    for name, e in sorted(rows.items(), key=lambda kv: (-width(kv[1]), order.index(kv[1]["row"])
+                                                        if kv[1]["row"] in order else len(order), kv[0])):
+        bits, budget = e["bits"], "+budget" in e["row"]
+        base = None if budget else rows.get(f"easyquant_w{bits}a{bits}")
         mse = e["imagenet_heldout"]["mse"]
         ratio = f"{mse / base['imagenet_heldout']['mse']:.3f}x" if base else "-"
         top1 = e["cifar"]["top1"]
-        lines.append(f"| W{bits}A{bits} | {ROW_LABEL.get(e['row'], e['row'])} | {100 * top1:.2f} | "
-                     f"{100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |" + ms(name))
+        lines.append(f"| {f'{width(e):.2f} avg' if budget else f'W{bits}A{bits}'} | {row_label(e['row'])} | "
+                     f"{100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |"
+                     + ms(name))
     settings = results["settings"]
     lines += ["", methods_findings(rows, fp32, images)]
     if timed:

@@ -236,7 +236,7 @@ def test_searched_sensitivity_feeds_each_width_search_choices_into_one_group():
     noise vector on the input group, fake-quantized weights and the denoising delta ``-N dq(W)``): each group's
     value at ``b`` equals numpy's output MSE with that group taking width ``b``'s choices and the other width 6's,
     minus the MSE with both at 6."""
-    from nq_onnx.calibration.simulate import searched_sensitivities
+    from nq_onnx.calibration.simulate import WidthSimulation, searched_feeds, searched_sensitivities
 
     m = _mlp_case(13)
     rng = np.random.default_rng(5)
@@ -266,6 +266,11 @@ def test_searched_sensitivity_feeds_each_width_search_choices_into_one_group():
         assert got[m.g_in][bits] == pytest.approx(output_mse(bits, 6) - floor, rel=2e-3, abs=1e-9 * floor)
         assert got[m.g_hidden][bits] == pytest.approx(output_mse(6, bits) - floor, rel=2e-3, abs=1e-9 * floor)
     assert got[m.g_in][8] < 0 < got[m.g_in][4]
+    sim = WidthSimulation(m.model, m.layers, m.weights, {"x": m.x}, frozenset({m.g_hidden}), 8,
+                          searched_feeds(m.layers, searched))  # any width per group, as mixed_additivity.py uses it
+    for b_in, b_hidden in ((8, 4), (5, 6), (4, 8)):
+        mixed = sim.mse(sim.feeds({m.g_in: b_in, m.g_hidden: b_hidden}))
+        assert mixed == pytest.approx(output_mse(b_in, b_hidden), rel=2e-3)
     with pytest.raises(ValueError, match="width 7"):
         searched_sensitivities(m.model, m.layers, m.weights, {"x": m.x}, frozenset({m.g_hidden}), searched, 7)
 
