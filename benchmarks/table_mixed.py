@@ -32,13 +32,13 @@ def mixed_chart(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(10.0, 4.2), dpi=100)
     for label, points in _mixed_lines(results).items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
     ax.axhline(100 * results["fp32"]["cifar"]["top1"], color="grey", linestyle=":", label="FP32")
     ax.set_xlabel("average bits (weights and activations, count-weighted)")
     ax.set_ylabel(f"top-1 % ({results['settings']['cifar_per_class'] * 10} CIFAR-10)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, metadata={"Software": None})
