@@ -77,7 +77,10 @@ class MixedSensitivity(str, enum.Enum):
     the real ViT-S/14 at a 6.0-bit budget it sent every proj and fc2 to 4 bits: 21 % top-1).
     ``searched``: as ``joint``, but each group at each width takes what the method's own uniform search at that
     width chose for it (step, noise, rounded weights), not MinMax: one full search per width (4, 5, 6 and 8
-    bits) before the mixed one, so about five times the search's time. Uniform activation quantizers only.
+    bits) before the mixed one, so about five times the search's time. Uniform activation quantizers only. On the
+    real ViT-S/14 at 6.0 bits it did worse too (45.2 % top-1 on 1 image's sensitivities, 49.0 % on 8, against
+    uniform's 59.0 %): around the 6-bit model one group's width moves the output error by noise-sized amounts
+    (``benchmarks/results/mixed_additivity.json``).
     """
 
     OUTPUT = "output"
