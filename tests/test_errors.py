@@ -279,7 +279,7 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
     ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq"),
     ("mixed_sensitivity", "hessian",
-     "unknown mixed-precision sensitivity 'hessian'; choose one of output, joint, nuclear"),
+     "unknown mixed-precision sensitivity 'hessian'; choose one of output, joint, nuclear, searched"),
     ("method", "gptq", "unknown method 'gptq'; choose one of minmax, easyquant, noisyquant, ptq4vit, "
                        "noisyquant-ptq4vit"),
 ])
