@@ -46,13 +46,14 @@ from run import (  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
+from nq_onnx.config import MixedSensitivity  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "easyquant+gptq", "easyquant+bc",
         "all", "ptq4vit", "noisyquant-ptq4vit")
 
 
-SENSITIVITIES = ("joint", "nuclear", "output", "searched")  # row options naming a mixed-precision sensitivity
+SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a mixed-precision sensitivity
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:

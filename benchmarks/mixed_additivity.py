@@ -37,9 +37,8 @@ from nq_onnx.config import QuantConfig  # noqa: E402
 from nq_onnx.mixed import Module, assign_bits, average_bits  # noqa: E402
 from nq_onnx.model_io import load_model  # noqa: E402
 from nq_onnx.passes.base import import_graph  # noqa: E402
-from nq_onnx.passes.find_layers import ACT_MATMUL  # noqa: E402
 from nq_onnx.pipeline import canonicalize, discover  # noqa: E402
-from nq_onnx.planner import SearchPlanner, float_weights, search_counts, unsigned_groups  # noqa: E402
+from nq_onnx.planner import SearchPlanner, float_weights, group_costs, search_counts, unsigned_groups  # noqa: E402
 
 WIDTHS = (4, 5, 6, 8)
 BASE = 6
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     one = {name: sets["fit"][name][:1]}
     values = float_values(model, sorted({g.tensor for g in layers.groups}), one)
-    cost = {g.name: int(values[g.tensor].size + sum(weights[c].size for c in g.consumers
-                                                     if layers.layer(c).kind != ACT_MATMUL)) for g in layers.groups}
+    cost = group_costs(layers, weights, values, 1)
     summed = {b: {"predicted": uniform["fit"][BASE] + sum(c[b] for c in change.values()),
                   "actual": uniform["fit"][b]} for b in WIDTHS if b != BASE}
     assignments = {}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nq_onnx.config import MixedSensitivity
 from table import ROW_LABEL, cpu_line
 
 MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
-SENSITIVITIES = ("joint", "nuclear", "output", "searched")  # row parts naming a mixed-precision sensitivity
+SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row parts naming a mixed-precision sensitivity
 
 
 def _mixed_lines(results: dict) -> dict[str, list[tuple[float, float, float, str]]]:

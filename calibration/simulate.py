@@ -221,9 +221,6 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
     (0 at ``b = base``, negative where a wider group helps): a narrow group's error adds to the errors the others
     already make, which its error alone does not show. One simulation model with each group's code range fed
     (:func:`build_simulation`), one forward pass per group and width."""
-    if base is not None and base not in choices:
-        raise ValueError(f"the operating point's width {base} is not one of {choices}")
-
     def quantized(group, bits: int) -> dict[str, np.ndarray]:
         feeds = {}
         for consumer in group.consumers:
@@ -246,9 +243,6 @@ def searched_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights
     its step, noise, its layers' fake-quantized weights and denoising deltas. The searched quantizers, not MinMax
     ones, are what the mixed model will run, so a wider group's figure is the gain the search leaves room for.
     Uniform activation quantizers only (a twin-uniform quantizer's constants depend on its width)."""
-    if base not in searched:
-        raise ValueError(f"the operating point's width {base} is not one of {sorted(searched)}")
-
     sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(searched),
                           searched_feeds(layers, searched))
     return sim.sensitivities(tuple(sorted(searched)), base)
@@ -314,6 +308,8 @@ class WidthSimulation:
     def sensitivities(self, choices: tuple[int, ...], base: int | None) -> dict[str, dict[int, float]]:
         """The output MSE of every (group, width) in ``choices`` with every other group at ``base`` (float: ``base
         = None``), less the MSE with every group there."""
+        if base is not None and base not in choices:
+            raise ValueError(f"the operating point's width {base} is not one of {choices}")
         groups = self.layers.groups
         start = self.feeds({} if base is None else dict.fromkeys((g.name for g in groups), base))
         floor = 0.0 if base is None else self.mse(start)

@@ -225,7 +225,7 @@ class QuantConfig:
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
     bits_budget: float | None = None
     mixed_sensitivity: MixedSensitivity = MixedSensitivity.OUTPUT
-    mixed_images: int = 1  # calibration images the output / joint sensitivities are measured on
+    mixed_images: int = 1  # calibration images the output / joint / searched sensitivities are measured on
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:

@@ -61,6 +61,15 @@ def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
     }
 
 
+def group_costs(layers: Layers, weights: dict[str, np.ndarray], values: dict[str, np.ndarray],
+                images: int) -> dict[str, int]:
+    """Each group's cost in the bit budget (:mod:`nq_onnx.mixed`): its input's values per image (``values`` holds
+    the float group inputs of ``images`` images) plus the weights of the linear layers reading it."""
+    return {g.name: int(values[g.tensor].size // images + sum(weights[c].size for c in g.consumers
+                                                              if layers.layer(c).kind != ACT_MATMUL))
+            for g in layers.groups}
+
+
 def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
     """Layer names in dependency steps (see module docstring)."""
     index = {spec.node: i for i, spec in enumerate(layers.layers)}
@@ -294,11 +303,8 @@ class SearchPlanner:
                                                BIT_CHOICES, base)
         else:
             sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
-        self._modules = {}
-        for g in self.layers.groups:
-            weights = sum(self._weights[c].size for c in g.consumers if self.layers.layer(c).kind != ACT_MATMUL)
-            self._modules[g.name] = Module(g.name, int(values[g.tensor].size // images + weights),
-                                           sensitivity[g.name])
+        costs = group_costs(self.layers, self._weights, values, images)
+        self._modules = {g.name: Module(g.name, costs[g.name], sensitivity[g.name]) for g in self.layers.groups}
         return assign_bits(list(self._modules.values()), self.config.bits_budget)
 
     def _searched_sensitivities(self, inputs: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
