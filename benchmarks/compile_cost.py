@@ -25,21 +25,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name: (model, method, bits, grid_stride, screen_tokens (None: the checkout's defaults), calibration images, scored)
+# name: (model, method, bits, SearchConfig fields ({}: the checkout's defaults), calibration images, scored)
 ROWS = {
-    "nq_w8a8": ("vit_s14", "noisyquant", 8, 1, None, 128, True),
-    "nq_w8a8_exact": ("vit_s14", "noisyquant", 8, 1, 0, 128, True),
-    "nq_w8a8_grid3": ("vit_s14", "noisyquant", 8, 3, None, 128, True),
-    "nq_w6a6": ("vit_s14", "noisyquant", 6, 1, None, 128, True),
-    "nq_w6a6_exact": ("vit_s14", "noisyquant", 6, 1, 0, 128, True),
-    "nq_w6a6_grid3": ("vit_s14", "noisyquant", 6, 3, None, 128, True),
-    "eq_w8a8": ("vit_s14", "easyquant", 8, 1, None, 128, False),
-    "nq_w8a8_calib32": ("vit_s14", "noisyquant", 8, 1, None, 32, False),
-    "nq_w8a8_calib1000": ("vit_s14", "noisyquant", 8, 1, None, 1000, False),
-    "vit_b16": ("vit_b16", "noisyquant", 8, 1, None, 128, False),
-    "vit_b16_grid3": ("vit_b16", "noisyquant", 8, 3, None, 128, False),
+    "nq_w8a8": ("vit_s14", "noisyquant", 8, {}, 128, True),
+    "nq_w8a8_exact": ("vit_s14", "noisyquant", 8, {"screen_tokens": 0}, 128, True),
+    "nq_w8a8_grid3": ("vit_s14", "noisyquant", 8, {"grid_stride": 3}, 128, True),
+    "nq_w8a8_uniform_rows": ("vit_s14", "noisyquant", 8, {"read_token_share": 0.0}, 128, True),
+    "nq_w6a6": ("vit_s14", "noisyquant", 6, {}, 128, True),
+    "nq_w6a6_exact": ("vit_s14", "noisyquant", 6, {"screen_tokens": 0}, 128, True),
+    "nq_w6a6_grid3": ("vit_s14", "noisyquant", 6, {"grid_stride": 3}, 128, True),
+    "nq_w6a6_uniform_rows": ("vit_s14", "noisyquant", 6, {"read_token_share": 0.0}, 128, True),
+    "eq_w8a8": ("vit_s14", "easyquant", 8, {}, 128, False),
+    "nq_w8a8_calib32": ("vit_s14", "noisyquant", 8, {}, 32, False),
+    "nq_w8a8_calib1000": ("vit_s14", "noisyquant", 8, {}, 1000, False),
+    "vit_b16": ("vit_b16", "noisyquant", 8, {}, 128, False),
+    "vit_b16_grid3": ("vit_b16", "noisyquant", 8, {"grid_stride": 3}, 128, False),
 }
-DEFAULT_ROWS = ("nq_w8a8", "nq_w8a8_exact", "nq_w6a6", "nq_w6a6_exact", "vit_b16")
+DEFAULT_ROWS = ("nq_w8a8", "nq_w8a8_exact", "nq_w8a8_uniform_rows", "nq_w6a6", "nq_w6a6_exact",
+                "nq_w6a6_uniform_rows", "vit_b16")
 
 
 def child(spec: dict) -> None:
@@ -47,8 +50,7 @@ def child(spec: dict) -> None:
     sys.path.insert(0, spec["src"])
     import nq_onnx
 
-    fields = {k: v for k, v in (("grid_stride", spec["stride"]), ("screen_tokens", spec["screen"])) if v is not None}
-    search = {"search": nq_onnx.SearchConfig(**fields)} if fields else {}
+    search = {"search": nq_onnx.SearchConfig(**spec["search"])} if spec["search"] else {}
     config = nq_onnx.QuantConfig(method=spec["method"], w_bits=spec["bits"], a_bits=spec["bits"],
                                  calib_size=spec["calib_size"], **search)
     start = time.perf_counter()
@@ -59,7 +61,8 @@ def child(spec: dict) -> None:
     print(json.dumps({"convert_s": seconds, "peak_rss_mb": peak, "timings": result.summary.timings,
                       "nq_onnx_file": nq_onnx.__file__, "grid_stride": config.search.grid_stride,
                       "screen_tokens": getattr(config.search, "screen_tokens", 0),
-                      "screen_keep": getattr(config.search, "screen_keep", None)}))
+                      "screen_keep": getattr(config.search, "screen_keep", None),
+                      "read_token_share": getattr(config.search, "read_token_share", 0.0)}))
 
 
 def source_tree(checkout: Path, into: Path) -> Path:
@@ -75,9 +78,9 @@ def source_tree(checkout: Path, into: Path) -> Path:
 
 
 def convert_row(name: str, src: Path, models: dict, calib: dict, work: Path) -> dict:
-    model, method, bits, stride, screen, calib_size, _ = ROWS[name]
+    model, method, bits, search, calib_size, _ = ROWS[name]
     spec = {"src": str(src), "model": str(models[model]), "out": str(work / f"compile_{name}.onnx"),
-            "calib": str(calib[calib_size]), "method": method, "bits": bits, "stride": stride, "screen": screen,
+            "calib": str(calib[calib_size]), "method": method, "bits": bits, "search": search,
             "calib_size": calib_size}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if not models["vit_b16"].exists():  # random weights: the cost of a conversion does not depend on them
             export_timm("vit_base_patch16_224", models["vit_b16"], num_classes=1000, seed=0)
     calib = {size: link_folder(split_imagenet(min(size, 1000), 0, 0)[0], WORK / f"calib{size}")
-             for size in {ROWS[r][5] for r in rows} | {128}}
+             for size in {ROWS[r][4] for r in rows} | {128}}
     path = RESULTS / "compile_cost.json"
     results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": {}}
     results.update(machine=machine(), settings={"cifar_per_class": args.cifar_per_class,
@@ -134,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(r, ROOT) for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
         if args.before is not None:
-            ROWS[args.before_label] = (*ROWS["nq_w8a8"][:3], None, None, *ROWS["nq_w8a8"][5:])
+            ROWS[args.before_label] = (*ROWS["nq_w8a8"][:3], {}, *ROWS["nq_w8a8"][4:])
             jobs.insert(0, (args.before_label, source_tree(args.before, Path(tmp))))
         for name, src in jobs:
             log(f"{name}: converting")
             entry = convert_row(name, src, models, calib, WORK)
-            if ROWS[name][6]:
+            if ROWS[name][5]:
                 if reference is None:
                     reference = {"cifar": run_model(models["vit_s14"], cifar),
                                  "imagenet": run_model(models["vit_s14"], held)}

@@ -411,14 +411,15 @@ def cost_markdown(results: dict, source) -> str:
     """The compile-cost table (``benchmarks/compile_cost.py``): per row the wall time and peak memory of one
     conversion, its stages as bars, and, for the real model, held-out quality."""
     rows = results["rows"]
-    lines = ["| row | model (M params) | method | grid stride | screening | calib images | convert s | peak MB | "
-             "s per M params | held-out MSE | top-1 % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | model (M params) | method | grid stride | screening | read-token share | calib images | "
+             "convert s | peak MB | s per M params | held-out MSE | top-1 % |", "|---" * 12 + "|"]
     for name, e in rows.items():
         scored = "cifar" in e
         screen = f"{e['screen_tokens']} rows, best {e['screen_keep']}" if e.get("screen_tokens") else "off"
         lines.append(
             f"| {name} | {e['model']} ({e['parameters_m']:.1f}) | {e['method']} W{e['bits']}A{e['bits']} | "
-            f"{e['grid_stride']} | {screen} | {e['calib_images']} | {e['convert_s']:.1f} | "
+            f"{e['grid_stride']} | {screen} | {e.get('read_token_share', 0.0):g} | {e['calib_images']} | "
+            f"{e['convert_s']:.1f} | "
             f"{e['peak_rss_mb']:.0f} | {e['convert_s'] / e['parameters_m']:.2f} | "
             + (f"{e['imagenet_heldout']['mse']:.4f} | {100 * e['cifar']['top1']:.2f} |" if scored else "- | - |"))
     lines += ["", "Where the seconds go (each block is 5 s):", "", "| row | stage | s | |", "|---|---|---|---|"]
@@ -445,6 +446,15 @@ def cost_markdown(results: dict, source) -> str:
                          f"rows: {exact['convert_s'] / screened['convert_s']:.2f}x faster in all, "
                          f"{linear[0] / linear[1]:.2f}x in the linear-layer search, held-out MSE {ratio:.3f}x, top-1 "
                          f"{100 * (screened['cifar']['top1'] - exact['cifar']['top1']):+.2f} points.")
+        uniform = rows.get(f"nq_w{bits}a{bits}_uniform_rows")
+        if uniform and screened and "cifar" in uniform and "cifar" in screened:
+            ratio = screened["imagenet_heldout"]["mse"] / uniform["imagenet_heldout"]["mse"]
+            share = screened["read_token_share"]
+            lines.append(f"- W{bits}A{bits}, the read token (the class token) given {share:g} of each search's rows "
+                         f"(default) against every row once: held-out MSE {ratio:.3f}x "
+                         f"({uniform['imagenet_heldout']['mse']:.4f} -> {screened['imagenet_heldout']['mse']:.4f}), "
+                         f"top-1 {100 * (screened['cifar']['top1'] - uniform['cifar']['top1']):+.2f} points, "
+                         f"convert {uniform['convert_s']:.0f} -> {screened['convert_s']:.0f} s.")
         fine, coarse = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_grid3")
         if fine and coarse and "cifar" in fine and "cifar" in coarse:
             ratio = coarse["imagenet_heldout"]["mse"] / fine["imagenet_heldout"]["mse"]
@@ -482,6 +492,8 @@ def update_readme(readme: Path) -> None:
     sections = (("ablation_w6a6.json", ABLATION_BEGIN, ABLATION_END, markdown),
                 ("methods.json", METHODS_BEGIN, METHODS_END, methods_markdown),
                 ("methods_cifar2000.json", "<!-- methods-cifar2000:begin -->", "<!-- methods-cifar2000:end -->",
+                 methods_markdown),
+                ("methods_read_tokens.json", "<!-- methods-read-tokens:begin -->", "<!-- methods-read-tokens:end -->",
                  methods_markdown),
                 ("compile_cost.json", COST_BEGIN, COST_END, cost_markdown),
                 ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),

@@ -122,6 +122,9 @@ def _add_search_options(p) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--search-images", type=int, default=8, help="images the per-layer searches run on (default 8)")
     p.add_argument("--search-tokens", type=int, default=1024, help="token rows per layer search (default 1024)")
+    p.add_argument("--read-token-share", type=float, default=SearchConfig.read_token_share,
+                   help="share of each layer search's rows given to the tokens the model's output reads (a ViT's "
+                        f"class token; default {SearchConfig.read_token_share}, 0: every row counts once)")
     p.add_argument("--screen-tokens", type=int, default=SearchConfig.screen_tokens,
                    help="score every candidate step on this many of the token rows first, then only the best few "
                         "(--screen-keep) on all of them (0: score every candidate on all rows)")
@@ -279,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args) -> QuantConfig:
     search = SearchConfig(
         search_images=args.search_images, holdout_images=args.holdout_images, tokens=args.search_tokens,
-        screen_tokens=args.screen_tokens, screen_keep=args.screen_keep, grid_stride=args.grid_stride,
+        read_token_share=args.read_token_share, screen_tokens=args.screen_tokens, screen_keep=args.screen_keep,
+        grid_stride=args.grid_stride,
         sequential=not args.no_sequential, objective=args.objective,
         ranking_loss=args.ranking_loss,
     )
@@ -319,6 +323,7 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "exclude",
             "search_images",
             "search_tokens",
+            "read_token_share",
             "screen_tokens",
             "screen_keep",
             "grid_stride",

@@ -134,6 +134,14 @@ class SearchConfig:
     = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise search and
     the attention-matmul search choose exactly what scoring every candidate in full would.
 
+    The output of a ViT classifier reads one token (the class token; :func:`nq_onnx.passes.find_layers.read_tokens`
+    finds it in the graph), yet a search over all tokens weighs it as one row in hundreds and will clip values only
+    it carries. ``read_token_share`` gives the rows of the read tokens that share of each linear group's fit and
+    held-out samples (repeated; the rest drawn from the other tokens, :func:`nq_onnx.search.search_sample`; 0:
+    every row counts once). On the real ViT-S/14 a share of 0.5 roughly halved NoisyQuant W8A8's held-out output
+    MSE and cut W6A6's by a quarter (``benchmarks/compile_cost.py``, the ``*_uniform_rows`` rows against the
+    default ones); a model that pools every token (Swin) has no read token and is unaffected.
+
     With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.grids.grid_argmax`): every
     ``grid_stride``-th point, then the points around the best of them. The default 1 scores every point: on the
     real ViT-S/14 a stride of 3 converted 1.3x faster but raised the held-out output MSE by 3 % (W8A8) and 6 %
@@ -147,6 +155,7 @@ class SearchConfig:
     noise_shifts: tuple[float, ...] = (0.0, 0.5, 1.0)
     shift_min_rows: int = 1024
     tokens: int = 1024
+    read_token_share: float = 0.5
     screen_tokens: int = 256
     screen_keep: int = 3
     search_images: int = 8
@@ -174,6 +183,8 @@ class SearchConfig:
             raise ConfigError("search.noise_shifts must be non-empty fractions in [0, 1]")
         if self.shift_min_rows < 0:
             raise ConfigError("search.shift_min_rows must be non-negative")
+        if not 0 <= self.read_token_share < 1:
+            raise ConfigError("search.read_token_share must be a fraction in [0, 1)")
         if self.tokens < 16:
             raise ConfigError("search.tokens must be at least 16")
         if self.screen_tokens < 0 or self.screen_keep < 1:

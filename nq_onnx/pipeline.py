@@ -191,6 +191,7 @@ def quantize(
     model = canonicalize(model)
     layers = discover(model, config)
     reparam_skips: list[Skip] = []
+    searched = plan is None
     if plan is None:
         if calib is None:
             raise NQError("calibration data is needed unless a plan is loaded")
@@ -221,6 +222,8 @@ def quantize(
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         average_bits=average_bits(plan.groups),
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
+        read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},
+        read_token_share=config.search.read_token_share if searched else 0.0,
     )
     return Result(out, plan, layers, summary, model)
 

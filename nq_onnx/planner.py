@@ -41,6 +41,7 @@ from nq_onnx.search import (
     group_seed,
     sample_rows,
     search_linear_group,
+    search_sample,
 )
 
 ACT_MATMUL_SLICES = 16
@@ -366,16 +367,18 @@ class SearchPlanner:
 
     def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
         """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise
-        alone) and its calibrated range."""
+        alone), with the rows of the tokens the output reads given ``read_token_share`` of each, and its calibrated
+        range."""
         fit, rest = split_images(value, self._images, self._fit)
-        tokens = self.config.search.tokens
-        stats = self.stats[group.tensor]
-        return GroupSample(
-            sample_rows(fit, group.channels, tokens, group_rng(0, group.name)),
-            stats.absmax, stats.channel_min, stats.channel_max,
-            None if rest is None else sample_rows(rest, group.channels, tokens, group_rng(1, group.name)),
-            stats.count,
-        )
+        search = self.config.search
+        read, stats = self.layers.read_rows(value.shape), self.stats[group.tensor]
+
+        def rows(part: np.ndarray, stream: int) -> np.ndarray:
+            return search_sample(part, group.channels, search.tokens, group_rng(stream, group.name), read,
+                                 search.read_token_share)
+
+        return GroupSample(rows(fit, 0), stats.absmax, stats.channel_min, stats.channel_max,
+                           None if rest is None else rows(rest, 1), stats.count)
 
     def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
         config = self.config

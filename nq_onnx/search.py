@@ -125,6 +125,23 @@ def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Genera
     return np.ascontiguousarray(rows[np.sort(chosen)], dtype=np.float32)
 
 
+def search_sample(value: np.ndarray, channels: int, tokens: int, rng: np.random.Generator, read: tuple[int, ...] = (),
+                  share: float = 0.0) -> np.ndarray:
+    """At most ``tokens`` rows of ``value`` for a search (:func:`sample_rows`). Where the output reads the token
+    positions ``read`` of ``value`` (``[images, T, C]``), their ``n`` rows take ``share`` of the sample, each there
+    ``r = round(share m / n)`` times (at least once; ``m`` the sample's size, ``tokens`` or every row if fewer),
+    and :func:`sample_rows` draws the other ``m - r n`` from the other tokens. The searches' objectives are sums
+    over rows, so a row there ``r`` times counts ``r`` times."""
+    if not read or share <= 0 or value.ndim != 3:
+        return sample_rows(value, channels, tokens, rng)
+    rows = value[:, list(read), :].reshape(-1, channels).astype(np.float32)
+    size = min(tokens, value.shape[0] * value.shape[1])
+    copies = max(1, round(share * size / rows.shape[0]))
+    others = np.delete(value, list(read), axis=1)
+    rest = sample_rows(others, channels, max(size - copies * rows.shape[0], 1), rng)
+    return np.concatenate([rest, np.tile(rows, (copies, 1))])
+
+
 def group_seed(seed: int, name: str) -> tuple[int, int]:
     """The seed of one group: depends on the seed and the group's name only, not on the order of work."""
     return seed, zlib.crc32(name.encode())

@@ -24,6 +24,9 @@ class Summary:
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
     bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # the token positions the output reads, per token count, where the searches weighted them (read_token_share)
+    read_tokens: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    read_token_share: float = 0.0
 
 
 def format_summary(summary, elapsed: float, output) -> str:
@@ -48,6 +51,11 @@ def format_summary(summary, elapsed: float, output) -> str:
     if summary.average_bits is not None:
         widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(summary.bits_groups.items(), reverse=True))
         lines.append(f"  mixed precision: {summary.average_bits:.2f} average bits ({widths} groups)")
+    if summary.read_tokens:
+        where = "; ".join(f"position{'s' if len(p) > 1 else ''} {', '.join(map(str, p))} of {t}"
+                          for t, p in summary.read_tokens.items())
+        lines.append(f"  read tokens (what the output reads): {where}, given {summary.read_token_share:.0%} of each "
+                     "search's rows")
     if summary.noise_rejected:
         lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
                      "calibration images")

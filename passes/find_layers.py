@@ -63,6 +63,14 @@ class Layers:
     layers: tuple[LayerSpec, ...]
     groups: tuple[GroupSpec, ...]
     excluded: tuple[tuple[str, str], ...] = ()
+    read_tokens: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (token count, positions read): :func:`read_tokens`
+
+    def read_rows(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The token positions the model's output reads in a ``[B, T, C]`` value of this shape (none for another
+        rank, or a token count no read was found for: the patches before the class token is prepended)."""
+        if len(shape) != 3:
+            return ()
+        return dict(self.read_tokens).get(int(shape[1]), ())
 
     def layer(self, name: str) -> LayerSpec:
         return next(layer for layer in self.layers if layer.name == name)
@@ -202,7 +210,7 @@ def find_layers(graph: gs.Graph, exclude: tuple[str, ...] = (), act_matmuls: boo
             if specs
             else f"exclude pattern {unused[0]!r} matches no layer"
         )
-    return Layers(tuple(kept), _groups(graph, kept), tuple(excluded))
+    return Layers(tuple(kept), _groups(graph, kept), tuple(excluded), tuple(sorted(read_tokens(graph).items())))
 
 
 def _channels(graph: gs.Graph, tensor_name: str, consumers: list[LayerSpec]) -> int:
@@ -234,6 +242,26 @@ def _groups(graph: gs.Graph, layers: list[LayerSpec]) -> tuple[GroupSpec, ...]:
         groups.append(GroupSpec(name, tensor, tuple(c.name for c in consumers), _channels(graph, tensor, consumers),
                                 noisy, _activation(graph.tensors().get(tensor))))
     return tuple(groups)
+
+
+def read_tokens(graph: gs.Graph) -> dict[int, tuple[int, ...]]:
+    """The token positions the model's output reads: per token count ``T``, the constant indices of every ``Gather``
+    on axis 1 of a ``[B, T, C]`` tensor (a ViT's class-token head, ``x[:, 0]``; DeiT's distillation token too).
+    A model that pools every token (Swin's mean) has none. Tensors without static shapes are not matched."""
+    read: dict[int, set[int]] = {}
+    for node in graph.nodes:
+        if node.op != "Gather" or len(node.inputs) != 2:
+            continue
+        shape = getattr(node.inputs[0], "shape", None)
+        if shape is None or len(shape) != 3 or not isinstance(shape[1], int):
+            continue
+        axis = int(node.attrs.get("axis", 0))
+        index = const_value(node.inputs[1])
+        if axis not in (1, -2) or index is None or index.ndim > 1 or index.dtype.kind not in "iu":
+            continue
+        tokens = int(shape[1])
+        read.setdefault(tokens, set()).update(int(i) % tokens for i in np.atleast_1d(index))
+    return {tokens: tuple(sorted(rows)) for tokens, rows in read.items()}
 
 
 def _activation(tensor: gs.Tensor | None) -> str:

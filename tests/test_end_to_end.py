@@ -14,6 +14,8 @@ from nq_onnx.calibration.data import Preprocess, load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model
 from nq_onnx.model_io import load_model
+from nq_onnx.pipeline import canonicalize, discover
+from nq_onnx.summary import format_summary
 from nq_onnx import quant
 
 # name, timm overrides, SQNR floors (dB) of the logits: (minmax W8A8, noisyquant W8A8, noisyquant W6A6)
@@ -121,6 +123,11 @@ def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
     blobs = [(tmp_path / f"{x}.onnx").read_bytes() for x in "abc"]
     assert blobs[0] == blobs[1] == blobs[2]
     assert a.summary.noisy_groups == c.summary.noisy_groups > 0
+    assert a.summary.read_tokens == ({} if family == "swin" else {17: (0,)})  # the class token, weighted
+    assert c.summary.read_tokens == {}  # a loaded plan searches nothing
+    if family != "swin":
+        assert "read tokens (what the output reads): position 0 of 17, given 50% of each search's rows" in \
+            format_summary(a.summary, 1.0, "a.onnx")
     d = nq_onnx.convert(path, tmp_path / "d.onnx", photo_folder, QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=4,
                                                                                    search=SHIFTING))
     assert hashlib.sha256(blobs[0]).digest() != hashlib.sha256((tmp_path / "d.onnx").read_bytes()).digest()
@@ -223,3 +230,16 @@ def test_noise_does_not_hurt_on_unseen_photographs(exported, tmp_path, photo_fol
         with_noise, without = quant.sqnr_db(reference, logits(out, feeds)), quant.sqnr_db(reference, twin)
         assert with_noise > without - 0.5, (noise, with_noise, without)
         assert with_noise > 10.0, (noise, with_noise)
+
+
+def test_the_tokens_the_output_reads_are_found_in_the_graph(exported):
+    """ViT and DeiT read the class token (position 0 of 16 patches + 1); Swin pools every token: none."""
+    family, path, _, _ = exported
+    layers = discover(canonicalize(onnx.load(str(path))), QuantConfig())
+    if family == "swin":
+        assert layers.read_tokens == ()
+        return
+    assert layers.read_tokens == ((17, (0,)),)
+    assert layers.read_rows((2, 17, 384)) == (0,)
+    assert layers.read_rows((2, 16, 384)) == ()  # the patches before the class token is prepended
+    assert layers.read_rows((2, 384)) == ()

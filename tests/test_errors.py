@@ -262,6 +262,8 @@ def test_model_that_fails_the_checker(capsys, work):
     ("--grid-stride", "0", "search.grid_stride must be at least 1"),
     ("--screen-tokens", "-1", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
     ("--screen-keep", "0", "search.screen_tokens must be non-negative and search.screen_keep at least 1"),
+    ("--read-token-share", "1", "search.read_token_share must be a fraction in [0, 1)"),
+    ("--read-token-share", "-0.1", "search.read_token_share must be a fraction in [0, 1)"),
     ("--mixed-images", "0", "mixed-images must be at least 1, got 0"),
     ("--bits-budget", "3", "bits-budget must be between 4 and 8 (average bits), got 3"),
     ("--bits-budget", "six", "invalid float value: 'six'"),

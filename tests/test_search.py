@@ -18,6 +18,7 @@ from nq_onnx.search import (
     group_seed,
     sample_rows,
     search_linear_group,
+    search_sample,
 )
 
 _erf = np.vectorize(math.erf)
@@ -357,3 +358,46 @@ def test_screened_step_search_matches_scoring_every_candidate_on_held_out_tokens
     assert SearchConfig().screen_tokens == 256
     ratio = held_out_mse(held, w, b, bits, fast, fast_op) / held_out_mse(held, w, b, bits, full, full_op)
     assert abs(ratio - 1) < 0.02, f"screened/full held-out layer output MSE {ratio:.4f}"
+
+
+def test_search_sample_gives_the_read_tokens_their_share():
+    rng = np.random.default_rng(0)
+    value = rng.standard_normal((4, 9, 3)).astype(np.float32)  # 4 images of 9 tokens
+    out = search_sample(value, 3, 32, np.random.default_rng(1), (0,), 0.25)
+    copies = round(0.25 * 32 / 4)  # r n / m = share
+    assert copies == 2 and out.shape == (32, 3)
+    np.testing.assert_array_equal(out[24:], np.tile(value[:, 0], (copies, 1)))
+    others = {r.tobytes() for r in value[:, 1:].reshape(-1, 3)}
+    assert all(r.tobytes() in others for r in out[:24])  # the rest are drawn from the other tokens
+    every = search_sample(value, 3, 1024, np.random.default_rng(1), (0,), 0.25)  # fewer rows than tokens: m = 36
+    assert every.shape == (36, 3) and round(0.25 * 36 / 4) == 2
+    np.testing.assert_array_equal(every[28:], np.tile(value[:, 0], (2, 1)))
+    assert all(r.tobytes() in others for r in every[:28])
+    plain = sample_rows(value, 3, 32, np.random.default_rng(1))
+    for read, share, v in (((0,), 0.0, value), ((), 0.25, value), ((0,), 0.25, value.reshape(-1, 3))):
+        np.testing.assert_array_equal(search_sample(v, 3, 32, np.random.default_rng(1), read, share), plain)
+
+
+def _class_token_images(rng, images, tokens=65, k=32):
+    """Token rows N(0, 1); the class token (position 0) also carries a large constant in channel 0, as a ViT's
+    class token carries values no patch token has."""
+    x = rng.standard_normal((images, tokens, k)).astype(np.float32)
+    x[:, 0, 0] += 12.0
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_read_token_share_lowers_the_class_tokens_error_on_held_out_images(seed):
+    """One row in 65 decides the output: unweighted, EasyQuant's step clips its outlier channel (the cosine over all
+    rows gains); with the class token given 30 % of the sample the step keeps it, and on images no search saw the
+    class token's output error falls several-fold."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((32, 16)) / 6).astype(np.float32)
+    b = np.zeros(16, np.float32)
+    fit, held = _class_token_images(rng, 8), _class_token_images(rng, 32)
+    errors = {}
+    for share in (0.0, 0.3):
+        x = search_sample(fit, 32, 1024, np.random.default_rng(0), (0,), share)
+        result, operand = search(x, w, b, 6, with_noise=False)
+        errors[share] = held_out_mse(held[:, 0], w, b, 6, result, operand)
+    assert errors[0.3] < errors[0.0] / 3, errors
