@@ -10,7 +10,8 @@ and its own peak resident memory (``VmHWM``). Rows that convert the real ViT-S/1
 conversion saw: output MSE against FP32 on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up
 which changes the search's choices is judged on held-out data. ``--before DIR`` converts with the nq-onnx of
 another checkout (e.g. a ``git worktree`` of an older commit), for the speed-up factor of a change.
-Writes ``benchmarks/results/compile_cost.json``.
+Writes ``benchmarks/results/compile_cost.json`` (``--name``: another file, e.g. one per CPU kind; ``--append``
+refuses a file measured on another kind of CPU).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cifar-per-class", type=int, default=100)
     parser.add_argument("--imagenet-eval", type=int, default=200)
     parser.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
+    parser.add_argument("--name", default="compile_cost", help="results file name (default: compile_cost)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -126,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             export_timm("vit_base_patch16_224", models["vit_b16"], num_classes=1000, seed=0)
     calib = {size: link_folder(split_imagenet(min(size, 1000), 0, 0)[0], WORK / f"calib{size}")
              for size in {ROWS[r][4] for r in rows} | {128}}
-    path = RESULTS / "compile_cost.json"
+    path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": {}}
+    if results.get("machine") and results["machine"]["cpu"]["kind"] != machine()["cpu"]["kind"]:
+        print(f"benchmark: {path} was measured on {results['machine']['cpu']['kind']}, this CPU is "
+              f"{machine()['cpu']['kind']}; not appending (use --name)", file=sys.stderr)
+        return 2
     results.update(machine=machine(), settings={"cifar_per_class": args.cifar_per_class,
                                                 "imagenet_eval": args.imagenet_eval, "calib_seed": 0})
     pre = Preprocess.from_model(onnx.load(str(models["vit_s14"]), load_external_data=False))

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="methods", help="results file name (default: methods)")
     parser.add_argument("--append", action="store_true",
                         help="add (or replace) rows in an existing results file with the same settings: the same "
-                             "calibration and evaluation images; each row records the invocation it came from")
+                             "calibration and evaluation images, on the same kind of CPU; each row records the "
+                             "invocation it came from")
     parser.add_argument("--latency-rounds", type=int, default=0,
                         help="after the rows, time every row's model and FP32 at batch 8, interleaved, this many "
                              "rounds (default 0: no timing)")
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = {k: v for k, v in previous["settings"].items() if k in settings}
         if kept != settings:
             print(f"benchmark: {path} has other settings ({kept}); not appending", file=sys.stderr)
+            return 2
+        if previous["machine"]["cpu"]["kind"] != results["machine"]["cpu"]["kind"]:
+            print(f"benchmark: {path} was measured on {previous['machine']['cpu']['kind']}, this CPU is "
+                  f"{results['machine']['cpu']['kind']}; not appending (use another --name)", file=sys.stderr)
             return 2
         results["rows"] = previous["rows"]
         results["invocations"] = previous.get("invocations", [previous["started"]])
