@@ -16,7 +16,6 @@ and the CPU it ran on. Writes ``benchmarks/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -156,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
                 "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
                 "average_bits": result.summary.average_bits or float(bits),
                 "bits_groups": {str(b): n for b, n in result.summary.bits_groups.items()},
-                "mixed_candidates": [dataclasses.asdict(c) for c in result.plan.mixed_candidates],
                 "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
                 "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
                 "weight_layers_integer": f"{sum(k.integer for k in inspection.weight_layers)}/"

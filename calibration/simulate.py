@@ -221,15 +221,6 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
     (0 at ``b = base``, negative where a wider group helps): a narrow group's error adds to the errors the others
     already make, which its error alone does not show. One simulation model with each group's code range fed
     (:func:`build_simulation`), one forward pass per group and width."""
-    sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(choices),
-                          minmax_feeds(layers, float_weights, steps))
-    return sim.sensitivities(choices, base)
-
-
-def minmax_feeds(layers: Layers, float_weights: dict[str, np.ndarray], steps: dict[str, dict[int, float]]):
-    """``quantized(group, bits)`` for :class:`WidthSimulation`: the group's input at the step ``steps[group][bits]``,
-    its layers' weights MinMax-quantized per channel at ``bits``."""
-
     def quantized(group, bits: int) -> dict[str, np.ndarray]:
         feeds = {}
         for consumer in group.consumers:
@@ -239,7 +230,8 @@ def minmax_feeds(layers: Layers, float_weights: dict[str, np.ndarray], steps: di
         names = _names(group.name)
         return feeds | {names["scale"]: np.array(steps[group.name][bits], np.float32), names["on"]: np.array(True)}
 
-    return quantized
+    sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(choices), quantized)
+    return sim.sensitivities(choices, base)
 
 
 def searched_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],

@@ -21,20 +21,11 @@ sum_i c_i``: the point of the (average bits, total sensitivity) Pareto front at 
 searches for. It is a multiple-choice knapsack, solved by dynamic programming over the cost (in units of 1/4096 of
 the model's cost per bit). The result never exceeds the budget, and no single further step up
 fits in it.
-
-The sum is a proxy: each ``Omega_i`` is measured with the rest of the model float (or at one operating point),
-and errors of many narrow groups do not add up the way their single-group figures do. So the assignment is chosen
-by a Pareto search (:func:`pareto_bits`), as PTQ-ViT evaluates its front: the knapsack's assignment over every
-subset of the bit choices (each a point of the front a narrower menu of widths gives), and uniform precision, are
-each measured as a whole by ``joint_error`` (the planner's: the model output's MSE against the float model's with
-every group at its candidate width, on a few calibration images), and the least wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from typing import Callable
 
 import numpy as np
 
@@ -97,46 +88,6 @@ def assign_bits(modules: list[Module], budget: float, choices: tuple[int, ...] =
     if bits is None or _total(modules, uniform) < _total(modules, bits):
         bits = uniform
     return _fill(modules, bits, limit, choices)
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One assignment of the Pareto search: the bit choices it was drawn from, its average bits, its summed
-    single-group sensitivity and its measured ``joint_error``."""
-
-    choices: tuple[int, ...]
-    average_bits: float
-    proxy: float
-    joint_error: float
-
-
-def candidate_assignments(modules: list[Module], budget: float,
-                          choices: tuple[int, ...] = BIT_CHOICES) -> list[tuple[tuple[int, ...], dict[str, int]]]:
-    """The Pareto search's candidates, each with the choices it came from: uniform precision at the budget first,
-    then :func:`assign_bits` over every subset of ``choices`` of two or more widths whose narrowest fits the
-    budget (all choices first, then narrower menus), without repeats."""
-    choices = tuple(sorted(set(choices)))
-    width = uniform_width(budget, choices)
-    out = [((width,), {m.name: width for m in modules})]
-    subsets = [s for n in range(len(choices), 1, -1) for s in itertools.combinations(choices, n)
-               if s[0] <= budget * (1 + 1e-12)]
-    for subset in subsets:
-        bits = assign_bits(modules, budget, subset)
-        if all(bits != seen for _, seen in out):
-            out.append((subset, bits))
-    return out
-
-
-def pareto_bits(modules: list[Module], budget: float, joint_error: Callable[[dict[str, int]], float],
-                choices: tuple[int, ...] = BIT_CHOICES) -> tuple[dict[str, int], list[Candidate]]:
-    """The candidate (:func:`candidate_assignments`) with the least ``joint_error`` (the first of equals: uniform
-    precision wins a tie), and every candidate's figures in the order measured."""
-    measured = []
-    for subset, bits in candidate_assignments(modules, budget, choices):
-        measured.append((Candidate(subset, average_bits(modules, bits), _total(modules, bits),
-                                   float(joint_error(bits))), bits))
-    best = min(range(len(measured)), key=lambda i: (measured[i][0].joint_error, i))
-    return measured[best][1], [c for c, _ in measured]
 
 
 def _total(modules: list[Module], bits: dict[str, int]) -> float:

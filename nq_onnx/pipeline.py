@@ -222,7 +222,6 @@ def quantize(
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         average_bits=average_bits(plan.groups),
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
-        mixed_candidates=list(plan.mixed_candidates),
         read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},
         read_token_share=config.search.read_token_share if searched else 0.0,
     )

@@ -100,8 +100,6 @@ class Plan:
     config: QuantConfig
     groups: dict[str, GroupPlan] = dataclasses.field(default_factory=dict)
     layers: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
-    # under a bits budget: the Pareto search's candidate assignments as measured (nq_onnx.mixed.pareto_bits)
-    mixed_candidates: list[mixed.Candidate] = dataclasses.field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def check_model(self, digest: str) -> None:
@@ -123,8 +121,6 @@ class Plan:
             "groups": [],
             "layers": [],
         }
-        if self.mixed_candidates:
-            doc["mixed_candidates"] = [dataclasses.asdict(c) for c in self.mixed_candidates]
         for g in self.groups.values():
             entry = {
                 "name": g.name,
@@ -187,9 +183,6 @@ class Plan:
             raise PlanError(f"plan arrays {npz_path} are unreadable: {exc}") from None
         try:
             plan = cls(model_digest=doc["model_digest"], config=QuantConfig.from_dict(doc["config"]))
-            plan.mixed_candidates = [
-                mixed.Candidate(tuple(int(b) for b in c["choices"]), float(c["average_bits"]), float(c["proxy"]),
-                                float(c["joint_error"])) for c in doc.get("mixed_candidates", [])]
             for g in doc["groups"]:
                 noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
                 reparam = g.get("reparam")

@@ -23,10 +23,9 @@ import onnx_graphsurgeon as gs
 
 from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.calibration.simulate import (Simulator, WidthSimulation, minmax_feeds, output_sensitivities,
-                                         searched_feeds, searched_sensitivities)
+from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
 from nq_onnx.config import MixedSensitivity, QuantConfig, SearchConfig
-from nq_onnx.mixed import BIT_CHOICES, Module, linear_sensitivity, matmul_sensitivity, pareto_bits, uniform_width
+from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity, uniform_width
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
@@ -50,7 +49,6 @@ SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sen
 SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
 SENSITIVITY_SLICES = 8  # per-head product maps per attention matmul's sensitivity
 CLIP_VALUES = 1 << 18  # float values per group choosing the mixed-precision sensitivities' clipped steps
-PARETO_IMAGES = 8  # calibration images on which the Pareto search measures each candidate assignment as a whole
 
 
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
@@ -216,7 +214,7 @@ class SearchPlanner:
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
         if self.config.bits_budget is not None:
             with self._timed("mixed_precision_s"):
-                self._bits = self._assign_bits(inputs, plan)
+                self._bits = self._assign_bits(inputs)
         self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
         self._sim = Simulator(
             self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
@@ -288,42 +286,36 @@ class SearchPlanner:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""
         return self._bits.get(group.name, self.config.w_bits)
 
-    def _assign_bits(self, inputs: dict[str, np.ndarray], plan: Plan) -> dict[str, int]:
+    def _assign_bits(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
         """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.mixed`): costs from the float values of the
-        first fit images, sensitivities as ``config.mixed_sensitivity`` says, then the Pareto search
-        (:func:`pareto_bits`), which measures each candidate assignment's model output MSE on up to
-        ``PARETO_IMAGES`` calibration images the sensitivities did not see (those after the first
-        ``mixed_images``), with the quantizers the sensitivities used (the searched ones for ``searched``, else
-        MinMax weights and clipped activation steps). The candidates go into the plan."""
+        first fit images, sensitivities as ``config.mixed_sensitivity`` says."""
         images = min(self._fit, SENSITIVITY_IMAGES)
         feeds = {k: v[:images] for k, v in inputs.items()}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
-        one = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
         if self.config.mixed_sensitivity == MixedSensitivity.SEARCHED:
-            searched = self.uniform_searches(BIT_CHOICES)
-            sensitivity = searched_sensitivities(self.model, self.layers, self._weights, one, self._unsigned,
-                                                 searched, uniform_width(self.config.bits_budget, BIT_CHOICES))
-            quantized = searched_feeds(self.layers, searched)
-        else:
+            sensitivity = self._searched_sensitivities(inputs)
+        elif self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
             steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
-            quantized = minmax_feeds(self.layers, self._weights, steps)
-            if self.config.mixed_sensitivity == MixedSensitivity.NUCLEAR:
-                sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
-            else:
-                base = None
-                if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
-                    base = uniform_width(self.config.bits_budget, BIT_CHOICES)
-                sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned,
-                                                   steps, BIT_CHOICES, base)
+            one = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+            base = None
+            if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
+                base = uniform_width(self.config.bits_budget, BIT_CHOICES)
+            sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, steps,
+                                               BIT_CHOICES, base)
+        else:
+            sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
         costs = group_costs(self.layers, self._weights, values, images)
         self._modules = {g.name: Module(g.name, costs[g.name], sensitivity[g.name]) for g in self.layers.groups}
-        start = self.config.mixed_images if self._images > self.config.mixed_images else 0  # unseen if possible
-        check = {k: v[start: start + PARETO_IMAGES] for k, v in inputs.items()}
-        sim = WidthSimulation(self.model, self.layers, self._weights, check, self._unsigned, max(BIT_CHOICES),
-                              quantized)
-        bits, plan.mixed_candidates = pareto_bits(list(self._modules.values()), self.config.bits_budget,
-                                                  lambda b: sim.mse(sim.feeds(b)))
-        return bits
+        return assign_bits(list(self._modules.values()), self.config.bits_budget)
+
+    def _searched_sensitivities(self, inputs: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
+        """``MixedSensitivity.SEARCHED``: each group's change of the output error when it takes its width-``b``
+        uniform search's quantizers with every other group at the budget's uniform width
+        (:func:`searched_sensitivities`)."""
+        searched = self.uniform_searches(BIT_CHOICES)
+        images = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+        return searched_sensitivities(self.model, self.layers, self._weights, images, self._unsigned, searched,
+                                      uniform_width(self.config.bits_budget, BIT_CHOICES))
 
     def uniform_searches(self, widths: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
         """The method's uniform search at each of ``widths`` (no bits budget), each on its own simulator: per width,

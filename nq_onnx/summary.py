@@ -23,7 +23,6 @@ class Summary:
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
     bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
-    mixed_candidates: list = dataclasses.field(default_factory=list)  # under a bits budget: mixed.Candidate values
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     # the token positions the output reads, per token count, where the searches weighted them (read_token_share)
     read_tokens: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -52,11 +51,6 @@ def format_summary(summary, elapsed: float, output) -> str:
     if summary.average_bits is not None:
         widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(summary.bits_groups.items(), reverse=True))
         lines.append(f"  mixed precision: {summary.average_bits:.2f} average bits ({widths} groups)")
-        if summary.mixed_candidates:
-            uniform, best = summary.mixed_candidates[0], min(summary.mixed_candidates, key=lambda c: c.joint_error)
-            lines.append(f"  bit assignment: the best of {len(summary.mixed_candidates)} candidates by output MSE on "
-                         f"calibration images ({best.joint_error:.4g}; uniform {uniform.choices[0]}-bit "
-                         f"{uniform.joint_error:.4g})")
     if summary.read_tokens:
         where = "; ".join(f"position{'s' if len(p) > 1 else ''} {', '.join(map(str, p))} of {t}"
                           for t, p in summary.read_tokens.items())
