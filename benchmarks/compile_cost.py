@@ -36,6 +36,8 @@ ROWS = {
     "nq_w6a6_exact": ("vit_s14", "noisyquant", 6, {"screen_tokens": 0}, 128, True),
     "nq_w6a6_grid3": ("vit_s14", "noisyquant", 6, {"grid_stride": 3}, 128, True),
     "nq_w6a6_uniform_rows": ("vit_s14", "noisyquant", 6, {"read_token_share": 0.0}, 128, True),
+    "nq_w8a8_tokens512": ("vit_s14", "noisyquant", 8, {"tokens": 512}, 128, True),
+    "nq_w6a6_tokens512": ("vit_s14", "noisyquant", 6, {"tokens": 512}, 128, True),
     "eq_w8a8": ("vit_s14", "easyquant", 8, {}, 128, False),
     "nq_w8a8_calib32": ("vit_s14", "noisyquant", 8, {}, 32, False),
     "nq_w8a8_calib1000": ("vit_s14", "noisyquant", 8, {}, 1000, False),
@@ -60,7 +62,7 @@ def child(spec: dict) -> None:
     with open("/proc/self/status") as status:
         peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"convert_s": seconds, "peak_rss_mb": peak, "timings": result.summary.timings,
-                      "nq_onnx_file": nq_onnx.__file__, "grid_stride": config.search.grid_stride,
+                      "nq_onnx_file": nq_onnx.__file__, "grid_stride": getattr(config.search, "grid_stride", 1),
                       "screen_tokens": getattr(config.search, "screen_tokens", 0),
                       "screen_keep": getattr(config.search, "screen_keep", None),
                       "read_token_share": getattr(config.search, "read_token_share", 0.0)}))

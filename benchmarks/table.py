@@ -471,6 +471,15 @@ def cost_markdown(results: dict, source) -> str:
                          f"({uniform['imagenet_heldout']['mse']:.4f} -> {screened['imagenet_heldout']['mse']:.4f}), "
                          f"top-1 {100 * (screened['cifar']['top1'] - uniform['cifar']['top1']):+.2f} points, "
                          f"convert {uniform['convert_s']:.0f} -> {screened['convert_s']:.0f} s.")
+        full, fewer = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_tokens512")
+        if full and fewer and "cifar" in full and "cifar" in fewer:
+            ratio = fewer["imagenet_heldout"]["mse"] / full["imagenet_heldout"]["mse"]
+            change = 100 * (fewer["cifar"]["top1"] - full["cifar"]["top1"])
+            kept = ratio <= 1.02 and abs(change) <= 0.2
+            lines.append(f"- W{bits}A{bits}, 512 token rows per search instead of 1,024: "
+                         f"{full['convert_s'] / fewer['convert_s']:.2f}x faster ({full['convert_s']:.1f} -> "
+                         f"{fewer['convert_s']:.1f} s), held-out MSE {ratio:.3f}x, top-1 {change:+.2f} points "
+                         f"({'within' if kept else 'outside'} the issue's bounds: MSE within 2 %, top-1 within 0.2).")
         fine, coarse = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_grid3")
         if fine and coarse and "cifar" in fine and "cifar" in coarse:
             ratio = coarse["imagenet_heldout"]["mse"] / fine["imagenet_heldout"]["mse"]
