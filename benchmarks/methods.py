@@ -61,13 +61,14 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
     ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision
     sensitivity instead of the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the searches fit on
-    N images, 128 token rows each: default 8); ``all`` is NoisyQuant with reparam, GPTQ and bias
-    correction."""
+    N images, 128 token rows each: default 8), ``w<N>`` (weights at N bits, activations at the row's bits);
+    ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
     fit = {"search_images": images, "tokens": 128 * images} if images else {}
-    return nq_onnx.QuantConfig(method=parts[0], w_bits=bits, a_bits=bits, seed=seed, calib_size=calib_size,
+    w_bits = next((int(p[1:]) for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), bits)
+    return nq_onnx.QuantConfig(method=parts[0], w_bits=w_bits, a_bits=bits, seed=seed, calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
                                bias_correction="bc" in parts, bits_budget=budget,
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - start
             inspection = inspect_model(onnx.load(str(out)))
             entry = {
-                "row": row, "bits": bits, "convert_s": seconds, "timings": result.summary.timings,
+                "row": row, "bits": bits, "w_bits": result.plan.config.w_bits, "convert_s": seconds,
+                "timings": result.summary.timings,
                 "invocation": results["started"],
                 "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
                 "average_bits": result.summary.average_bits or float(bits),

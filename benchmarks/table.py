@@ -281,6 +281,10 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
 def row_label(row: str) -> str:
     """A methods row's label: ``ROW_LABEL``'s, and for a ``+budget<B>`` row the method's with its budget."""
     parts = row.split("+")
+    weights = next((p[1:] for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), None)
+    if weights is not None:
+        rest = "+".join(p for p in parts if p != f"w{weights}")
+        return f"{row_label(rest)}, {weights}-bit weights"
     budget = next((p[len("budget"):] for p in parts if p.startswith("budget")), None)
     if budget is None:
         return ROW_LABEL.get(row, row)
@@ -317,7 +321,8 @@ def methods_markdown(results: dict, source) -> str:
         mse = e["imagenet_heldout"]["mse"]
         ratio = f"{mse / base['imagenet_heldout']['mse']:.3f}x" if base else "-"
         top1 = e["cifar"]["top1"]
-        lines.append(f"| {f'{width(e):.2f} avg' if budget else f'W{bits}A{bits}'} | {row_label(e['row'])} | "
+        label = f"{width(e):.2f} avg" if budget else f"W{e.get('w_bits', bits)}A{bits}"
+        lines.append(f"| {label} | {row_label(e['row'])} | "
                      f"{100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |"
                      + ms(name))
     settings = results["settings"]
