@@ -224,6 +224,8 @@ def quantize(
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
         read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},
         read_token_share=config.search.read_token_share if searched else 0.0,
+        uint8_weight_layers=len(rewrite.names(Role.UINT8_WEIGHTS)),
+        weight_dtype=plan.config.weight_dtype.value,
     )
     return Result(out, plan, layers, summary, model)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from nq_onnx.cpu import cpu_features
 from nq_onnx.passes.base import Skip, SkipKind
 
 
@@ -27,6 +28,8 @@ class Summary:
     # the token positions the output reads, per token count, where the searches weighted them (read_token_share)
     read_tokens: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     read_token_share: float = 0.0
+    uint8_weight_layers: int = 0  # layers whose 8-bit weight codes are stored uint8 (weight_dtype auto or uint8)
+    weight_dtype: str = "auto"
 
 
 def format_summary(summary, elapsed: float, output) -> str:
@@ -56,6 +59,10 @@ def format_summary(summary, elapsed: float, output) -> str:
                           for t, p in summary.read_tokens.items())
         lines.append(f"  read tokens (what the output reads): {where}, given {summary.read_token_share:.0%} of each "
                      "search's rows")
+    if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu_features().vnni:
+        lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
+                     "VNNI, where --weight-dtype int8 gives the same outputs faster (x86 CPUs without VNNI saturate "
+                     "int8)")
     if summary.noise_rejected:
         lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
                      "calibration images")

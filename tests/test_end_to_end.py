@@ -243,3 +243,30 @@ def test_the_tokens_the_output_reads_are_found_in_the_graph(exported):
     assert layers.read_rows((2, 17, 384)) == (0,)
     assert layers.read_rows((2, 16, 384)) == ()  # the patches before the class token is prepended
     assert layers.read_rows((2, 384)) == ()
+
+
+def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, tmp_path, photo_folder):
+    """W8A8 with the default weight storage: the summary's uint8 layer count is what ``inspect`` reads in the model,
+    and the summary suggests ``--weight-dtype int8`` on a CPU with VNNI only (there int8 computes the same, faster),
+    never on one without, nor when the user chose the storage."""
+    import dataclasses
+
+    import onnx
+
+    from nq_onnx import summary as summary_module
+    from nq_onnx.cpu import CpuFeatures
+    from nq_onnx.inspect import inspect_model
+
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=1), num_classes=10)
+    result = nq_onnx.convert(path, tmp_path / "q.onnx", photo_folder, QuantConfig(method="minmax", calib_size=4),
+                             evaluate=False)
+    uint8 = inspect_model(onnx.load(str(tmp_path / "q.onnx"))).weight_dtypes.get("uint8", 0)
+    assert result.summary.uint8_weight_layers == uint8 > 0
+    hint = "--weight-dtype int8 gives the same outputs faster"
+    for flags, chosen, shown in ((("avx2", "avx512_vnni"), "auto", True), (("avx2",), "auto", False),
+                                 (("avx2", "avx512_vnni"), "uint8", False)):
+        monkeypatch.setattr(summary_module, "cpu_features",
+                            lambda f=flags: CpuFeatures("x86_64", "test CPU", f, "/proc/cpuinfo"))
+        text = format_summary(dataclasses.replace(result.summary, weight_dtype=chosen), 1.0, "q.onnx")
+        assert (hint in text) == shown, (flags, chosen)
