@@ -536,6 +536,12 @@ def update_readme(readme: Path) -> None:
         if path.exists():
             body = render(json.loads(path.read_text()), path.resolve().relative_to(root))
             text = _replace_block(text, begin, end, body)
+    bottlenecks = sorted(RESULTS.glob("bottleneck_*.json"))
+    if bottlenecks:
+        from bottleneck import BEGIN as NECK_BEGIN, END as NECK_END, markdown as neck_markdown
+
+        text = _replace_block(text, NECK_BEGIN, NECK_END, "\n\n".join(
+            neck_markdown(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in bottlenecks))
     theorem = RESULTS / "theorem.json"
     if theorem.exists():
         from theorem import theorem_markdown
