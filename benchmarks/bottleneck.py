@@ -15,7 +15,6 @@ Writes ``benchmarks/results/bottleneck_<cpu kind>.json``.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 from collections import defaultdict
@@ -23,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from run import RESULTS, WORK, export_model, link_folder, machine, plain, split_imagenet  # noqa: E402
+from run import RESULTS, WORK, cpu_slug, export_model, link_folder, machine, plain, split_imagenet  # noqa: E402
 
 import nq_onnx  # noqa: E402
 
@@ -63,8 +62,7 @@ def main() -> int:
     data = {"machine": machine(), "settings": {"method": config.method.value, "reparam": True,
                                                "calib_size": config.calib_size, "mixed_images": config.mixed_images},
             "kinds": {k: {str(b): v for b, v in sorted(w.items())} for k, w in by_kind(result).items()}}
-    slug = re.sub(r"[^a-z0-9]+", "_", data["machine"]["cpu"]["kind"].lower()).strip("_")
-    path = RESULTS / f"bottleneck_{slug}.json"
+    path = RESULTS / f"bottleneck_{cpu_slug(data['machine']['cpu']['kind'])}.json"
     path.write_text(json.dumps(data, indent=1, sort_keys=True, default=plain) + "\n")
     print(markdown(data, path.relative_to(ROOT)))
     return 0

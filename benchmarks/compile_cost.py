@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import numpy as np
     import onnx
-    from run import (RESULTS, WORK, cifar_subset, export_model, image_arrays, link_folder, machine, plain,
-                     run_model, split_imagenet)
+    from run import (RESULTS, WORK, cifar_subset, export_model, image_arrays, link_folder, machine,
+                     other_cpu_kind, plain, run_model, split_imagenet)
 
     from nq_onnx.calibration.data import Preprocess
     from nq_onnx.calibration.evaluate import output_metrics
@@ -132,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
              for size in {ROWS[r][4] for r in rows} | {128}}
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": {}}
-    if results.get("machine") and results["machine"]["cpu"]["kind"] != machine()["cpu"]["kind"]:
-        print(f"benchmark: {path} was measured on {results['machine']['cpu']['kind']}, this CPU is "
-              f"{machine()['cpu']['kind']}; not appending (use --name)", file=sys.stderr)
+    here = machine()
+    mismatch = results.get("machine") and other_cpu_kind(path, results["machine"], here)
+    if mismatch:
+        print(mismatch, file=sys.stderr)
         return 2
-    results.update(machine=machine(), settings={"cifar_per_class": args.cifar_per_class,
+    results.update(machine=here, settings={"cifar_per_class": args.cifar_per_class,
                                                 "imagenet_eval": args.imagenet_eval, "calib_seed": 0})
     pre = Preprocess.from_model(onnx.load(str(models["vit_s14"]), load_external_data=False))
     held = image_arrays(split_imagenet(128, args.imagenet_eval, 0)[1], pre)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                      "kernel_check_images": fidelity, "latency_rounds": rounds},
         "models": {n: {k: (str(v) if isinstance(v, Path) else v) for k, v in e.items()} for n, e in models.items()},
     }
-    slug = re.sub(r"[^a-z0-9]+", "_", cpu.kind.lower()).strip("_")
+    slug = run.cpu_slug(cpu.kind)
     path = run.RESULTS / f"cpu_exact_{slug}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(results, indent=1, sort_keys=True, default=run.plain) + "\n")
     from table import cpu_markdown

@@ -38,10 +38,12 @@ from run import (  # noqa: E402
     layer_table,
     link_folder,
     machine,
+    other_cpu_kind,
     plain,
     run_model,
     split_imagenet,
 )
+from table import weight_bits  # noqa: E402
 
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
@@ -67,8 +69,8 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
     fit = {"search_images": images, "tokens": 128 * images} if images else {}
-    w_bits = next((int(p[1:]) for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), bits)
-    return nq_onnx.QuantConfig(method=parts[0], w_bits=w_bits, a_bits=bits, seed=seed, calib_size=calib_size,
+    return nq_onnx.QuantConfig(method=parts[0], w_bits=weight_bits(parts) or bits, a_bits=bits, seed=seed,
+                               calib_size=calib_size,
                                reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
                                bias_correction="bc" in parts, bits_budget=budget,
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
@@ -131,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if kept != settings:
             print(f"benchmark: {path} has other settings ({kept}); not appending", file=sys.stderr)
             return 2
-        if previous["machine"]["cpu"]["kind"] != results["machine"]["cpu"]["kind"]:
-            print(f"benchmark: {path} was measured on {previous['machine']['cpu']['kind']}, this CPU is "
-                  f"{results['machine']['cpu']['kind']}; not appending (use another --name)", file=sys.stderr)
+        mismatch = other_cpu_kind(path, previous["machine"], results["machine"])
+        if mismatch:
+            print(mismatch, file=sys.stderr)
             return 2
         results["rows"] = previous["rows"]
         results["invocations"] = previous.get("invocations", [previous["started"]])

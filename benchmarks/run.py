@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +101,20 @@ def machine() -> dict:
         "nq_onnx": nq_onnx.__version__,
         "cpu": cpu_features().to_dict(),
     }
+
+
+def cpu_slug(kind: str) -> str:
+    """A CPU kind as a file-name part: ``x86 AVX-512 VNNI`` -> ``x86_avx_512_vnni``."""
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+
+
+def other_cpu_kind(path: Path, stored: dict, current: dict) -> str | None:
+    """Why rows measured on ``current`` (a :func:`machine` record) must not join the results file at ``path``
+    measured on ``stored``: the message naming both CPU kinds, or ``None`` when they are the same kind."""
+    before, now = stored["cpu"]["kind"], current["cpu"]["kind"]
+    if before == now:
+        return None
+    return f"benchmark: {path} was measured on {before}, this CPU is {now}; not appending (use another --name)"
 
 
 def plain(value):

@@ -278,10 +278,15 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
 
 
+def weight_bits(parts: list[str]) -> int | None:
+    """The weight bits a methods row names with a ``w<N>`` option (``None``: the row's own bit-width)."""
+    return next((int(p[1:]) for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), None)
+
+
 def row_label(row: str) -> str:
     """A methods row's label: ``ROW_LABEL``'s, and for a ``+budget<B>`` row the method's with its budget."""
     parts = row.split("+")
-    weights = next((p[1:] for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), None)
+    weights = weight_bits(parts)
     if weights is not None:
         rest = "+".join(p for p in parts if p != f"w{weights}")
         return f"{row_label(rest)}, {weights}-bit weights"
@@ -390,13 +395,13 @@ def methods_findings(rows: dict, fp32: float, images: int = GOAL_IMAGES) -> str:
             ratio = gptq["imagenet_heldout"]["mse"] / eq["imagenet_heldout"]["mse"]
             out.append(f"W{bits}A{bits} GPTQ on EasyQuant: {ratio:.3f}x EasyQuant's held-out MSE")
     for bits in (8, 6, 4):  # the issue's time bound: the new steps add at most 30 % to the method's convert time
-        for plain, stacked in (("noisyquant", "all"), ("noisyquant-ptq4vit", "noisyquant-ptq4vit+reparam+gptq+bc")):
-            base, full = get(f"{plain}_w{bits}a{bits}"), get(f"{stacked}_w{bits}a{bits}")
-            if base and full:
-                ratio = full["convert_s"] / base["convert_s"]
-                out.append(f"W{bits}A{bits} reparam + GPTQ + bias correction on {ROW_LABEL.get(plain, plain)}: "
-                           f"{ratio:.2f}x its convert time ({'within' if ratio <= 1.3 else '**over**'} the 1.30x "
-                           "bound)")
+        # (not the "all" rows against NoisyQuant: methods.json timed them while the test suite shared the machine)
+        base = get(f"noisyquant-ptq4vit_w{bits}a{bits}")
+        full = get(f"noisyquant-ptq4vit+reparam+gptq+bc_w{bits}a{bits}")
+        if base and full:
+            ratio = full["convert_s"] / base["convert_s"]
+            out.append(f"W{bits}A{bits} reparam + GPTQ + bias correction on NoisyQuant-PTQ4ViT: {ratio:.2f}x its "
+                       f"convert time ({'within' if ratio <= 1.3 else '**over**'} the 1.30x bound)")
     for method in ("noisyquant", "noisyquant+reparam", "noisyquant-ptq4vit+reparam"):  # issue 16's goal
         mixed, uniform = get(f"{method}+budget6.0_w8a8"), get(f"{method}_w6a6")
         if mixed and uniform:
