@@ -1,15 +1,18 @@
 """Compile cost of ``convert``: where the seconds go, peak memory, and what each speed-up costs in accuracy.
 
     python benchmarks/compile_cost.py                          # the default rows (below), ~25 min on 2 cores
-    python benchmarks/compile_cost.py --before ../old-checkout # adds the same conversion by another checkout
-    python benchmarks/compile_cost.py --rows nq_w8a8,vit_b16 --append
+    python benchmarks/compile_cost.py --before ../old-checkout # adds the same conversions by another checkout
+    python benchmarks/compile_cost.py --rows nq_w8a8,vit_b16 --append --repeat 3
 
 Each conversion runs alone in a fresh process (this script with ``--child``), which reports the summary's
 timing breakdown (calibration pass, simulation, linear-layer search, attention-matmul search, rounding, rewrite)
-and its own peak resident memory (``VmHWM``). Rows that convert the real ViT-S/14 are then scored on images no
-conversion saw: output MSE against FP32 on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up
-which changes the search's choices is judged on held-out data. ``--before DIR`` converts with the nq-onnx of
-another checkout (e.g. a ``git worktree`` of an older commit), for the speed-up factor of a change.
+and its own peak resident memory (``VmHWM``); with ``--repeat N`` each row converts N times, each in its own process,
+and the row keeps the run of median wall time (all wall times are recorded; the runs must give the same model
+bytes). Rows that convert the real ViT-S/14 are then scored on images no conversion saw: output MSE against FP32
+on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up which changes the search's choices is judged
+on held-out data. ``--before DIR`` converts every requested row that uses the checkout's defaults with the nq-onnx
+of another checkout too (e.g. a ``git worktree`` of an older commit; rows ``<label>:<row>``), for the speed-up
+factor of a change and what it does to held-out accuracy. The machine record names numpy's BLAS kernels.
 Writes ``benchmarks/results/compile_cost.json`` (``--name``: another file, e.g. one per CPU kind; ``--append``
 refuses a file measured on another kind of CPU).
 """
@@ -17,6 +20,7 @@ refuses a file measured on another kind of CPU).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -80,23 +84,35 @@ def source_tree(checkout: Path, into: Path) -> Path:
     return into
 
 
-def convert_row(name: str, src: Path, models: dict, calib: dict, work: Path) -> dict:
+def convert_row(name: str, src: Path, models: dict, calib: dict, work: Path, repeat: int = 1) -> dict:
+    """Convert row ``name`` ``repeat`` times, each in a fresh process; the run of median wall time, with every run's
+    wall time (``convert_s_runs``)."""
     model, method, bits, search, calib_size, _ = ROWS[name]
-    spec = {"src": str(src), "model": str(models[model]), "out": str(work / f"compile_{name}.onnx"),
-            "calib": str(calib[calib_size]), "method": method, "bits": bits, "search": search,
-            "calib_size": calib_size}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name}: convert failed: {proc.stderr[-2000:]}")
-    entry = json.loads(proc.stdout.strip().splitlines()[-1])
-    return entry | {"model": model, "method": method, "bits": bits, "calib_images": calib_size, "out": spec["out"]}
+    out = work / f"compile_{name.replace(':', '_')}.onnx"
+    spec = {"src": str(src), "model": str(models[model]), "out": str(out), "calib": str(calib[calib_size]),
+            "method": method, "bits": bits, "search": search, "calib_size": calib_size}
+    runs, digests = [], set()
+    for _ in range(repeat):
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name}: convert failed: {proc.stderr[-2000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    if len(digests) != 1:
+        raise RuntimeError(f"{name}: {repeat} conversions gave {len(digests)} different models")
+    entry = sorted(runs, key=lambda r: r["convert_s"])[(repeat - 1) // 2]
+    return entry | {"model": model, "method": method, "bits": bits, "calib_images": calib_size, "out": str(out),
+                    "convert_s_runs": [r["convert_s"] for r in runs], "sha256": digests.pop()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
-    parser.add_argument("--before", type=Path, help="also convert nq_w8a8 with the nq-onnx of this checkout")
-    parser.add_argument("--before-label", default="before", help="the row name of --before (default: before)")
+    parser.add_argument("--before", type=Path,
+                        help="also convert each requested default-settings row with the nq-onnx of this checkout")
+    parser.add_argument("--before-label", default="before", help="the row-name prefix of --before (default: before)")
+    parser.add_argument("--repeat", type=int, default=1, help="conversions per row; the median wall time is kept")
     parser.add_argument("--cifar-per-class", type=int, default=100)
     parser.add_argument("--imagenet-eval", type=int, default=200)
     parser.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
@@ -119,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     WORK.mkdir(parents=True, exist_ok=True)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -146,19 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(r, ROOT) for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
         if args.before is not None:
-            ROWS[args.before_label] = (*ROWS["nq_w8a8"][:3], {}, *ROWS["nq_w8a8"][4:])
-            jobs.insert(0, (args.before_label, source_tree(args.before, Path(tmp))))
+            src = source_tree(args.before, Path(tmp))
+            for row in [r for r in rows if not ROWS[r][3]][::-1]:
+                ROWS[f"{args.before_label}:{row}"] = ROWS[row]
+                jobs.insert(0, (f"{args.before_label}:{row}", src))
         for name, src in jobs:
             log(f"{name}: converting")
-            entry = convert_row(name, src, models, calib, WORK)
+            entry = convert_row(name, src, models, calib, WORK, args.repeat)
             if ROWS[name][5]:
                 if reference is None:
                     reference = {"cifar": run_model(models["vit_s14"], cifar),
                                  "imagenet": run_model(models["vit_s14"], held)}
                 entry["imagenet_heldout"] = output_metrics(reference["imagenet"], run_model(Path(entry["out"]), held))
                 entry["cifar"] = output_metrics(reference["cifar"], run_model(Path(entry["out"]), cifar), labels)
-            if name == args.before_label:
-                entry["source"] = str(args.before)
+            if src != ROOT:
+                entry["source"], entry["mirrors"] = str(args.before), name.split(":", 1)[1]
             results["rows"][name] = entry
             graph = onnx.load(str(models[ROWS[name][0]]), load_external_data=False).graph
             entry["parameters_m"] = sum(int(np.prod(t.dims)) for t in graph.initializer) / 1e6

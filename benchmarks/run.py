@@ -100,7 +100,22 @@ def machine() -> dict:
         "numpy": np.__version__,
         "nq_onnx": nq_onnx.__version__,
         "cpu": cpu_features().to_dict(),
+        "blas": blas(),
     }
+
+
+def blas() -> dict:
+    """numpy's BLAS and the kernels it runs (threadpoolctl), and the OpenBLAS settings in the environment: the
+    searches are float GEMMs, so their speed and the last bits of their sums depend on the kernel (a machine that
+    sets ``OPENBLAS_CORETYPE`` runs that core's kernels whatever its CPU)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[bench]'") from None
+    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
+           if k in os.environ}
+    return {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} | {"env": env}
 
 
 def cpu_slug(kind: str) -> str:
@@ -112,9 +127,13 @@ def other_cpu_kind(path: Path, stored: dict, current: dict) -> str | None:
     """Why rows measured on ``current`` (a :func:`machine` record) must not join the results file at ``path``
     measured on ``stored``: the message naming both CPU kinds, or ``None`` when they are the same kind."""
     before, now = stored["cpu"]["kind"], current["cpu"]["kind"]
-    if before == now:
-        return None
-    return f"benchmark: {path} was measured on {before}, this CPU is {now}; not appending (use another --name)"
+    if before != now:
+        return f"benchmark: {path} was measured on {before}, this CPU is {now}; not appending (use another --name)"
+    kernels = [(m.get("blas") or {}).get("architecture") for m in (stored, current)]
+    if None not in kernels and kernels[0] != kernels[1]:
+        return (f"benchmark: {path} was measured with numpy's {kernels[0]} BLAS kernels, this run has {kernels[1]}; "
+                "not appending (use another --name)")
+    return None
 
 
 def plain(value):

@@ -14,6 +14,16 @@ BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def blas_line(results: dict) -> str:
+    """The BLAS kernels numpy ran (``run.blas``), as a table footnote says them."""
+    b = results.get("machine", {}).get("blas")
+    if not b:
+        return "numpy's BLAS kernels not recorded."
+    env = ", ".join(f"`{k}={v}`" for k, v in b["env"].items()) or "no OpenBLAS variables set"
+    return (f"numpy's BLAS: {b['internal_api']} {b['version']}, {b['architecture']} kernels, {b['num_threads']} "
+            f"threads ({env}).")
+
+
 def cpu_line(results: dict) -> str:
     """The CPU a results file was measured on, as its header says it (files from before it was recorded say so)."""
     cpu = results.get("cpu") or results.get("machine", {}).get("cpu")
@@ -442,27 +452,38 @@ def cost_markdown(results: dict, source) -> str:
     for name, e in rows.items():
         scored = "cifar" in e
         screen = f"{e['screen_tokens']} rows, best {e['screen_keep']}" if e.get("screen_tokens") else "off"
+        runs = e.get("convert_s_runs", [])
+        spread = f" ({min(runs):.1f}-{max(runs):.1f}, {len(runs)} runs)" if len(runs) > 1 else ""
         lines.append(
             f"| {name} | {e['model']} ({e['parameters_m']:.1f}) | {e['method']} W{e['bits']}A{e['bits']} | "
             f"{e['grid_stride']} | {screen} | {e.get('read_token_share', 0.0):g} | {e['calib_images']} | "
-            f"{e['convert_s']:.1f} | "
+            f"{e['convert_s']:.1f}{spread} | "
             f"{e['peak_rss_mb']:.0f} | {e['convert_s'] / e['parameters_m']:.2f} | "
             + (f"{e['imagenet_heldout']['mse']:.4f} | {100 * e['cifar']['top1']:.2f} |" if scored else "- | - |"))
     lines += ["", "Where the seconds go (each block is 5 s):", "", "| row | stage | s | |", "|---|---|---|---|"]
     for name, e in rows.items():
         for stage, seconds in _stages(e).items():
             lines.append(f"| {name} | {stage} | {seconds:.1f} | {'█' * max(int(round(seconds / 5)), 0)} |")
-    after = rows.get("nq_w8a8")
-
     def search(e: dict) -> float:
         return e["timings"].get("search_s", 0.0)
 
     for label, before in rows.items():
+        mirrors = before.get("mirrors", "nq_w8a8")  # rows from before --before mirrored every row: nq_w8a8
+        after = rows.get(mirrors)
         if before.get("source") and after:
-            lines += ["", f"Speed-up on NoisyQuant W8A8, 128 images, over `{label}`: "
-                          f"{before['convert_s'] / after['convert_s']:.2f}x in all ({before['convert_s']:.0f} s -> "
-                          f"{after['convert_s']:.0f} s), {search(before) / search(after):.2f}x in the search; peak "
-                          f"memory {before['peak_rss_mb']:.0f} -> {after['peak_rss_mb']:.0f} MB."]
+            e = after
+            lines += ["", f"Speed-up of `{mirrors}` ({e['method']} W{e['bits']}A{e['bits']}, {e['calib_images']} "
+                          f"images) over `{label}`: {before['convert_s'] / after['convert_s']:.2f}x in all "
+                          f"({before['convert_s']:.1f} s -> {after['convert_s']:.1f} s), "
+                          f"{search(before) / search(after):.2f}x in the search; peak memory "
+                          f"{before['peak_rss_mb']:.0f} -> {after['peak_rss_mb']:.0f} MB."]
+            if "cifar" in before and "cifar" in after:
+                ratio = after["imagenet_heldout"]["mse"] / before["imagenet_heldout"]["mse"]
+                change = 100 * (after["cifar"]["top1"] - before["cifar"]["top1"])
+                kept = ratio <= 1.02 and abs(change) <= 0.2
+                lines[-1] += (f" Held-out MSE {ratio:.3f}x, top-1 {change:+.2f} points "
+                              f"({'within' if kept else 'outside'} the issue's bounds: MSE within 2 %, top-1 within "
+                              f"0.2).")
     for bits in (8, 6):
         exact, screened = rows.get(f"nq_w{bits}a{bits}_exact"), rows.get(f"nq_w{bits}a{bits}")
         if exact and screened and "cifar" in exact and "cifar" in screened:
@@ -500,7 +521,7 @@ def cost_markdown(results: dict, source) -> str:
     return "\n".join(lines) + (
         f"\n\nEach conversion alone in a fresh process, evaluation off; top-1 on "
         f"{settings.get('cifar_per_class', 0) * 10} CIFAR-10 images, held-out MSE on {settings.get('imagenet_eval')} "
-        f"ImageNet images no conversion saw. {cpu_line(results)} Source: `{source}`.")
+        f"ImageNet images no conversion saw. {cpu_line(results)} {blas_line(results)} Source: `{source}`.")
 
 
 THEOREM_BEGIN, THEOREM_END = "<!-- theorem:begin -->", "<!-- theorem:end -->"
@@ -534,6 +555,8 @@ def update_readme(readme: Path) -> None:
                 ("compile_cost.json", COST_BEGIN, COST_END, cost_markdown),
                 ("compile_cost_vnni.json", "<!-- compile-cost-vnni:begin -->", "<!-- compile-cost-vnni:end -->",
                  cost_markdown),
+                ("compile_cost_vnni_skylakex.json", "<!-- compile-cost-skylakex:begin -->",
+                 "<!-- compile-cost-skylakex:end -->", cost_markdown),
                 ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),
                 ("demo.json", DEMO_BEGIN, DEMO_END, demo_markdown))
     for name, begin, end, render in sections:

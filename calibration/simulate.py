@@ -182,8 +182,10 @@ class Simulator:
         return sorted(needed)
 
     def _run_nodes(self, todo: list[int], outputs: list[str]) -> dict[str, np.ndarray]:
-        nodes = [self._nodes[i] for i in todo]
+        nodes, alias = self._specialize([self._nodes[i] for i in todo], outputs)
+        source = {name: _resolve(alias, name) for name in outputs}
         produced = {out for node in nodes for out in node.output}
+        outputs = sorted({t for t in source.values() if t in produced})
         external = sorted({t for node in nodes for t in node.input if t and t not in produced})
         feeds, inputs, initializers = {}, [], []
         for name in external:
@@ -204,7 +206,51 @@ class Simulator:
         graph = onnx.helper.make_graph(nodes, "sim_step", inputs, outs, initializers)
         sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
         sess = session(carry_source_dir(self._sim, sub), optimize=False)
-        return dict(zip(outputs, sess.run(outputs, feeds)))
+        values = dict(zip(outputs, sess.run(outputs, feeds))) if outputs else {}
+        return {name: values[t] if t in values else self._cache[t] for name, t in source.items()}
+
+    def _specialize(self, nodes: list[onnx.NodeProto], outputs: list[str]) -> tuple[list[onnx.NodeProto], dict]:
+        """The step's nodes with the plan so far folded in, and which tensor each dropped node's output equals.
+
+        ``Where(on, fake, x)`` is ``fake`` for a planned group and ``x`` for another; ``x + N`` and a layer's
+        ``raw + delta`` are ``x`` and ``raw`` where the fed ``N`` or delta is zero (``-0.0 + 0`` is ``+0.0``:
+        the same value); a quantizer whose result nothing reads any more is dropped. The values are the
+        unspecialized graph's, without its per-element selects and adds on every group input."""
+        alias: dict[str, str] = {}
+        kept = []
+        for node in nodes:
+            fed = [self._feeds.get(name) for name in node.input]
+            if node.op_type == "Where" and fed[0] is not None and fed[0].ndim == 0:
+                alias[node.output[0]] = node.input[1] if bool(fed[0]) else node.input[2]
+            elif node.op_type == "Add" and fed[1] is not None and not np.any(fed[1]) and _is_sim_add(node):
+                alias[node.output[0]] = node.input[0]
+            else:
+                kept.append(node)
+        if not alias:
+            return nodes, alias
+        for i, node in enumerate(kept):
+            if any(name in alias for name in node.input):
+                node = onnx.NodeProto.FromString(node.SerializeToString())
+                node.input[:] = [_resolve(alias, name) if name else name for name in node.input]
+                kept[i] = node
+        needed = {_resolve(alias, name) for name in outputs}
+        live = []
+        for node in reversed(kept):  # nodes are in topological order: drop those nothing needed reads
+            if any(out in needed for out in node.output):
+                live.append(node)
+                needed.update(name for name in node.input if name)
+        return live[::-1], alias
+
+
+def _resolve(alias: dict[str, str], name: str) -> str:
+    while name in alias:
+        name = alias[name]
+    return name
+
+
+def _is_sim_add(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is one the simulation added: a group's ``X + N`` or a layer's ``raw + delta``."""
+    return node.input[1].startswith("sim/") and node.input[1].endswith(("/noise", "/delta"))
 
 
 def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],

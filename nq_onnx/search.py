@@ -9,8 +9,10 @@ of that channel's quantized output with the float one; then the shared activatio
 maximizes the mean cosine similarity of the layer outputs. With ``SearchConfig.objective`` Pearson (PTQ-ViT's
 similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`). The activation
 step's candidates are screened on a stratified quarter of the rows, the best few scored on all of them
-(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`); the noise search's summed MSE is minimized
-part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate).
+(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`). The noise search's summed MSE is minimized
+part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate in
+full); the step it then refines for the chosen noise is screened as EasyQuant's is (each step's summed MSE
+estimated on the screen's weighted rows, the ``screen_keep`` best scored in full).
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
@@ -48,6 +50,9 @@ from nq_onnx.config import NoiseMode, Objective, SearchConfig
 from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
 from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+
+
+DELTA_CACHE_BYTES = 128 << 20  # per layer: EasyQuant's rounds share a weight's quantization errors up to this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,23 +157,25 @@ def group_rng(seed: int, name: str) -> np.random.Generator:
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    d = np.subtract(a, b, dtype=np.float64)
+    np.multiply(d, d, out=d)
+    return float(np.mean(d))
 
 
-def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], scales: dict[str, np.ndarray],
+def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], weights: list[np.ndarray],
               targets: list[np.ndarray], noise: np.ndarray | None = None) -> list[float]:
-    """Per-layer output MSE of ``x_q dq(W) + B - N dq(W)`` against the float outputs."""
+    """Per-layer output MSE of ``x_q dq(W) + B - N dq(W)`` against the float outputs (``weights``: each layer's
+    ``dq(W)``)."""
     out = []
-    for layer, target in zip(layers, targets):
-        w_q = layer.quantized_weight(scales[layer.name])
+    for layer, w_q, target in zip(layers, weights, targets):
         bias = layer.bias if noise is None else layer.bias - noise @ w_q
         out.append(_mse(x_q @ w_q + bias, target))
     return out
 
 
 def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, target: np.ndarray,
-                         alphas: np.ndarray, stride: int = 1,
-                         objective: Objective = Objective.COSINE) -> np.ndarray:
+                         alphas: np.ndarray, stride: int = 1, objective: Objective = Objective.COSINE,
+                         deltas: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """Per output channel, the step ``a * s_c^minmax`` whose channel output is most similar to the float one
     (cosine, or with ``objective`` Pearson: the same from column sums, :func:`similarity_of`).
 
@@ -177,7 +184,8 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     ``||E_c||^2 = D_c^T (x_q^T x_q) D_c + 2 D_c . (x_q^T F)_c + ||F_c||^2``: a ``K x K x N`` product per
     candidate where ``K`` is below the token count ``T``, the ``T x K x N`` product ``x_q D`` elsewhere. The
     terms are small differences computed as such, so the cosine keeps its precision near 1. The grid is searched
-    as :func:`grid_argmax` does, each channel around its own best coarse point.
+    as :func:`grid_argmax` does, each channel around its own best coarse point. ``deltas`` keeps the coarse points'
+    ``D`` by grid index across calls (they do not depend on ``x_q``: EasyQuant's later rounds reuse them).
     """
     base = layer.minmax_scales()
     w = layer.weight
@@ -190,9 +198,13 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     rows = x_q.shape[0]
     t_sum, f_sum, xq_sum = (v.sum(axis=0, dtype=np.float64) for v in (target, f, x_q))
 
-    def cosines(alpha: np.ndarray) -> np.ndarray:
-        delta = layer.quantized_weight((base * alpha).astype(np.float32))
-        delta -= w
+    def cosines(alpha: np.ndarray, index: int | None = None) -> np.ndarray:
+        delta = None if deltas is None or index is None else deltas.get(index)
+        if delta is None:
+            delta = layer.quantized_weight((base * alpha).astype(np.float32))
+            delta -= w
+            if deltas is not None and index is not None:
+                deltas[index] = delta
         if gram is not None:
             e2 = colsum(delta, gram @ delta) + 2.0 * colsum(delta, cross_f) + f2
             et = colsum(delta, cross_t) + ft
@@ -208,7 +220,7 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     count = len(alphas)
     best, best_index = np.full(base.shape, -np.inf), np.zeros(base.shape, dtype=np.int64)
     for i in sorted({*range(0, count, stride), count - 1}):  # one fake-quantized weight alive at a time
-        cos = cosines(np.full(base.shape, alphas[i]))
+        cos = cosines(np.full(base.shape, alphas[i]), i)
         better = cos > best
         best[better], best_index[better] = cos[better], i
     centre = best_index.copy()
@@ -231,38 +243,42 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
         return GroupResult(1.0, {op.name: op.minmax_scales() for op in layers}, {op.name: dict(zero) for op in layers},
                            base_scale=1.0)
     targets = [sample.x @ layer.weight + layer.bias for layer in layers]
-    easy, alpha, errors = _easyquant(problem, targets)
+    easy, alpha, errors, weights = _easyquant(problem, targets)
     if problem.noise_mode is None:
         return easy
-    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, errors)
-    if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, noise, scale):
+    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, weights, errors)
+    if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, weights, noise, scale):
         noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
     x_q = problem.act.fake_quant(sample.x + noise, scale)
-    for layer, m in zip(layers, layer_mse(x_q, layers, easy.weight_scales, targets, noise)):
+    for layer, m in zip(layers, layer_mse(x_q, layers, weights, targets, noise)):
         easy.metrics[layer.name]["mse_noisyquant"] = m
     return dataclasses.replace(easy, scale=scale, noise=noise if np.any(noise) else None, noise_shift=shift,
                                noise_amplitude=amplitude)
 
 
-def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float, list | None]:
+def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float, list | None, list]:
     """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result,
-    its activation step as a multiple of the MinMax step, and the layers' :class:`LayerError` at the chosen weights
-    (``None`` where MinMax was kept: they were built for other weights)."""
+    its activation step as a multiple of the MinMax step, the layers' :class:`LayerError` at the chosen weights
+    (``None`` where MinMax was kept: they were built for other weights) and those weights ``dq(W)``."""
     x, layers, act, config = problem.sample.x, problem.layers, problem.act, problem.config
     base = act.minmax_scale(problem.sample.absmax)
     minmax = {layer.name: layer.minmax_scales() for layer in layers}
-    mse_minmax = layer_mse(act.fake_quant(x, base), layers, minmax, targets)
+    minmax_weights = [layer.quantized_weight(minmax[layer.name]) for layer in layers]
+    mse_minmax = layer_mse(act.fake_quant(x, base), layers, minmax_weights, targets)
     metrics = {layer.name: {"mse_minmax": m} for layer, m in zip(layers, mse_minmax)}
-    alpha, scales = 1.0, dict(minmax)
+    alpha, scales, weights = 1.0, dict(minmax), minmax_weights
     sub = screen_rows(x, config.screen_tokens)
     sub_x = None if sub is None else x[sub[0]]
+    count = len(grid(config.weight_alphas))
+    deltas = {layer.name: {} if config.rounds > 1 and count * layer.weight.nbytes <= DELTA_CACHE_BYTES else None
+              for layer in layers}
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
         scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride,
-                                                   config.objective)
+                                                   config.objective, deltas[layer.name])
                   for layer, t in zip(layers, targets)}
-        errors = [LayerError.build(x, layer, layer.quantized_weight(scales[layer.name]), t)
-                  for layer, t in zip(layers, targets)]
+        weights = [layer.quantized_weight(scales[layer.name]) for layer in layers]
+        errors = [LayerError.build(x, layer, w_q, t) for layer, w_q, t in zip(layers, weights, targets)]
         alphas = grid(config.act_alphas)
 
         def similarity(i: int, rows: np.ndarray, errs: list[LayerError]) -> float:
@@ -276,25 +292,27 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
         index, _ = grid_argmax(len(alphas), functools.partial(similarity, rows=x, errs=errors), config.grid_stride,
                                screen, config.screen_keep)
         alpha = float(alphas[index])
-    easy = layer_mse(act.fake_quant(x, base * alpha), layers, scales, targets)
+    easy = layer_mse(act.fake_quant(x, base * alpha), layers, weights, targets)
     if sum(easy) > sum(mse_minmax):
         # cosine ignores magnitude: a solution that lost to MinMax on output MSE is not kept
-        alpha, scales, easy, errors = 1.0, minmax, mse_minmax, None
+        alpha, scales, easy, errors, weights = 1.0, minmax, mse_minmax, None, minmax_weights
         for layer in layers:
             metrics[layer.name]["minmax_kept"] = 1.0
     for layer, m in zip(layers, easy):
         metrics[layer.name]["mse_easyquant"] = m
     scale = base * alpha
-    return GroupResult(scale, scales, metrics, base_scale=scale), alpha, errors
+    return GroupResult(scale, scales, metrics, base_scale=scale), alpha, errors, weights
 
 
-def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, scale: float) -> bool:
+def _wins_held_out(problem: GroupSearch, easy: GroupResult, weights: list[np.ndarray], noise: np.ndarray,
+                   scale: float) -> bool:
     """Whether ``noise`` at ``scale`` beats the noiseless EasyQuant step on rows no search fitted on (summed layer
-    output MSE); records both errors per layer, and ``noise_rejected`` where it loses."""
+    output MSE, the layers' weights ``dq(W)`` the EasyQuant ones); records both errors per layer, and
+    ``noise_rejected`` where it loses."""
     rows, layers, act = problem.sample.held_out, problem.layers, problem.act
     targets = [rows @ layer.weight + layer.bias for layer in layers]
-    plain = layer_mse(act.fake_quant(rows, easy.scale), layers, easy.weight_scales, targets)
-    noisy = layer_mse(act.fake_quant(rows + noise, scale), layers, easy.weight_scales, targets, noise)
+    plain = layer_mse(act.fake_quant(rows, easy.scale), layers, weights, targets)
+    noisy = layer_mse(act.fake_quant(rows + noise, scale), layers, weights, targets, noise)
     for layer, e, n in zip(layers, plain, noisy):
         easy.metrics[layer.name]["mse_easyquant_held_out"] = e
         easy.metrics[layer.name]["mse_noisyquant_held_out"] = n
@@ -306,7 +324,8 @@ def _wins_held_out(problem: GroupSearch, easy: GroupResult, noise: np.ndarray, s
 
 
 def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupResult, alpha: float,
-                  errors: list[LayerError] | None = None) -> tuple[np.ndarray, float, float, float]:
+                  weights: list[np.ndarray], errors: list[LayerError] | None = None
+                  ) -> tuple[np.ndarray, float, float, float]:
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
     sample, act, config = problem.sample, problem.act, problem.config
@@ -314,8 +333,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
     if errors is None:  # EasyQuant's last round built them on the same rows and weights where it kept its own
-        errors = [LayerError.build(sample.x, layer, layer.quantized_weight(easy.weight_scales[layer.name]), t)
-                  for layer, t in zip(problem.layers, targets)]
+        errors = [LayerError.build(sample.x, layer, w_q, t) for layer, w_q, t in zip(problem.layers, weights, targets)]
     shifts, amplitudes = config.noise_grid(problem.noise_mode)
     if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
         shifts = (0.0,)
@@ -324,7 +342,8 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         return float(np.max(np.maximum(np.abs(sample.channel_min + noise), np.abs(sample.channel_max + noise))))
 
     # first the rows a screen takes (the outliers that decide clipping among them), then the rest in turn
-    screened = screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
+    screen = screen_rows(sample.x, config.screen_tokens)
+    screened = screen or screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
     first_rows = screened[0] if screened is not None else np.arange(sample.x.shape[0])
     rest = np.setdiff1d(np.arange(sample.x.shape[0]), first_rows)
     parts = [first_rows] + [rest[j::LOSS_PARTS - 1] for j in range(LOSS_PARTS - 1)]
@@ -342,8 +361,25 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     def loss(noise: np.ndarray, scale: float) -> float:
         return sum(loss_part(noise, scale, j) for j in range(LOSS_PARTS))
 
-    def lowest(trials: list[tuple[np.ndarray, float]]) -> tuple[int, float]:
-        return additive_argmin(len(trials), lambda i, j: loss_part(*trials[i], j), LOSS_PARTS)
+    if screen is not None:
+        screen_x, screen_errors = sample.x[screen[0]], [error.rows(*screen) for error in errors]
+
+    def estimate(noise: np.ndarray, scale: float) -> float:
+        """The summed layer output MSE estimated from the screen's weighted rows."""
+        noisy = screen_x + noise.astype(np.float32)
+        d = act.fake_quant(noisy, scale)
+        d -= noisy
+        return float(sum(error.terms(d)[0] / size for error, size in zip(screen_errors, sizes)))
+
+    def lowest(trials: list[tuple[np.ndarray, float]], screened: bool = False) -> tuple[int, float]:
+        """The trial with the lowest loss: of all of them, or (``screened``, where there is a screen) of the
+        ``screen_keep`` with the best estimates."""
+        keep = list(range(len(trials)))
+        if screened and screen is not None:
+            estimates = [estimate(*trial) for trial in trials]
+            keep = sorted(sorted(keep, key=lambda i: (estimates[i], i))[: config.screen_keep])
+        i, value = additive_argmin(len(keep), lambda i, j: loss_part(*trials[keep[i]], j), LOSS_PARTS)
+        return keep[i], value
 
     zero = np.zeros_like(u)
     candidates = [(zero, easy.scale, 0.0, 0.0)]  # the EasyQuant solution itself
@@ -360,7 +396,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     base, alphas = range_of(noise) / qmax, grid(config.act_alphas)
     if base > 0:
         if config.grid_stride == 1:
-            i, trial = lowest([(noise, base * a) for a in alphas])
+            i, trial = lowest([(noise, base * a) for a in alphas], screened=True)
         else:
             i, negative = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
             trial = -negative

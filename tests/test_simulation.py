@@ -142,3 +142,38 @@ def test_calibration_statistics_do_not_depend_on_the_batch_it_streams(vit, photo
         np.testing.assert_array_equal(one[name].channel_min, eight[name].channel_min)
         np.testing.assert_array_equal(one[name].channel_max, eight[name].channel_max)
         assert one[name].count == eight[name].count
+
+
+def test_specialized_steps_compute_what_the_whole_simulation_graph_does(vit, photo_folder, monkeypatch):
+    """Each simulation step folds the plan into its nodes (a planned group's ``Where`` becomes the quantized
+    branch, a zero noise or delta ``Add`` its input, dead quantizers go): after a NoisyQuant search, every group
+    input and every layer output equals, bit for bit, what the unfolded graph computes, and no step ran a select
+    on a fed ``on`` flag."""
+    from nq_onnx.calibration.simulate import Simulator
+
+    config = QuantConfig(calib_size=12, w_bits=6, a_bits=6, search=SearchConfig(shift_min_rows=0))
+    model, layers, plan, planner, _ = searched(vit, photo_folder, config)
+    assert any(g.noise is not None for g in plan.groups.values())
+    assert any(g.noise is None for g in plan.groups.values())
+    sim = planner._sim
+    wanted = sorted({g.tensor for g in layers.groups} | {layer_output(model, s) for s in layers.layers})
+    selects = []
+    original = Simulator._specialize
+
+    def watched(self, nodes, outputs):
+        kept, alias = original(self, nodes, outputs)
+        selects.extend(n for n in kept if n.op_type == "Where" and n.input[0] in self._feeds)
+        return kept, alias
+
+    def rerun() -> dict[str, np.ndarray]:
+        sim._computed.clear()
+        sim._cache = dict(sim.inputs)
+        return {k: v.copy() for k, v in sim.run(wanted).items()}
+
+    monkeypatch.setattr(Simulator, "_specialize", watched)
+    folded = rerun()
+    assert selects == []
+    monkeypatch.setattr(Simulator, "_specialize", lambda self, nodes, outputs: (nodes, {}))
+    whole = rerun()
+    for name in wanted:
+        np.testing.assert_array_equal(folded[name], whole[name], err_msg=name)
