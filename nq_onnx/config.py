@@ -127,13 +127,11 @@ class SearchConfig:
     is kept only where it also beats the noiseless (EasyQuant) solution on rows of the next ``holdout_images``
     images, which no search saw (``0``: no such check).
 
-    Candidate activation steps are screened (EasyQuant's alternating search, and the step NoisyQuant refines for
-    its chosen noise): with ``screen_tokens > 0`` every candidate is scored on that many of the fit rows (a
-    stratified sample, :func:`nq_onnx.grids.screen_rows`) and only the ``screen_keep`` best of them on all rows
-    (:func:`nq_onnx.grids.grid_argmax`). On the real ViT-S/14 the full search's best step was the screen's first or
-    second in all 192 EasyQuant searches (W8A8 and W6A6), and NoisyQuant's refined step the full search's in 49 of
-    49 searches at W8A8 and 48 of 49 at W6A6 (the other's fit error 1.5 % higher); ``screen_tokens = 0`` scores
-    every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise candidates themselves and
+    Candidate activation steps of EasyQuant's alternating search are screened: with ``screen_tokens > 0`` every
+    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.grids.screen_rows`) and
+    only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.grids.grid_argmax`). On the real ViT-S/14 the
+    full search's best step was the screen's first or second in all 192 searches (W8A8 and W6A6); ``screen_tokens
+    = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise search and
     the attention-matmul search choose exactly what scoring every candidate in full would.
 
     The output of a ViT classifier reads one token (the class token; :func:`nq_onnx.passes.find_layers.read_tokens`

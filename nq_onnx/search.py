@@ -9,10 +9,8 @@ of that channel's quantized output with the float one; then the shared activatio
 maximizes the mean cosine similarity of the layer outputs. With ``SearchConfig.objective`` Pearson (PTQ-ViT's
 similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`). The activation
 step's candidates are screened on a stratified quarter of the rows, the best few scored on all of them
-(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`). The noise search's summed MSE is minimized
-part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate in
-full); the step it then refines for the chosen noise is screened as EasyQuant's is (each step's summed MSE
-estimated on the screen's weighted rows, the ``screen_keep`` best scored in full).
+(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`); the noise search's summed MSE is minimized
+part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate).
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
@@ -342,8 +340,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         return float(np.max(np.maximum(np.abs(sample.channel_min + noise), np.abs(sample.channel_max + noise))))
 
     # first the rows a screen takes (the outliers that decide clipping among them), then the rest in turn
-    screen = screen_rows(sample.x, config.screen_tokens)
-    screened = screen or screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
+    screened = screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
     first_rows = screened[0] if screened is not None else np.arange(sample.x.shape[0])
     rest = np.setdiff1d(np.arange(sample.x.shape[0]), first_rows)
     parts = [first_rows] + [rest[j::LOSS_PARTS - 1] for j in range(LOSS_PARTS - 1)]
@@ -361,25 +358,8 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     def loss(noise: np.ndarray, scale: float) -> float:
         return sum(loss_part(noise, scale, j) for j in range(LOSS_PARTS))
 
-    if screen is not None:
-        screen_x, screen_errors = sample.x[screen[0]], [error.rows(*screen) for error in errors]
-
-    def estimate(noise: np.ndarray, scale: float) -> float:
-        """The summed layer output MSE estimated from the screen's weighted rows."""
-        noisy = screen_x + noise.astype(np.float32)
-        d = act.fake_quant(noisy, scale)
-        d -= noisy
-        return float(sum(error.terms(d)[0] / size for error, size in zip(screen_errors, sizes)))
-
-    def lowest(trials: list[tuple[np.ndarray, float]], screened: bool = False) -> tuple[int, float]:
-        """The trial with the lowest loss: of all of them, or (``screened``, where there is a screen) of the
-        ``screen_keep`` with the best estimates."""
-        keep = list(range(len(trials)))
-        if screened and screen is not None:
-            estimates = [estimate(*trial) for trial in trials]
-            keep = sorted(sorted(keep, key=lambda i: (estimates[i], i))[: config.screen_keep])
-        i, value = additive_argmin(len(keep), lambda i, j: loss_part(*trials[keep[i]], j), LOSS_PARTS)
-        return keep[i], value
+    def lowest(trials: list[tuple[np.ndarray, float]]) -> tuple[int, float]:
+        return additive_argmin(len(trials), lambda i, j: loss_part(*trials[i], j), LOSS_PARTS)
 
     zero = np.zeros_like(u)
     candidates = [(zero, easy.scale, 0.0, 0.0)]  # the EasyQuant solution itself
@@ -396,7 +376,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     base, alphas = range_of(noise) / qmax, grid(config.act_alphas)
     if base > 0:
         if config.grid_stride == 1:
-            i, trial = lowest([(noise, base * a) for a in alphas], screened=True)
+            i, trial = lowest([(noise, base * a) for a in alphas])
         else:
             i, negative = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
             trial = -negative
