@@ -111,7 +111,7 @@ def blas() -> dict:
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[bench]'") from None
+        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[export,test]'") from None
     info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
            if k in os.environ}

@@ -477,6 +477,10 @@ def cost_markdown(results: dict, source) -> str:
                           f"({before['convert_s']:.1f} s -> {after['convert_s']:.1f} s), "
                           f"{search(before) / search(after):.2f}x in the search; peak memory "
                           f"{before['peak_rss_mb']:.0f} -> {after['peak_rss_mb']:.0f} MB."]
+            runs = [e.get("convert_s_runs", []) for e in (before, after)]
+            if all(len(r) > 1 for r in runs) and min(runs[0]) <= max(runs[1]) and min(runs[1]) <= max(runs[0]):
+                lines[-1] += (f" The two rows' wall times overlap ({min(runs[0]):.1f}-{max(runs[0]):.1f} and "
+                              f"{min(runs[1]):.1f}-{max(runs[1]):.1f} s): no difference beyond run-to-run spread.")
             if "cifar" in before and "cifar" in after:
                 ratio = after["imagenet_heldout"]["mse"] / before["imagenet_heldout"]["mse"]
                 change = 100 * (after["cifar"]["top1"] - before["cifar"]["top1"])

@@ -217,7 +217,7 @@ def search_weight_scales(x_q: np.ndarray, x: np.ndarray, layer: LinearOperand, t
     # grid_argmax per channel (the channels decouple): the coarse points, then each channel's own neighbours
     count = len(alphas)
     best, best_index = np.full(base.shape, -np.inf), np.zeros(base.shape, dtype=np.int64)
-    for i in sorted({*range(0, count, stride), count - 1}):  # one fake-quantized weight alive at a time
+    for i in sorted({*range(0, count, stride), count - 1}):  # one fake-quantized weight alive, unless ``deltas``
         cos = cosines(np.full(base.shape, alphas[i]), i)
         better = cos > best
         best[better], best_index[better] = cos[better], i

@@ -1,10 +1,12 @@
 """Refactors change no numbers: small conversions reproduce stored digests of their output model and plan.
 
 Every setting below was converted once before a refactor began and the SHA-256 of the emitted model, the plan's
-JSON and its arrays stored in ``tests/golden/digests.json``, keyed by CPU kind (:func:`nq_onnx.cpu.cpu_features`):
-the search is float maths on numpy's BLAS, whose kernels (and so the last bits of a sum) differ between CPU
-kinds, so the same model, data and seed give the same bytes on the same kind of CPU, not on every CPU. On a kind
-with no stored digests the test is skipped; ``NQ_WRITE_GOLDEN=1`` records them (do that on main, before a change).
+JSON and its arrays stored in ``tests/golden/digests.json``, keyed by CPU kind (:func:`nq_onnx.cpu.cpu_features`)
+and numpy's BLAS kernels (threadpoolctl): the search is float maths on numpy's BLAS, whose kernels (and so the last
+bits of a sum) differ between CPUs and settings (``OPENBLAS_CORETYPE`` picks another core's kernels), so the same
+model, data and seed give the same bytes with the same kernels on the same kind of CPU, not everywhere. Where no
+digests are stored for both the test is skipped; ``NQ_WRITE_GOLDEN=1`` records them (do that on main, before a
+change).
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def tiny_vit(tmp_path_factory):
     return path
 
 
+def numerics() -> str:
+    """What decides the bytes besides the inputs: the CPU kind and the BLAS kernels numpy runs."""
+    from threadpoolctl import threadpool_info
+
+    blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), None)
+    kernels = f"{blas['internal_api']} {blas['architecture']}" if blas else "no BLAS found"
+    return f"{cpu_features().kind}, {kernels}"
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -51,12 +62,12 @@ def digests(model: Path, photos: Path, out: Path, setting: dict) -> dict[str, st
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_conversion_reproduces_stored_digests(name, tiny_vit, photo_folder, tmp_path):
-    kind = cpu_features().kind
+    kind = numerics()
     stored = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
     got = digests(tiny_vit, photo_folder, tmp_path, SETTINGS[name])
     if os.environ.get("NQ_WRITE_GOLDEN"):
         stored.setdefault(kind, {})[name] = got
         GOLDEN.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
     if name not in stored.get(kind, {}):
-        pytest.skip(f"no stored digests for {name} on CPU kind {kind}")
+        pytest.skip(f"no stored digests for {name} on {kind}")
     assert got == stored[kind][name]
