@@ -13,8 +13,12 @@ Figures are meaningless without the CPU they came from: benchmarks and ``nq-onnx
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from pathlib import Path
+
+# OpenBLAS core names (``OPENBLAS_CORETYPE``) whose kernels use AVX-512
+OPENBLAS_AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 # Linux /proc/cpuinfo flag names of the features that matter for the integer kernels
 X86_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -111,3 +115,21 @@ def _from_numpy(machine: str, model: str = "") -> CpuFeatures:
     alt = {"avx512_vnni": "AVX512VNNI"}
     flags = tuple(f for f, key in names.items() if detected.get(key) or detected.get(alt.get(f, "")))
     return CpuFeatures(machine, model or platform.processor(), flags, "numpy")
+
+
+def pinned_blas(features: CpuFeatures, environ=os.environ) -> str | None:
+    """The ``OPENBLAS_CORETYPE`` that pins numpy's OpenBLAS to kernels without AVX-512 on a CPU with AVX-512, or
+    ``None``. The searches are numpy GEMMs: on the real ViT-S/14 (AMD EPYC, AVX-512) the linear-layer search ran
+    1.6x slower with ``Haswell`` pinned than with OpenBLAS's own choice (README, Compile cost). Some platforms
+    set the variable because older OpenBLAS builds misdetect or crash on newer CPUs, so it is reported, not
+    changed."""
+    core = environ.get("OPENBLAS_CORETYPE", "").strip()
+    if not core or core.lower() in OPENBLAS_AVX512_CORES or "avx512f" not in features.flags:
+        return None
+    try:
+        import numpy as np
+
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except Exception:  # numpy's build record is informational; an old numpy has no dict mode
+        return None
+    return core if "openblas" in str(blas).lower() else None

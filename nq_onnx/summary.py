@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nq_onnx.cpu import cpu_features
+from nq_onnx.cpu import cpu_features, pinned_blas
 from nq_onnx.passes.base import Skip, SkipKind
 
 
@@ -78,6 +78,11 @@ def format_summary(summary, elapsed: float, output) -> str:
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" + (f" ({inner})" if k == "search_s" and inner else "")
                        for k, v in parts.items())
     lines.append(f"  time: {timing}")
+    core = pinned_blas(cpu_features())
+    if core:
+        lines.append(f"  numpy's BLAS: OPENBLAS_CORETYPE={core} pins OpenBLAS to kernels without AVX-512 on this "
+                     "AVX-512 CPU; a current OpenBLAS picks faster ones itself (the search 1.6x on ViT-S/14, README: "
+                     "Compile cost)")
     for method, m in summary.metrics.items():
         agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
         lines.append(

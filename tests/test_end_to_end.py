@@ -270,3 +270,22 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
                             lambda f=flags: CpuFeatures("x86_64", "test CPU", f, "/proc/cpuinfo"))
         text = format_summary(dataclasses.replace(result.summary, weight_dtype=chosen), 1.0, "q.onnx")
         assert (hint in text) == shown, (flags, chosen)
+
+
+def test_summary_reports_numpys_blas_pinned_below_the_cpu(monkeypatch):
+    """``OPENBLAS_CORETYPE`` naming a core without AVX-512 kernels on a CPU with AVX-512 is reported (the searches
+    run at about half their GEMM speed); an AVX-512 core, a CPU without AVX-512 or no variable is not."""
+    from nq_onnx import summary as summary_module
+    from nq_onnx.cpu import CpuFeatures, pinned_blas
+    from nq_onnx.summary import Summary
+
+    avx512, avx2 = (CpuFeatures("x86_64", "test CPU", f, "/proc/cpuinfo") for f in (("avx2", "avx512f"), ("avx2",)))
+    cases = (({"OPENBLAS_CORETYPE": "Haswell"}, avx512, "Haswell"), ({"OPENBLAS_CORETYPE": "SkylakeX"}, avx512, None),
+             ({"OPENBLAS_CORETYPE": "Haswell"}, avx2, None), ({}, avx512, None))
+    for environ, cpu, pinned in cases:
+        assert pinned_blas(cpu, environ) == pinned, (environ, cpu.flags)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setattr(summary_module, "cpu_features", lambda: avx512)
+    assert "OPENBLAS_CORETYPE=Haswell pins OpenBLAS" in format_summary(Summary("minmax", [], [], 0, {}), 1.0, "q.onnx")
+    monkeypatch.setattr(summary_module, "cpu_features", lambda: avx2)
+    assert "OPENBLAS_CORETYPE" not in format_summary(Summary("minmax", [], [], 0, {}), 1.0, "q.onnx")
