@@ -186,6 +186,8 @@ class Simulator:
         source = {name: _resolve(alias, name) for name in outputs}
         produced = {out for node in nodes for out in node.output}
         outputs = sorted({t for t in source.values() if t in produced})
+        if not outputs:  # every requested tensor is one already computed under another name
+            return {name: self._cache[t] for name, t in source.items()}
         external = sorted({t for node in nodes for t in node.input if t and t not in produced})
         feeds, inputs, initializers = {}, [], []
         for name in external:
@@ -206,7 +208,7 @@ class Simulator:
         graph = onnx.helper.make_graph(nodes, "sim_step", inputs, outs, initializers)
         sub = onnx.helper.make_model(graph, opset_imports=self._sim.opset_import, ir_version=self._sim.ir_version)
         sess = session(carry_source_dir(self._sim, sub), optimize=False)
-        values = dict(zip(outputs, sess.run(outputs, feeds))) if outputs else {}
+        values = dict(zip(outputs, sess.run(outputs, feeds)))
         return {name: values[t] if t in values else self._cache[t] for name, t in source.items()}
 
     def _specialize(self, nodes: list[onnx.NodeProto], outputs: list[str]) -> tuple[list[onnx.NodeProto], dict]:
