@@ -14,7 +14,7 @@ on held-out data. ``--before DIR`` converts every requested row that uses the ch
 of another checkout too (e.g. a ``git worktree`` of an older commit; rows ``<label>:<row>``), for the speed-up
 factor of a change and what it does to held-out accuracy. The machine record names numpy's BLAS kernels.
 Writes ``benchmarks/results/compile_cost.json`` (``--name``: another file, e.g. one per CPU kind; ``--append``
-refuses a file measured on another kind of CPU).
+refuses a file measured on another kind of CPU or with other BLAS kernels).
 """
 
 from __future__ import annotations
