@@ -443,6 +443,15 @@ def _stages(e: dict) -> dict[str, float]:
     return out
 
 
+def _against_bounds(before: dict, after: dict) -> str:
+    """How a change from the scored row ``before`` to ``after`` moved held-out quality, against issue 17's bounds."""
+    ratio = after["imagenet_heldout"]["mse"] / before["imagenet_heldout"]["mse"]
+    change = 100 * (after["cifar"]["top1"] - before["cifar"]["top1"])
+    kept = ratio <= 1.02 and abs(change) <= 0.2
+    return (f"held-out MSE {ratio:.3f}x, top-1 {change:+.2f} points ({'within' if kept else 'outside'} the issue's "
+            "bounds: MSE within 2 %, top-1 within 0.2)")
+
+
 def cost_markdown(results: dict, source) -> str:
     """The compile-cost table (``benchmarks/compile_cost.py``): per row the wall time and peak memory of one
     conversion, its stages as bars, and, for the real model, held-out quality."""
@@ -471,23 +480,19 @@ def cost_markdown(results: dict, source) -> str:
         mirrors = before.get("mirrors", "nq_w8a8")  # rows from before --before mirrored every row: nq_w8a8
         after = rows.get(mirrors)
         if before.get("source") and after:
-            e = after
-            lines += ["", f"Speed-up of `{mirrors}` ({e['method']} W{e['bits']}A{e['bits']}, {e['calib_images']} "
-                          f"images) over `{label}`: {before['convert_s'] / after['convert_s']:.2f}x in all "
+            lines += ["", f"Speed-up of `{mirrors}` ({after['method']} W{after['bits']}A{after['bits']}, "
+                          f"{after['calib_images']} images) over `{label}`: "
+                          f"{before['convert_s'] / after['convert_s']:.2f}x in all "
                           f"({before['convert_s']:.1f} s -> {after['convert_s']:.1f} s), "
                           f"{search(before) / search(after):.2f}x in the search; peak memory "
                           f"{before['peak_rss_mb']:.0f} -> {after['peak_rss_mb']:.0f} MB."]
-            runs = [e.get("convert_s_runs", []) for e in (before, after)]
+            runs = [row.get("convert_s_runs", []) for row in (before, after)]
             if all(len(r) > 1 for r in runs) and min(runs[0]) <= max(runs[1]) and min(runs[1]) <= max(runs[0]):
                 lines[-1] += (f" The two rows' wall times overlap ({min(runs[0]):.1f}-{max(runs[0]):.1f} and "
                               f"{min(runs[1]):.1f}-{max(runs[1]):.1f} s): no difference beyond run-to-run spread.")
             if "cifar" in before and "cifar" in after:
-                ratio = after["imagenet_heldout"]["mse"] / before["imagenet_heldout"]["mse"]
-                change = 100 * (after["cifar"]["top1"] - before["cifar"]["top1"])
-                kept = ratio <= 1.02 and abs(change) <= 0.2
-                lines[-1] += (f" Held-out MSE {ratio:.3f}x, top-1 {change:+.2f} points "
-                              f"({'within' if kept else 'outside'} the issue's bounds: MSE within 2 %, top-1 within "
-                              f"0.2).")
+                verdict = _against_bounds(before, after)
+                lines[-1] += f" {verdict[0].upper()}{verdict[1:]}."
     for bits in (8, 6):
         exact, screened = rows.get(f"nq_w{bits}a{bits}_exact"), rows.get(f"nq_w{bits}a{bits}")
         if exact and screened and "cifar" in exact and "cifar" in screened:
@@ -508,13 +513,9 @@ def cost_markdown(results: dict, source) -> str:
                          f"convert {uniform['convert_s']:.0f} -> {screened['convert_s']:.0f} s.")
         full, fewer = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_tokens512")
         if full and fewer and "cifar" in full and "cifar" in fewer:
-            ratio = fewer["imagenet_heldout"]["mse"] / full["imagenet_heldout"]["mse"]
-            change = 100 * (fewer["cifar"]["top1"] - full["cifar"]["top1"])
-            kept = ratio <= 1.02 and abs(change) <= 0.2
             lines.append(f"- W{bits}A{bits}, 512 token rows per search instead of 1,024: "
                          f"{full['convert_s'] / fewer['convert_s']:.2f}x faster ({full['convert_s']:.1f} -> "
-                         f"{fewer['convert_s']:.1f} s), held-out MSE {ratio:.3f}x, top-1 {change:+.2f} points "
-                         f"({'within' if kept else 'outside'} the issue's bounds: MSE within 2 %, top-1 within 0.2).")
+                         f"{fewer['convert_s']:.1f} s), {_against_bounds(full, fewer)}.")
         fine, coarse = rows.get(f"nq_w{bits}a{bits}"), rows.get(f"nq_w{bits}a{bits}_grid3")
         if fine and coarse and "cifar" in fine and "cifar" in coarse:
             ratio = coarse["imagenet_heldout"]["mse"] / fine["imagenet_heldout"]["mse"]

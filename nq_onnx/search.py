@@ -267,12 +267,12 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     alpha, scales, weights = 1.0, dict(minmax), minmax_weights
     sub = screen_rows(x, config.screen_tokens)
     sub_x = None if sub is None else x[sub[0]]
-    count = len(grid(config.weight_alphas))
-    deltas = {layer.name: {} if config.rounds > 1 and count * layer.weight.nbytes <= DELTA_CACHE_BYTES else None
-              for layer in layers}
+    weight_alphas = grid(config.weight_alphas)
+    deltas = {layer.name: {} if config.rounds > 1 and len(weight_alphas) * layer.weight.nbytes <= DELTA_CACHE_BYTES
+              else None for layer in layers}
     for _ in range(config.rounds):
         x_q = act.fake_quant(x, base * alpha)
-        scales = {layer.name: search_weight_scales(x_q, x, layer, t, grid(config.weight_alphas), config.grid_stride,
+        scales = {layer.name: search_weight_scales(x_q, x, layer, t, weight_alphas, config.grid_stride,
                                                    config.objective, deltas[layer.name])
                   for layer, t in zip(layers, targets)}
         weights = [layer.quantized_weight(scales[layer.name]) for layer in layers]

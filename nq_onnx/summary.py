@@ -59,7 +59,8 @@ def format_summary(summary, elapsed: float, output) -> str:
                           for t, p in summary.read_tokens.items())
         lines.append(f"  read tokens (what the output reads): {where}, given {summary.read_token_share:.0%} of each "
                      "search's rows")
-    if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu_features().vnni:
+    cpu = cpu_features()
+    if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu.vnni:
         lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
                      "VNNI, where --weight-dtype int8 gives the same outputs faster (x86 CPUs without VNNI saturate "
                      "int8)")
@@ -78,7 +79,7 @@ def format_summary(summary, elapsed: float, output) -> str:
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" + (f" ({inner})" if k == "search_s" and inner else "")
                        for k, v in parts.items())
     lines.append(f"  time: {timing}")
-    core = pinned_blas(cpu_features())
+    core = pinned_blas(cpu)
     if core:
         lines.append(f"  numpy's BLAS: OPENBLAS_CORETYPE={core} pins OpenBLAS to kernels without AVX-512 on this "
                      "AVX-512 CPU; a current OpenBLAS picks faster ones itself (the search 1.6x on ViT-S/14, README: "
