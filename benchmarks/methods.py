@@ -59,9 +59,9 @@ SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
-    """A row is ``method+option+...``: ``reparam``, ``gptq``, ``bc`` (bias correction), ``pearson`` (PTQ-ViT's
-    similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of
-    ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision
+    """A row is ``method+option+...``: ``reparam``, ``gptq`` / ``gptq-act`` (weight rounding), ``bc`` (bias
+    correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>``
+    (mixed precision at an average of ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision
     sensitivity instead of the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the searches fit on
     N images, 128 token rows each: default 8), ``w<N>`` (weights at N bits, activations at the row's bits);
     ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
@@ -71,7 +71,8 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     fit = {"search_images": images, "tokens": 128 * images} if images else {}
     return nq_onnx.QuantConfig(method=parts[0], w_bits=weight_bits(parts) or bits, a_bits=bits, seed=seed,
                                calib_size=calib_size,
-                               reparam="reparam" in parts, weight_rounding="gptq" if "gptq" in parts else "nearest",
+                               reparam="reparam" in parts,
+                               weight_rounding=next((p for p in parts if p in ("gptq", "gptq-act")), "nearest"),
                                bias_correction="bc" in parts, bits_budget=budget,
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
                                                       nq_onnx.QuantConfig.mixed_sensitivity),

@@ -283,6 +283,8 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant-ptq4vit+reparam": "NoisyQuant-PTQ4ViT + reparam",
              "noisyquant-ptq4vit+reparam+bc": "NoisyQuant-PTQ4ViT + reparam + bias correction",
              "noisyquant-ptq4vit+reparam+gptq+bc": "NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction",
+             "noisyquant-ptq4vit+reparam+gptq-act+bc":
+                 "NoisyQuant-PTQ4ViT + reparam + GPTQ on quantized inputs + bias correction",
              "noisyquant-ptq4vit+reparam+fit16": "NoisyQuant-PTQ4ViT + reparam, searches on 16 images",
              "easyquant+pearson+rank+bc": "PTQ-ViT (Pearson + ranking loss + bias correction)",
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
@@ -387,13 +389,15 @@ def methods_findings(rows: dict, fp32: float, images: int = GOAL_IMAGES) -> str:
             verdict = "met" if top1 >= fp32 - margin / 100 else "**missed**"
             out.append(f"W{bits}A{bits} all together >= FP32 - {margin} points: {verdict} "
                        f"({100 * (top1 - fp32):+.2f})")
-        at = {n: e for n, e in rows.items() if e["bits"] == bits and "+budget" not in e["row"]}
-        if at:
-            name, e = max(at.items(), key=lambda kv: (kv[1]["cifar"]["top1"], kv[0]))
+        at = {n: e for n, e in rows.items() if e["bits"] == bits and "+budget" not in e["row"]
+              and (weight_bits(e["row"].split("+")) or bits) == bits}
+        if at:  # the best row by the held-out measure, not by the top-1 it is then judged on (the max of many
+            # noisy top-1 figures is biased upwards)
+            name, e = min(at.items(), key=lambda kv: (kv[1]["imagenet_heldout"]["mse"], kv[0]))
             top1 = e["cifar"]["top1"]
             verdict = "met" if top1 >= fp32 - margin / 100 else "**missed**"
-            out.append(f"best W{bits}A{bits} row ({ROW_LABEL.get(e['row'], e['row'])}) >= FP32 - {margin} points: "
-                       f"{verdict} ({100 * (top1 - fp32):+.2f})")
+            out.append(f"W{bits}A{bits} row with the lowest held-out MSE ({row_label(e['row'])}) >= FP32 - {margin} "
+                       f"points: {verdict} ({100 * (top1 - fp32):+.2f})")
     for bits in (8, 6, 4):
         rep, both = get(f"easyquant+reparam_w{bits}a{bits}"), get(f"noisyquant+reparam_w{bits}a{bits}")
         if rep and both:
@@ -407,11 +411,12 @@ def methods_findings(rows: dict, fp32: float, images: int = GOAL_IMAGES) -> str:
     for bits in (8, 6, 4):  # the issue's time bound: the new steps add at most 30 % to the method's convert time
         # (not the "all" rows against NoisyQuant: methods.json timed them while the test suite shared the machine)
         base = get(f"noisyquant-ptq4vit_w{bits}a{bits}")
-        full = get(f"noisyquant-ptq4vit+reparam+gptq+bc_w{bits}a{bits}")
-        if base and full:
-            ratio = full["convert_s"] / base["convert_s"]
-            out.append(f"W{bits}A{bits} reparam + GPTQ + bias correction on NoisyQuant-PTQ4ViT: {ratio:.2f}x its "
-                       f"convert time ({'within' if ratio <= 1.3 else '**over**'} the 1.30x bound)")
+        for rounding, label in (("gptq", "GPTQ"), ("gptq-act", "GPTQ-act")):
+            full = get(f"noisyquant-ptq4vit+reparam+{rounding}+bc_w{bits}a{bits}")
+            if base and full:
+                ratio = full["convert_s"] / base["convert_s"]
+                out.append(f"W{bits}A{bits} reparam + {label} + bias correction on NoisyQuant-PTQ4ViT: {ratio:.2f}x "
+                           f"its convert time ({'within' if ratio <= 1.3 else '**over**'} the 1.30x bound)")
     for method in ("noisyquant", "noisyquant+reparam", "noisyquant-ptq4vit+reparam"):  # issue 16's goal
         mixed, uniform = get(f"{method}+budget6.0_w8a8"), get(f"{method}_w6a6")
         if mixed and uniform:

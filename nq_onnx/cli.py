@@ -112,8 +112,9 @@ def _add_method_options(p) -> None:
                    help="LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of "
                         "every LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers")
     p.add_argument("--weight-rounding", choices=[m.value for m in WeightRounding], default="nearest",
-                   help="nearest, or gptq (second-order: each rounding error pushed onto the not yet rounded "
-                        "inputs through the inverse input Hessian)")
+                   help="nearest; gptq (second-order: each rounding error pushed onto the not yet rounded "
+                        "inputs through the inverse input Hessian); or gptq-act (GPTQ fitted to the float output from "
+                        "the layer's quantized input, its activation error included)")
     p.add_argument("--bias-correction", action="store_true",
                    help="fold each layer's mean output error on the calibration sample into its bias")
 

@@ -49,10 +49,13 @@ class NoiseMode(str, enum.Enum):
 
 
 class WeightRounding(str, enum.Enum):
-    """How weights are rounded to their codes: to the nearest code, or GPTQ's error-compensating order."""
+    """How weights are rounded to their codes: to the nearest code, GPTQ's error-compensating order on the float
+    input, or GPTQ fitted to the float output from the layer's quantized input (``gptq-act``,
+    :mod:`nq_onnx.rounding`)."""
 
     NEAREST = "nearest"
     GPTQ = "gptq"
+    GPTQ_ACT = "gptq-act"
 
 
 class Objective(str, enum.Enum):

@@ -85,6 +85,8 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
             "reparam_max": float(gp.reparam.scale.max()) if gp is not None and gp.reparam is not None else None,
             "weight_error_nearest": search.get("weight_error_nearest"),
             "weight_error_gptq": search.get("weight_error_gptq"),
+            "mse_nearest": search.get("mse_nearest"),
+            "mse_gptq": search.get("mse_gptq"),
             "gptq_kept": lp.weight_codes is not None,
             "mse_before_bias_correction": search.get("mse_before_bias_correction"),
             "mse_after_bias_correction": search.get("mse_after_bias_correction"),
@@ -150,13 +152,15 @@ def _step(row: dict, num) -> str:
 
 
 def _mechanism_table(layers: list[dict], num) -> str:
-    """Per layer, what LayerNorm reparameterization (the range of its factors r), GPTQ (held-out weight error,
-    nearest and GPTQ) and bias correction (held-out layer output MSE before and after) did; empty without them."""
+    """Per layer, what LayerNorm reparameterization (the range of its factors r), GPTQ or GPTQ-act (held-out weight
+    error and layer output MSE, nearest and rounded: the MSE decides) and bias correction (held-out layer output MSE
+    before and after) did; empty without them."""
     keys = ("reparam_min", "weight_error_nearest", "mse_before_bias_correction")
     rows = "".join(
         f"<tr><td>{html.escape(r['layer'])}</td><td>{num(r['reparam_min'], '{:.3g}')} .. "
         f"{num(r['reparam_max'], '{:.3g}')}</td><td>{num(r['weight_error_nearest'])}</td>"
-        f"<td>{num(r['weight_error_gptq'])}{'' if r['gptq_kept'] else ' (kept nearest)'}</td>"
+        f"<td>{num(r['weight_error_gptq'])}</td><td>{num(r['mse_nearest'])}</td>"
+        f"<td>{num(r['mse_gptq'])}{'' if r['gptq_kept'] else ' (kept nearest)'}</td>"
         f"<td>{num(r['mse_before_bias_correction'])}</td><td>{num(r['mse_after_bias_correction'])}"
         f"{'' if r['bias_corrected'] else ' (not applied)'}</td></tr>"
         for r in layers if any(r.get(k) is not None for k in keys)
@@ -166,7 +170,8 @@ def _mechanism_table(layers: list[dict], num) -> str:
     return ("<h2>Reparameterization, rounding and bias correction</h2>\n<p>Held-out rows: weight error "
             "||X (W - dq(W))||&sup2; per element; layer output MSE with the activation quantizer.</p>\n"
             '<table id="mechanisms" class="sortable"><thead><tr><th>layer</th><th>reparam r</th>'
-            "<th>weight error nearest</th><th>weight error GPTQ</th><th>MSE before bias correction</th>"
+            "<th>weight error nearest</th><th>weight error rounded</th><th>layer MSE nearest</th>"
+            "<th>layer MSE rounded (GPTQ / GPTQ-act)</th><th>MSE before bias correction</th>"
             f"<th>MSE after</th></tr></thead>\n<tbody>{rows}</tbody></table>")
 
 
