@@ -567,6 +567,8 @@ def update_readme(readme: Path) -> None:
                  cost_markdown),
                 ("compile_cost_vnni_skylakex.json", "<!-- compile-cost-skylakex:begin -->",
                  "<!-- compile-cost-skylakex:end -->", cost_markdown),
+                ("compile_cost_vnni_skylakex_stop14.json", "<!-- compile-cost-skylakex-stop14:begin -->",
+                 "<!-- compile-cost-skylakex-stop14:end -->", cost_markdown),
                 ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),
                 ("demo.json", DEMO_BEGIN, DEMO_END, demo_markdown))
     for name, begin, end, render in sections:
