@@ -61,10 +61,10 @@ SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
     """A row is ``method+option+...``: ``reparam``, ``gptq`` / ``gptq-act`` (weight rounding), ``bc`` (bias
     correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>``
-    (mixed precision at an average of ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision
-    sensitivity instead of the default), ``images<N>`` (sensitivities on N images), ``fit<N>`` (the searches fit on
-    N images, 128 token rows each: default 8), ``w<N>`` (weights at N bits, activations at the row's bits);
-    ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
+    (mixed precision at an average of ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` /
+    ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>`` (sensitivities on N
+    images), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>`` (weights at N bits,
+    activations at the row's bits); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)

@@ -52,14 +52,14 @@ from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import LinearOperand
 
 
-SHIFT_DAMP = 1.0  # lambda of W* as a multiple of the mean diagonal of X^T X^ (see fitted_weight)
+SHIFT_DAMP = 1.0  # mu of W* as a multiple of the mean diagonal of X^T X^ (see fitted_weight)
 
 
 def fitted_weight(w_kn: np.ndarray, x: np.ndarray, target: np.ndarray, damp: float = SHIFT_DAMP,
                   gram: np.ndarray | None = None) -> np.ndarray:
-    """``W* = W + (x^T x + lambda I)^-1 x^T (target - x) W`` (float64), ``lambda`` = ``damp`` x the mean diagonal:
-    the weight whose product with ``x`` is nearest ``target @ W``, pulled towards ``W`` by ``lambda``. ``gram`` is
-    ``x^T x`` where the caller has it.
+    """``W* = W + (x^T x + mu I)^-1 x^T (target - x) W`` (float64), ``mu`` = ``damp`` x the mean diagonal of
+    ``x^T x``: the weight whose product with ``x`` is nearest ``target @ W``, pulled towards ``W`` by ``mu``.
+    ``gram`` is ``x^T x`` where the caller has it.
 
     The pull is strong (``damp`` 1): a search fits on a few thousand rows, fewer than three per input channel of an
     MLP's second layer, and ``x - target`` (the activation quantization error) is largely noise that a weak pull
