@@ -161,10 +161,16 @@ def split_imagenet(calib_size: int, eval_count: int, seed: int) -> tuple[list[Pa
 
 
 def link_folder(files: list[Path], folder: Path) -> Path:
+    """``folder`` holding links to exactly ``files``: links left there by another image set (another seed's
+    calibration images) are removed, so a conversion never calibrates on images it was not given."""
     folder.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        target = folder / path.name
-        if not target.exists():
+    wanted = {path.name: path for path in files}
+    for entry in folder.iterdir():
+        if entry.name not in wanted or not entry.is_symlink() or entry.readlink() != wanted[entry.name]:
+            entry.unlink()
+    for name, path in wanted.items():
+        target = folder / name
+        if not target.is_symlink():
             target.symlink_to(path)
     return folder
 

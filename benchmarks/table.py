@@ -622,6 +622,12 @@ def update_readme(readme: Path) -> None:
         if path.exists():
             body = render(json.loads(path.read_text()), path.resolve().relative_to(root))
             text = _replace_block(text, begin, end, body)
+    shares = sorted(RESULTS.glob("error_share_*.json"))
+    if shares:
+        from error_share import BEGIN as SHARE_BEGIN, END as SHARE_END, markdown as share_markdown
+
+        text = _replace_block(text, SHARE_BEGIN, SHARE_END, "\n\n".join(
+            share_markdown(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in shares))
     seeded = sorted(RESULTS.glob("methods_vnni_seed*.json"))
     if seeded:
         files = [(json.loads(p.read_text()), p.resolve().relative_to(root))
