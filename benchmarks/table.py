@@ -295,6 +295,11 @@ def weight_bits(parts: list[str]) -> int | None:
     return next((int(p[1:]) for p in parts[1:] if p[:1] == "w" and p[1:].isdigit()), None)
 
 
+def row_width(e: dict) -> float:
+    """A methods row's bits: a budget row's are its average, not the 8 it is given as."""
+    return e["average_bits"] if "+budget" in e["row"] else e["bits"]
+
+
 def row_label(row: str) -> str:
     """A methods row's label: ``ROW_LABEL``'s, and for a ``+budget<B>`` row the method's with its budget."""
     parts = row.split("+")
@@ -328,17 +333,14 @@ def methods_markdown(results: dict, source) -> str:
     rows = results["rows"]
     order = list(ROW_LABEL)
 
-    def width(e: dict) -> float:  # a budget row's bits are its average, not the 8 it is given as
-        return e["average_bits"] if "+budget" in e["row"] else e["bits"]
-
-    for name, e in sorted(rows.items(), key=lambda kv: (-width(kv[1]), order.index(kv[1]["row"])
+    for name, e in sorted(rows.items(), key=lambda kv: (-row_width(kv[1]), order.index(kv[1]["row"])
                                                         if kv[1]["row"] in order else len(order), kv[0])):
         bits, budget = e["bits"], "+budget" in e["row"]
         base = None if budget else rows.get(f"easyquant_w{bits}a{bits}")
         mse = e["imagenet_heldout"]["mse"]
         ratio = f"{mse / base['imagenet_heldout']['mse']:.3f}x" if base else "-"
         top1 = e["cifar"]["top1"]
-        label = f"{width(e):.2f} avg" if budget else f"W{e.get('w_bits', bits)}A{bits}"
+        label = f"{row_width(e):.2f} avg" if budget else f"W{e.get('w_bits', bits)}A{bits}"
         lines.append(f"| {label} | {row_label(e['row'])} | "
                      f"{100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | {ratio} | {e['convert_s']:.0f} |"
                      + ms(name))
@@ -370,16 +372,13 @@ def seeds_markdown(files: list[tuple[dict, str]]) -> str:
              "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
     verdicts, means = [], {}
 
-    def width(e: dict) -> float:  # a budget row's bits are its average, not the 8 it is given as
-        return e["average_bits"] if "+budget" in e["row"] else e["bits"]
-
-    for name in sorted(common, key=lambda n: (-width(seeds[0][1]["rows"][n]), n)):
+    for name in sorted(common, key=lambda n: (-row_width(seeds[0][1]["rows"][n]), n)):
         entries = [r["rows"][name] for _, r, _ in seeds]
         top1 = [e["cifar"]["top1"] for e in entries]
         mse = [e["imagenet_heldout"]["mse"] for e in entries]
         means[name] = mean = sum(top1) / len(top1)
         bits, budget = entries[0]["bits"], "+budget" in entries[0]["row"]
-        label = f"{width(entries[0]):.2f} avg" if budget else f"W{bits}A{bits}"
+        label = f"{row_width(entries[0]):.2f} avg" if budget else f"W{bits}A{bits}"
         cells = " | ".join(f"{100 * t:.2f} / {m:.4f}" for t, m in zip(top1, mse))
         lines.append(f"| {label} | {row_label(entries[0]['row'])} | {cells} | {100 * mean:.2f} | "
                      f"{100 * (mean - fp32):+.2f} | {sum(mse) / len(mse):.4f} |")

@@ -119,18 +119,11 @@ def layer_error(x: np.ndarray, w_kn: np.ndarray, w_q: np.ndarray) -> float:
     return float(np.mean(diff**2))
 
 
-def _quantized_output(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, bias: np.ndarray,
-                      w_q: np.ndarray) -> np.ndarray:
-    """``dq(q(X + N)) dq(W) + B - N dq(W)``: the quantized layer's output on rows ``x``."""
-    n = np.zeros(x.shape[1], np.float32) if noise is None else noise
-    return act.fake_quant(x + n, scale) @ w_q + (bias - n @ w_q)
-
-
 def correction(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
                bias: np.ndarray, w_q: np.ndarray) -> np.ndarray:
     """``E[f(X) - f_q(X)]`` per output channel over the rows ``x``: what bias correction adds to the bias."""
-    return (x @ w_kn + bias - _quantized_output(x, noise, act, scale, bias, w_q)).astype(np.float64).mean(
-        axis=0).astype(np.float32)
+    rows = _Rows(x, noise, act, scale, w_kn, bias)
+    return (rows.reference - rows.output(w_q)).astype(np.float64).mean(axis=0).astype(np.float32)
 
 
 def output_mse(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
@@ -148,9 +141,13 @@ class _Rows:
         self.bias, self.reference = bias, x @ w_kn + bias
         self.quantized_input = act.fake_quant(x + self.noise, scale)
 
+    def output(self, w_q: np.ndarray) -> np.ndarray:
+        """``dq(q(X + N)) dq(W) + B - N dq(W)``: the quantized layer's output on these rows."""
+        return self.quantized_input @ w_q + (self.bias - self.noise @ w_q)
+
     def mse(self, w_q: np.ndarray, delta: np.ndarray | None = None) -> float:
-        """``mean((dq(q(X + N)) dq(W) + B - N dq(W) [+ delta] - (X W + B))^2)``."""
-        quantized = self.quantized_input @ w_q + (self.bias - self.noise @ w_q)
+        """``mean((output(W_q) [+ delta] - (X W + B))^2)``."""
+        quantized = self.output(w_q)
         if delta is not None:
             quantized = quantized + delta
         return float(np.mean((quantized.astype(np.float64) - self.reference) ** 2))
@@ -174,9 +171,9 @@ def finish_layer(operand: LinearOperand, scales: np.ndarray, rows: np.ndarray, h
     rows (all tokens of the fit images), ``held_out`` rows of other images decide what is kept."""
     metrics: dict[str, float] = {}
     codes, w_q = None, operand.quantized_weight(scales)
-    n = np.zeros(rows.shape[1], np.float32) if noise is None else noise
     check = held_out if held_out is not None else rows
     checked, mse = _Rows(check, noise, act, scale, operand.weight, operand.bias), None
+    n = checked.noise
     if rounding in (WeightRounding.GPTQ, WeightRounding.GPTQ_ACT):
         if rounding == WeightRounding.GPTQ:
             candidate = gptq_codes(operand.weight, scales, rows + n, operand.quantizer.bits)
