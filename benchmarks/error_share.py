@@ -1,16 +1,18 @@
 """Where the best stack's remaining error lives: the same conversion with one kind of layer left in float.
 
-    python benchmarks/error_share.py              # W6A6, about 10 min on 2 cores
+    python benchmarks/error_share.py                    # W6A6, about 10 min on 2 cores
     python benchmarks/error_share.py --bits 4
+    python benchmarks/error_share.py --stack attn       # the stack with attention reparameterization
 
-Converts the real ViT-S/14 (128 calibration images, seed 0) with the full stack (NoisyQuant-PTQ4ViT + reparam + GPTQ
-+ bias correction) once as it is and once per kind of layer with every layer of that kind left in float
+Converts the real ViT-S/14 (128 calibration images, seed 0) with a full stack (NoisyQuant-PTQ4ViT + reparam + GPTQ
++ bias correction; ``--stack attn`` with attention reparameterization too) once as it is and once per kind of
+layer with every layer of that kind left in float
 (``--exclude``: its inputs and weights unquantized; the later layers are then searched on the activations that
 follow). The figure for a kind is the share of the full stack's held-out output MSE (against FP32, on ImageNet
 images no conversion saw) that leaving it in float removes: what quantizing that kind costs once everything else
 is as good as the stack makes it. Unlike ``bottleneck.py`` (each group alone, uniform quantizers, before the
 search), this measures the searched, rounded, twin-quantized model. The shares need not add up to one: errors of
-different layers interact. Writes ``benchmarks/results/error_share_w<bits>_<cpu kind>.json``.
+different layers interact. Writes ``benchmarks/results/error_share_w<bits>_<cpu kind>[_<stack>].json``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 
-ROW = "noisyquant-ptq4vit+reparam+gptq+bc"
+STACKS = {"gptq": "noisyquant-ptq4vit+reparam+gptq+bc", "attn": "noisyquant-ptq4vit+reparam+attn+gptq+bc"}
 KINDS = {"qkv": "*.attn.qkv", "Q K^T (MatMul)": "*.attn.MatMul", "A V (MatMul_1)": "*.attn.MatMul_1",
          "proj": "*.attn.proj", "fc1": "*.mlp.fc1", "fc2": "*.mlp.fc2", "head": "head"}
 BEGIN, END = "<!-- error-share:begin -->", "<!-- error-share:end -->"
@@ -54,6 +56,9 @@ BEGIN, END = "<!-- error-share:begin -->", "<!-- error-share:end -->"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", type=int, default=6, help="WnAn of the stack (default 6)")
+    parser.add_argument("--stack", choices=sorted(STACKS), default="gptq",
+                        help="gptq: NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction (default); attn: with "
+                             "attention reparameterization too")
     parser.add_argument("--imagenet-eval", type=int, default=200, help="held-out ImageNet images (200)")
     args = parser.parse_args(argv)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -64,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     calib = link_folder(calib_files, WORK / "calib128")
     held = image_arrays(held_files, pre)
     reference = run_model(fp32, held)
-    base = config_of(ROW, args.bits, 128, 0)
-    data: dict = {"machine": machine(), "settings": {"row": ROW, "bits": args.bits, "calib_size": 128, "seed": 0,
+    row = STACKS[args.stack]
+    base = config_of(row, args.bits, 128, 0)
+    data: dict = {"machine": machine(), "settings": {"row": row, "bits": args.bits, "calib_size": 128, "seed": 0,
                                                       "imagenet_eval": args.imagenet_eval}, "rows": {}}
     for kind, pattern in {"none": None, **KINDS}.items():
         config = base if pattern is None else dataclasses.replace(base, exclude=(pattern,))
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = output_metrics(reference, run_model(out, held))
         data["rows"][kind] = {"exclude": pattern, "convert_s": seconds, "imagenet_heldout": metrics}
         log(f"{kind}: held-out MSE {metrics['mse']:.5f}, convert {seconds:.0f} s")
-    path = RESULTS / f"error_share_w{args.bits}_{cpu_slug(data['machine']['cpu']['kind'])}.json"
+    suffix = "" if args.stack == "gptq" else f"_{args.stack}"
+    path = RESULTS / f"error_share_w{args.bits}_{cpu_slug(data['machine']['cpu']['kind'])}{suffix}.json"
     path.write_text(json.dumps(data, indent=1, sort_keys=True, default=plain) + "\n")
     print(markdown(data, path.relative_to(ROOT)))
     return 0
@@ -93,10 +100,10 @@ def markdown(data: dict, source) -> str:
                           key=lambda kv: kv[1]["imagenet_heldout"]["mse"]):
         mse = e["imagenet_heldout"]["mse"]
         lines.append(f"| {kind} (`{e['exclude']}`) | {mse:.4f} | {round(100 * (1 - mse / whole))} % |")
-    from table import cpu_line, blas_line
+    from table import blas_line, cpu_line, row_label
 
     return "\n".join(lines) + (
-        f"\n\nW{bits}A{bits}, NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction, 128 calibration images (seed 0); "
+        f"\n\nW{bits}A{bits}, {row_label(data['settings']['row'])}, 128 calibration images (seed 0); "
         f"output MSE against FP32 on {data['settings']['imagenet_eval']} held-out ImageNet images. "
         f"{cpu_line(data)} {blas_line(data)} Source: `{source}` (`python benchmarks/error_share.py`).")
 

@@ -5,6 +5,7 @@ and bias correction, each row converted and evaluated in the same run on the sam
     python benchmarks/methods.py --bits 6 --rows easyquant,noisyquant,noisyquant+reparam --cifar-per-class 50
     python benchmarks/methods.py --set 6=easyquant,all --set 8=noisyquant,all   # other rows per bit-width
     python benchmarks/methods.py --name mixed --set 8=noisyquant,noisyquant+budget6.0 --set 6=noisyquant
+    python benchmarks/methods.py --append --repeat 3 --set 8=noisyquant-ptq4vit,all   # convert time: median of 3
 
 Rows are named ``<method>[+reparam][+gptq][+bc][+budget<B>]``; ``all`` is ``noisyquant+reparam+gptq+bc``;
 ``budget6.0`` is mixed precision at an average of 6.0 bits (such rows are given as bit-width 8). Each row records
@@ -16,6 +17,7 @@ and the CPU it ran on. Writes ``benchmarks/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -59,19 +61,20 @@ SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
-    """A row is ``method+option+...``: ``reparam``, ``gptq`` / ``gptq-act`` (weight rounding), ``bc`` (bias
-    correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking loss, gamma 0.1), ``budget<B>``
-    (mixed precision at an average of ``B`` bits: give such rows as bit-width 8), ``joint`` / ``nuclear`` /
-    ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>`` (sensitivities on N
-    images), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>`` (weights at N bits,
-    activations at the row's bits); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
+    """A row is ``method+option+...``: ``reparam``, ``attn`` (attention reparameterization), ``gptq`` / ``gptq-act``
+    (weight rounding), ``bc`` (bias correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking
+    loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of ``B`` bits: give such rows as bit-width 8),
+    ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>``
+    (sensitivities on N images), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
+    (weights at N bits, activations at the row's bits); ``all`` is NoisyQuant with reparam, GPTQ and bias
+    correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
     fit = {"search_images": images, "tokens": 128 * images} if images else {}
     return nq_onnx.QuantConfig(method=parts[0], w_bits=weight_bits(parts) or bits, a_bits=bits, seed=seed,
                                calib_size=calib_size,
-                               reparam="reparam" in parts,
+                               reparam="reparam" in parts, reparam_attention="attn" in parts,
                                weight_rounding=next((p for p in parts if p in ("gptq", "gptq-act")), "nearest"),
                                bias_correction="bc" in parts, bits_budget=budget,
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imagenet-eval", type=int, default=200, help="held-out ImageNet images (200)")
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="conversions per row (default 1); the row keeps the median convert time, and every "
+                             "repeat must give the same model bytes")
     parser.add_argument("--name", default="methods", help="results file name (default: methods)")
     parser.add_argument("--append", action="store_true",
                         help="add (or replace) rows in an existing results file with the same settings: the same "
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cifar, labels = cifar_subset(args.cifar_per_class, pre)
     reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
     path = RESULTS / f"{args.name}.json"
-    per_run = ("bits", "rows", "set", "append", "latency_rounds", "only_latency")
+    per_run = ("bits", "rows", "set", "append", "latency_rounds", "only_latency", "repeat")
     settings = {k: v for k, v in vars(args).items() if k not in per_run}
     results: dict = {"machine": machine(), "settings": settings, "started": time.time(),
                      "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
@@ -148,13 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             name = f"{row}_w{bits}a{bits}"
             out = WORK / f"methods_{name}.onnx"
-            start = time.perf_counter()
-            result = nq_onnx.convert(fp32, out, calib, config_of(row, bits, args.calib_size, args.seed), force=True,
-                                     evaluate=False)
-            seconds = time.perf_counter() - start
+            times, digests = [], set()
+            for _ in range(max(1, args.repeat)):
+                start = time.perf_counter()
+                result = nq_onnx.convert(fp32, out, calib, config_of(row, bits, args.calib_size, args.seed),
+                                         force=True, evaluate=False)
+                times.append(time.perf_counter() - start)
+                digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+            if len(digests) != 1:
+                print(f"benchmark: {name} gave different model bytes on repeat", file=sys.stderr)
+                return 1
+            seconds = float(np.median(times))
             inspection = inspect_model(onnx.load(str(out)))
             entry = {
                 "row": row, "bits": bits, "w_bits": result.plan.config.w_bits, "convert_s": seconds,
+                "convert_s_runs": times,
                 "timings": result.summary.timings,
                 "invocation": results["started"],
                 "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,

@@ -285,6 +285,9 @@ ROW_LABEL = {"easyquant": "EasyQuant", "noisyquant": "NoisyQuant", "easyquant+re
              "noisyquant-ptq4vit+reparam+gptq+bc": "NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction",
              "noisyquant-ptq4vit+reparam+gptq-act+bc":
                  "NoisyQuant-PTQ4ViT + reparam + GPTQ on quantized inputs + bias correction",
+             "noisyquant-ptq4vit+reparam+attn+gptq+bc":
+                 "NoisyQuant-PTQ4ViT + reparam + attention reparam + GPTQ + bias correction",
+             "noisyquant+reparam+attn": "NoisyQuant + reparam + attention reparam",
              "noisyquant-ptq4vit+reparam+fit16": "NoisyQuant-PTQ4ViT + reparam, searches on 16 images",
              "easyquant+pearson+rank+bc": "PTQ-ViT (Pearson + ranking loss + bias correction)",
              "noisyquant+pearson+rank+bc": "NoisyQuant on PTQ-ViT (Pearson + ranking + bias correction)"}
@@ -456,13 +459,14 @@ def methods_findings(rows: dict, fp32: float, images: int = GOAL_IMAGES) -> str:
     for bits in (8, 6, 4):  # the issue's time bound: the new steps add at most 30 % to the method's convert time
         # (not the "all" rows against NoisyQuant: methods.json timed them while the test suite shared the machine)
         base = get(f"noisyquant-ptq4vit_w{bits}a{bits}")
-        for rounding, label in (("gptq", "GPTQ"), ("gptq-act", "GPTQ-act")):
+        for rounding, label in (("gptq", "GPTQ"), ("gptq-act", "GPTQ-act"), ("attn+gptq", "attention reparam + GPTQ")):
             full = get(f"noisyquant-ptq4vit+reparam+{rounding}+bc_w{bits}a{bits}")
             if base and full:
                 ratio = full["convert_s"] / base["convert_s"]
                 out.append(f"W{bits}A{bits} reparam + {label} + bias correction on NoisyQuant-PTQ4ViT: {ratio:.2f}x "
                            f"its convert time ({'within' if ratio <= 1.3 else '**over**'} the 1.30x bound)")
-    for method in ("noisyquant", "noisyquant+reparam", "noisyquant-ptq4vit+reparam"):  # issue 16's goal
+    for method in ("noisyquant", "noisyquant+reparam", "noisyquant+reparam+attn",
+                   "noisyquant-ptq4vit+reparam"):  # issue 16's goal
         mixed, uniform = get(f"{method}+budget6.0_w8a8"), get(f"{method}_w6a6")
         if mixed and uniform:
             gain = 100 * (mixed["cifar"]["top1"] - uniform["cifar"]["top1"])

@@ -111,6 +111,9 @@ def _add_method_options(p) -> None:
     p.add_argument("--reparam", action="store_true",
                    help="LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of "
                         "every LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers")
+    p.add_argument("--reparam-attention", action="store_true",
+                   help="attention reparameterization first: each K channel centred (the Softmax ignores it) and "
+                        "each Q/K channel pair balanced, folded exactly into the qkv (or q and k) layers")
     p.add_argument("--weight-rounding", choices=[m.value for m in WeightRounding], default="nearest",
                    help="nearest; gptq (second-order: each rounding error pushed onto the not yet rounded "
                         "inputs through the inverse input Hessian); or gptq-act (GPTQ fitted to the float output from "
@@ -301,6 +304,7 @@ def _config_from(args) -> QuantConfig:
         weight_dtype=args.weight_dtype,
         noise=args.noise,
         reparam=args.reparam,
+        reparam_attention=args.reparam_attention,
         weight_rounding=args.weight_rounding,
         bias_correction=args.bias_correction,
         bits_budget=args.bits_budget,
@@ -334,6 +338,7 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "noise",
             "no_sequential",
             "reparam",
+            "reparam_attention",
             "weight_rounding",
             "bias_correction",
             "bits_budget",

@@ -207,6 +207,10 @@ class SearchConfig:
         return shifts, amplitudes
 
 
+# Options added after plan schema 4, written only where set: a conversion that does not use them writes the same
+# config (in the plan and the model's metadata) as the version before them, byte for byte, which older versions read.
+LATER_OPTIONS = {"reparam_attention": False}
+
 ENUM_FIELDS = (("method", Method, "method"), ("noise", NoiseMode, "noise mode"),
                ("mixed_sensitivity", MixedSensitivity, "mixed-precision sensitivity"),
                ("weight_rounding", WeightRounding, "weight rounding"), ("weight_dtype", WeightDtype, "weight dtype"))
@@ -233,6 +237,7 @@ class QuantConfig:
     weight_dtype: WeightDtype = WeightDtype.AUTO
     noise: NoiseMode = NoiseMode.BOTH  # NoisyQuant only: what N may hold
     reparam: bool = False  # LayerNorm reparameterization before the search (nq_onnx.reparam)
+    reparam_attention: bool = False  # K centred and Q/K channels balanced before the search (nq_onnx.reparam)
     weight_rounding: WeightRounding = WeightRounding.NEAREST
     bias_correction: bool = False  # fold each layer's mean output error into its bias
     # mixed precision (nq_onnx.mixed): every group and its layers' weights take 4, 5, 6 or 8 bits, chosen from
@@ -276,6 +281,9 @@ class QuantConfig:
         for name, _, _ in ENUM_FIELDS:
             out[name] = getattr(self, name).value
         out["search"]["objective"] = self.search.objective.value
+        for name, default in LATER_OPTIONS.items():
+            if out[name] == default:
+                del out[name]
         return out
 
     @classmethod

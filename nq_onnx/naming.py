@@ -37,6 +37,10 @@ REPARAM_BETA = "reparam_beta"
 REPARAM_WEIGHT = "reparam_weight"
 REPARAM_BIAS = "reparam_bias"
 ADD_REPARAM_BIAS = "add_reparam_bias"
+# attention reparameterization
+ATTENTION_WEIGHT = "attention_weight"
+ATTENTION_BIAS = "attention_bias"
+ADD_ATTENTION_BIAS = "add_attention_bias"
 # zero bias before an activation
 MATMUL_OUT = "matmul_out"
 ZERO_BIAS = "zero_bias"

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
-from nq_onnx.calibration.collect import collect_stats
+from nq_onnx.calibration.collect import TensorStats, collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset, load_labels
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
@@ -42,7 +42,8 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx import reparam
-from nq_onnx.plan import Plan, average_bits
+from nq_onnx.passes.reparam_attention import AttentionSite, attention_sites
+from nq_onnx.plan import AttentionReparam, Plan, average_bits
 from nq_onnx.summary import Summary
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
@@ -198,12 +199,15 @@ def quantize(
         model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings)
     else:
         factors = {name: g.reparam for name, g in plan.groups.items() if g.reparam is not None}
-        if factors:
-            model, result = reparam.reparameterize(model, layers, factors)
-            layers = discover(model, config)
-            if result.skipped:
-                raise PlanError(f"plan does not fit the model: group {result.skipped[0].layer!r} cannot be "
-                                f"reparameterized ({result.skipped[0].reason})")
+        attention = {name: p.attention for name, p in plan.layers.items() if p.attention is not None}
+        for rewrite_with, chosen, what in ((reparam.reparameterize, factors, "group"),
+                                           (reparam.reparameterize_attention, attention, "layer")):
+            if chosen:
+                model, result = rewrite_with(model, layers, chosen)
+                layers = discover(model, config)
+                if result.skipped:
+                    raise PlanError(f"plan does not fit the model: {what} {result.skipped[0].layer!r} cannot be "
+                                    f"reparameterized ({result.skipped[0].reason})")
     check_plan_fits(plan, layers)
     start = time.perf_counter()
     out, rewrite = apply_plan(model, layers, plan)
@@ -220,6 +224,7 @@ def quantize(
         noise_rejected=sum(1 for g in layers.groups
                            if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
+        attention_reparams=sum(1 for p in plan.layers.values() if p.attention is not None),
         average_bits=average_bits(plan.groups),
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
         read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},
@@ -232,11 +237,14 @@ def quantize(
 
 def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,
             timings: dict[str, float]) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
-    """Calibrate, reparameterize the LayerNorms (``config.reparam``) and search; returns the float model and layers
-    the plan refers to, the plan, and the groups that could not be reparameterized."""
+    """Calibrate, reparameterize the LayerNorms (``config.reparam``) and the attention (``config.reparam_attention``)
+    and search; returns the float model and layers the plan refers to, the plan, and what could not be
+    reparameterized."""
     config = plan.config
+    sites, kept = attention_sites(import_graph(model), layers) if config.reparam_attention else ([], [])
     start = time.perf_counter()
-    stats = collect_stats(model, [g.tensor for g in layers.groups], calib, config.batch_size, progress)
+    columns = sorted({t for s in sites for t in (s.q_tensor, s.k_tensor)})  # the ranges attention factors need
+    stats = collect_stats(model, [g.tensor for g in layers.groups] + columns, calib, config.batch_size, progress)
     timings["calibrate_s"] = time.perf_counter() - start
     factors, skipped = {}, []
     if config.reparam:
@@ -249,6 +257,12 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
         stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
         skipped = few_rows + result.skipped
         timings["reparam_s"] = time.perf_counter() - start
+    attention = {}
+    if sites:
+        start = time.perf_counter()
+        model, layers, attention, stats = _reparameterize_attention(model, layers, sites, stats, config)
+        skipped += kept
+        timings["reparam_attention_s"] = time.perf_counter() - start
     start = time.perf_counter()
     if config.method == Method.MINMAX:
         plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
@@ -259,8 +273,27 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
         timings.update({f"search.{k}": v for k, v in planner.timings.items()})
     for name, factor in factors.items():
         plan.groups[name].reparam = factor
+    for name, factor in attention.items():
+        plan.layers[name].attention = factor
     timings["search_s"] = time.perf_counter() - start
     return model, layers, plan, skipped
+
+
+def _reparameterize_attention(
+    model: onnx.ModelProto, layers: Layers, sites: list[AttentionSite], stats: dict[str, TensorStats],
+    config: QuantConfig,
+) -> tuple[onnx.ModelProto, Layers, dict[str, AttentionReparam], dict[str, TensorStats]]:
+    """Fold every site's factors into the model; the rewritten Q and K operands' ranges follow from their columns'."""
+    factors = {site.layer: reparam.attention_factors(site, stats) for site in sites}
+    model, result = reparam.reparameterize_attention(model, layers, factors)
+    if result.skipped:  # the sites were found on the same graph: a skip here is a bug, not a model to refuse
+        raise NQError(f"attention reparameterization of {result.skipped[0].layer} failed: {result.skipped[0].reason}")
+    layers = discover(model, config)
+    stats = dict(stats)
+    for site in sites:
+        spec = layers.layer(site.layer)
+        stats[spec.inputs[0]], stats[spec.inputs[1]] = reparam.attention_operand_stats(site, factors[site.layer], stats)
+    return model, layers, factors, stats
 
 
 EVAL_INPUTS = 64

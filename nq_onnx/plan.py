@@ -25,9 +25,9 @@ from nq_onnx.errors import PlanError
 from nq_onnx.mixed import Module
 from nq_onnx.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
 
-SCHEMA_VERSION = 4  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
-# 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision)
-READABLE_SCHEMAS = (2, 3, 4)  # an older plan is a newer one without the features added since
+SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
+# 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan)
+READABLE_SCHEMAS = (2, 3, 4, 5)  # an older plan is a newer one without the features added since
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,15 @@ class TwinSpec:
 @dataclasses.dataclass
 class Reparam:
     """A group's LayerNorm reparameterization: its layers read ``X' = (X - shift) / scale`` (per input channel)."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+@dataclasses.dataclass
+class AttentionReparam:
+    """A scores matmul's reparameterization (:mod:`nq_onnx.passes.reparam_attention`): over its pairs of Q and K
+    channels, ``Q' = Q * scale`` and ``K' = (K - shift) / scale``."""
 
     scale: np.ndarray
     shift: np.ndarray
@@ -86,6 +95,7 @@ class LayerPlan:
     search: dict[str, float] = dataclasses.field(default_factory=dict)
     weight_codes: np.ndarray | None = None  # int8 [K, N] where not nearest rounding of the steps (GPTQ)
     bias_correction: np.ndarray | None = None  # added to the layer's bias
+    attention: AttentionReparam | None = None  # a scores matmul's K centring and Q/K balance, folded before the search
 
     def codes(self, w_kn: np.ndarray) -> np.ndarray:
         """The layer's integer weight codes: the stored ones, or ``w_kn`` rounded to the nearest code."""
@@ -102,6 +112,13 @@ class Plan:
     layers: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
+    def written_schema(self) -> int:
+        """The oldest schema that holds the plan: 4 where no attention is reparameterized (a plan as the version
+        before schema 5 wrote it, byte for byte, with the config's :data:`~nq_onnx.config.LATER_OPTIONS` unset)."""
+        if self.schema_version == SCHEMA_VERSION and not any(p.attention is not None for p in self.layers.values()):
+            return 4
+        return self.schema_version
+
     def check_model(self, digest: str) -> None:
         if digest != self.model_digest:
             raise PlanError(
@@ -114,7 +131,7 @@ class Plan:
         npz_path = json_path.with_suffix(".npz")
         arrays: dict[str, np.ndarray] = {}
         doc: dict[str, Any] = {
-            "schema_version": self.schema_version,
+            "schema_version": self.written_schema(),
             "model_digest": self.model_digest,
             "config": self.config.to_dict(),
             "arrays": npz_path.name,
@@ -154,6 +171,11 @@ class Plan:
                 if getattr(layer, key) is not None:
                     entry[key] = f"layer/{layer.name}/{key}"
                     arrays[entry[key]] = getattr(layer, key)
+            if layer.attention is not None:
+                entry["attention"] = {"scale": f"layer/{layer.name}/attention_scale",
+                                      "shift": f"layer/{layer.name}/attention_shift"}
+                arrays[entry["attention"]["scale"]] = layer.attention.scale
+                arrays[entry["attention"]["shift"]] = layer.attention.shift
             doc["layers"].append(entry)
         write_bytes_atomic(npz_path, _npz_bytes(arrays))
         write_bytes_atomic(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
@@ -210,7 +232,10 @@ class Plan:
                 plan.layers[layer["name"]] = LayerPlan(
                     layer["name"], None if scales is None else scales.astype(np.float32), int(layer["bits"]),
                     dict(layer["search"]), None if codes is None else codes.astype(np.int8),
-                    None if correction is None else correction.astype(np.float32))
+                    None if correction is None else correction.astype(np.float32),
+                    AttentionReparam(arrays[layer["attention"]["scale"]].astype(np.float32),
+                                     arrays[layer["attention"]["shift"]].astype(np.float32))
+                    if layer.get("attention") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{json_path} is a malformed plan ({type(exc).__name__}: {exc})") from None
         return plan

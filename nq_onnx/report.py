@@ -61,6 +61,9 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
         gp = plan.groups.get(group.name)
         search = lp.search
         eq, nq = search.get("mse_easyquant"), search.get("mse_noisyquant")
+        # LayerNorm factors r of a linear layer's input, or the Q/K balance s of an attention scores matmul
+        factors = gp.reparam.scale if gp is not None and gp.reparam is not None else (
+            lp.attention.scale if lp.attention is not None else None)
         row = {
             "layer": spec.name,
             "op": spec.op if spec.kind != ACT_MATMUL else "MatMul (activations)",
@@ -81,8 +84,8 @@ def layer_rows(layers: Layers, plan: Plan) -> list[dict]:
             "mse_easyquant": eq,
             "mse_noisyquant": nq,
             "reduction_pct": 100.0 * (1.0 - nq / eq) if eq and nq is not None else None,
-            "reparam_min": float(gp.reparam.scale.min()) if gp is not None and gp.reparam is not None else None,
-            "reparam_max": float(gp.reparam.scale.max()) if gp is not None and gp.reparam is not None else None,
+            "reparam_min": float(factors.min()) if factors is not None else None,
+            "reparam_max": float(factors.max()) if factors is not None else None,
             "weight_error_nearest": search.get("weight_error_nearest"),
             "weight_error_gptq": search.get("weight_error_gptq"),
             "mse_nearest": search.get("mse_nearest"),
@@ -152,7 +155,8 @@ def _step(row: dict, num) -> str:
 
 
 def _mechanism_table(layers: list[dict], num) -> str:
-    """Per layer, what LayerNorm reparameterization (the range of its factors r), GPTQ or GPTQ-act (held-out weight
+    """Per layer, what LayerNorm reparameterization (the range of its factors r) or attention reparameterization
+    (of the Q/K balance s), GPTQ or GPTQ-act (held-out weight
     error and layer output MSE, nearest and rounded: the MSE decides) and bias correction (held-out layer output MSE
     before and after) did; empty without them."""
     keys = ("reparam_min", "weight_error_nearest", "mse_before_bias_correction")
@@ -169,7 +173,8 @@ def _mechanism_table(layers: list[dict], num) -> str:
         return ""
     return ("<h2>Reparameterization, rounding and bias correction</h2>\n<p>Held-out rows: weight error "
             "||X (W - dq(W))||&sup2; per element; layer output MSE with the activation quantizer.</p>\n"
-            '<table id="mechanisms" class="sortable"><thead><tr><th>layer</th><th>reparam r</th>'
+            '<table id="mechanisms" class="sortable"><thead><tr><th>layer</th>'
+            "<th>reparam r (LayerNorm) / s (Q K<sup>T</sup>)</th>"
             "<th>weight error nearest</th><th>weight error rounded</th><th>layer MSE nearest</th>"
             "<th>layer MSE rounded (GPTQ / GPTQ-act)</th><th>MSE before bias correction</th>"
             f"<th>MSE after</th></tr></thead>\n<tbody>{rows}</tbody></table>")

@@ -22,6 +22,7 @@ class Summary:
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
+    attention_reparams: int = 0  # scores matmuls whose Q and K were reparameterized (QuantConfig.reparam_attention)
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
     bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -51,6 +52,12 @@ def format_summary(summary, elapsed: float, output) -> str:
         why = "; ".join(f"{n} groups: {reason}" for reason, n in reasons.items())
         lines.append(f"  reparameterized: {summary.reparam_groups} LayerNorm-fed groups" + (f" (not: {why})" if why
                                                                                             else ""))
+    kept = [s for s in summary.skipped if s.kind == SkipKind.ATTENTION_KEPT]
+    if summary.attention_reparams or kept:
+        why = "; ".join(f"{s.layer}: {s.reason}" for s in kept[:3]) + (f"; {len(kept) - 3} more" if len(kept) > 3
+                                                                        else "")
+        lines.append(f"  attention: K centred and Q/K balanced in {summary.attention_reparams} scores matmuls"
+                     + (f" (not in {len(kept)}: {why})" if kept else ""))
     if summary.average_bits is not None:
         widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(summary.bits_groups.items(), reverse=True))
         lines.append(f"  mixed precision: {summary.average_bits:.2f} average bits ({widths} groups)")

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from nq_onnx import external_data
+from nq_onnx import external_data, naming
 
 
 class Role(str, enum.Enum):
@@ -47,6 +47,7 @@ class SkipKind(str, enum.Enum):
     NOT_NOISY = "not_noisy"  # read by an activation matmul, which takes no noise
     UNSUPPORTED = "unsupported"  # a form the pass cannot rewrite
     NOT_REPARAMETERIZED = "not_reparameterized"  # --reparam left this group as it is
+    ATTENTION_KEPT = "attention_kept"  # --reparam-attention left this scores matmul as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,15 @@ def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     for i, tensor in enumerate(node.inputs):
         if tensor is old:
             node.inputs[i] = new
+
+
+def add_bias_after(graph: gs.Graph, node: gs.Node, layer: str, bias: gs.Constant, add_part: str) -> None:
+    """A layer without a bias gets one: ``node`` (its MatMul) now writes ``{layer}/matmul_output`` and a new ``Add``
+    named ``{layer}/{add_part}`` adds ``bias`` into the tensor the MatMul wrote, so every reader stays as it was."""
+    out = node.outputs[0]
+    inner = gs.Variable(naming.of(layer, naming.MATMUL_OUTPUT), dtype=np.float32, shape=getattr(out, "shape", None))
+    node.outputs[0] = inner
+    graph.nodes.append(gs.Node("Add", name=naming.of(layer, add_part), inputs=[inner, bias], outputs=[out]))
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from nq_onnx import naming
 from nq_onnx.plan import Plan
-from nq_onnx.passes.base import PassResult, Role, constant, nodes_by_name
+from nq_onnx.passes.base import PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 
 
@@ -97,10 +97,5 @@ class FoldDenoisingBias:
     @staticmethod
     def _add_bias(graph: gs.Graph, node: gs.Node, spec: LayerSpec, delta: np.ndarray) -> str:
         bias = constant(naming.of(spec.name, naming.BIAS_DENOISED), delta.astype(np.float32))
-        out = node.outputs[0]
-        inner = gs.Variable(naming.of(spec.name, naming.MATMUL_OUTPUT), dtype=np.float32,
-                            shape=getattr(out, "shape", None))
-        node.outputs[0] = inner
-        graph.nodes.append(gs.Node("Add", name=naming.of(spec.name, naming.ADD_DENOISING_BIAS), inputs=[inner, bias],
-                                   outputs=[out]))
+        add_bias_after(graph, node, spec.name, bias, naming.ADD_DENOISING_BIAS)
         return bias.name

@@ -23,7 +23,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx import naming
-from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, constant, constant_through_identity, nodes_by_name
+from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, add_bias_after, constant, constant_through_identity
+from nq_onnx.passes.base import nodes_by_name
 from nq_onnx.passes.channels import channel_source
 from nq_onnx.passes.find_layers import Layers, require_matmul
 from nq_onnx.plan import Reparam
@@ -123,10 +124,5 @@ def _fold_into_layer(graph: gs.Graph, nodes: dict, spec, r: np.ndarray, c: np.nd
         bias = constant_through_identity(owner.inputs[slot]).astype(np.float64)
         owner.inputs[slot] = constant(naming.of(spec.name, naming.REPARAM_BIAS), (bias + delta).astype(np.float32))
     elif np.any(delta):
-        out = node.outputs[0]
-        inner = gs.Variable(naming.of(spec.name, naming.MATMUL_OUTPUT), dtype=np.float32,
-                            shape=getattr(out, "shape", None))
-        node.outputs[0] = inner
-        graph.nodes.append(gs.Node("Add", name=naming.of(spec.name, naming.ADD_REPARAM_BIAS),
-                                   inputs=[inner, constant(naming.of(spec.name, naming.REPARAM_BIAS),
-                                                           delta.astype(np.float32))], outputs=[out]))
+        add_bias_after(graph, node, spec.name, constant(naming.of(spec.name, naming.REPARAM_BIAS),
+                                                        delta.astype(np.float32)), naming.ADD_REPARAM_BIAS)
