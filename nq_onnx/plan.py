@@ -157,9 +157,7 @@ class Plan:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
             if g.reparam is not None:
-                entry["reparam"] = {"scale": f"group/{g.name}/reparam_scale", "shift": f"group/{g.name}/reparam_shift"}
-                arrays[entry["reparam"]["scale"]] = g.reparam.scale
-                arrays[entry["reparam"]["shift"]] = g.reparam.shift
+                entry["reparam"] = _store_factors(f"group/{g.name}/reparam", g.reparam, arrays)
             if g.precision is not None:
                 entry["precision"] = {"cost": g.precision.cost,
                                       "sensitivity": {str(b): v for b, v in g.precision.sensitivity.items()}}
@@ -172,10 +170,7 @@ class Plan:
                     entry[key] = f"layer/{layer.name}/{key}"
                     arrays[entry[key]] = getattr(layer, key)
             if layer.attention is not None:
-                entry["attention"] = {"scale": f"layer/{layer.name}/attention_scale",
-                                      "shift": f"layer/{layer.name}/attention_shift"}
-                arrays[entry["attention"]["scale"]] = layer.attention.scale
-                arrays[entry["attention"]["shift"]] = layer.attention.shift
+                entry["attention"] = _store_factors(f"layer/{layer.name}/attention", layer.attention, arrays)
             doc["layers"].append(entry)
         write_bytes_atomic(npz_path, _npz_bytes(arrays))
         write_bytes_atomic(json_path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
@@ -207,10 +202,7 @@ class Plan:
             plan = cls(model_digest=doc["model_digest"], config=QuantConfig.from_dict(doc["config"]))
             for g in doc["groups"]:
                 noise = arrays[g["noise"]].astype(np.float32) if g["noise"] else None
-                reparam = g.get("reparam")
-                if reparam:
-                    reparam = Reparam(arrays[reparam["scale"]].astype(np.float32),
-                                      arrays[reparam["shift"]].astype(np.float32))
+                reparam = _load_factors(Reparam, g.get("reparam"), arrays)
                 plan.groups[g["name"]] = GroupPlan(
                     g["name"],
                     g["tensor"],
@@ -222,7 +214,7 @@ class Plan:
                     bool(g["signed"]),
                     tuple(g["input_range"]) if g.get("input_range") else None,
                     g.get("base_scale"),
-                    reparam or None,
+                    reparam,
                     TwinSpec(str(g["twin"]["kind"]), float(g["twin"]["fixed"])) if g.get("twin") else None,
                     _module(g["name"], g["precision"]) if g.get("precision") else None,
                 )
@@ -233,12 +225,24 @@ class Plan:
                     layer["name"], None if scales is None else scales.astype(np.float32), int(layer["bits"]),
                     dict(layer["search"]), None if codes is None else codes.astype(np.int8),
                     None if correction is None else correction.astype(np.float32),
-                    AttentionReparam(arrays[layer["attention"]["scale"]].astype(np.float32),
-                                     arrays[layer["attention"]["shift"]].astype(np.float32))
-                    if layer.get("attention") else None)
+                    _load_factors(AttentionReparam, layer.get("attention"), arrays))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{json_path} is a malformed plan ({type(exc).__name__}: {exc})") from None
         return plan
+
+
+def _store_factors(prefix: str, factors: Reparam | AttentionReparam, arrays: dict[str, np.ndarray]) -> dict:
+    """A reparameterization's entry in the plan's JSON: the names of its ``scale`` and ``shift`` arrays."""
+    entry = {"scale": f"{prefix}_scale", "shift": f"{prefix}_shift"}
+    arrays[entry["scale"]], arrays[entry["shift"]] = factors.scale, factors.shift
+    return entry
+
+
+def _load_factors(kind: type, entry: dict | None, arrays: dict[str, np.ndarray]):
+    """The :class:`Reparam` or :class:`AttentionReparam` an entry of :func:`_store_factors` names (``None``: none)."""
+    if not entry:
+        return None
+    return kind(arrays[entry["scale"]].astype(np.float32), arrays[entry["shift"]].astype(np.float32))
 
 
 def _module(name: str, entry: dict) -> Module:

@@ -124,7 +124,7 @@ def attention_site(graph: gs.Graph, layers: Layers, name: str) -> AttentionSite 
             return f"{what} is {why}"
     sources = [source for source, _ in found]
     reads: dict[str, list[tuple[gs.Node, int, np.ndarray, float]]] = {}
-    for tensor_name in {s for s in sources}:
+    for tensor_name in dict.fromkeys(sources):  # each source once, in operand order
         traced = _trace(graph, tensors[tensor_name], outputs[tensor_name].out_features)
         if isinstance(traced, str):
             return traced
