@@ -184,3 +184,30 @@ def test_a_plan_without_attention_factors_is_written_as_schema_4(tmp_path):
     doc = json.loads((tmp_path / "plan.json").read_text())
     assert doc["schema_version"] == 4 and "reparam_attention" not in doc["config"]
     assert Plan.load(tmp_path / "plan.json").config == QuantConfig(reparam=True)
+
+
+@pytest.mark.parametrize("damage", ["short", "missing"])
+def test_a_plan_with_broken_attention_factors_is_refused_in_one_line(tmp_path, photo_folder, capsys, damage):
+    """Attention factors of the wrong length, or an entry naming no array: one line naming the problem, exit 2,
+    no output written, the model and the plan untouched."""
+    from test_errors import fails
+
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=1), num_classes=10)
+    config = QuantConfig(calib_size=4, reparam_attention=True, method="minmax")
+    convert(path, tmp_path / "a.onnx", photo_folder, config, save_plan=tmp_path / "plan.json", evaluate=False)
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    entry = next(layer["attention"] for layer in doc["layers"] if layer.get("attention"))
+    if damage == "short":
+        with np.load(tmp_path / "plan.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        arrays[entry["scale"]], arrays[entry["shift"]] = arrays[entry["scale"]][:-1], arrays[entry["shift"]][:-1]
+        np.savez(tmp_path / "plan.npz", **arrays)
+        needles = ("cannot be reparameterized", "channel pairs")
+    else:
+        entry["scale"] = "layer/nowhere/attention_scale"
+        (tmp_path / "plan.json").write_text(json.dumps(doc))
+        needles = ("malformed plan",)
+    capsys.readouterr()
+    fails(capsys, ["convert", path, "-o", tmp_path / "b.onnx", "--load-plan", tmp_path / "plan.json"], *needles,
+          inputs=[path, tmp_path / "plan.json", tmp_path / "plan.npz"])
