@@ -618,6 +618,8 @@ def update_readme(readme: Path) -> None:
                  "<!-- compile-cost-skylakex:end -->", cost_markdown),
                 ("compile_cost_vnni_skylakex_stop14.json", "<!-- compile-cost-skylakex-stop14:begin -->",
                  "<!-- compile-cost-skylakex-stop14:end -->", cost_markdown),
+                ("compile_cost_vnni_skylakex_stop16.json", "<!-- compile-cost-skylakex-stop16:begin -->",
+                 "<!-- compile-cost-skylakex-stop16:end -->", cost_markdown),
                 ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),
                 ("demo.json", DEMO_BEGIN, DEMO_END, demo_markdown))
     for name, begin, end, render in sections:

@@ -18,7 +18,8 @@ from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
 from nq_onnx.plan import Plan
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.rounding import correction, fitted_weight, gptq_codes, layer_error, output_mse
+from nq_onnx.rounding import (correction, fitted_weight, gptq_codes, inverse_cholesky, layer_error, lower_inverse,
+                              output_mse)
 
 
 def obq_reference(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, damp: float) -> np.ndarray:
@@ -52,6 +53,20 @@ def test_gptq_codes_equal_the_obq_reference(bits):
     want = obq_reference(w, scales.astype(np.float64), x, bits, damp=0.01)
     np.testing.assert_array_equal(got.astype(np.int64), want)
     assert not np.array_equal(got, WeightQuantizer(bits).codes(w, scales))  # not nearest rounding
+
+
+@pytest.mark.parametrize("k", [7, 128, 300])  # one leaf, exactly a leaf, two levels of halves
+def test_inverse_cholesky_is_the_upper_cholesky_factor_of_the_inverse(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((2 * k + 50, k)) @ rng.standard_normal((k, k)) * rng.uniform(0.01, 3.0, k)
+    h = x.T @ x + 0.01 * np.mean(np.diag(x.T @ x)) * np.eye(k)
+    want = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 formed, then its (lower) Cholesky, transposed
+    got = inverse_cholesky(h)
+    assert np.array_equal(got, np.triu(got)) and np.all(np.diag(got) > 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+    lower = np.linalg.cholesky(h)
+    for leaf in (1, 3, 128):
+        np.testing.assert_allclose(lower_inverse(lower, leaf) @ lower, np.eye(k), rtol=0, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
