@@ -189,7 +189,8 @@ class _Rows:
                  bias: np.ndarray):
         self.noise = np.zeros(x.shape[1], np.float32) if noise is None else noise
         self.bias, self.reference = bias, x @ w_kn + bias
-        self.quantized_input = act.fake_quant(x + self.noise, scale)
+        self.noisy_input = x + self.noise  # X + N, what the layer's quantizer and GPTQ's weight error see
+        self.quantized_input = act.fake_quant(self.noisy_input, scale)
 
     def output(self, w_q: np.ndarray) -> np.ndarray:
         """``dq(q(X + N)) dq(W) + B - N dq(W)``: the quantized layer's output on these rows."""
@@ -233,8 +234,8 @@ def finish_layer(operand: LinearOperand, scales: np.ndarray, rows: np.ndarray, h
             candidate = gptq_codes(operand.weight, scales, act.fake_quant(rows + n, scale) - n,
                                    operand.quantizer.bits, target=rows)
         w_gptq = WeightQuantizer.dequantize(candidate, scales)
-        metrics["weight_error_nearest"] = layer_error(check + n, operand.weight, w_q)
-        metrics["weight_error_gptq"] = layer_error(check + n, operand.weight, w_gptq)
+        metrics["weight_error_nearest"] = layer_error(checked.noisy_input, operand.weight, w_q)
+        metrics["weight_error_gptq"] = layer_error(checked.noisy_input, operand.weight, w_gptq)
         output, output_gptq = checked.output(w_q), checked.output(w_gptq)
         metrics["mse_nearest"] = checked.mse(output)
         metrics["mse_gptq"] = checked.mse(output_gptq)
