@@ -4,17 +4,18 @@
     python benchmarks/compile_cost.py --before ../old-checkout # adds the same conversions by another checkout
     python benchmarks/compile_cost.py --rows nq_w8a8,vit_b16 --append --repeat 3
 
-Each conversion runs alone in a fresh process (this script with ``--child``), which reports the summary's
-timing breakdown (calibration pass, simulation, linear-layer search, attention-matmul search, rounding, rewrite)
-and its own peak resident memory (``VmHWM``); with ``--repeat N`` each row converts N times, each in its own process,
-and the row keeps the run of median wall time (all wall times are recorded; the runs must give the same model
-bytes). Rows that convert the real ViT-S/14 are then scored on images no conversion saw: output MSE against FP32
-on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up which changes the search's choices is judged
-on held-out data. ``--before DIR`` converts every requested row that uses the checkout's defaults with the nq-onnx
-of another checkout too (e.g. a ``git worktree`` of an older commit; rows ``<label>:<row>``), for the speed-up
-factor of a change and what it does to held-out accuracy. The machine record names numpy's BLAS kernels.
-Writes ``benchmarks/results/compile_cost.json`` (``--name``: another file, e.g. one per CPU kind; ``--append``
-refuses a file measured on another kind of CPU or with other BLAS kernels).
+Each conversion runs alone in a fresh process (this script with ``--child``), which reports the summary's timing
+breakdown (the stages, search parts and linear-search phases ``convert --profile`` writes) and its
+own peak resident memory (``VmHWM``); with ``--repeat N`` each row converts N times, each in its own process, and
+the row keeps the run of median wall time (all wall times are recorded; the runs must give the same model bytes).
+The repeats run round-robin over the rows (row A, row B, row A, ...), so a drift of the machine's speed falls on
+every row alike. Rows that convert the real ViT-S/14 are then scored on images no conversion saw: output MSE
+against FP32 on held-out ImageNet images and top-1 on CIFAR-10, so that a speed-up which changes the search's
+choices is judged on held-out data. ``--before DIR`` converts every requested row that uses the checkout's defaults
+with the nq-onnx of another checkout too (e.g. a ``git worktree`` of an older commit; rows ``<label>:<row>``), for
+the speed-up factor of a change and what it does to held-out accuracy. The machine record names numpy's BLAS
+kernels. Writes ``benchmarks/results/compile_cost.json`` (``--name``: another file, e.g. one per CPU kind;
+``--append`` refuses a file measured on another kind of CPU or with other BLAS kernels).
 """
 
 from __future__ import annotations
@@ -84,26 +85,28 @@ def source_tree(checkout: Path, into: Path) -> Path:
     return into
 
 
-def convert_row(name: str, src: Path, models: dict, calib: dict, work: Path, repeat: int = 1) -> dict:
-    """Convert row ``name`` ``repeat`` times, each in a fresh process; the run of median wall time, with every run's
-    wall time (``convert_s_runs``)."""
+def convert_once(name: str, src: Path, models: dict, calib: dict, work: Path) -> dict:
+    """Convert row ``name`` once in a fresh process: its timings, peak memory and the model's SHA-256."""
     model, method, bits, search, calib_size, _ = ROWS[name]
     out = work / f"compile_{name.replace(':', '_')}.onnx"
     spec = {"src": str(src), "model": str(models[model]), "out": str(out), "calib": str(calib[calib_size]),
             "method": method, "bits": bits, "search": search, "calib_size": calib_size}
-    runs, digests = [], set()
-    for _ in range(repeat):
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name}: convert failed: {proc.stderr[-2000:]}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
-    if len(digests) != 1:
-        raise RuntimeError(f"{name}: {repeat} conversions gave {len(digests)} different models")
-    entry = sorted(runs, key=lambda r: r["convert_s"])[(repeat - 1) // 2]
-    return entry | {"model": model, "method": method, "bits": bits, "calib_images": calib_size, "out": str(out),
-                    "convert_s_runs": [r["convert_s"] for r in runs], "sha256": digests.pop()}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: convert failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"out": str(out),
+                                                               "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+
+
+def median_entry(name: str, runs: list[dict]) -> dict:
+    """The run of median wall time, with every run's wall time (``convert_s_runs``); the runs must have given the
+    same model bytes."""
+    model, method, bits, _, calib_size, _ = ROWS[name]
+    if len({r["sha256"] for r in runs}) != 1:
+        raise RuntimeError(f"{name}: {len(runs)} conversions gave {len({r['sha256'] for r in runs})} different models")
+    entry = sorted(runs, key=lambda r: r["convert_s"])[(len(runs) - 1) // 2]
+    return entry | {"model": model, "method": method, "bits": bits, "calib_images": calib_size,
+                    "convert_s_runs": [r["convert_s"] for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             for row in [r for r in rows if not ROWS[r][3]][::-1]:
                 ROWS[f"{args.before_label}:{row}"] = ROWS[row]
                 jobs.insert(0, (f"{args.before_label}:{row}", src))
+        runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+        for turn in range(args.repeat):  # round-robin: the machine's drift falls on every row alike
+            for name, src in jobs:
+                log(f"{name}: converting ({turn + 1}/{args.repeat})")
+                runs[name].append(convert_once(name, src, models, calib, WORK))
         for name, src in jobs:
-            log(f"{name}: converting")
-            entry = convert_row(name, src, models, calib, WORK, args.repeat)
+            entry = median_entry(name, runs[name])
             if ROWS[name][5]:
                 if reference is None:
                     reference = {"cifar": run_model(models["vit_s14"], cifar),

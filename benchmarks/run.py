@@ -47,7 +47,7 @@ from timing import latency_round_robin  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess, prepare_image  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
-from nq_onnx.cpu import cpu_features  # noqa: E402
+from nq_onnx.cpu import blas_record, cpu_features  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 
@@ -105,17 +105,11 @@ def machine() -> dict:
 
 
 def blas() -> dict:
-    """numpy's BLAS and the kernels it runs (threadpoolctl), and the OpenBLAS settings in the environment: the
-    searches are float GEMMs, so their speed and the last bits of their sums depend on the kernel (a machine that
-    sets ``OPENBLAS_CORETYPE`` runs that core's kernels whatever its CPU)."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[export,test]'") from None
-    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
-    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
-           if k in os.environ}
-    return {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} | {"env": env}
+    """numpy's BLAS, its kernels and the OpenBLAS settings (:func:`nq_onnx.cpu.blas_record`)."""
+    record = blas_record()
+    if record["internal_api"] is None:
+        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[export,test]'")
+    return record
 
 
 def cpu_slug(kind: str) -> str:

@@ -658,6 +658,15 @@ def update_readme(readme: Path) -> None:
     if additivity.exists():
         text = _replace_block(text, ADDITIVITY_BEGIN, ADDITIVITY_END, additivity_markdown(
             json.loads(additivity.read_text()), additivity.resolve().relative_to(root)))
+    from table_profile import PROFILE_BEGIN, PROFILE_CHART, PROFILE_END, PROFILE_FILES, profile_chart, \
+        profile_markdown
+
+    profiled = [(json.loads((RESULTS / n).read_text()), (RESULTS / n).resolve().relative_to(root))
+                for n in PROFILE_FILES if (RESULTS / n).exists()]
+    if profiled:
+        profile_chart(profiled, RESULTS / PROFILE_CHART)
+        text = _replace_block(text, PROFILE_BEGIN, PROFILE_END, profile_markdown(
+            profiled, (RESULTS / PROFILE_CHART).resolve().relative_to(root)))
     mixed = RESULTS / "mixed.json"
     if mixed.exists():
         data = json.loads(mixed.read_text())

@@ -164,6 +164,9 @@ def _add_output_options(p) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the output-error check against the float model")
     p.add_argument("--report", metavar="REPORT.html", help="write a self-contained HTML report of the conversion")
     p.add_argument("--report-dir", metavar="DIR", help="also write the report's figures (PNG) and numbers (JSON) here")
+    p.add_argument("--profile", metavar="PROFILE.json",
+                   help="write where the conversion's seconds went (stages, the search's parts and phases, the CPU "
+                        "and numpy's BLAS kernels) as JSON")
     p.add_argument("--external-data", choices=["auto", "yes", "no"], default="auto",
                    help="write large tensors to a data file beside the model (auto: when the input had external "
                         "data or the output is over 2 GiB)")
@@ -378,6 +381,7 @@ def _convert(args) -> int:
         report=args.report,
         report_dir=args.report_dir,
         external_data=EXTERNAL_DATA[args.external_data],
+        profile=args.profile,
     )
     print(format_summary(result.summary, time.perf_counter() - start, args.output))
     return 0

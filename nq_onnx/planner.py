@@ -190,7 +190,8 @@ class SearchPlanner:
     _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
-    # seconds spent per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s``, ...)
+    # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
+    # ``linear.<phase>_s`` (:class:`nq_onnx.search.Phases`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
 
     @contextlib.contextmanager
@@ -255,6 +256,8 @@ class SearchPlanner:
         )
         with self._timed("linear_search_s"):
             result = search_linear_group(problem)
+        for phase, seconds in result.seconds.items():
+            self.timings[f"linear.{phase}_s"] = self.timings.get(f"linear.{phase}_s", 0.0) + seconds
         stats = self.stats[group.tensor]
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,

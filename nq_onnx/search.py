@@ -38,9 +38,12 @@ quantization it scores is a :mod:`nq_onnx.quantizers` quantizer's, the same the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import time
 import zlib
+from typing import Iterator
 
 import numpy as np
 
@@ -108,6 +111,25 @@ class GroupResult:
     noise_shift: float = 0.0
     noise_amplitude: float = 0.0
     base_scale: float = 0.0  # the EasyQuant step, before any noise search
+    # wall seconds per phase of the search (:class:`Phases`), for the conversion's profile; not part of the result
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
+
+
+@dataclasses.dataclass
+class Phases:
+    """Wall seconds a search spends per phase: ``weight_steps`` (per-channel weight steps), ``error_terms`` (each
+    layer's :class:`LayerError`), ``act_steps`` (EasyQuant's activation step), ``noise`` (the noise grid and its
+    step) and ``held_out`` (the noise's check on held-out rows); the rest of a search is not split."""
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
@@ -240,13 +262,19 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
         zero = {"mse_minmax": 0.0, "mse_easyquant": 0.0} | ({"mse_noisyquant": 0.0} if problem.noise_mode else {})
         return GroupResult(1.0, {op.name: op.minmax_scales() for op in layers}, {op.name: dict(zero) for op in layers},
                            base_scale=1.0)
+    phases = Phases()
     targets = [sample.x @ layer.weight + layer.bias for layer in layers]
-    easy, alpha, errors, weights = _easyquant(problem, targets)
+    easy, alpha, errors, weights = _easyquant(problem, targets, phases)
+    easy.seconds = phases.seconds
     if problem.noise_mode is None:
         return easy
-    noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, weights, errors)
-    if sample.held_out is not None and np.any(noise) and not _wins_held_out(problem, easy, weights, noise, scale):
-        noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
+    with phases("noise"):
+        noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, weights, errors)
+    if sample.held_out is not None and np.any(noise):
+        with phases("held_out"):
+            wins = _wins_held_out(problem, easy, weights, noise, scale)
+        if not wins:
+            noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
     x_q = problem.act.fake_quant(sample.x + noise, scale)
     for layer, m in zip(layers, layer_mse(x_q, layers, weights, targets, noise)):
         easy.metrics[layer.name]["mse_noisyquant"] = m
@@ -254,7 +282,8 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
                                noise_amplitude=amplitude)
 
 
-def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupResult, float, list | None, list]:
+def _easyquant(problem: GroupSearch, targets: list[np.ndarray],
+               phases: Phases) -> tuple[GroupResult, float, list | None, list]:
     """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result,
     its activation step as a multiple of the MinMax step, the layers' :class:`LayerError` at the chosen weights
     (``None`` where MinMax was kept: they were built for other weights) and those weights ``dq(W)``."""
@@ -271,12 +300,14 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
     deltas = {layer.name: {} if config.rounds > 1 and len(weight_alphas) * layer.weight.nbytes <= DELTA_CACHE_BYTES
               else None for layer in layers}
     for _ in range(config.rounds):
-        x_q = act.fake_quant(x, base * alpha)
-        scales = {layer.name: search_weight_scales(x_q, x, layer, t, weight_alphas, config.grid_stride,
-                                                   config.objective, deltas[layer.name])
-                  for layer, t in zip(layers, targets)}
-        weights = [layer.quantized_weight(scales[layer.name]) for layer in layers]
-        errors = [LayerError.build(x, layer, w_q, t) for layer, w_q, t in zip(layers, weights, targets)]
+        with phases("weight_steps"):
+            x_q = act.fake_quant(x, base * alpha)
+            scales = {layer.name: search_weight_scales(x_q, x, layer, t, weight_alphas, config.grid_stride,
+                                                       config.objective, deltas[layer.name])
+                      for layer, t in zip(layers, targets)}
+            weights = [layer.quantized_weight(scales[layer.name]) for layer in layers]
+        with phases("error_terms"):
+            errors = [LayerError.build(x, layer, w_q, t) for layer, w_q, t in zip(layers, weights, targets)]
         alphas = grid(config.act_alphas)
 
         def similarity(i: int, rows: np.ndarray, errs: list[LayerError]) -> float:
@@ -285,10 +316,11 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray]) -> tuple[GroupRe
             return float(np.mean([error.similarity(d, config.objective) for error in errs]))
 
         screen = None
-        if sub is not None:
-            screen = functools.partial(similarity, rows=sub_x, errs=[error.rows(*sub) for error in errors])
-        index, _ = grid_argmax(len(alphas), functools.partial(similarity, rows=x, errs=errors), config.grid_stride,
-                               screen, config.screen_keep)
+        with phases("act_steps"):
+            if sub is not None:
+                screen = functools.partial(similarity, rows=sub_x, errs=[error.rows(*sub) for error in errors])
+            index, _ = grid_argmax(len(alphas), functools.partial(similarity, rows=x, errs=errors),
+                                   config.grid_stride, screen, config.screen_keep)
         alpha = float(alphas[index])
     easy = layer_mse(act.fake_quant(x, base * alpha), layers, weights, targets)
     if sum(easy) > sum(mse_minmax):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from nq_onnx.cpu import cpu_features, pinned_blas
+from nq_onnx._version import __version__
+from nq_onnx.cpu import blas_record, cpu_features, pinned_blas
 from nq_onnx.passes.base import Skip, SkipKind
 
 
@@ -82,7 +83,7 @@ def format_summary(summary, elapsed: float, output) -> str:
         lines.append(f"  skipped {skip.layer}: {skip.reason}")
     parts = {k: v for k, v in summary.timings.items() if "." not in k}
     inner = ", ".join(f"{k.split('.', 1)[1][:-2].replace('_', ' ')} {v:.1f} s"
-                      for k, v in summary.timings.items() if "." in k)
+                      for k, v in summary.timings.items() if k.count(".") == 1)  # finer parts: --profile
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" + (f" ({inner})" if k == "search_s" and inner else "")
                        for k, v in parts.items())
     lines.append(f"  time: {timing}")
@@ -98,3 +99,26 @@ def format_summary(summary, elapsed: float, output) -> str:
             f"SQNR {m['sqnr_db']:.2f} dB{agree}"
         )
     return "\n".join(lines)
+
+
+def profile_record(summary: Summary, wall: float, model: str, config) -> dict:
+    """Where a conversion's seconds went (``convert --profile``), as JSON-ready values, all wall seconds.
+
+    ``stages`` are the conversion's steps in the order they ran (``load``: reading the model and listing the data;
+    ``calibrate``; ``search``; ``rewrite``: the graph passes; ``check``: the ONNX checker; ``evaluate``; ``save``;
+    ``report``); ``wall`` is their sum and the few statements between them. ``search`` splits the search stage into
+    the sequential simulation, the linear-layer search, the attention-matmul search, the rounding step, ... and
+    ``other`` (the planner's own work); ``linear_search`` splits the linear-layer search into its phases
+    (:class:`nq_onnx.search.Phases`) and ``other`` (float outputs, MinMax and final errors). With the CPU and
+    numpy's BLAS kernels, which set the pace of the searches' products."""
+    timings = summary.timings
+    stages = {k[:-2]: v for k, v in timings.items() if "." not in k}
+    search = {k.split(".", 1)[1][:-2]: v for k, v in timings.items() if k.count(".") == 1}
+    phases = {k.rsplit(".", 1)[1][:-2]: v for k, v in timings.items() if k.startswith("search.linear.")}
+    if "search" in stages and search:
+        search["other"] = stages["search"] - sum(search.values())
+    if "linear_search" in search and phases:
+        phases["other"] = search["linear_search"] - sum(phases.values())
+    return {"nq_onnx": __version__, "model": model, "method": summary.method, "config": config.to_dict(),
+            "calib_images": summary.calib_images, "wall": wall, "stages": stages, "search": search,
+            "linear_search": phases, "cpu": cpu_features().to_dict(), "blas": blas_record()}

@@ -289,3 +289,40 @@ def test_summary_reports_numpys_blas_pinned_below_the_cpu(monkeypatch):
     assert "OPENBLAS_CORETYPE=Haswell pins OpenBLAS" in format_summary(Summary("minmax", [], [], 0, {}), 1.0, "q.onnx")
     monkeypatch.setattr(summary_module, "cpu_features", lambda: avx2)
     assert "OPENBLAS_CORETYPE" not in format_summary(Summary("minmax", [], [], 0, {}), 1.0, "q.onnx")
+
+
+def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, capsys):
+    """``convert --profile``: the stages sum to the conversion's wall time (up to the statements between them), the
+    search's parts to the search stage and the linear-layer search's phases to it, every part non-negative; the CPU
+    and numpy's BLAS are recorded; the same bytes as a conversion without it; an existing file is refused in one
+    line unless forced, and the input model is untouched."""
+    import json
+
+    from nq_onnx.cli import main
+
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=1), num_classes=10)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    common = [str(path), "--calib", str(photo_folder), "--calib-size", "4", "--method", "noisyquant", "-q",
+              "--no-eval"]
+    assert main(["convert", *common, "-o", str(tmp_path / "plain.onnx")]) == 0
+    profile = tmp_path / "profile.json"
+    assert main(["convert", *common, "-o", str(tmp_path / "q.onnx"), "--profile", str(profile)]) == 0
+    assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    record = json.loads(profile.read_text())
+    stages, search, phases = record["stages"], record["search"], record["linear_search"]
+    assert list(stages)[:3] == ["load", "calibrate", "search"] and {"rewrite", "check", "save"} <= set(stages)
+    assert 0.9 * record["wall"] <= sum(stages.values()) <= record["wall"]
+    assert {"simulate", "linear_search", "act_matmul_search", "other"} <= set(search)
+    assert sum(search.values()) == pytest.approx(stages["search"], rel=1e-9)
+    assert {"weight_steps", "error_terms", "act_steps", "noise", "other"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(search["linear_search"], rel=1e-9)
+    assert min([*stages.values(), *search.values(), *phases.values()]) >= 0
+    assert record["cpu"]["kind"] and record["blas"]["architecture"] and record["config"]["method"] == "noisyquant"
+    before = profile.read_bytes()
+    capsys.readouterr()
+    assert main(["convert", *common, "-o", str(tmp_path / "q2.onnx"), "--profile", str(profile)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "profile.json" in err
+    assert profile.read_bytes() == before and not (tmp_path / "q2.onnx").exists()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -137,3 +137,20 @@ def test_ptq_vit_objectives_convert_a_vit_end_to_end(tmp_path, photo_folder):
     assert (saved["objective"], saved["ranking_loss"]) == ("pearson", 0.1)
     nq_onnx.convert(path, tmp_path / "again.onnx", load_plan=tmp_path / "ptqvit.json")
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "ptqvit.onnx").read_bytes()
+
+
+def test_row_terms_equal_whole_array_float64_sums_across_row_blocks():
+    """:func:`row_terms` computes a layer error's per-row sums :data:`ROW_BLOCK` rows at a time; every value equals
+    the float64 ``einsum`` / ``sum`` of the whole arrays bit for bit (row counts below, at and across block
+    boundaries)."""
+    from nq_onnx.objectives import ROW_BLOCK, row_terms
+
+    rng = np.random.default_rng(4)
+    for rows in (1, ROW_BLOCK - 1, ROW_BLOCK, 3 * ROW_BLOCK + 7):
+        c = (rng.standard_normal((rows, 300)) * 1e-3).astype(np.float32)
+        t = rng.standard_normal((rows, 300)).astype(np.float32)
+        c64, t64 = c.astype(np.float64), t.astype(np.float64)
+        expected = np.stack([np.einsum("tn,tn->t", c64, c64), np.einsum("tn,tn->t", c64, t64),
+                             np.einsum("tn,tn->t", t64, t64), c.sum(axis=1, dtype=np.float64),
+                             t.sum(axis=1, dtype=np.float64)])
+        np.testing.assert_array_equal(row_terms(c, t), expected)

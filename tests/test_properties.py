@@ -92,3 +92,21 @@ def test_random_graphs_convert_and_noise_folding_is_exact(case):
     onnx.checker.check_model(noisy, full_check=True)
     for want, got in zip(run(model, {"x": x}), run(noisy, {"x": x})):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 5000), st.integers(0, 2**31), st.booleans())
+def test_folded_column_ranges_equal_numpys_per_column_min_and_max(rows, width, seed, nan):
+    """The calibration pass's per-channel ranges (:func:`column_range`: rows folded into wide rows before reducing)
+    are exactly numpy's ``min(0)``/``max(0)`` for any row count and width (remainder rows, widths past the folding
+    width, one row), and a NaN anywhere still reaches both (the pass's finiteness check reads them)."""
+    from nq_onnx.calibration.collect import column_range
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, width)) * rng.uniform(0.1, 10, width)).astype(np.float32)
+    if nan:
+        x[rng.integers(rows), rng.integers(width)] = np.nan
+    low, high = column_range(x)
+    np.testing.assert_array_equal(low, x.min(axis=0))
+    np.testing.assert_array_equal(high, x.max(axis=0))
+    assert low.dtype == high.dtype == np.float32 and low.shape == high.shape == (width,)
