@@ -620,6 +620,10 @@ def update_readme(readme: Path) -> None:
                  "<!-- compile-cost-skylakex-stop14:end -->", cost_markdown),
                 ("compile_cost_vnni_skylakex_stop16.json", "<!-- compile-cost-skylakex-stop16:begin -->",
                  "<!-- compile-cost-skylakex-stop16:end -->", cost_markdown),
+                ("compile_cost_vnni_skylakex_stop17.json", "<!-- compile-cost-skylakex-stop17:begin -->",
+                 "<!-- compile-cost-skylakex-stop17:end -->", cost_markdown),
+                ("compile_cost_vnni_haswell_stop17.json", "<!-- compile-cost-haswell-stop17:begin -->",
+                 "<!-- compile-cost-haswell-stop17:end -->", cost_markdown),
                 ("noise_overhead.json", OVERHEAD_BEGIN, OVERHEAD_END, overhead_markdown),
                 ("demo.json", DEMO_BEGIN, DEMO_END, demo_markdown))
     for name, begin, end, render in sections:

@@ -39,6 +39,8 @@ SEGMENTS = (
     ("save_s", "save"),
 )
 PHASES = tuple(key for key, _ in SEGMENTS if key.startswith("search.linear."))
+UNSPLIT = "linear search (phases not recorded)"  # rows of code before convert --profile
+ORDER = [label for _, label in SEGMENTS[:8]] + [UNSPLIT] + [label for _, label in SEGMENTS[8:]] + ["other"]
 SEARCH_PARTS = ("search.simulate_s", "search.linear_search_s", "search.act_matmul_search_s",
                 "search.mixed_precision_s", "search.rounding_s")
 
@@ -54,6 +56,7 @@ def segments(entry: dict) -> dict[str, float]:
         seconds = t[key]
         if key == "search.linear_search_s":
             seconds -= sum(t.get(k, 0.0) for k in PHASES)
+            label = label if any(k in t for k in PHASES) else UNSPLIT
         elif key == "search_s":
             seconds -= sum(t.get(k, 0.0) for k in SEARCH_PARTS)
         out[label] = max(seconds, 0.0)
@@ -79,7 +82,7 @@ def profile_chart(files: list[tuple[dict, str]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = bars(files)
-    labels = list(dict.fromkeys(label for _, parts in rows for label in parts))
+    labels = [label for label in ORDER if any(label in parts for _, parts in rows)]
     colours = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(10.0, 0.55 * len(rows) + 1.8), dpi=100)
     for y, (_, parts) in enumerate(rows):
@@ -96,17 +99,16 @@ def profile_chart(files: list[tuple[dict, str]], out: Path) -> None:
     ax.set_xlabel("wall seconds (dotted: issue 17's 30 s)")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.6 /
-              max(len(rows), 1)), ncol=5, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, metadata={"Software": None})
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5,
+              frameon=False)
+    fig.savefig(out, metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
 
 
 def profile_markdown(files: list[tuple[dict, str]], chart) -> str:
     """The chart, and a table of every segment's seconds and share of its row's wall time."""
     rows = bars(files)
-    labels = list(dict.fromkeys(label for _, parts in rows for label in parts))
+    labels = [label for label in ORDER if any(label in parts for _, parts in rows)]
     lines = [f"![where convert's seconds go]({chart})", "", "| segment | " + " | ".join(n for n, _ in rows) + " |",
              "|---" * (len(rows) + 1) + "|"]
     for label in labels:
