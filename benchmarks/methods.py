@@ -65,7 +65,8 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     (weight rounding), ``bc`` (bias correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking
     loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of ``B`` bits: give such rows as bit-width 8),
     ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>``
-    (sensitivities on N images), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
+    (sensitivities on N images; without it a row keeps its name's meaning from before stop 17: 1 image, not the
+    library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
     (weights at N bits, activations at the row's bits); ``all`` is NoisyQuant with reparam, GPTQ and bias
     correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")

@@ -655,8 +655,14 @@ def update_readme(readme: Path) -> None:
         text = _replace_block(text, THEOREM_BEGIN, THEOREM_END, theorem_markdown(
             json.loads(theorem.read_text()), theorem.resolve().relative_to(root),
             (RESULTS / "theorem.png").resolve().relative_to(root)))
-    from table_mixed import ADDITIVITY_BEGIN, ADDITIVITY_END, MIXED_BEGIN, MIXED_END, additivity_markdown, \
-        mixed_chart, mixed_markdown
+    from table_mixed import ADDITIVITY_BEGIN, ADDITIVITY_END, IMAGES_BEGIN, IMAGES_END, MIXED_BEGIN, MIXED_END, \
+        additivity_markdown, images_markdown, mixed_chart, mixed_markdown
+
+    images = sorted(RESULTS.glob("mixed_images_vnni*.json"))
+    if images:
+        paths = [RESULTS / "methods_vnni.json", *sorted(RESULTS.glob("methods_vnni_seed*.json")), *images]
+        text = _replace_block(text, IMAGES_BEGIN, IMAGES_END, images_markdown(
+            [(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in paths]))
 
     additivity = RESULTS / "mixed_additivity.json"
     if additivity.exists():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nq_onnx.config import MixedSensitivity
-from table import ROW_LABEL, cpu_line
+from table import ROW_LABEL, blas_line, cpu_line
 
 MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
 SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row parts naming a mixed-precision sensitivity
@@ -110,3 +110,48 @@ def additivity_markdown(data: dict, source) -> str:
         f"{settings['fit_images']} calibration images (the sensitivities' and the searches'); held-out: "
         f"{settings['held_out']} ImageNet images outside the {settings['calib_size']} calibration images. "
         f"{cpu_line(data)} Source: `{source}`.")
+
+
+IMAGES_BEGIN, IMAGES_END = "<!-- mixed-images:begin -->", "<!-- mixed-images:end -->"
+IMAGES_METHODS = ("noisyquant", "noisyquant+reparam")  # the methods issue 16's goal is read on, same stack both sides
+
+
+def images_markdown(files: list[tuple[dict, str]]) -> str:
+    """Mixed precision at a 6.0-bit budget with sensitivities on 1 and on 4 images against the same method at
+    uniform W6A6, per seed (``files``: every methods results file of the same CPU, BLAS kernels and settings; a
+    seed's rows may be spread over several files), and issue 16's goal on the seeds' mean."""
+    seeds: dict[int, dict] = {}
+    for results, _ in files:
+        seeds.setdefault(results["settings"]["seed"], {}).update(results["rows"])
+    order = sorted(seeds)
+    variants = (("uniform W6A6", "{m}_w6a6"), ("6.0-bit budget, sensitivities on 1 image", "{m}+budget6.0_w8a8"),
+                ("6.0-bit budget, sensitivities on 4 images", "{m}+budget6.0+images4_w8a8"))
+    head = " | ".join(f"seed {s}: top-1 % / held-out MSE" for s in order)
+    lines = [f"| method | precision | {head} | mean top-1 % | mean held-out MSE | mean convert s |",
+             "|---|---|" + "---|" * len(order) + "---|---|---|"]
+    verdicts = []
+    for method in IMAGES_METHODS:
+        means = {}
+        for label, pattern in variants:
+            rows = [seeds[s].get(pattern.format(m=method)) for s in order]
+            if any(r is None for r in rows):
+                continue
+            top1 = [r["cifar"]["top1"] for r in rows]
+            mse = [r["imagenet_heldout"]["mse"] for r in rows]
+            means[label] = (sum(top1) / len(top1), sum(mse) / len(mse))
+            cells = " | ".join(f"{100 * t:.2f} / {m:.4f}" for t, m in zip(top1, mse))
+            lines.append(f"| {ROW_LABEL.get(method, method)} | {label} | {cells} | {100 * means[label][0]:.2f} | "
+                         f"{means[label][1]:.4f} | {sum(r['convert_s'] for r in rows) / len(rows):.0f} |")
+        uniform = means.get(variants[0][0])
+        for label, _ in variants[1:]:
+            if uniform and label in means:
+                gain = 100 * (means[label][0] - uniform[0])
+                verdicts.append(f"{ROW_LABEL.get(method, method)}, {label}: {gain:+.2f} points over uniform W6A6 "
+                                f"(held-out MSE {means[label][1] / uniform[1]:.2f}x; "
+                                f"{'met' if gain >= 3 else '**missed**'}: the goal is +3)")
+    first = files[0][0]
+    sources = ", ".join(f"`{src}`" for _, src in files)
+    return ("\n".join(lines) + f"\n\nIssue 16's goal on the mean of {len(order)} seeds: {'; '.join(verdicts)}.\n\n"
+            f"FP32 {100 * first['fp32']['cifar']['top1']:.2f} % on the same "
+            f"{first['settings']['cifar_per_class'] * 10} CIFAR-10 images; each seed draws its own 128 calibration "
+            f"and 200 held-out ImageNet images. {cpu_line(first)} {blas_line(first)} Sources: {sources}.")

@@ -73,9 +73,9 @@ def _add_convert(sub) -> None:
                         "budget's uniform width; searched: as joint, with the quantizers the method's uniform search "
                         "at each width chose (a search per width: about 5x the time); or PTQ-ViT's "
                         "nuclear-norm-weighted error of the outputs it feeds")
-    p.add_argument("--mixed-images", type=int, default=1, metavar="N",
-                   help="calibration images the output, joint and searched sensitivities are measured on (default 1; "
-                        "the sensitivity pass's time grows with N)")
+    p.add_argument("--mixed-images", type=int, default=4, metavar="N",
+                   help="fit images the output, joint and searched sensitivities are measured on (default 4, at most "
+                        "the search's fit images; the sensitivity pass's time grows with N)")
     p.add_argument(
         "--method",
         default="noisyquant",

@@ -210,6 +210,9 @@ class SearchConfig:
 # Options added after plan schema 4, written only where set: a conversion that does not use them writes the same
 # config (in the plan and the model's metadata) as the version before them, byte for byte, which older versions read.
 LATER_OPTIONS = {"reparam_attention": False}
+# ``mixed_images`` as a config without a bits budget records it (its default until stop 17), and reads back as the
+# default: without mixed precision it changes nothing, so neither may it change the bytes of a plan or model
+UNBUDGETED_MIXED_IMAGES = 1
 
 ENUM_FIELDS = (("method", Method, "method"), ("noise", NoiseMode, "noise mode"),
                ("mixed_sensitivity", MixedSensitivity, "mixed-precision sensitivity"),
@@ -244,7 +247,10 @@ class QuantConfig:
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
     bits_budget: float | None = None
     mixed_sensitivity: MixedSensitivity = MixedSensitivity.OUTPUT
-    mixed_images: int = 1  # calibration images the output / joint / searched sensitivities are measured on
+    # fit images the output / joint / searched sensitivities are measured on (at most the fit images). 4: on the
+    # real ViT-S/14 a 6.0-bit budget gained +3.4 points over uniform W6A6 on three seeds' mean with NoisyQuant +
+    # reparam, against +1.9 with 1 (README, Mixed precision)
+    mixed_images: int = 4
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
@@ -284,11 +290,15 @@ class QuantConfig:
         for name, default in LATER_OPTIONS.items():
             if out[name] == default:
                 del out[name]
+        if self.bits_budget is None:  # it decides nothing then: recorded as plans before its default moved had it
+            out["mixed_images"] = UNBUDGETED_MIXED_IMAGES
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
         data = dict(data)
+        if data.get("bits_budget") is None:  # recorded at a fixed value where it decides nothing (to_dict)
+            data.pop("mixed_images", None)
         search = data.pop("search", {})
         search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
         return cls(search=SearchConfig(**search), **data)

@@ -4,7 +4,7 @@ A *module* here is one activation group: its input tensor and the layers that re
 group's bit-width too, so a module is ``WbAb``). Its sensitivity at ``b`` bits is by default the model output's
 MSE with that module alone quantized (:func:`nq_onnx.calibration.simulate.output_sensitivities`: weights MinMax,
 the input at the multiple of its MinMax step with the least squared error, as the searches clip; on
-``QuantConfig.mixed_images`` calibration images), its change from the uniform model at the budget's width
+``QuantConfig.mixed_images`` fit images, 4 by default), its change from the uniform model at the budget's width
 (``mixed_sensitivity = "joint"``), the same change with the quantizers the method's uniform search chose at each
 width instead of MinMax ones (``"searched"``: a search per width first), or PTQ-ViT's (``"nuclear"``) ::
 
@@ -88,6 +88,23 @@ def assign_bits(modules: list[Module], budget: float, choices: tuple[int, ...] =
     if bits is None or _total(modules, uniform) < _total(modules, bits):
         bits = uniform
     return _fill(modules, bits, limit, choices)
+
+
+FRONT_BUDGETS = tuple(np.round(np.arange(4.0, 8.001, 0.25), 2))  # the report's (average bits, sensitivity) front
+
+
+def pareto_front(modules: list[Module], budgets: tuple[float, ...] = FRONT_BUDGETS,
+                 choices: tuple[int, ...] = BIT_CHOICES) -> list[dict]:
+    """PTQ-ViT's Pareto front of a plan's modules: for each budget, :func:`assign_bits`' assignment as its average
+    bits, total sensitivity ``sum_i Omega_i(b_i)`` and groups per width (the trade-off the budget picks a point
+    of)."""
+    front = []
+    for budget in budgets:
+        bits = assign_bits(modules, float(budget), choices)
+        front.append({"budget": float(budget), "average_bits": average_bits(modules, bits),
+                      "sensitivity": _total(modules, bits),
+                      "groups": {str(b): sum(1 for v in bits.values() if v == b) for b in choices}})
+    return front
 
 
 def _total(modules: list[Module], bits: dict[str, int]) -> float:

@@ -299,7 +299,7 @@ class SearchPlanner:
             sensitivity = self._searched_sensitivities(inputs)
         elif self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
             steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
-            one = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+            one = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
             base = None
             if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
                 base = uniform_width(self.config.bits_budget, BIT_CHOICES)
@@ -316,7 +316,7 @@ class SearchPlanner:
         uniform search's quantizers with every other group at the budget's uniform width
         (:func:`searched_sensitivities`)."""
         searched = self.uniform_searches(BIT_CHOICES)
-        images = {k: v[: self.config.mixed_images] for k, v in inputs.items()}
+        images = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
         return searched_sensitivities(self.model, self.layers, self._weights, images, self._unsigned, searched,
                                       uniform_width(self.config.bits_budget, BIT_CHOICES))
 

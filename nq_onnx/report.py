@@ -29,7 +29,8 @@ from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.plan import Plan
 from nq_onnx.quantizers import WeightQuantizer
-from nq_onnx.report_figures import group_figure, png, reduction_chart
+from nq_onnx.mixed import BIT_CHOICES, average_bits, pareto_front
+from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
 
 MAX_HISTOGRAM_LAYERS = 12
 SAMPLE_ROWS = 2048
@@ -47,6 +48,8 @@ class ReportData:
     methods: dict[str, dict[str, float]]
     layers: list[dict]
     theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.theorem)
+    # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.mixed)
+    precision: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,6 +211,14 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
     settings = html.escape(json.dumps(data.config, sort_keys=True))
     mechanisms = _mechanism_table(data.layers, num)
     chart_html = f"<h2>Output-error reduction across depth</h2>{img(chart, 'reduction chart')}" if chart else ""
+    precision_html = (
+        "<h2>Mixed precision: the bit budget's trade-off</h2><p>Each group's sensitivity at 4, 5, 6 and 8 bits "
+        "(<code>nq_onnx/mixed.py</code>) summed over the groups, against the count-weighted average bits: the "
+        "knapsack's assignment at budgets from 4 to 8 bits (PTQ-ViT's Pareto front), one width for every group, and "
+        f"this plan ({data.precision['chosen']['average_bits']:.2f} average bits; groups at 8/6/5/4 bits: "
+        + "/".join(str(data.precision["chosen"]["groups"].get(str(b), 0)) for b in (8, 6, 5, 4))
+        + ").</p>" + img("pareto", "sensitivity against average bits") if "pareto" in figures else ""
+    )
     theorem_html = (
         "<h2>Theorem 1 on this model's activations</h2><p>The expected squared error of quantizing <code>X + N"
         "</code> and removing <code>N</code>, <code>N ~ U(-w/2, w/2)</code>, with each group's EasyQuant step "
@@ -235,6 +246,7 @@ Click a column header to sort.</p>
 </tr></thead>
 <tbody>{rows}</tbody></table>
 {mechanisms}
+{precision_html}
 {chart_html}
 {theorem_html}
 <h2>Histograms</h2>
@@ -319,6 +331,19 @@ def build_report(
     if chart_png is not None:
         figures["reduction"] = chart_png
         chart = "reduction"
+    modules = [g.precision for g in result.plan.groups.values() if g.precision is not None]
+    if modules:
+        bits = {g.name: g.bits for g in result.plan.groups.values() if g.precision is not None}
+        data.precision = {
+            "front": pareto_front(modules),
+            "uniform": [{"average_bits": float(b), "sensitivity": sum(m.sensitivity[b] for m in modules)}
+                        for b in BIT_CHOICES],
+            "chosen": {"average_bits": average_bits(modules, {m.name: bits[m.name] for m in modules}),
+                       "sensitivity": sum(m.sensitivity[bits[m.name]] for m in modules),
+                       "groups": {str(b): sum(1 for v in bits.values() if v == b) for b in BIT_CHOICES}},
+        }
+        figures["pareto"] = pareto_chart(data.precision["front"], data.precision["uniform"],
+                                         data.precision["chosen"])
     histograms: list[str] = []
     if dataset is not None:
         names = histogram_groups(result.layers, result.plan, rows)

@@ -93,3 +93,24 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     )
     fig.tight_layout()
     return png(fig)
+
+
+def pareto_chart(front: list[dict], uniform: list[dict], chosen: dict) -> bytes:
+    """Total sensitivity against average bits: the knapsack's assignment at each budget (the Pareto front PTQ-ViT
+    picks from), one width for every group, and this plan's assignment."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot([p["average_bits"] for p in front], [p["sensitivity"] for p in front], marker="o", ms=3,
+            label="mixed precision (knapsack at each budget)")
+    ax.scatter([p["average_bits"] for p in uniform], [p["sensitivity"] for p in uniform], marker="s", color="grey",
+               label="one width for all groups", zorder=3)
+    ax.scatter([chosen["average_bits"]], [chosen["sensitivity"]], marker="*", s=140, color="#c0392b",
+               label="this plan", zorder=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("average bits (weights and activations, count-weighted)")
+    ax.set_ylabel("summed group sensitivity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png(fig)

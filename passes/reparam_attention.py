@@ -96,10 +96,11 @@ def attention_sites(graph: gs.Graph, layers: Layers) -> tuple[list[AttentionSite
     """Every activation matmul that :class:`ReparamAttention` can rewrite, and the others with the reason (an
     ``A @ V`` of attention probabilities is not a scores matmul and is not listed)."""
     sites, skipped = [], []
+    outputs = _linear_outputs(graph, layers)  # the graph is only read here: one map serves every site
     for spec in layers.layers:
         if spec.kind != ACT_MATMUL or _after_softmax(graph, spec):
             continue
-        site = attention_site(graph, layers, spec.name)
+        site = attention_site(graph, layers, spec.name, outputs)
         if isinstance(site, str):
             skipped.append(Skip(spec.name, site, SkipKind.ATTENTION_KEPT))
         else:
@@ -107,8 +108,10 @@ def attention_sites(graph: gs.Graph, layers: Layers) -> tuple[list[AttentionSite
     return sites, skipped
 
 
-def attention_site(graph: gs.Graph, layers: Layers, name: str) -> AttentionSite | str:
-    """The site of scores layer ``name``, or why it cannot be rewritten."""
+def attention_site(graph: gs.Graph, layers: Layers, name: str,
+                   outputs: dict[str, LayerSpec] | None = None) -> AttentionSite | str:
+    """The site of scores layer ``name``, or why it cannot be rewritten. ``outputs``: :func:`_linear_outputs` of
+    this graph as it is now (``None``: found here; a rewrite between two sites can move a layer's output)."""
     spec = layers.layer(name)
     if spec.kind != ACT_MATMUL:
         return "not an activation matmul"
@@ -117,7 +120,7 @@ def attention_site(graph: gs.Graph, layers: Layers, name: str) -> AttentionSite 
     reason = _softmax_reads_rows(graph, node.outputs[0])
     if reason:
         return reason
-    outputs = _linear_outputs(graph, layers)
+    outputs = _linear_outputs(graph, layers) if outputs is None else outputs
     found = [_source(tensors[t], outputs) for t in spec.inputs]
     for what, (source, why) in zip(("Q", "K"), found):
         if source is None:

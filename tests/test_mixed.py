@@ -278,3 +278,42 @@ def test_searched_sensitivity_feeds_each_width_search_choices_into_one_group():
 def test_searched_sensitivity_refuses_twin_uniform_quantizers():
     with pytest.raises(ConfigError, match="searched needs uniform activation quantizers"):
         QuantConfig(method="noisyquant-ptq4vit", bits_budget=6.0, mixed_sensitivity="searched")
+
+
+def test_mixed_images_is_recorded_where_it_decides_something():
+    """Sensitivities are on 4 fit images by default; a config without a bits budget, where the setting decides
+    nothing, records it as every plan did before that default (1), so such plans and models keep their bytes, and
+    a budget config records and reloads its own value."""
+    assert QuantConfig().mixed_images == 4 and QuantConfig(bits_budget=6.0).to_dict()["mixed_images"] == 4
+    for config in (QuantConfig(), QuantConfig(mixed_images=7)):
+        assert config.to_dict()["mixed_images"] == 1
+        assert QuantConfig.from_dict(config.to_dict()) == QuantConfig()
+    budget = QuantConfig(bits_budget=6.0, mixed_images=3)
+    assert QuantConfig.from_dict(budget.to_dict()) == budget
+
+
+def test_budget_report_shows_the_assignments_pareto_front(tmp_path, photo_folder):
+    """A bits-budget conversion's report plots the knapsack's front: at the plan's own budget the front's point is
+    the plan's assignment (same average bits and summed sensitivity), which is never above the uniform width that
+    fits the budget; the front's averages stay within their budgets, and the page shows the section."""
+    import json
+
+    from nq_onnx import SearchConfig, convert
+    from nq_onnx.export import export_timm
+
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10)
+    config = QuantConfig(method="easyquant", bits_budget=6.0, calib_size=12, search=SearchConfig(tokens=256))
+    convert(path, tmp_path / "q.onnx", photo_folder, config, evaluate=False, report=tmp_path / "r.html",
+            report_dir=tmp_path / "r")
+    precision = json.loads((tmp_path / "r" / "report.json").read_text())["precision"]
+    at_budget = next(p for p in precision["front"] if p["budget"] == 6.0)
+    chosen = precision["chosen"]
+    assert chosen["average_bits"] == pytest.approx(at_budget["average_bits"], rel=1e-12)
+    assert chosen["sensitivity"] == pytest.approx(at_budget["sensitivity"], rel=1e-12)
+    assert chosen["groups"] == at_budget["groups"]
+    uniform6 = next(p for p in precision["uniform"] if p["average_bits"] == 6.0)
+    assert chosen["sensitivity"] <= uniform6["sensitivity"] * (1 + 1e-12)
+    assert all(p["average_bits"] <= p["budget"] + 1e-9 for p in precision["front"])
+    assert "the bit budget's trade-off" in (tmp_path / "r.html").read_text()
+    assert (tmp_path / "r" / "pareto.png").stat().st_size > 0
