@@ -677,13 +677,15 @@ def update_readme(readme: Path) -> None:
         profile_chart(profiled, RESULTS / PROFILE_CHART)
         text = _replace_block(text, PROFILE_BEGIN, PROFILE_END, profile_markdown(
             profiled, (RESULTS / PROFILE_CHART).resolve().relative_to(root)))
-    mixed = RESULTS / "mixed.json"
-    if mixed.exists():
-        data = json.loads(mixed.read_text())
-        chart = RESULTS / "mixed.png"
-        mixed_chart(data, chart)
-        text = _replace_block(text, MIXED_BEGIN, MIXED_END, mixed_markdown(
-            data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
+    for stem, begin, end in (("mixed", MIXED_BEGIN, MIXED_END),
+                             ("mixed_vnni", "<!-- mixed-vnni:begin -->", "<!-- mixed-vnni:end -->")):
+        mixed = RESULTS / f"{stem}.json"
+        if mixed.exists():
+            data = json.loads(mixed.read_text())
+            chart = RESULTS / f"{stem}.png"
+            mixed_chart(data, chart)
+            text = _replace_block(text, begin, end, mixed_markdown(
+                data, mixed.resolve().relative_to(root), chart.resolve().relative_to(root)))
     readme.write_text(text)
 
 
