@@ -102,8 +102,9 @@ def median_entry(name: str, runs: list[dict]) -> dict:
     """The run of median wall time, with every run's wall time (``convert_s_runs``); the runs must have given the
     same model bytes."""
     model, method, bits, _, calib_size, _ = ROWS[name]
-    if len({r["sha256"] for r in runs}) != 1:
-        raise RuntimeError(f"{name}: {len(runs)} conversions gave {len({r['sha256'] for r in runs})} different models")
+    digests = {r["sha256"] for r in runs}
+    if len(digests) != 1:
+        raise RuntimeError(f"{name}: {len(runs)} conversions gave {len(digests)} different models")
     entry = sorted(runs, key=lambda r: r["convert_s"])[(len(runs) - 1) // 2]
     return entry | {"model": model, "method": method, "bits": bits, "calib_images": calib_size,
                     "convert_s_runs": [r["convert_s"] for r in runs]}

@@ -598,6 +598,11 @@ def update_readme(readme: Path) -> None:
     """Every generated section: the main table from ``full.json``, one CPU table per ``cpu_exact_*.json``."""
     root = readme.parent.resolve()
     text = readme.read_text()
+
+    def loaded(paths: list[Path]) -> list[tuple[dict, Path]]:
+        """Each results file's contents and its path as the README cites it."""
+        return [(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in paths]
+
     full = RESULTS / "full.json"
     text = _replace_block(text, BEGIN, END, markdown(json.loads(full.read_text()), full.resolve().relative_to(root)))
     tables = [cpu_markdown(json.loads(p.read_text()), p.resolve().relative_to(root))
@@ -637,11 +642,9 @@ def update_readme(readme: Path) -> None:
 
         text = _replace_block(text, SHARE_BEGIN, SHARE_END, "\n\n".join(
             share_markdown(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in shares))
-    seeded = sorted(RESULTS.glob("methods_vnni_seed*.json"))
-    if seeded:
-        files = [(json.loads(p.read_text()), p.resolve().relative_to(root))
-                 for p in [RESULTS / "methods_vnni.json", *seeded]]
-        text = _replace_block(text, SEEDS_BEGIN, SEEDS_END, seeds_markdown(files))
+    seeded = [RESULTS / "methods_vnni.json", *sorted(RESULTS.glob("methods_vnni_seed*.json"))]
+    if len(seeded) > 1:
+        text = _replace_block(text, SEEDS_BEGIN, SEEDS_END, seeds_markdown(loaded(seeded)))
     bottlenecks = sorted(RESULTS.glob("bottleneck_*.json"))
     if bottlenecks:
         from bottleneck import BEGIN as NECK_BEGIN, END as NECK_END, markdown as neck_markdown
@@ -660,9 +663,7 @@ def update_readme(readme: Path) -> None:
 
     images = sorted(RESULTS.glob("mixed_images_vnni*.json"))
     if images:
-        paths = [RESULTS / "methods_vnni.json", *sorted(RESULTS.glob("methods_vnni_seed*.json")), *images]
-        text = _replace_block(text, IMAGES_BEGIN, IMAGES_END, images_markdown(
-            [(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in paths]))
+        text = _replace_block(text, IMAGES_BEGIN, IMAGES_END, images_markdown(loaded([*seeded, *images])))
 
     additivity = RESULTS / "mixed_additivity.json"
     if additivity.exists():
@@ -671,8 +672,7 @@ def update_readme(readme: Path) -> None:
     from table_profile import PROFILE_BEGIN, PROFILE_CHART, PROFILE_END, PROFILE_FILES, profile_chart, \
         profile_markdown
 
-    profiled = [(json.loads((RESULTS / n).read_text()), (RESULTS / n).resolve().relative_to(root))
-                for n in PROFILE_FILES if (RESULTS / n).exists()]
+    profiled = loaded([RESULTS / n for n in PROFILE_FILES if (RESULTS / n).exists()])
     if profiled:
         profile_chart(profiled, RESULTS / PROFILE_CHART)
         text = _replace_block(text, PROFILE_BEGIN, PROFILE_END, profile_markdown(

@@ -98,13 +98,15 @@ def pareto_front(modules: list[Module], budgets: tuple[float, ...] = FRONT_BUDGE
     """PTQ-ViT's Pareto front of a plan's modules: for each budget, :func:`assign_bits`' assignment as its average
     bits, total sensitivity ``sum_i Omega_i(b_i)`` and groups per width (the trade-off the budget picks a point
     of)."""
-    front = []
-    for budget in budgets:
-        bits = assign_bits(modules, float(budget), choices)
-        front.append({"budget": float(budget), "average_bits": average_bits(modules, bits),
-                      "sensitivity": _total(modules, bits),
-                      "groups": {str(b): sum(1 for v in bits.values() if v == b) for b in choices}})
-    return front
+    return [{"budget": float(budget)} | assignment_point(modules, assign_bits(modules, float(budget), choices),
+                                                        choices) for budget in budgets]
+
+
+def assignment_point(modules: list[Module], bits: dict[str, int], choices: tuple[int, ...] = BIT_CHOICES) -> dict:
+    """An assignment of ``bits`` per module as a point of the front: its average bits, total sensitivity and groups
+    per width."""
+    return {"average_bits": average_bits(modules, bits), "sensitivity": _total(modules, bits),
+            "groups": {str(b): sum(1 for v in bits.values() if v == b) for b in choices}}
 
 
 def _total(modules: list[Module], bits: dict[str, int]) -> float:

@@ -45,7 +45,7 @@ from nq_onnx.passes import (
 from nq_onnx import reparam
 from nq_onnx.passes.reparam_attention import AttentionSite, attention_sites
 from nq_onnx.plan import AttentionReparam, Plan, average_bits
-from nq_onnx.summary import Summary, profile_record
+from nq_onnx.summary import Summary, profile_record, timed
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
@@ -140,13 +140,11 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: b
         },
     )
     if not has_external(out):  # with external data the checker needs the files: it runs when the model is saved
-        start = time.perf_counter()
-        try:
-            onnx.checker.check_model(out, full_check=True)
-        except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
-            raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
-        if timings is not None:
-            timings["check_s"] = time.perf_counter() - start
+        with timed(timings if timings is not None else {}, "check_s"):
+            try:
+                onnx.checker.check_model(out, full_check=True)
+            except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's input
+                raise RuntimeError(f"nq-onnx produced an invalid model: {exc}") from exc
     return out, rewrite
 
 
@@ -247,40 +245,36 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
     reparameterized."""
     config = plan.config
     sites, kept = attention_sites(import_graph(model), layers) if config.reparam_attention else ([], [])
-    start = time.perf_counter()
-    columns = sorted({t for s in sites for t in (s.q_tensor, s.k_tensor)})  # the ranges attention factors need
-    stats = collect_stats(model, [g.tensor for g in layers.groups] + columns, calib, config.batch_size, progress)
-    timings["calibrate_s"] = time.perf_counter() - start
+    with timed(timings, "calibrate_s"):
+        columns = sorted({t for s in sites for t in (s.q_tensor, s.k_tensor)})  # the ranges attention factors need
+        stats = collect_stats(model, [g.tensor for g in layers.groups] + columns, calib, config.batch_size, progress)
     factors, skipped = {}, []
     if config.reparam:
-        start = time.perf_counter()
-        candidates, few_rows = reparam.candidates(layers, stats, config.search.shift_min_rows)
-        model, result = reparam.reparameterize(model, layers, candidates)
-        layers = discover(model, config)
-        factors = {name: candidates[name] for name in result.applied}
-        tensors = {layers.group(name).tensor: factor for name, factor in factors.items()}
-        stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
-        skipped = few_rows + result.skipped
-        timings["reparam_s"] = time.perf_counter() - start
+        with timed(timings, "reparam_s"):
+            candidates, few_rows = reparam.candidates(layers, stats, config.search.shift_min_rows)
+            model, result = reparam.reparameterize(model, layers, candidates)
+            layers = discover(model, config)
+            factors = {name: candidates[name] for name in result.applied}
+            tensors = {layers.group(name).tensor: factor for name, factor in factors.items()}
+            stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
+            skipped = few_rows + result.skipped
     attention = {}
     if sites:
-        start = time.perf_counter()
-        model, layers, attention, stats = _reparameterize_attention(model, layers, sites, stats, config)
-        skipped += kept
-        timings["reparam_attention_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if config.method == Method.MINMAX:
-        plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
-    else:
-        search_data = calib.head(sum(search_counts(len(calib), config.search)))
-        planner = SearchPlanner(model, layers, stats, search_data, config)
-        plan = planner.run(plan, progress)
-        timings.update({f"search.{k}": v for k, v in planner.timings.items()})
-    for name, factor in factors.items():
-        plan.groups[name].reparam = factor
-    for name, factor in attention.items():
-        plan.layers[name].attention = factor
-    timings["search_s"] = time.perf_counter() - start
+        with timed(timings, "reparam_attention_s"):
+            model, layers, attention, stats = _reparameterize_attention(model, layers, sites, stats, config)
+            skipped += kept
+    with timed(timings, "search_s"):
+        if config.method == Method.MINMAX:
+            plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
+        else:
+            search_data = calib.head(sum(search_counts(len(calib), config.search)))
+            planner = SearchPlanner(model, layers, stats, search_data, config)
+            plan = planner.run(plan, progress)
+            timings.update({f"search.{k}": v for k, v in planner.timings.items()})
+        for name, factor in factors.items():
+            plan.groups[name].reparam = factor
+        for name, factor in attention.items():
+            plan.layers[name].attention = factor
     return model, layers, plan, skipped
 
 
@@ -364,21 +358,19 @@ def convert(
     result = quantize(model, digest, config, dataset, plan, progress)
     result.summary.timings = timings = {"load_s": loaded} | result.summary.timings  # the stages in the order they ran
     if evaluate and dataset is not None:
-        start = time.perf_counter()
-        reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size, progress)
-        result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
-        timings["evaluate_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    save_model_atomic(result.model, output_path, external=external_data)
-    if save_plan is not None:
-        result.plan.save(save_plan)
-    timings["save_s"] = time.perf_counter() - start
+        with timed(timings, "evaluate_s"):
+            reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size,
+                                                               progress)
+            result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
+    with timed(timings, "save_s"):
+        save_model_atomic(result.model, output_path, external=external_data)
+        if save_plan is not None:
+            result.plan.save(save_plan)
     if report is not None:
         from nq_onnx.report import build_report
 
-        start = time.perf_counter()
-        build_report(result, dataset, Path(model_path).name, report, report_dir)
-        timings["report_s"] = time.perf_counter() - start
+        with timed(timings, "report_s"):
+            build_report(result, dataset, Path(model_path).name, report, report_dir)
     if profile is not None:
         record = profile_record(result.summary, time.perf_counter() - begin, Path(model_path).name, config)
         write_bytes_atomic(profile, (json.dumps(record, indent=1) + "\n").encode())

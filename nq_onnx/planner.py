@@ -12,10 +12,8 @@ is kept (:mod:`nq_onnx.search`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -33,6 +31,7 @@ from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
+from nq_onnx.summary import timed
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -191,16 +190,9 @@ class SearchPlanner:
     _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
     # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
-    # ``linear.<phase>_s`` (:class:`nq_onnx.search.Phases`), ...)
+    # ``linear.<phase>_s`` (:attr:`nq_onnx.search.GroupResult.seconds`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
 
-    @contextlib.contextmanager
-    def _timed(self, part: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
     _fit: int = dataclasses.field(init=False, repr=False, default=0)
 
     def run(self, plan: Plan, progress: Callable | None = None) -> Plan:
@@ -214,7 +206,7 @@ class SearchPlanner:
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
         if self.config.bits_budget is not None:
-            with self._timed("mixed_precision_s"):
+            with timed(self.timings, "mixed_precision_s"):
                 self._bits = self._assign_bits(inputs)
         self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
         self._sim = Simulator(
@@ -229,13 +221,13 @@ class SearchPlanner:
         for step in iterator:
             specs = [self.layers.layer(name) for name in step]
             tensors = sorted({t for spec in specs for t in spec.inputs})
-            with self._timed("simulate_s"):
+            with timed(self.timings, "simulate_s"):
                 acts = cached if cached is not None else self._sim.run(tensors)
             for group in self._groups_of(specs):
                 self._plan_linear_group(plan, group, acts[group.tensor])
             for spec in specs:
                 if spec.kind == ACT_MATMUL:
-                    with self._timed("act_matmul_search_s"):
+                    with timed(self.timings, "act_matmul_search_s"):
                         self._plan_act_matmul(plan, spec, acts[spec.inputs[0]], acts[spec.inputs[1]])
         return plan
 
@@ -254,7 +246,7 @@ class SearchPlanner:
             config.noise if config.method.noisy and group.noisy else None,
             group_seed(config.seed, group.name),
         )
-        with self._timed("linear_search_s"):
+        with timed(self.timings, "linear_search_s"):
             result = search_linear_group(problem)
         for phase, seconds in result.seconds.items():
             self.timings[f"linear.{phase}_s"] = self.timings.get(f"linear.{phase}_s", 0.0) + seconds
@@ -267,7 +259,7 @@ class SearchPlanner:
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]
-            with self._timed("rounding_s"):
+            with timed(self.timings, "rounding_s"):
                 done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
                                     result.noise, config.weight_rounding, config.bias_correction)
             metrics = {**result.metrics[operand.name], **done.metrics}

@@ -29,7 +29,7 @@ from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.plan import Plan
 from nq_onnx.quantizers import WeightQuantizer
-from nq_onnx.mixed import BIT_CHOICES, average_bits, pareto_front
+from nq_onnx.mixed import BIT_CHOICES, assignment_point, pareto_front
 from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
 
 MAX_HISTOGRAM_LAYERS = 12
@@ -336,11 +336,8 @@ def build_report(
         bits = {g.name: g.bits for g in result.plan.groups.values() if g.precision is not None}
         data.precision = {
             "front": pareto_front(modules),
-            "uniform": [{"average_bits": float(b), "sensitivity": sum(m.sensitivity[b] for m in modules)}
-                        for b in BIT_CHOICES],
-            "chosen": {"average_bits": average_bits(modules, {m.name: bits[m.name] for m in modules}),
-                       "sensitivity": sum(m.sensitivity[bits[m.name]] for m in modules),
-                       "groups": {str(b): sum(1 for v in bits.values() if v == b) for b in BIT_CHOICES}},
+            "uniform": [assignment_point(modules, dict.fromkeys(bits, b)) for b in BIT_CHOICES],
+            "chosen": assignment_point(modules, bits),
         }
         figures["pareto"] = pareto_chart(data.precision["front"], data.precision["uniform"],
                                          data.precision["chosen"])

@@ -38,12 +38,9 @@ quantization it scores is a :mod:`nq_onnx.quantizers` quantizer's, the same the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import time
 import zlib
-from typing import Iterator
 
 import numpy as np
 
@@ -51,6 +48,7 @@ from nq_onnx.config import NoiseMode, Objective, SearchConfig
 from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
 from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.summary import timed
 
 
 DELTA_CACHE_BYTES = 128 << 20  # per layer: EasyQuant's rounds share a weight's quantization errors up to this size
@@ -111,25 +109,10 @@ class GroupResult:
     noise_shift: float = 0.0
     noise_amplitude: float = 0.0
     base_scale: float = 0.0  # the EasyQuant step, before any noise search
-    # wall seconds per phase of the search (:class:`Phases`), for the conversion's profile; not part of the result
+    # wall seconds per phase of the search, for the conversion's profile (not part of the result): weight_steps
+    # (per-channel weight steps), error_terms (each layer's LayerError), act_steps (EasyQuant's activation step),
+    # noise (the noise grid and its step), held_out (the noise's check on held-out rows); the rest is not split
     seconds: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
-
-
-@dataclasses.dataclass
-class Phases:
-    """Wall seconds a search spends per phase: ``weight_steps`` (per-channel weight steps), ``error_terms`` (each
-    layer's :class:`LayerError`), ``act_steps`` (EasyQuant's activation step), ``noise`` (the noise grid and its
-    step) and ``held_out`` (the noise's check on held-out rows); the rest of a search is not split."""
-
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def sample_rows(x: np.ndarray, channels: int, tokens: int, rng: np.random.Generator) -> np.ndarray:
@@ -262,16 +245,16 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
         zero = {"mse_minmax": 0.0, "mse_easyquant": 0.0} | ({"mse_noisyquant": 0.0} if problem.noise_mode else {})
         return GroupResult(1.0, {op.name: op.minmax_scales() for op in layers}, {op.name: dict(zero) for op in layers},
                            base_scale=1.0)
-    phases = Phases()
+    seconds: dict[str, float] = {}
     targets = [sample.x @ layer.weight + layer.bias for layer in layers]
-    easy, alpha, errors, weights = _easyquant(problem, targets, phases)
-    easy.seconds = phases.seconds
+    easy, alpha, errors, weights = _easyquant(problem, targets, seconds)
+    easy.seconds = seconds  # the same dict: the noise phases below add to it
     if problem.noise_mode is None:
         return easy
-    with phases("noise"):
+    with timed(seconds, "noise"):
         noise, scale, shift, amplitude = _search_noise(problem, targets, easy, alpha, weights, errors)
     if sample.held_out is not None and np.any(noise):
-        with phases("held_out"):
+        with timed(seconds, "held_out"):
             wins = _wins_held_out(problem, easy, weights, noise, scale)
         if not wins:
             noise, scale, shift, amplitude = np.zeros_like(noise), easy.scale, 0.0, 0.0
@@ -283,7 +266,7 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
 
 
 def _easyquant(problem: GroupSearch, targets: list[np.ndarray],
-               phases: Phases) -> tuple[GroupResult, float, list | None, list]:
+               seconds: dict[str, float]) -> tuple[GroupResult, float, list | None, list]:
     """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result,
     its activation step as a multiple of the MinMax step, the layers' :class:`LayerError` at the chosen weights
     (``None`` where MinMax was kept: they were built for other weights) and those weights ``dq(W)``."""
@@ -300,13 +283,13 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray],
     deltas = {layer.name: {} if config.rounds > 1 and len(weight_alphas) * layer.weight.nbytes <= DELTA_CACHE_BYTES
               else None for layer in layers}
     for _ in range(config.rounds):
-        with phases("weight_steps"):
+        with timed(seconds, "weight_steps"):
             x_q = act.fake_quant(x, base * alpha)
             scales = {layer.name: search_weight_scales(x_q, x, layer, t, weight_alphas, config.grid_stride,
                                                        config.objective, deltas[layer.name])
                       for layer, t in zip(layers, targets)}
             weights = [layer.quantized_weight(scales[layer.name]) for layer in layers]
-        with phases("error_terms"):
+        with timed(seconds, "error_terms"):
             errors = [LayerError.build(x, layer, w_q, t) for layer, w_q, t in zip(layers, weights, targets)]
         alphas = grid(config.act_alphas)
 
@@ -316,7 +299,7 @@ def _easyquant(problem: GroupSearch, targets: list[np.ndarray],
             return float(np.mean([error.similarity(d, config.objective) for error in errs]))
 
         screen = None
-        with phases("act_steps"):
+        with timed(seconds, "act_steps"):
             if sub is not None:
                 screen = functools.partial(similarity, rows=sub_x, errs=[error.rows(*sub) for error in errors])
             index, _ = grid_argmax(len(alphas), functools.partial(similarity, rows=x, errs=errors),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
+from typing import Iterator
 
 from nq_onnx._version import __version__
 from nq_onnx.cpu import blas_record, cpu_features, pinned_blas
@@ -32,6 +35,17 @@ class Summary:
     read_token_share: float = 0.0
     uint8_weight_layers: int = 0  # layers whose 8-bit weight codes are stored uint8 (weight_dtype auto or uint8)
     weight_dtype: str = "auto"
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall seconds of the ``with`` body to ``seconds[key]`` (a conversion's timings: each stage, each part
+    of the search and each phase of a group's search accumulates here)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 def format_summary(summary, elapsed: float, output) -> str:
@@ -109,8 +123,8 @@ def profile_record(summary: Summary, wall: float, model: str, config) -> dict:
     ``report``); ``wall`` is their sum and the few statements between them. ``search`` splits the search stage into
     the sequential simulation, the linear-layer search, the attention-matmul search, the rounding step, ... and
     ``other`` (the planner's own work); ``linear_search`` splits the linear-layer search into its phases
-    (:class:`nq_onnx.search.Phases`) and ``other`` (float outputs, MinMax and final errors). With the CPU and
-    numpy's BLAS kernels, which set the pace of the searches' products."""
+    (:attr:`nq_onnx.search.GroupResult.seconds`) and ``other`` (float outputs, MinMax and final errors). With the
+    CPU and numpy's BLAS kernels, which set the pace of the searches' products."""
     timings = summary.timings
     stages = {k[:-2]: v for k, v in timings.items() if "." not in k}
     search = {k.split(".", 1)[1][:-2]: v for k, v in timings.items() if k.count(".") == 1}
