@@ -325,4 +325,8 @@ def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "profile.json" in err
     assert profile.read_bytes() == before and not (tmp_path / "q2.onnx").exists()
+    missing = tmp_path / "no-such-folder" / "profile.json"
+    assert main(["convert", *common, "-o", str(tmp_path / "q3.onnx"), "--profile", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no-such-folder" in err and not (tmp_path / "q3.onnx").exists()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
