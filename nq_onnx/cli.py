@@ -11,18 +11,24 @@ from pathlib import Path
 from nq_onnx._version import __version__
 from nq_onnx.config import (
     SUPPORTED_BITS,
+    Activations,
     Method,
     MixedSensitivity,
     NoiseMode,
     Objective,
     QuantConfig,
     SearchConfig,
+    Target,
     WeightDtype,
     WeightRounding,
 )
+from nq_onnx.config import SKEW
 from nq_onnx.errors import NQError
 from nq_onnx.summary import format_summary
 
+
+
+DEFAULT = QuantConfig()  # the CLI's defaults are the library's
 
 
 def _progress(enabled: bool):
@@ -62,7 +68,9 @@ def _add_convert(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output ONNX model")
     p.add_argument("--calib", metavar="DATA", help="folder of images (recursive) or .npy/.npz of ready input tensors")
     p.add_argument("--calib-size", type=int, default=128, help="calibration images to use (default 128)")
-    p.add_argument("--w-bits", type=int, default=8, choices=SUPPORTED_BITS, help="weight bits (default 8)")
+    p.add_argument("--w-bits", type=int, default=None, choices=SUPPORTED_BITS,
+                   help="weight bits (default: 7 for the portable and x86-avx2 targets, int8 codes in +-63 that no CPU "
+                        "saturates; 8 for the others)")
     p.add_argument("--a-bits", type=int, default=8, choices=SUPPORTED_BITS, help="activation bits (default 8)")
     p.add_argument("--bits-budget", type=float, default=None, metavar="BITS",
                    help="mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "
@@ -80,8 +88,11 @@ def _add_convert(sub) -> None:
         "--method",
         default="noisyquant",
         choices=[m.value for m in Method],
-        help="scale choice: minmax, easyquant (cosine search), noisyquant (easyquant + noisy bias), ptq4vit "
-             "(easyquant with PTQ4ViT's twin-uniform quantizers after Softmax and GELU) or noisyquant-ptq4vit",
+        help="scale choice: minmax, easyquant (cosine search), noisyquant (easyquant + noisy bias; default), "
+             "ptq4vit (easyquant with PTQ4ViT's twin-uniform quantizers after Softmax and GELU) or noisyquant-ptq4vit. "
+             "The twin-uniform quantizer costs a float select (Less/Where) over every attention map and GELU output "
+             "and a second integer matmul per such layer: on ViT-S/14 (AVX-512 VNNI, batch 8) its models ran at "
+             "0.9-1.4x FP32's time, where uniform quantizers run at about 0.5x",
     )
     p.add_argument("--noise", choices=[m.value for m in NoiseMode], default="paper+shift",
                    help="what NoisyQuant's N may hold: paper (the paper's uniform noisy bias alone), shift (a "
@@ -94,13 +105,30 @@ def _add_convert(sub) -> None:
         metavar="PATTERN",
         help="leave layers matching this fnmatch pattern in float (repeatable; must match something)",
     )
-    p.add_argument("--no-attention-matmuls", action="store_true", help="keep Q@K^T and A@V in float")
+    p.add_argument("--attention-matmuls", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT.quantize_attention_matmuls,
+                   help="quantize the attention matmuls on integer kernels (default: on; Q@K^T, and A@V with "
+                        "--attention-probabilities; --no-attention-matmuls keeps both in float)")
+    p.add_argument("--attention-probabilities", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT.attention_probabilities,
+                   help="quantize A@V's attention map too, as the paper does (default: off, A@V stays float: a "
+                        "uniform 8-bit attention map loses most small probabilities; on the real ViT-S/14 leaving "
+                        "A@V in float halves the W8A8 output error)")
     p.add_argument("--int16-bias", action="store_true",
                    help="store the noise N and denoised biases B' as int16 codes (upgrades the model to opset 21)")
-    p.add_argument("--weight-dtype", choices=[d.value for d in WeightDtype], default="auto",
-                   help="weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero "
-                        "point 128 elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 "
-                        "targets: saturates on x86 without VNNI)")
+    p.add_argument("--target", choices=[t.value for t in Target], default=DEFAULT.target.value,
+                   help="where the model will run: portable (default: exact on every CPU), x86-avx2 (the same rule), "
+                        "x86-vnni or arm64 (int8 weights everywhere: their fastest kernels, saturating on x86 without "
+                        "VNNI), gpu (TensorRT's Q/DQ: symmetric int8 activations with zero point 0; no twin-uniform, "
+                        "asymmetric or int16-bias options)")
+    p.add_argument("--activations", choices=[a.value for a in Activations], default=None,
+                   help="symmetric per-tensor codes, or asymmetric uint8 codes anchored at the calibrated minimum "
+                        f"of each skewed tensor (|min| <= {SKEW:g} max: GELU outputs) (default: asymmetric; "
+                        "symmetric for the gpu target)")
+    p.add_argument("--weight-dtype", choices=[d.value for d in WeightDtype], default=None,
+                   help="weight code storage (default: the target's): auto (int8 where no 16-bit pair sum can "
+                        "overflow, uint8 with zero point 128 elsewhere: exact on every CPU), uint8, or int8 (only for "
+                        "VNNI/AMX x86 or ARM64 targets: saturates on x86 without VNNI)")
     _add_method_options(p)
     _add_search_options(p)
     _add_output_options(p)
@@ -108,18 +136,22 @@ def _add_convert(sub) -> None:
 
 
 def _add_method_options(p) -> None:
-    p.add_argument("--reparam", action="store_true",
+    p.add_argument("--reparam", action=argparse.BooleanOptionalAction, default=DEFAULT.reparam,
                    help="LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of "
-                        "every LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers")
+                        "every LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers "
+                        "(default: on; --no-reparam turns it off)")
     p.add_argument("--reparam-attention", action="store_true",
                    help="attention reparameterization first: each K channel centred (the Softmax ignores it) and "
                         "each Q/K channel pair balanced, folded exactly into the qkv (or q and k) layers")
-    p.add_argument("--weight-rounding", choices=[m.value for m in WeightRounding], default="nearest",
-                   help="nearest; gptq (second-order: each rounding error pushed onto the not yet rounded "
-                        "inputs through the inverse input Hessian); or gptq-act (GPTQ fitted to the float output from "
-                        "the layer's quantized input, its activation error included)")
-    p.add_argument("--bias-correction", action="store_true",
-                   help="fold each layer's mean output error on the calibration sample into its bias")
+    p.add_argument("--weight-rounding", choices=[m.value for m in WeightRounding],
+                   default=DEFAULT.weight_rounding.value,
+                   help="nearest; gptq (default: second-order, each rounding error pushed onto the not yet rounded "
+                        "inputs through the inverse input Hessian, kept per layer where it lowers the held-out output "
+                        "error); or gptq-act (GPTQ fitted to the float output from the layer's quantized input, its "
+                        "activation error included)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=DEFAULT.bias_correction,
+                   help="fold each layer's mean output error on the calibration sample into its bias, kept per layer "
+                        "where it lowers the held-out output error (default: on)")
 
 
 def _add_search_options(p) -> None:
@@ -261,16 +293,28 @@ def _add_inspect(sub) -> None:
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 if any quantized layer runs in float, or has int8 weight codes that can "
                         "saturate a 16-bit pair sum on x86 CPUs without VNNI")
+    p.add_argument("--target", choices=[t.value for t in Target],
+                   help="check the model against a deployment target and exit with status 1 if it does not suit it: "
+                        "integer kernels in onnxruntime's optimized graph, no float select, no pair sum that can "
+                        "saturate on that CPU (portable, x86-avx2), Q/DQ as TensorRT fuses them (gpu: checked on the "
+                        "graph, not on a GPU)")
     p.set_defaults(func=_inspect)
 
 
 def _inspect(args) -> int:
     import json
 
-    from nq_onnx.inspect import format_inspection, inspect_file
+    from nq_onnx.inspect import format_inspection, inspect_file, target_failures
 
     inspection = inspect_file(args.model, args.provider)
     print(json.dumps(inspection.to_dict(), indent=1) if args.json else format_inspection(inspection))
+    if args.target:
+        failures = target_failures(inspection, args.target)
+        for line in failures:
+            print(f"target {args.target}: {line}")
+        print(f"target {args.target}: " + (f"{len(failures)} problems" if failures else "the model suits it"))
+        if failures:
+            return 1
     return 1 if args.strict and inspection.failures else 0
 
 
@@ -302,8 +346,11 @@ def _config_from(args) -> QuantConfig:
         calib_size=args.calib_size,
         batch_size=args.batch_size,
         exclude=tuple(args.exclude),
-        quantize_attention_matmuls=not args.no_attention_matmuls,
+        quantize_attention_matmuls=args.attention_matmuls,
+        attention_probabilities=args.attention_probabilities,
         int16_bias=args.int16_bias,
+        target=args.target,
+        activations=args.activations,
         weight_dtype=args.weight_dtype,
         noise=args.noise,
         reparam=args.reparam,
@@ -341,12 +388,16 @@ def _warn_ignored(args, parser_defaults: dict) -> None:
             "noise",
             "no_sequential",
             "reparam",
+            "attention_matmuls",
+            "attention_probabilities",
             "reparam_attention",
             "weight_rounding",
             "bias_correction",
             "bits_budget",
             "mixed_sensitivity",
             "mixed_images",
+            "target",
+            "activations",
         )
         if getattr(args, name) != parser_defaults.get(name)
     ]

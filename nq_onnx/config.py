@@ -106,6 +106,58 @@ class WeightDtype(str, enum.Enum):
     INT8 = "int8"
 
 
+class Activations(str, enum.Enum):
+    """How activation groups are quantized per tensor (:class:`~nq_onnx.quantizers.ActQuantizer`).
+
+    ``symmetric``: scale-only codes around zero (unsigned from zero where calibration saw no negative value).
+    ``asymmetric``: as ``symmetric``, except that a positively skewed group (calibrated minimum below zero but at
+    most ``SKEW`` of its maximum in magnitude: a GELU output, ``>= -0.17``) takes uint8 codes anchored at its
+    minimum, with its zero point following the searched step: on such a tensor a symmetric range wastes nearly
+    half of its codes on negative values it never takes.
+    """
+
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+
+
+SKEW = 0.25  # an asymmetric group's |minimum| / maximum at most this (symmetric codes would waste 40 % or more)
+
+
+class Target(str, enum.Enum):
+    """Where the model will run, which decides weight storage, activation types and Q/DQ placement.
+
+    ``portable`` (default): exact on every CPU: a layer stores int8 weights only where no 16-bit pair sum of
+    onnxruntime's U8S8 kernel can saturate on an x86 CPU without VNNI (``weight_dtype auto``), uint8 elsewhere.
+    ``x86-avx2``: the same rule (it is that CPU's). ``x86-vnni`` and ``arm64``: int8 weights everywhere, the fast
+    kernels of CPUs whose integer sums are 32-bit (VNNI/AMX x86, ARM64 dot products). ``gpu``: what TensorRT's Q/DQ
+    fusion expects: int8 weights, symmetric int8 activations with zero point 0, Q/DQ on both inputs of every
+    quantized matmul and none elsewhere; no twin-uniform quantizer (a float select and uint8 codes), no asymmetric
+    activations, no int16 biases.
+    """
+
+    PORTABLE = "portable"
+    X86_AVX2 = "x86-avx2"
+    X86_VNNI = "x86-vnni"
+    ARM64 = "arm64"
+    GPU = "gpu"
+
+    @property
+    def weight_dtype(self) -> "WeightDtype":
+        """The weight storage this target runs fastest while staying exact on it."""
+        return WeightDtype.AUTO if self in (Target.PORTABLE, Target.X86_AVX2) else WeightDtype.INT8
+
+    @property
+    def exact_everywhere(self) -> bool:
+        return self in (Target.PORTABLE, Target.X86_AVX2)
+
+    @property
+    def w_bits(self) -> int:
+        """The default weight width: 7 where the model must be exact on every CPU (int8 codes in +-63 cannot
+        saturate a 16-bit pair sum against any uint8 activation, ``2 * 255 * 63 < 2^15``, and run on the fast int8
+        kernels), 8 elsewhere."""
+        return 7 if self.exact_everywhere else 8
+
+
 def _coerce_enum(config, name: str, kind: type[enum.Enum], label: str) -> None:
     """Turn the string in a frozen config's field ``name`` into its enum member, or raise a one-line ConfigError."""
     try:
@@ -209,14 +261,15 @@ class SearchConfig:
 
 # Options added after plan schema 4, written only where set: a conversion that does not use them writes the same
 # config (in the plan and the model's metadata) as the version before them, byte for byte, which older versions read.
-LATER_OPTIONS = {"reparam_attention": False}
+LATER_OPTIONS = {"reparam_attention": False, "target": "portable", "activations": "symmetric",
+                 "attention_probabilities": True}
 # ``mixed_images`` as a config without a bits budget records it (its default until stop 17), and reads back as the
 # default: without mixed precision it changes nothing, so neither may it change the bytes of a plan or model
 UNBUDGETED_MIXED_IMAGES = 1
 
 ENUM_FIELDS = (("method", Method, "method"), ("noise", NoiseMode, "noise mode"),
                ("mixed_sensitivity", MixedSensitivity, "mixed-precision sensitivity"),
-               ("weight_rounding", WeightRounding, "weight rounding"), ("weight_dtype", WeightDtype, "weight dtype"))
+               ("weight_rounding", WeightRounding, "weight rounding"), ("target", Target, "target"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,20 +282,25 @@ class QuantConfig:
     """
 
     method: Method = Method.NOISYQUANT
-    w_bits: int = 8
+    w_bits: int | None = None  # None: the target's (Target.w_bits), or 8 under a bits budget
     a_bits: int = 8
     seed: int = 0
     calib_size: int = 128
     batch_size: int = 8
     exclude: tuple[str, ...] = ()
-    quantize_attention_matmuls: bool = True
+    quantize_attention_matmuls: bool = True  # Q K^T (and A V where attention_probabilities) on integer kernels
+    # A V too, as the paper does: a uniform 8-bit attention map loses most small probabilities (on the real
+    # ViT-S/14 leaving A V in float halves the W8A8 output error)
+    attention_probabilities: bool = False
     int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
-    weight_dtype: WeightDtype = WeightDtype.AUTO
+    target: Target = Target.PORTABLE
+    weight_dtype: WeightDtype | None = None  # None: the target's (:attr:`Target.weight_dtype`)
+    activations: Activations | None = None  # None: the target's (symmetric for gpu, asymmetric elsewhere)
     noise: NoiseMode = NoiseMode.BOTH  # NoisyQuant only: what N may hold
-    reparam: bool = False  # LayerNorm reparameterization before the search (nq_onnx.reparam)
+    reparam: bool = True  # LayerNorm reparameterization before the search (nq_onnx.reparam)
     reparam_attention: bool = False  # K centred and Q/K channels balanced before the search (nq_onnx.reparam)
-    weight_rounding: WeightRounding = WeightRounding.NEAREST
-    bias_correction: bool = False  # fold each layer's mean output error into its bias
+    weight_rounding: WeightRounding = WeightRounding.GPTQ
+    bias_correction: bool = True  # fold each layer's mean output error into its bias
     # mixed precision (nq_onnx.mixed): every group and its layers' weights take 4, 5, 6 or 8 bits, chosen from
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
     bits_budget: float | None = None
@@ -256,6 +314,16 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name, kind, label in ENUM_FIELDS:
             _coerce_enum(self, name, kind, label)
+        if self.weight_dtype is None:
+            object.__setattr__(self, "weight_dtype", self.target.weight_dtype)
+        if self.activations is None:
+            object.__setattr__(self, "activations", Activations.SYMMETRIC if self.target == Target.GPU
+                               else Activations.ASYMMETRIC)
+        if self.w_bits is None:
+            object.__setattr__(self, "w_bits", 8 if self.bits_budget is not None else self.target.w_bits)
+        _coerce_enum(self, "weight_dtype", WeightDtype, "weight dtype")
+        _coerce_enum(self, "activations", Activations, "activations")
+        self._check_target()
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
@@ -282,9 +350,27 @@ class QuantConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
+    def _check_target(self) -> None:
+        """Refuse, in one line, an option the target cannot run."""
+        target = self.target.value
+        if self.target.exact_everywhere and self.weight_dtype == WeightDtype.INT8:
+            raise ConfigError(f"target {target} is exact on every CPU: weight-dtype int8 can saturate on x86 without "
+                              "VNNI; use weight-dtype auto or uint8, or target x86-vnni or arm64")
+        if self.target != Target.GPU:
+            return
+        if self.method.twin:
+            raise ConfigError(f"target gpu cannot run method {self.method.value}: its twin-uniform quantizer needs a "
+                              "float select and uint8 codes, which TensorRT does not fuse")
+        if self.activations == Activations.ASYMMETRIC:
+            raise ConfigError("target gpu takes symmetric int8 activations (zero point 0); use activations symmetric")
+        if self.int16_bias:
+            raise ConfigError("target gpu cannot run int16-bias (TensorRT dequantizes int8 only)")
+        if self.weight_dtype == WeightDtype.UINT8:
+            raise ConfigError("target gpu takes int8 weights; use weight-dtype int8 or auto")
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for name, _, _ in ENUM_FIELDS:
+        for name, _, _ in ENUM_FIELDS + (("weight_dtype", WeightDtype, ""), ("activations", Activations, "")):
             out[name] = getattr(self, name).value
         out["search"]["objective"] = self.search.objective.value
         for name, default in LATER_OPTIONS.items():
@@ -299,6 +385,8 @@ class QuantConfig:
         data = dict(data)
         if data.get("bits_budget") is None:  # recorded at a fixed value where it decides nothing (to_dict)
             data.pop("mixed_images", None)
+        for name, old in LATER_OPTIONS.items():  # a plan written before the option existed ran its old behaviour
+            data.setdefault(name, old)
         search = data.pop("search", {})
         search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
         return cls(search=SearchConfig(**search), **data)

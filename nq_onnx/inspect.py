@@ -68,6 +68,9 @@ class LayerKernel:
         return self.pair_sum_bound is not None and self.pair_sum_bound > quant.INT16_MAX
 
 
+SELECT_OPS = frozenset({"Where", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"})  # a float select per element
+
+
 @dataclasses.dataclass(frozen=True)
 class Inspection:
     provider: str
@@ -75,6 +78,8 @@ class Inspection:
     noise_adds: int
     kernel_counts: dict[str, int]
     cpu: CpuFeatures
+    select_ops: int = 0  # float selects in the model (a twin-uniform quantizer's Less / Where)
+    qdq_problems: tuple[str, ...] = ()  # where Q/DQ break TensorRT's rules (gpu_rules)
 
     @property
     def weight_layers(self) -> list[LayerKernel]:
@@ -111,6 +116,7 @@ class Inspection:
             "weight_layers": len(self.weight_layers),
             "weight_layers_integer": sum(k.integer for k in self.weight_layers),
             "layers_can_overflow_without_vnni": len(self.overflow_layers),
+            "select_ops": self.select_ops,
             "layers": [dict(dataclasses.asdict(k), integer=k.integer, can_overflow=k.can_overflow)
                        for k in self.layers],
         }
@@ -222,7 +228,45 @@ def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider"
     for k in result:
         counts[k.kernel] = counts.get(k.kernel, 0) + 1
     noise_adds = sum(1 for n in model.graph.node if naming.is_noise_add(n.name))
-    return Inspection(provider, result, noise_adds, dict(sorted(counts.items())), cpu_features())
+    selects = sum(1 for n in model.graph.node if n.op_type in SELECT_OPS)
+    return Inspection(provider, result, noise_adds, dict(sorted(counts.items())), cpu_features(), selects,
+                      tuple(gpu_rules(model)))
+
+
+def gpu_rules(model: onnx.ModelProto) -> list[str]:
+    """Where the model's Q/DQ break what TensorRT's explicit-quantization fusion expects: every ``QuantizeLinear``
+    / ``DequantizeLinear`` int8 with zero point 0, and every ``DequantizeLinear`` read by a ``MatMul``/``Gemm``
+    only (a dequantized tensor reaching a residual add or a LayerNorm stays unfused). Checked on the graph; it
+    says nothing of TensorRT's own kernel choice."""
+    problems = []
+    graph = import_graph(model)
+    for node in graph.nodes:
+        if node.op not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = _constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        if zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+            problems.append(f"{node.name}: {'uint8' if zp is None or zp.dtype != np.int8 else 'non-zero'} "
+                            "zero point (TensorRT fuses int8 with zero point 0 only)")
+        if node.op == "DequantizeLinear":
+            readers = {r.op for out in node.outputs for r in out.outputs}
+            if readers - {"MatMul", "Gemm"}:
+                problems.append(f"{node.name}: read by {', '.join(sorted(readers - {'MatMul', 'Gemm'}))}")
+    return problems
+
+
+def target_failures(inspection: Inspection, target: str) -> list[str]:
+    """Why a model does not suit ``target`` (:class:`nq_onnx.config.Target`'s values): a quantized layer left in
+    float, a float select, int8 weight codes that can saturate on an x86 CPU without VNNI (``portable``,
+    ``x86-avx2``), Q/DQ that TensorRT cannot fuse (``gpu``)."""
+    out = [f"{k.layer}: runs {k.kernel}, not an integer kernel" for k in inspection.layers if not k.integer]
+    if inspection.select_ops:
+        out.append(f"{inspection.select_ops} float select ops (Where/Less: a twin-uniform quantizer)")
+    if target in ("portable", "x86-avx2"):
+        out += [f"{k.layer}: pair sums up to {k.pair_sum_bound} saturate int16 on x86 without VNNI"
+                for k in inspection.overflow_layers]
+    if target == "gpu":
+        out += list(inspection.qdq_problems)
+    return out
 
 
 def inspect_file(path: str | Path, provider: str = "CPUExecutionProvider") -> Inspection:

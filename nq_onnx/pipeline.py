@@ -22,7 +22,7 @@ from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import TensorStats, collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset, load_labels
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
-from nq_onnx.config import Method, QuantConfig
+from nq_onnx.config import Method, QuantConfig, Target
 from nq_onnx.errors import ModelError, NQError, PlanError
 from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
@@ -78,7 +78,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
     graph = import_graph(model)
-    layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls)
+    layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls, config.attention_probabilities)
     if not layers.layers:
         if layers.excluded:
             raise ModelError("every quantizable layer is excluded; nothing left to quantize")
@@ -306,6 +306,14 @@ def float_and_quantized_outputs(model: onnx.ModelProto, quantized: onnx.ModelPro
             model_outputs(quantized, subset, batch_size, progress, "evaluate quantized"))
 
 
+def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:
+    """A loaded plan's config stored for the asked CPU target and weight container (the search never reads them)."""
+    if (planned.target == Target.GPU) != (asked.target == Target.GPU):
+        raise PlanError(f"the plan was searched for target {planned.target.value}; target {asked.target.value} needs "
+                        "its own search (gpu activations are symmetric int8)")
+    return dataclasses.replace(planned, target=asked.target, weight_dtype=asked.weight_dtype)
+
+
 def convert(
     model_path: str | Path,
     output_path: str | Path,
@@ -334,8 +342,9 @@ def convert(
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
     ``std``, ``interpolation``, ``crop_pct``).
 
-    With ``load_plan`` the plan's settings are used, except ``config.weight_dtype`` (how weight codes are
-    stored, which no search depends on).
+    With ``load_plan`` the plan's settings are used, except ``config.target`` and ``config.weight_dtype`` (how
+    weight codes are stored, which no search depends on) among the CPU targets; a plan searched for ``gpu`` (symmetric
+    int8 activations) and one searched for a CPU are not interchangeable.
     """
     begin = time.perf_counter()
     config = config or QuantConfig()
@@ -348,8 +357,7 @@ def convert(
     plan = Plan.load(load_plan) if load_plan is not None else None
     if plan is not None:
         plan.check_model(digest)
-        # the search never reads the weight container: a loaded plan can be stored for another target
-        plan.config = dataclasses.replace(plan.config, weight_dtype=config.weight_dtype)
+        plan.config = _retargeted(plan.config, config)
         config = plan.config
     if calib is None and plan is None:
         raise NQError("convert needs --calib DATA (or --load-plan PLAN)")

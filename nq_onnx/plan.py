@@ -77,11 +77,12 @@ class GroupPlan:
     reparam: Reparam | None = None  # folded into the float model before the search (``QuantConfig.reparam``)
     twin: TwinSpec | None = None  # PTQ4ViT's twin-uniform quantizer instead of one uniform range
     precision: Module | None = None  # its cost and sensitivity per bit-width, under a bits budget (nq_onnx.mixed)
+    low: float | None = None  # asymmetric: the calibrated minimum its codes are anchored at (ActQuantizer.low)
 
     def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu:
         """The group's activation quantizer, the same object the search scored and the passes emit."""
         if self.twin is None:
-            return ActQuantizer(self.bits, self.signed)
+            return ActQuantizer(self.bits, self.signed, self.low)
         return self.twin.quantizer(self.bits)
 
 
@@ -153,6 +154,8 @@ class Plan:
                 "reparam": None,
                 "twin": dataclasses.asdict(g.twin) if g.twin is not None else None,
             }
+            if g.low is not None:
+                entry["low"] = g.low
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
@@ -217,6 +220,7 @@ class Plan:
                     reparam,
                     TwinSpec(str(g["twin"]["kind"]), float(g["twin"]["fixed"])) if g.get("twin") else None,
                     _module(g["name"], g["precision"]) if g.get("precision") else None,
+                    None if g.get("low") is None else float(g["low"]),
                 )
             for layer in doc["layers"]:
                 scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
-from nq_onnx.config import MixedSensitivity, QuantConfig, SearchConfig
+from nq_onnx.config import SKEW, Activations, MixedSensitivity, QuantConfig, SearchConfig, Target
 from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity, uniform_width
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
@@ -41,6 +41,7 @@ from nq_onnx.search import (
     sample_rows,
     search_linear_group,
     search_sample,
+    search_with_fallback,
 )
 
 ACT_MATMUL_SLICES = 16
@@ -123,11 +124,11 @@ def _range(stats: TensorStats) -> tuple[float, float]:
     return float(stats.channel_min.min()), float(stats.channel_max.max())
 
 
-def plain_group(group: GroupSpec, scale: float, bits: int, signed: bool, stats: TensorStats,
+def plain_group(group: GroupSpec, scale: float, quantizer: ActQuantizer, stats: TensorStats,
                 twin: TwinSpec | None = None) -> GroupPlan:
     """A group quantized without noise (MinMax, or an activation-matmul operand)."""
-    return GroupPlan(group.name, group.tensor, scale, bits, signed=signed, input_range=_range(stats),
-                     base_scale=scale, twin=twin)
+    return GroupPlan(group.name, group.tensor, scale, quantizer.bits, signed=quantizer.signed,
+                     input_range=_range(stats), base_scale=scale, twin=twin, low=quantizer.low)
 
 
 def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig,
@@ -150,7 +151,10 @@ def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfi
 
 
 def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
-    """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes."""
+    """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes (none for
+    the ``gpu`` target, whose activations are symmetric int8)."""
+    if config.target == Target.GPU:
+        return frozenset()
     return frozenset(
         g.name
         for g in layers.groups
@@ -158,13 +162,35 @@ def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: Quant
     )
 
 
+def asymmetric_lows(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig,
+                    twins: dict[str, TwinSpec] | None = None) -> dict[str, float]:
+    """Under ``activations = asymmetric``, the groups quantized asymmetrically and the calibrated minimum each is
+    anchored at: those whose minimum is negative but at most ``SKEW`` of their maximum in magnitude (and that take
+    no twin-uniform quantizer)."""
+    if config.activations != Activations.ASYMMETRIC:
+        return {}
+    out = {}
+    for group in layers.groups:
+        low, high = _range(stats[group.tensor])
+        if low < 0 and -low <= SKEW * high and group.name not in (twins or {}):
+            out[group.name] = float(np.float32(low))
+    return out
+
+
+def uniform_quantizer(bits: int, name: str, unsigned: frozenset[str], lows: dict[str, float]) -> ActQuantizer:
+    """A group's uniform quantizer: asymmetric where ``lows`` anchors it, unsigned or symmetric otherwise."""
+    if name in lows:
+        return ActQuantizer(bits, signed=False, low=lows[name])
+    return ActQuantizer(bits, name not in unsigned)
+
+
 def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
     config = plan.config
-    unsigned = unsigned_groups(layers, stats, config)
+    unsigned, lows = unsigned_groups(layers, stats, config), asymmetric_lows(layers, stats, config)
     for group in layers.groups:
-        signed = group.name not in unsigned
-        scale = ActQuantizer(config.a_bits, signed).minmax_scale(stats[group.tensor].absmax)
-        plan.groups[group.name] = plain_group(group, scale, config.a_bits, signed, stats[group.tensor])
+        act = uniform_quantizer(config.a_bits, group.name, unsigned, lows)
+        scale = act.minmax_scale(stats[group.tensor].absmax)
+        plan.groups[group.name] = plain_group(group, scale, act, stats[group.tensor])
     for spec in layers.layers:
         scales = None if spec.kind == ACT_MATMUL else WeightQuantizer(config.w_bits).minmax_scales(weights[spec.name])
         plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
@@ -184,6 +210,7 @@ class SearchPlanner:
     _tensors: dict[str, gs.Tensor] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _weights: dict[str, np.ndarray] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _unsigned: frozenset[str] = dataclasses.field(init=False, repr=False, default=frozenset())
+    _lows: dict[str, float] = dataclasses.field(init=False, repr=False, default_factory=dict)  # asymmetric groups
     _sim: Simulator | None = dataclasses.field(init=False, repr=False, default=None)
     _images: int = dataclasses.field(init=False, repr=False, default=0)
     _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
@@ -209,6 +236,7 @@ class SearchPlanner:
             with timed(self.timings, "mixed_precision_s"):
                 self._bits = self._assign_bits(inputs)
         self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
+        self._lows = asymmetric_lows(self.layers, self.stats, self.config, self._twins)
         self._sim = Simulator(
             self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
             {g.name: self._quantizer(g) for g in self.layers.groups},
@@ -247,14 +275,17 @@ class SearchPlanner:
             group_seed(config.seed, group.name),
         )
         with timed(self.timings, "linear_search_s"):
-            result = search_linear_group(problem)
+            if problem.act.asymmetric:  # kept only where it beats the symmetric quantizer on held-out rows
+                problem, result = search_with_fallback(problem, ActQuantizer(problem.act.bits))
+            else:
+                result = search_linear_group(problem)
         for phase, seconds in result.seconds.items():
             self.timings[f"linear.{phase}_s"] = self.timings.get(f"linear.{phase}_s", 0.0) + seconds
         stats = self.stats[group.tensor]
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
                                             _range(stats), result.base_scale, twin=self._twins.get(group.name),
-                                            precision=self._modules.get(group.name))
+                                            precision=self._modules.get(group.name), low=problem.act.low)
         self._sim.set_group(group.name, result.scale, result.noise)
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
@@ -275,7 +306,7 @@ class SearchPlanner:
         twin, bits = self._twins.get(group.name), self._bits.get(group.name, self.config.a_bits)
         if twin is not None:
             return twin.quantizer(bits)
-        return ActQuantizer(bits, group.name not in self._unsigned)
+        return uniform_quantizer(bits, group.name, self._unsigned, self._lows)
 
     def _w_bits(self, group: GroupSpec) -> int:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""
@@ -379,7 +410,6 @@ class SearchPlanner:
         config = self.config
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
-        signed = tuple(g.name not in self._unsigned for g in groups)
         quantizers = tuple(self._quantizer(g) for g in groups)
         metrics: dict[str, float] = {}
         a, b = (split_images(v, self._images, self._fit)[0] for v in (a, b))
@@ -391,10 +421,10 @@ class SearchPlanner:
             s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search, scores)
         else:
             s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
-        for group, scale, sg, q in zip(groups, (s_a, s_b), signed, quantizers):
+        for group, scale, q in zip(groups, (s_a, s_b), quantizers):
             if group.name not in plan.groups:
                 plan.groups[group.name] = dataclasses.replace(
-                    plain_group(group, scale, q.bits, sg, self.stats[group.tensor], self._twins.get(group.name)),
+                    plain_group(group, scale, q, self.stats[group.tensor], self._twins.get(group.name)),
                     precision=self._modules.get(group.name))
                 self._sim.set_group(group.name, scale, None)
         plan.layers[spec.name] = LayerPlan(spec.name, None, max(q.bits for q in quantizers), metrics)

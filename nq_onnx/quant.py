@@ -27,6 +27,29 @@ import numpy as np
 ACT_ZERO_POINT = 128
 
 
+def asymmetric_zero_point(low: float, scale: float, bits: int) -> int:
+    """The zero point ``z = min(2^b - 1, rint(-low / s))`` of an asymmetric quantizer anchored at ``low <= 0``
+    (float32 maths, as the simulation's ``Round(Div(-low, s))``): its codes ``[-z, 2^b - 1 - z]`` cover
+    ``[low, (2^b - 1 - z) s]`` up to half a step."""
+    z = np.rint(np.divide(np.float32(-low), np.float32(scale), dtype=np.float32))
+    return int(min(2**bits - 1, max(0.0, float(z))))
+
+
+def rounded_codes(x: np.ndarray, scale: float, lo: int, hi: int) -> np.ndarray:
+    """``clip(rint(x / s), lo, hi)`` as float32, for any code range (an asymmetric quantizer's)."""
+    out = np.divide(np.asarray(x, dtype=np.float32), np.float32(scale), dtype=np.float32)
+    np.rint(out, out=out)
+    np.clip(out, lo, hi, out=out)
+    return out
+
+
+def fake_quant_codes(x: np.ndarray, scale: float, lo: int, hi: int) -> np.ndarray:
+    """``s * clip(rint(x / s), lo, hi)`` in float32 (:func:`rounded_codes` times the step)."""
+    out = rounded_codes(x, scale, lo, hi)
+    out *= np.float32(scale)
+    return out
+
+
 def code_range(bits: int, signed: bool = True) -> tuple[int, int]:
     """Code range of a ``bits``-bit quantizer: ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]`` unsigned."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
@@ -111,10 +134,10 @@ def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray
     return np.maximum(top, -bottom)
 
 
-def u8s8_safe(codes_kn: np.ndarray, act_bits: int, act_signed: bool) -> bool:
-    """Whether int8 codes ``[K, N]`` against this activation quantizer are exact on a U8S8 kernel without VNNI."""
-    lo, hi = stored_code_range(act_bits, act_signed)
-    return bool(pair_sum_bound(codes_kn, lo, hi).max(initial=0) <= INT16_MAX)
+def u8s8_safe(codes_kn: np.ndarray, stored: tuple[int, int]) -> bool:
+    """Whether int8 codes ``[K, N]`` against activations stored as uint8 in ``stored`` (the activation quantizer's
+    :attr:`~nq_onnx.quantizers.ActQuantizer.stored_range`) are exact on a U8S8 kernel without VNNI."""
+    return bool(pair_sum_bound(codes_kn, *stored).max(initial=0) <= INT16_MAX)
 
 
 def store_weight(codes: np.ndarray, axis: int, as_uint8: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -49,28 +49,86 @@ class QuantizedTensor:
 
 @dataclasses.dataclass(frozen=True)
 class ActQuantizer:
-    """Symmetric (scale-only) per-tensor uniform quantizer of an activation."""
+    """Per-tensor uniform quantizer of an activation: symmetric (scale only), unsigned, or asymmetric.
+
+    Symmetric codes are ``[-2^(b-1), 2^(b-1) - 1]`` (stored as uint8 with zero point 128, or as int8 with zero point
+    0 where ``int8``: the form TensorRT fuses), unsigned ones ``[0, 2^b - 1]`` (zero point 0). An asymmetric quantizer
+    is anchored at the tensor's calibrated minimum ``low < 0``: its zero point follows its step,
+    ``z(s) = min(2^b - 1, rint(-low / s))`` (:func:`nq_onnx.quant.asymmetric_zero_point`), and ::
+
+        dq(q(x)) = s * clip(rint(x / s), -z(s), 2^b - 1 - z(s))       stored  u = q + z(s) in [0, 2^b - 1]
+
+    so the codes cover ``[low, (2^b - 1 - z) s]``: a one-sided tensor (a GELU output, ``>= -0.17``) spends every
+    code on values it takes, where a symmetric range leaves nearly half of them on a side it never reaches. A step
+    below the MinMax one ``(max - low) / (2^b - 1)`` clips the top only. onnxruntime's integer kernels take any
+    activation zero point at no cost. NoisyQuant's ``X + N`` is quantized by the same formula: the denoising bias
+    ``B - N dq(W)`` does not depend on the quantizer, and ``z`` is fixed by ``low`` and the step alone.
+    """
 
     bits: int
     signed: bool = True
+    low: float | None = None  # asymmetric: the calibrated minimum the codes are anchored at (< 0)
+    int8: bool = False  # a symmetric quantizer stored as int8 with zero point 0 instead of uint8 with 128
+
+    def __post_init__(self) -> None:
+        if self.low is not None and not self.low < 0:
+            raise ValueError("an asymmetric quantizer is anchored at a negative minimum")
+        if self.int8 and (self.low is not None or not self.signed):
+            raise ValueError("int8 storage holds symmetric signed codes only")
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.low is not None
+
+    @property
+    def levels(self) -> int:
+        """The largest code of the MinMax range: ``2^(b-1) - 1`` symmetric, ``2^b - 1`` unsigned or asymmetric."""
+        return quant.qmax(self.bits) if self.signed and not self.asymmetric else 2**self.bits - 1
 
     @property
     def code_range(self) -> tuple[int, int]:
+        """The code range of a symmetric or unsigned quantizer (an asymmetric one's depends on the step:
+        :meth:`codes_for`)."""
+        if self.asymmetric:
+            raise ValueError("an asymmetric quantizer's code range depends on its step: use codes_for(scale)")
         return quant.code_range(self.bits, self.signed)
 
-    @property
-    def zero_point(self) -> int:
-        return quant.zero_point(self.signed)
+    def codes_for(self, scale: float) -> tuple[int, int]:
+        """The code range ``[lo, hi]`` at step ``scale``."""
+        if not self.asymmetric:
+            return self.code_range
+        z = quant.asymmetric_zero_point(self.low, scale, self.bits)
+        return -z, 2**self.bits - 1 - z
+
+    def zero_point_for(self, scale: float) -> int:
+        """The stored zero point at step ``scale``."""
+        if self.asymmetric:
+            return quant.asymmetric_zero_point(self.low, scale, self.bits)
+        return 0 if self.int8 else quant.zero_point(self.signed)
 
     @property
     def stored_range(self) -> tuple[int, int]:
         """The uint8 values the emitted ``QuantizeLinear`` can produce."""
+        if self.asymmetric:
+            return 0, 2**self.bits - 1
         return quant.stored_code_range(self.bits, self.signed)
 
+    def extent(self, low: float, high: float) -> float:
+        """The width of values a MinMax step must cover for a tensor in ``[low, high]``: ``max(|low|, |high|)``
+        symmetric, ``high - min(low, self.low)`` asymmetric (the step is ``extent / levels``)."""
+        if self.asymmetric:
+            return float(high - min(low, self.low))
+        return float(max(abs(low), abs(high)))
+
     def minmax_scale(self, absmax: float) -> float:
+        if self.asymmetric:  # a positively skewed tensor: its absmax is its maximum
+            step = np.float32(absmax - self.low) / np.float32(self.levels)
+            return float(step) if step > 0 else 1.0
         return float(quant.minmax_scale(absmax, self.bits, self.signed))
 
     def fake_quant(self, x: np.ndarray, scale: float) -> np.ndarray:
+        if self.asymmetric:
+            return quant.fake_quant_codes(x, scale, *self.codes_for(scale))
         return quant.fake_quant(x, np.float32(scale), self.bits, self.signed)
 
     def candidates(self, base: float, alphas: np.ndarray) -> list[float]:
@@ -78,37 +136,57 @@ class ActQuantizer:
         return [base * a for a in alphas]
 
     def codes(self, x: np.ndarray, scale: float) -> np.ndarray:
+        if self.asymmetric:
+            return quant.rounded_codes(x, scale, *self.codes_for(scale)).astype(np.int32)
         return quant.quantize(x, np.float32(scale), self.bits, self.signed)
 
     def simulate(self, prefix: str, x: gs.Tensor, scale: gs.Tensor) -> tuple[list[gs.Node], gs.Variable]:
-        """Float ONNX nodes computing :meth:`fake_quant` of ``x`` with a fed ``scale`` (the search's simulation)."""
-        lo, hi = self.code_range
+        """Float ONNX nodes computing :meth:`fake_quant` of ``x`` with a fed ``scale`` (the search's simulation);
+        an asymmetric quantizer computes its code range from the fed step as :meth:`codes_for` does."""
         t = [gs.Variable(f"{prefix}/t{i}", dtype=np.float32) for i in range(1, 5)]
-        nodes = [
+        bounds, nodes = self._simulated_bounds(prefix, scale)
+        nodes += [
             gs.Node("Div", inputs=[x, scale], outputs=[t[0]]),
-            gs.Node("Clip", inputs=[t[0], gs.Constant(f"{prefix}/lo", np.array(lo, np.float32)),
-                                    gs.Constant(f"{prefix}/hi", np.array(hi, np.float32))], outputs=[t[1]]),
+            gs.Node("Clip", inputs=[t[0], *bounds], outputs=[t[1]]),
             gs.Node("Round", inputs=[t[1]], outputs=[t[2]]),
             gs.Node("Mul", inputs=[t[2], scale], outputs=[t[3]]),
         ]
         return nodes, t[3]
 
+    def _simulated_bounds(self, prefix: str, scale: gs.Tensor) -> tuple[list[gs.Tensor], list[gs.Node]]:
+        """The ``Clip`` bounds ``[lo, hi]`` as constants, or for an asymmetric quantizer as nodes computing
+        ``-z`` and ``2^b - 1 - z`` with ``z = Min(Round(Div(-low, s)), 2^b - 1)``."""
+        if not self.asymmetric:
+            lo, hi = self.code_range
+            return [gs.Constant(f"{prefix}/lo", np.array(lo, np.float32)),
+                    gs.Constant(f"{prefix}/hi", np.array(hi, np.float32))], []
+        top = gs.Constant(f"{prefix}/top", np.array(2**self.bits - 1, np.float32))
+        z = [gs.Variable(f"{prefix}/z{i}", dtype=np.float32) for i in range(1, 6)]
+        nodes = [gs.Node("Div", inputs=[gs.Constant(f"{prefix}/neg_low", np.array(-self.low, np.float32)), scale],
+                         outputs=[z[0]]),
+                 gs.Node("Round", inputs=[z[0]], outputs=[z[1]]),
+                 gs.Node("Min", inputs=[z[1], top], outputs=[z[2]]),
+                 gs.Node("Neg", inputs=[z[2]], outputs=[z[3]]),
+                 gs.Node("Sub", inputs=[top, z[2]], outputs=[z[4]])]
+        return [z[3], z[4]], nodes
+
     def emit(self, graph: gs.Graph, group: str, source: gs.Tensor, scale: float) -> QuantizedTensor:
         """Append ``[Clip] -> QuantizeLinear`` of ``source`` to ``graph``; dequantize with :meth:`emit_dequantize`."""
         scale32 = np.float32(scale)
         shape = getattr(source, "shape", None)
+        lo, hi = self.codes_for(scale32)
         if self.bits < 8:
-            lo, hi = self.code_range
             clipped = gs.Variable(naming.of(group, naming.INPUT_CLIPPED), dtype=np.float32, shape=shape)
             bounds = [_constant(naming.of(group, part), np.array(v * scale32, np.float32))
                       for part, v in ((naming.INPUT_CLIP_MIN, lo), (naming.INPUT_CLIP_MAX, hi))]
             graph.nodes.append(gs.Node("Clip", name=naming.of(group, naming.INPUT_CLIP),
                                        inputs=[source, *bounds], outputs=[clipped]))
             source = clipped
-        codes = gs.Variable(naming.of(group, naming.INPUT_QUANTIZED), dtype=np.uint8, shape=shape)
+        dtype = np.int8 if self.int8 else np.uint8
+        codes = gs.Variable(naming.of(group, naming.INPUT_QUANTIZED), dtype=dtype, shape=shape)
         out = QuantizedTensor(codes, _constant(naming.of(group, naming.INPUT_SCALE), np.array(scale32, np.float32)),
                               _constant(naming.of(group, naming.INPUT_ZERO_POINT),
-                                        np.array(self.zero_point, np.uint8)))
+                                        np.array(self.zero_point_for(scale32), dtype)))
         graph.nodes.append(gs.Node("QuantizeLinear", name=naming.of(group, naming.INPUT_QUANTIZE),
                                    inputs=[source, out.scale, out.zero_point], outputs=[codes]))
         return out
@@ -274,6 +352,9 @@ class TwinSoftmax:
     ``d1``; the coarse range is fixed at ``d2 = 1 / L`` (it covers ``[0, 1]``). Its search candidates are
     ``d2 / 2^m`` (PTQ4ViT's split over powers of two), not multiples of a MinMax step."""
 
+    low = None  # never anchored asymmetrically (the interface of ActQuantizer)
+    asymmetric = False
+
     bits: int
     signed: bool = dataclasses.field(default=False, init=False)
 
@@ -326,6 +407,9 @@ class TwinGelu:
     the negative range has the fixed small step ``negative_step`` (``d1``, from the calibrated minimum: GELU's is
     about -0.17). Searched like a uniform step: multiples of ``max / L``."""
 
+    low = None  # never anchored asymmetrically (the interface of ActQuantizer)
+    asymmetric = False
+
     bits: int
     negative_step: float
     signed: bool = dataclasses.field(default=True, init=False)
@@ -341,6 +425,15 @@ class TwinGelu:
     @property
     def code_range(self) -> tuple[int, int]:
         return -self.twin.levels, self.twin.levels
+
+    @property
+    def levels(self) -> int:
+        return self.twin.levels
+
+    @staticmethod
+    def extent(low: float, high: float) -> float:
+        """The positive range's MinMax step covers ``max(|low|, |high|)`` (as a symmetric quantizer's)."""
+        return float(max(abs(low), abs(high)))
 
     def minmax_scale(self, absmax: float) -> float:
         step = float(np.float32(absmax) / np.float32(self.twin.levels))

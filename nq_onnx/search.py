@@ -96,8 +96,8 @@ class GroupSearch:
     noise_seed: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        if self.noise_mode is not None and not self.act.signed:
-            raise ValueError("a noisy group is quantized signed: X + N can be negative")
+        if self.noise_mode is not None and not (self.act.signed or self.act.asymmetric):
+            raise ValueError("a noisy group is quantized signed or asymmetric: X + N can be negative")
 
 
 @dataclasses.dataclass
@@ -265,6 +265,42 @@ def search_linear_group(problem: GroupSearch) -> GroupResult:
                                noise_amplitude=amplitude)
 
 
+def held_out_error(problem: GroupSearch, result: GroupResult) -> float:
+    """The summed layer output MSE of a searched group on its held-out rows (nearest-rounded weights at the searched
+    steps, the denoising bias where it has noise): how two quantizers of one group compare on rows no search saw."""
+    rows, layers = problem.sample.held_out, problem.layers
+    noise = result.noise if result.noise is not None else np.zeros(rows.shape[1], np.float32)
+    x_q = problem.act.fake_quant(rows + noise, result.scale)
+    weights = [layer.quantized_weight(result.weight_scales[layer.name]) for layer in layers]
+    targets = [rows @ layer.weight + layer.bias for layer in layers]
+    return float(sum(layer_mse(x_q, layers, weights, targets, result.noise)))
+
+
+def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer) -> tuple[GroupSearch, GroupResult]:
+    """The group searched with its quantizer and, where it has held-out rows, with ``fallback`` (the uniform
+    symmetric quantizer an asymmetric one replaces) too: the quantizer with the lower :func:`held_out_error` is
+    kept (ties: the group's own), both errors are recorded in every layer's metrics, and
+    ``asymmetric_rejected`` where the fallback won."""
+    result = search_linear_group(problem)
+    if problem.sample.held_out is None:
+        return problem, result
+    other_problem = dataclasses.replace(problem, act=fallback)
+    other = search_linear_group(other_problem)
+    own, base = held_out_error(problem, result), held_out_error(other_problem, other)
+    kept_problem, kept = (problem, result) if own <= base else (other_problem, other)
+    for metrics in kept.metrics.values():
+        metrics |= {"mse_asymmetric_held_out": own, "mse_symmetric_held_out": base}
+        if kept is other:
+            metrics["asymmetric_rejected"] = 1.0
+    if kept is other:
+        for phase, seconds in result.seconds.items():
+            other.seconds[phase] = other.seconds.get(phase, 0.0) + seconds
+    else:
+        for phase, seconds in other.seconds.items():
+            result.seconds[phase] = result.seconds.get(phase, 0.0) + seconds
+    return kept_problem, kept
+
+
 def _easyquant(problem: GroupSearch, targets: list[np.ndarray],
                seconds: dict[str, float]) -> tuple[GroupResult, float, list | None, list]:
     """EasyQuant's alternating search (module docstring), or MinMax where that has the lower output MSE; the result,
@@ -342,7 +378,7 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
     sample, act, config = problem.sample, problem.act, problem.config
-    qmax = act.code_range[1]
+    levels = act.levels
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
     if errors is None:  # EasyQuant's last round built them on the same rows and weights where it kept its own
@@ -352,7 +388,8 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
         shifts = (0.0,)
 
     def range_of(noise: np.ndarray) -> float:
-        return float(np.max(np.maximum(np.abs(sample.channel_min + noise), np.abs(sample.channel_max + noise))))
+        """The extent a MinMax step must cover for ``X + N`` (:meth:`ActQuantizer.extent`)."""
+        return act.extent(float(np.min(sample.channel_min + noise)), float(np.max(sample.channel_max + noise)))
 
     # first the rows a screen takes (the outliers that decide clipping among them), then the rest in turn
     screened = screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
@@ -380,15 +417,15 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
     candidates = [(zero, easy.scale, 0.0, 0.0)]  # the EasyQuant solution itself
     for shift in shifts:
         shifted = -shift * centre
-        step = alpha * range_of(shifted) / qmax
+        step = alpha * range_of(shifted) / levels
         for amplitude in amplitudes:
             noise = shifted + amplitude * step * u
-            scale = alpha * range_of(noise) / qmax
+            scale = alpha * range_of(noise) / levels
             if scale > 0:  # else every channel constant and shifted onto zero: nothing to quantize
                 candidates.append((noise, scale, float(shift), float(amplitude)))
     chosen, value = lowest([c[:2] for c in candidates])  # ties: the earliest, the EasyQuant solution first
     noise, scale, shift, amplitude = candidates[chosen]
-    base, alphas = range_of(noise) / qmax, grid(config.act_alphas)
+    base, alphas = range_of(noise) / levels, grid(config.act_alphas)
     if base > 0:
         if config.grid_stride == 1:
             i, trial = lowest([(noise, base * a) for a in alphas])

@@ -84,8 +84,8 @@ def format_summary(summary, elapsed: float, output) -> str:
     cpu = cpu_features()
     if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu.vnni:
         lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
-                     "VNNI, where --weight-dtype int8 gives the same outputs faster (x86 CPUs without VNNI saturate "
-                     "int8)")
+                     "VNNI, where --target x86-vnni (int8 weights) gives the same outputs faster (x86 CPUs without "
+                     "VNNI saturate int8)")
     if summary.noise_rejected:
         lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
                      "calibration images")

@@ -180,16 +180,22 @@ def _unique_names(graph: gs.Graph, specs: list[tuple[gs.Node, LayerSpec]]) -> li
     return out
 
 
-def find_layers(graph: gs.Graph, exclude: tuple[str, ...] = (), act_matmuls: bool = True) -> Layers:
+def find_layers(graph: gs.Graph, exclude: tuple[str, ...] = (), act_matmuls: bool = True,
+                probabilities: bool = True) -> Layers:
     """Every quantizable layer in topological order, grouped by the activation tensor they read.
 
     ``exclude`` patterns (fnmatch on layer names) drop layers; a pattern that matches nothing raises
-    :class:`ConfigError`.
+    :class:`ConfigError`. ``act_matmuls = False`` leaves every activation matmul in float; ``probabilities = False``
+    those that read a ``Softmax`` output (an attention map's ``A V``) only.
     """
     graph.toposort()
     found: list[tuple[gs.Node, LayerSpec]] = []
+    tensors = graph.tensors()
     for node in graph.nodes:
         spec = _linear(node) or (_act_matmul(node) if act_matmuls else None)
+        if spec is not None and spec.kind == ACT_MATMUL and not probabilities and any(
+                _activation(tensors.get(t)) == "softmax" for t in spec.inputs):
+            continue
         if spec is not None:
             found.append((node, spec))
     specs = _unique_names(graph, found)

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx import quant
-from nq_onnx.config import WeightDtype
+from nq_onnx.config import Target, WeightDtype
 from nq_onnx.plan import Plan
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, nodes_by_name
@@ -70,7 +70,7 @@ class InsertQDQ:
                 continue
             first = self.layers.layer(group.consumers[0])
             source = nodes[first.node].inputs[first.inputs.index(group.tensor)]
-            quantized = ActQuantizer(plan.bits, plan.signed).emit(graph, group.name, source, plan.scale)
+            quantized = self._storage(plan.quantizer()).emit(graph, group.name, source, plan.scale)
             result.record(Role.ACT_QUANTIZER, quantized.codes.inputs[0].name)
             for spec in (self.layers.layer(name) for name in group.consumers):
                 index = spec.inputs.index(group.tensor)
@@ -83,13 +83,21 @@ class InsertQDQ:
                 result.record(Role.TWIN_QUANTIZER, spec.name)
         return result
 
+    def _storage(self, quantizer: ActQuantizer) -> ActQuantizer:
+        """The quantizer as the target stores it: symmetric codes as int8 with zero point 0 for ``gpu``."""
+        if self.plan.config.target == Target.GPU and quantizer.signed and not quantizer.asymmetric:
+            return dataclasses.replace(quantizer, int8=True)
+        return quantizer
+
     def _input_quantizer(self, spec: LayerSpec) -> ActQuantizer:
         """The quantizer of the layer's input (a layer whose input is not planned: 8-bit signed)."""
         group = self.plan.groups.get(self.layers.group_of(spec.inputs[0]).name)
-        return ActQuantizer(group.bits, group.signed) if group is not None else ActQuantizer(8)
+        if group is None:
+            return ActQuantizer(8)
+        return group.quantizer() if group.twin is None else ActQuantizer(group.bits, group.signed)
 
     def _as_uint8(self, codes_kn: np.ndarray, input_quantizer: ActQuantizer) -> bool:
         dtype = self.plan.config.weight_dtype
         if dtype != WeightDtype.AUTO:
             return dtype == WeightDtype.UINT8
-        return not quant.u8s8_safe(codes_kn, input_quantizer.bits, input_quantizer.signed)
+        return not quant.u8s8_safe(codes_kn, input_quantizer.stored_range)

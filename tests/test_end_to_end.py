@@ -247,7 +247,7 @@ def test_the_tokens_the_output_reads_are_found_in_the_graph(exported):
 
 def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, tmp_path, photo_folder):
     """W8A8 with the default weight storage: the summary's uint8 layer count is what ``inspect`` reads in the model,
-    and the summary suggests ``--weight-dtype int8`` on a CPU with VNNI only (there int8 computes the same, faster),
+    and the summary suggests ``--target x86-vnni`` on a CPU with VNNI only (there int8 computes the same, faster),
     never on one without, nor when the user chose the storage."""
     import dataclasses
 
@@ -263,7 +263,7 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
                              evaluate=False)
     uint8 = inspect_model(onnx.load(str(tmp_path / "q.onnx"))).weight_dtypes.get("uint8", 0)
     assert result.summary.uint8_weight_layers == uint8 > 0
-    hint = "--weight-dtype int8 gives the same outputs faster"
+    hint = "--target x86-vnni (int8 weights) gives the same outputs faster"
     for flags, chosen, shown in ((("avx2", "avx512_vnni"), "auto", True), (("avx2",), "auto", False),
                                  (("avx2", "avx512_vnni"), "uint8", False)):
         monkeypatch.setattr(summary_module, "cpu_features",

@@ -23,13 +23,14 @@ from nq_onnx.cpu import cpu_features
 from nq_onnx.export import export_timm
 
 GOLDEN = Path(__file__).parent / "golden" / "digests.json"
+SYMMETRIC = dict(activations="symmetric", w_bits=8)  # the settings recorded before asymmetric activations existed
 SETTINGS = {
-    "minmax_w8a8": dict(method="minmax"),
-    "easyquant_w8a8": dict(method="easyquant"),
-    "noisyquant_w6a6": dict(method="noisyquant", w_bits=6, a_bits=6),
-    "noisyquant_paper_w6a6": dict(method="noisyquant", w_bits=6, a_bits=6, noise="paper"),
-    "noisyquant_w4a8_int8": dict(method="noisyquant", w_bits=4, weight_dtype="int8"),
-    "noisyquant_int16_bias": dict(method="noisyquant", int16_bias=True),
+    "minmax_w8a8": dict(SYMMETRIC, method="minmax"),
+    "easyquant_w8a8": dict(SYMMETRIC, method="easyquant"),
+    "noisyquant_w6a6": dict(SYMMETRIC, method="noisyquant", w_bits=6, a_bits=6),
+    "noisyquant_paper_w6a6": dict(SYMMETRIC, method="noisyquant", w_bits=6, a_bits=6, noise="paper"),
+    "noisyquant_w4a8_vnni": dict(SYMMETRIC, method="noisyquant", w_bits=4, target="x86-vnni"),
+    "noisyquant_int16_bias": dict(SYMMETRIC, method="noisyquant", int16_bias=True),
 }
 
 

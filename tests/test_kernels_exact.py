@@ -98,7 +98,8 @@ def convert(kind: str, bits: int, weight_dtype: str = "auto"):
     rng = np.random.default_rng(bits)
     model = BUILDERS[kind](rng)
     feeds = feeds_of(kind, rng)
-    config = QuantConfig(method="minmax", w_bits=bits, a_bits=bits, weight_dtype=weight_dtype)
+    target = "x86-vnni" if weight_dtype == "int8" else "portable"  # portable refuses int8 weights (not exact)
+    config = QuantConfig(method="minmax", w_bits=bits, a_bits=bits, weight_dtype=weight_dtype, target=target)
     result = quantize(model, "test", config, Dataset(tuple(feeds), arrays=feeds))
     return model, feeds, result
 
@@ -216,8 +217,9 @@ def test_pair_sum_bound_is_the_largest_pair_over_any_codes():
 
 
 def test_cli_weight_dtype_and_strict_inspect(tmp_path, capsys):
-    """``convert --weight-dtype int8`` writes what ``inspect --strict`` refuses (exit 1, the layer named, the CPU
-    printed); the default passes it; ``--json`` carries the CPU features and the bound per layer."""
+    """``convert --target x86-vnni`` writes int8 weights, which ``inspect --strict`` and ``inspect --target
+    portable`` refuse (exit 1, the layer named, the CPU printed) and ``--target x86-vnni`` accepts; the default
+    passes all three; ``--json`` carries the CPU features and the bound per layer."""
     import json
 
     from nq_onnx.cli import main
@@ -228,12 +230,19 @@ def test_cli_weight_dtype_and_strict_inspect(tmp_path, capsys):
     np.save(tmp_path / "calib.npy", feeds_of("linear", rng)["x"])
     common = ["--calib", str(tmp_path / "calib.npy"), "--method", "minmax", "-q", "--no-eval"]
     assert main(["convert", str(tmp_path / "fp32.onnx"), "-o", str(tmp_path / "auto.onnx"), *common]) == 0
-    assert main(["convert", str(tmp_path / "fp32.onnx"), "-o", str(tmp_path / "int8.onnx"), "--weight-dtype", "int8",
+    assert main(["convert", str(tmp_path / "fp32.onnx"), "-o", str(tmp_path / "int8.onnx"), "--target", "x86-vnni",
                  *common]) == 0
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "auto.onnx"), "--strict"]) == 0
     text = capsys.readouterr().out
     assert "exact on every CPU" in text and f"; {cpu_features().kind};" in text
+    for target in ("portable", "x86-avx2", "x86-vnni"):
+        assert main(["inspect", str(tmp_path / "auto.onnx"), "--target", target]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(f"target {target}: the model suits it")
+    assert main(["inspect", str(tmp_path / "int8.onnx"), "--target", "portable"]) == 1
+    assert "target portable: fc: pair sums up to 64770 saturate int16 on x86 without VNNI" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "int8.onnx"), "--target", "x86-vnni"]) == 0
+    capsys.readouterr()
     assert main(["inspect", str(tmp_path / "int8.onnx"), "--strict"]) == 1
     text = capsys.readouterr().out
     assert "fc  " in text and f"pair sums up to {2 * 255 * 127} overflow int16 without VNNI" in text

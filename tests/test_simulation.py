@@ -96,15 +96,24 @@ def compare(path, photo_folder, config, tmp_path, break_simulation=None, plans=N
     return sqnr
 
 
-@pytest.mark.parametrize("bits,method", [(8, "noisyquant"), (6, "noisyquant"), (6, "noisyquant-ptq4vit")])
-def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folder, bits, method, tmp_path):
+@pytest.mark.parametrize("bits,method,activations", [(8, "noisyquant", "symmetric"), (6, "noisyquant", "symmetric"),
+                                                     (6, "noisyquant-ptq4vit", "symmetric"),
+                                                     (8, "noisyquant", "asymmetric"), (6, "noisyquant", "asymmetric")])
+def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folder, bits, method, activations, tmp_path):
     """Also with PTQ4ViT's twin-uniform quantizers (A of A V, fc2's input): the two-branch graph computes what the
-    simulation's one-expression twin fake-quant does."""
-    config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, method=method, search=SearchConfig(shift_min_rows=0))
+    simulation's one-expression twin fake-quant does; and with asymmetric activations, whose zero point the
+    simulation derives from the fed step as the emitted ``QuantizeLinear`` stores it."""
+    config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, method=method, activations=activations,
+                         search=SearchConfig(shift_min_rows=0))
     plans = []
     sqnr = compare(vit, photo_folder, config, tmp_path, plans=plans)
     twins = sorted(g.twin.kind for g in plans[0].groups.values() if g.twin is not None)
     assert twins == (["gelu", "gelu", "softmax", "softmax"] if method.endswith("ptq4vit") else [])
+    asymmetric = sorted(name for name, g in plans[0].groups.items() if g.low is not None)
+    if activations == "asymmetric":  # the GELU outputs (fc2's input) at least
+        assert any(name.endswith("fc2") for name in asymmetric), asymmetric
+    else:
+        assert asymmetric == []
     assert len(sqnr) == 2 * 6 + 1  # qkv, proj, fc1, fc2, two attention matmuls per block; the head
     assert min(sqnr.values()) > FLOOR_DB, sorted(sqnr.items(), key=lambda kv: kv[1])[:3]
 
