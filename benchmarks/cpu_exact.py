@@ -59,7 +59,7 @@ def build_models(fp32: Path, calib_dir: Path, calib_arrays: np.ndarray, calib_si
             nq_onnx.convert(fp32, WORK / f"{name}.onnx", calib_dir, config, save_plan=plan, force=True,
                             evaluate=False)
         models[name] = {"path": WORK / f"{name}.onnx", "weight_dtype": "auto"}
-        nq_onnx.convert(fp32, WORK / f"{name}_int8.onnx", config=nq_onnx.QuantConfig(weight_dtype="int8"),
+        nq_onnx.convert(fp32, WORK / f"{name}_int8.onnx", config=nq_onnx.QuantConfig(target="x86-vnni"),
                         load_plan=plan, force=True, evaluate=False)
         models[f"{name}_int8"] = {"path": WORK / f"{name}_int8.onnx", "weight_dtype": "int8"}
         log(f"{name}: searched once, written auto and int8")

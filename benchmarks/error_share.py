@@ -47,7 +47,8 @@ import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 
-STACKS = {"gptq": "noisyquant-ptq4vit+reparam+gptq+bc", "attn": "noisyquant-ptq4vit+reparam+attn+gptq+bc"}
+STACKS = {"gptq": "noisyquant-ptq4vit+reparam+gptq+bc", "attn": "noisyquant-ptq4vit+reparam+attn+gptq+bc",
+          "asym": "noisyquant+asym+reparam+w7"}
 KINDS = {"qkv": "*.attn.qkv", "Q K^T (MatMul)": "*.attn.MatMul", "A V (MatMul_1)": "*.attn.MatMul_1",
          "proj": "*.attn.proj", "fc1": "*.mlp.fc1", "fc2": "*.mlp.fc2", "head": "head"}
 BEGIN, END = "<!-- error-share:begin -->", "<!-- error-share:end -->"

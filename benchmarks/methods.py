@@ -17,6 +17,7 @@ and the CPU it ran on. Writes ``benchmarks/results/<name>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -61,19 +62,33 @@ SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a
 
 
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
+    if row == "default":  # the library's defaults, as `nq-onnx convert` with no options writes them
+        return nq_onnx.QuantConfig(seed=seed, calib_size=calib_size)
+    return _row_config(row, bits, calib_size, seed)
+
+
+def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
     """A row is ``method+option+...``: ``reparam``, ``attn`` (attention reparameterization), ``gptq`` / ``gptq-act``
     (weight rounding), ``bc`` (bias correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking
     loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of ``B`` bits: give such rows as bit-width 8),
     ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>``
     (sensitivities on N images; without it a row keeps its name's meaning from before stop 17: 1 image, not the
     library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
-    (weights at N bits, activations at the row's bits); ``all`` is NoisyQuant with reparam, GPTQ and bias
-    correction."""
+    (weights at N bits, activations at the row's bits), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
+    ``vnni`` / ``avx2`` / ``arm64`` / ``gpu`` (that target; without one: portable), ``floatattn`` (the attention
+    matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone); ``all`` is NoisyQuant with reparam,
+    GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
     fit = {"search_images": images, "tokens": 128 * images} if images else {}
+    targets = {"vnni": "x86-vnni", "avx2": "x86-avx2", "arm64": "arm64", "gpu": "gpu"}
+    target = next((targets[p] for p in parts if p in targets), "portable")
+    activations = "asymmetric" if "asym" in parts else "symmetric"
     return nq_onnx.QuantConfig(method=parts[0], w_bits=weight_bits(parts) or bits, a_bits=bits, seed=seed,
+                               target=target, activations=activations,
+                               quantize_attention_matmuls="floatattn" not in parts,
+                               attention_probabilities="floatav" not in parts,
                                calib_size=calib_size,
                                reparam="reparam" in parts, reparam_attention="attn" in parts,
                                weight_rounding=next((p for p in parts if p in ("gptq", "gptq-act")), "nearest"),
@@ -155,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             name = f"{row}_w{bits}a{bits}"
             out = WORK / f"methods_{name}.onnx"
+            if row == ORT_ROW:
+                results["rows"][name] = ort_row(fp32, out, calib_files, pre, reference, cifar, held, labels)
+                results["rows"][name]["invocation"] = results["started"]
+                continue
             times, digests = [], set()
             for _ in range(max(1, args.repeat)):
                 start = time.perf_counter()
@@ -166,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"benchmark: {name} gave different model bytes on repeat", file=sys.stderr)
                 return 1
             seconds = float(np.median(times))
+            write_noiseless(result, WORK / f"methods_{name}_nonoise.onnx")
             inspection = inspect_model(onnx.load(str(out)))
             entry = {
                 "row": row, "bits": bits, "w_bits": result.plan.config.w_bits, "convert_s": seconds,
@@ -193,13 +213,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+ORT_ROW = "ort-static"  # onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax
+
+
+def ort_row(fp32: Path, out: Path, calib_files: list[Path], pre, reference: dict, cifar, held, labels) -> dict:
+    """The row of onnxruntime's own ``quantize_static`` with its default operator set, on the same calibration
+    images (what a user of onnxruntime gets without nq-onnx)."""
+    from ort_baseline import quantize_with_onnxruntime
+
+    start = time.perf_counter()
+    quantize_with_onnxruntime(fp32, out, image_arrays(calib_files, pre), linear_only=False)
+    seconds = time.perf_counter() - start
+    return {"row": ORT_ROW, "bits": 8, "w_bits": 8, "convert_s": seconds, "convert_s_runs": [seconds],
+            "average_bits": 8.0, "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
+            "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
+            "weight_layers_integer": "-", "layers": {}}
+
+
+def write_noiseless(result, path: Path) -> None:
+    """The same plan without its noise vectors (``N = 0``, the same steps and weights), for NoisyQuant's own
+    latency cost; nothing where the plan has no noise (and a stale file from an earlier run is removed)."""
+    from nq_onnx.model_io import save_model_atomic
+    from nq_onnx.pipeline import apply_plan
+
+    path.unlink(missing_ok=True)
+    if not any(g.noise is not None for g in result.plan.groups.values()):
+        return
+    groups = {k: dataclasses.replace(g, noise=None) for k, g in result.plan.groups.items()}
+    model, _ = apply_plan(result.float_model, result.layers, dataclasses.replace(result.plan, groups=groups))
+    save_model_atomic(model, path)
+
+
 def time_rows(results: dict, fp32: Path, images: np.ndarray, rounds: int, log) -> None:
-    """Batch-8 latency of every row's model and FP32, interleaved, into ``results["latency_batch8"]`` with the CPU
-    it was measured on (a row whose model is no longer in ``benchmarks/work`` is left out)."""
+    """Batch-8 latency of every row's model (and ``<row>/no-noise``: the same plan without its noise) and FP32,
+    interleaved, into ``results["latency_batch8"]`` with the CPU it was measured on (a row whose model is no longer
+    in ``benchmarks/work`` is left out)."""
     from timing import latency_round_robin
 
-    paths = {"fp32": fp32, **{name: WORK / f"methods_{name}.onnx" for name in results["rows"]
-                               if (WORK / f"methods_{name}.onnx").exists()}}
+    paths = {"fp32": fp32}
+    for name in results["rows"]:
+        for key, file in ((name, f"methods_{name}.onnx"), (f"{name}/no-noise", f"methods_{name}_nonoise.onnx")):
+            if (WORK / file).exists():
+                paths[key] = WORK / file
     stats = latency_round_robin(paths, images[:8], rounds=rounds)
     for entry in stats.values():
         entry["ratio_to_fp32"] = entry["median_ms"] / stats["fp32"]["median_ms"]
