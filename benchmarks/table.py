@@ -463,7 +463,7 @@ def methods_findings(rows: dict, fp32: float, images: int = 2000) -> str:
 
 
 def main(argv: list[str]) -> None:
-    if "--docs" in argv:
+    if "--docs" in argv or "--readme" in argv:  # --readme: the flag's former name
         from table_docs import update_docs
 
         update_docs(Path(__file__).resolve().parent.parent)
