@@ -4,6 +4,7 @@ current, the site builds with ``mkdocs build --strict``, and the README's Python
 from __future__ import annotations
 
 import ast
+import html
 import importlib.util
 import os
 import re
@@ -149,16 +150,34 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
 
 
-def test_mkdocs_build_strict(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The docs site, built once with ``mkdocs build --strict``."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
         pytest.skip("mkdocs and mkdocstrings are not installed (the test extra installs them)")
+    out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", str(ROOT / "mkdocs.yml"),
-                           "-d", str(tmp_path / "site")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "-d", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
-    cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    return out
+
+
+def test_mkdocs_build_strict(site):
+    cli = (site / "reference" / "cli" / "index.html").read_text()
     assert "--w-bits" in cli and "<table" in cli
-    api = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    api = (site / "reference" / "api" / "index.html").read_text()
     assert all(f'id="nq_onnx.{name}"' in api for name in ("convert", "QuantConfig", "Plan", "NQError"))
-    assert "Unreleased" in (tmp_path / "site" / "changelog" / "index.html").read_text()
+    assert "Unreleased" in (site / "changelog" / "index.html").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="the SearchConfig docstring (nq_onnx/config.py) cites a commit; the API "
+                                       "reference shows it")
+def test_api_reference_has_no_development_history(site):
+    """The API reference is rendered from docstrings, which the banned-words scan of the Markdown cannot see."""
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", "", (site / "reference" / "api" / "index.html").read_text(),
+                  flags=re.S)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+    found = [f"{what}: {m.group(0)!r}" for what, pattern in BANNED.items()
+             for m in re.finditer(pattern, text, re.IGNORECASE if what != "a commit hash" else 0)]
+    assert not found, "\n".join(found)
