@@ -35,6 +35,13 @@ def _group_table(parser: argparse.ArgumentParser, group) -> list[str]:
     return lines + [""]
 
 
+def _usage(parser: argparse.ArgumentParser, width: int = 110) -> str:
+    """The usage line wrapped at a fixed width, whatever the terminal that builds the site."""
+    formatter = parser.formatter_class(prog=parser.prog, width=width)
+    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    return formatter.format_help().rstrip()
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
@@ -48,9 +55,7 @@ def cli_markdown(parser: argparse.ArgumentParser | None = None) -> str:
         parser = build_parser()
     lines = []
     for name, sub in _subcommands(parser).items():
-        usage = " ".join(sub.format_usage().split())
-        lines += [f"## `{parser.prog} {name}`", "", sub.description or "", "", "```text",
-                  usage.removeprefix("usage: "), "```", ""]
+        lines += [f"## `{parser.prog} {name}`", "", sub.description or "", "", "```text", _usage(sub), "```", ""]
         for group in sub._action_groups:
             lines += _group_table(sub, group)
     return "\n".join(lines)
