@@ -39,16 +39,30 @@ def cpu_line(results: dict) -> str:
 # (``--read-token-share 0.5``) was nq-onnx's default.
 UNIFORM_ROWS = frozenset({"full.json", "ablation_w6a6.json", "methods.json", "methods_cifar2000.json", "mixed.json",
                           "mixed_additivity.json", "cpu_exact_x86_avx2_without_vnni.json"})
+# Results files measured with nq-onnx 0.1.0's quantizer defaults: symmetric per-tensor activations, 8-bit weights
+# stored uint8 where int8 could saturate (``--weight-dtype auto``). A file measured later states only its version.
+DEFAULTS_0_1_0 = UNIFORM_ROWS | frozenset({
+    "bottleneck_x86_avx_512_vnni.json", "compile_cost.json", "compile_cost_vnni.json",
+    "compile_cost_vnni_skylakex.json",
+    "cpu_exact_x86_avx_512_vnni.json", "demo.json", "error_share_w6_x86_avx_512_vnni.json",
+    "error_share_w6_x86_avx_512_vnni_attn.json", "gptq_float64_gram_seed1.json", "methods_read_tokens.json",
+    "methods_vnni.json", "methods_vnni_seed1.json", "methods_vnni_seed2.json", "mixed_images8_vnni.json",
+    "mixed_images_vnni.json", "mixed_images_vnni_seed1.json", "mixed_images_vnni_seed2.json", "mixed_vnni.json",
+    "noise_overhead.json", "profile_vnni_haswell.json", "profile_vnni_skylakex.json", "theorem.json"})
 
 
 def conditions_line(results: dict, source) -> str:
-    """The settings a results file was measured under, as a table's footnote says them: the nq-onnx version and
-    its defaults of that version, and the search's token weighting where it differs from today's."""
+    """The settings a results file was measured under, as a table's footnote says them: the nq-onnx version, and
+    for the files measured with 0.1.0's defaults those defaults and the searches' token weighting."""
     version = results.get("machine", {}).get("nq_onnx") or "0.1.0"
-    rows = ("every token row counted once by the searches (`--read-token-share 0`)" if Path(str(source)).name
-            in UNIFORM_ROWS else "the class token given half of each search's rows (`--read-token-share 0.5`)")
+    name = Path(str(source)).name
+    if name not in DEFAULTS_0_1_0:
+        return f"Settings: nq-onnx {version} and its defaults, unless the row says otherwise."
+    rows = ("every token row counted once by the searches (`--read-token-share 0`)" if name in UNIFORM_ROWS
+            else "the class token given half of each search's rows (`--read-token-share 0.5`)")
     return (f"Settings: nq-onnx {version} and its defaults (symmetric per-tensor activations; 8-bit weights stored "
             f"uint8 where int8 could saturate, `--weight-dtype auto`), {rows}, unless the row says otherwise.")
+
 
 ORDER = [
     "fp32",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from table import RESULTS, cpu_markdown, demo_markdown, markdown, methods_markdown, overhead_markdown
+from table import RESULTS, conditions_line, cpu_markdown, demo_markdown, markdown, methods_markdown, overhead_markdown
 
 ROOT = RESULTS.parent.parent
 ASSETS = ROOT / "docs" / "assets"
@@ -45,7 +45,10 @@ def _copy(path: Path, out: Path) -> None:
 def _theorem(files: Files, page: Path) -> str:
     from theorem import theorem_markdown
 
-    return _chart("theorem.png", lambda data, out: _copy(RESULTS / "theorem.png", out), theorem_markdown)(files, page)
+    def render(data: dict, source: Path, chart: str) -> str:
+        return f"{theorem_markdown(data, source, chart)} {conditions_line(data, source)}"
+
+    return _chart("theorem.png", lambda data, out: _copy(RESULTS / "theorem.png", out), render)(files, page)
 
 
 def _mixed(files: Files, page: Path) -> str:
@@ -69,9 +72,11 @@ def _profile(name: str):
 
 
 def _module(module: str) -> Callable[[Files, Path], str]:
-    """``module.markdown`` of a benchmark script (error_share, bottleneck), applied to every file."""
+    """``module.markdown`` of a benchmark script (error_share, bottleneck), applied to every file, with the
+    settings the file was measured under."""
     def go(files: Files, page: Path) -> str:
-        return _each(__import__(module).markdown)(files, page)
+        render = __import__(module).markdown
+        return _each(lambda data, source: f"{render(data, source)} {conditions_line(data, source)}")(files, page)
     return go
 
 
