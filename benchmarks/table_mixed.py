@@ -1,14 +1,13 @@
-"""The mixed-precision sections of the README: the table and chart of ``methods.py --name mixed`` and the
-additivity check of ``mixed_additivity.py`` (rendered by ``table.py --readme``)."""
+"""The mixed-precision sections of the docs: the table and chart of ``methods.py --name mixed_vnni`` and the
+additivity check of ``mixed_additivity.py`` (rendered by ``table.py --docs``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from nq_onnx.config import MixedSensitivity
-from table import ROW_LABEL, blas_line, cpu_line
+from table import ROW_LABEL, blas_line, conditions_line, cpu_line, runs
 
-MIXED_BEGIN, MIXED_END = "<!-- mixed:begin -->", "<!-- mixed:end -->"
 SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row parts naming a mixed-precision sensitivity
 
 
@@ -46,8 +45,29 @@ def mixed_chart(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def _budget_lines(rows: dict) -> list[str]:
+    """A 6.0-bit budget against uniform W6A6, for plain NoisyQuant and for the NoisyQuant-PTQ4ViT + reparam
+    stack, where the run has both rows."""
+    lines = []
+    mixed6, uniform6 = rows.get("noisyquant+budget6.0_w8a8"), rows.get("noisyquant_w6a6")
+    if mixed6 and uniform6:
+        gap = 100 * (mixed6["cifar"]["top1"] - uniform6["cifar"]["top1"])
+        lines += ["", f"At a 6.0-bit budget, mixed precision + NoisyQuant against uniform W6A6 NoisyQuant: "
+                      f"{gap:+.2f} points; held-out MSE "
+                      f"{mixed6['imagenet_heldout']['mse'] / uniform6['imagenet_heldout']['mse']:.2f}x uniform's."]
+    stack, stack6 = rows.get("noisyquant-ptq4vit+reparam+budget6.0_w8a8"), rows.get("noisyquant-ptq4vit+reparam_w6a6")
+    if stack and stack6:
+        own = 100 * (stack["cifar"]["top1"] - stack6["cifar"]["top1"])
+        lines += ["", f"On NoisyQuant-PTQ4ViT + reparam, a 6.0-bit budget against the same stack at uniform W6A6: "
+                      f"{own:+.2f} points (held-out MSE "
+                      f"{stack['imagenet_heldout']['mse'] / stack6['imagenet_heldout']['mse']:.2f}x)."]
+    return lines
+
+
 def mixed_markdown(results: dict, source, chart) -> str:
-    """The mixed-precision table (``methods.py --name mixed``) and its chart."""
+    """The mixed-precision table (``methods.py --name mixed_vnni``) and its chart: one run's rows only."""
+    if len(runs(results["rows"])) > 1:
+        raise SystemExit(f"{source}: rows of several invocations; the chart would mix runs")
     fp32 = results["fp32"]["cifar"]["top1"]
     lines = ["| method | average bits | top-1 % | vs FP32 | held-out MSE | groups at 8/6/5/4 bits | convert s |",
              "|---|---|---|---|---|---|---|"]
@@ -58,30 +78,12 @@ def mixed_markdown(results: dict, source, chart) -> str:
             groups = groups if e.get("bits_groups") else "-"
             lines.append(f"| {label} | {bits:.2f} | {100 * top1:.2f} | {100 * (top1 - fp32):+.2f} | {mse:.4f} | "
                          f"{groups} | {e['convert_s']:.0f} |")
-    rows = results["rows"]
-    mixed6, uniform6 = rows.get("noisyquant+budget6.0_w8a8"), rows.get("noisyquant_w6a6")
-    if mixed6 and uniform6:
-        gap = 100 * (mixed6["cifar"]["top1"] - uniform6["cifar"]["top1"])
-        lines += ["", f"Goal: at a 6.0-bit budget, mixed precision + NoisyQuant >= uniform W6A6 NoisyQuant + 3 points: "
-                      f"{'met' if gap >= 3 else '**missed**'} ({gap:+.2f} points; held-out MSE "
-                      f"{mixed6['imagenet_heldout']['mse'] / uniform6['imagenet_heldout']['mse']:.2f}x uniform's)."]
-        stack = rows.get("noisyquant-ptq4vit+reparam+budget6.0_w8a8")
-        stack6 = rows.get("noisyquant-ptq4vit+reparam_w6a6")
-        if stack and stack6:
-            top1, own = (100 * (stack["cifar"]["top1"] - r["cifar"]["top1"]) for r in (uniform6, stack6))
-            verdict = "met" if top1 >= 3 else "missed"
-            lines += ["", f"On the best stack (NoisyQuant-PTQ4ViT + reparam) a 6.0-bit budget scores {top1:+.2f} "
-                          f"points over uniform W6A6 NoisyQuant, which is the goal's letter ({verdict}), but "
-                          f"mixed precision's own share is {own:+.2f} points over the same stack at uniform W6A6 "
-                          f"(held-out MSE {stack['imagenet_heldout']['mse'] / stack6['imagenet_heldout']['mse']:.2f}x "
-                          "its); the rest is PTQ4ViT's quantizers and the reparameterization."]
+    lines += _budget_lines(results["rows"])
     return "\n".join(lines) + (
         f"\n\n![top-1 against average bits]({chart})\n\nFP32 {100 * fp32:.2f} %. "
         f"{results['settings']['calib_size']} ImageNet calibration images, held-out MSE on "
-        f"{results['settings']['imagenet_eval']} other ImageNet images. {cpu_line(results)} Source: `{source}`.")
-
-
-ADDITIVITY_BEGIN, ADDITIVITY_END = "<!-- mixed-additivity:begin -->", "<!-- mixed-additivity:end -->"
+        f"{results['settings']['imagenet_eval']} other ImageNet images. {cpu_line(results)} {blas_line(results)} "
+        f"{conditions_line(results, source)} Source: `{source}`.")
 
 
 def additivity_markdown(data: dict, source) -> str:
@@ -109,49 +111,5 @@ def additivity_markdown(data: dict, source) -> str:
         f"model with every group moved ({summed}). Output MSE of the logits against FP32; fit images: the first "
         f"{settings['fit_images']} calibration images (the sensitivities' and the searches'); held-out: "
         f"{settings['held_out']} ImageNet images outside the {settings['calib_size']} calibration images. "
-        f"{cpu_line(data)} Source: `{source}`.")
+        f"{cpu_line(data)} {conditions_line(data, source)} Source: `{source}`.")
 
-
-IMAGES_BEGIN, IMAGES_END = "<!-- mixed-images:begin -->", "<!-- mixed-images:end -->"
-IMAGES_METHODS = ("noisyquant", "noisyquant+reparam")  # the methods issue 16's goal is read on, same stack both sides
-
-
-def images_markdown(files: list[tuple[dict, str]]) -> str:
-    """Mixed precision at a 6.0-bit budget with sensitivities on 1 and on 4 images against the same method at
-    uniform W6A6, per seed (``files``: every methods results file of the same CPU, BLAS kernels and settings; a
-    seed's rows may be spread over several files), and issue 16's goal on the seeds' mean."""
-    seeds: dict[int, dict] = {}
-    for results, _ in files:
-        seeds.setdefault(results["settings"]["seed"], {}).update(results["rows"])
-    order = sorted(seeds)
-    variants = (("uniform W6A6", "{m}_w6a6"), ("6.0-bit budget, sensitivities on 1 image", "{m}+budget6.0_w8a8"),
-                ("6.0-bit budget, sensitivities on 4 images", "{m}+budget6.0+images4_w8a8"))
-    head = " | ".join(f"seed {s}: top-1 % / held-out MSE" for s in order)
-    lines = [f"| method | precision | {head} | mean top-1 % | mean held-out MSE | mean convert s |",
-             "|---|---|" + "---|" * len(order) + "---|---|---|"]
-    verdicts = []
-    for method in IMAGES_METHODS:
-        means = {}
-        for label, pattern in variants:
-            rows = [seeds[s].get(pattern.format(m=method)) for s in order]
-            if any(r is None for r in rows):
-                continue
-            top1 = [r["cifar"]["top1"] for r in rows]
-            mse = [r["imagenet_heldout"]["mse"] for r in rows]
-            means[label] = (sum(top1) / len(top1), sum(mse) / len(mse))
-            cells = " | ".join(f"{100 * t:.2f} / {m:.4f}" for t, m in zip(top1, mse))
-            lines.append(f"| {ROW_LABEL.get(method, method)} | {label} | {cells} | {100 * means[label][0]:.2f} | "
-                         f"{means[label][1]:.4f} | {sum(r['convert_s'] for r in rows) / len(rows):.0f} |")
-        uniform = means.get(variants[0][0])
-        for label, _ in variants[1:]:
-            if uniform and label in means:
-                gain = 100 * (means[label][0] - uniform[0])
-                verdicts.append(f"{ROW_LABEL.get(method, method)}, {label}: {gain:+.2f} points over uniform W6A6 "
-                                f"(held-out MSE {means[label][1] / uniform[1]:.2f}x; "
-                                f"{'met' if gain >= 3 else '**missed**'}: the goal is +3)")
-    first = files[0][0]
-    sources = ", ".join(f"`{src}`" for _, src in files)
-    return ("\n".join(lines) + f"\n\nIssue 16's goal on the mean of {len(order)} seeds: {'; '.join(verdicts)}.\n\n"
-            f"FP32 {100 * first['fp32']['cifar']['top1']:.2f} % on the same "
-            f"{first['settings']['cifar_per_class'] * 10} CIFAR-10 images; each seed draws its own 128 calibration "
-            f"and 200 held-out ImageNet images. {cpu_line(first)} {blas_line(first)} Sources: {sources}.")

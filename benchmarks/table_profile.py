@@ -1,23 +1,19 @@
-"""Where a conversion's seconds go: the README's profile chart and table, from compile-cost results files
+"""Where a conversion's seconds go: the docs' profile chart and table, from a compile-cost results file
 (``benchmarks/compile_cost.py``, each conversion's ``timings``, the same values ``convert --profile`` writes).
 
 One horizontal bar per row and file, stacked in the order the stages run: loading, the calibration pass, the
 search split into its parts (the sequential simulation, the linear-layer search split into its phases where the
 row's code recorded them, the attention-matmul search, rounding, the planner's own work) and the rewrite, checker
-and save; whatever the recorded stages do not cover of the row's wall time is "other". Rendered by
-``table.py --readme``.
+and save; whatever the recorded stages do not cover of the row's wall time is "other". One chart and table per
+results file (one run, one CPU, one set of BLAS kernels). Rendered by ``table.py --docs``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from table import blas_line, cpu_line
-
-PROFILE_BEGIN, PROFILE_END = "<!-- compile-profile:begin -->", "<!-- compile-profile:end -->"
-# the results files the chart shows: the same rows with numpy's own BLAS kernels and with the pinned ones
-PROFILE_FILES = ("compile_cost_vnni_skylakex_stop17.json", "compile_cost_vnni_haswell_stop17.json")
-PROFILE_CHART = "compile_profile.png"
+from table import blas_line, conditions_line, cpu_line
+from table_cost import product_rows
 
 # (timings key, label) in the order a conversion runs them; the linear-layer search is split where recorded
 SEGMENTS = (
@@ -64,24 +60,21 @@ def segments(entry: dict) -> dict[str, float]:
     return out
 
 
-def bars(files: list[tuple[dict, str]]) -> list[tuple[str, dict[str, float]]]:
-    """``(label, segments)`` per row of each results file, labelled by the file's BLAS kernels."""
-    out = []
-    for results, _ in files:
-        kernels = (results["machine"].get("blas") or {}).get("architecture") or "?"
-        for name, entry in results["rows"].items():
-            out.append((f"{name} ({kernels} BLAS)", segments(entry)))
-    return out
+def bars(results: dict) -> list[tuple[str, dict[str, float]]]:
+    """``(label, segments)`` per row of one results file (rows of another checkout left out), labelled by the
+    file's BLAS kernels."""
+    kernels = (results["machine"].get("blas") or {}).get("architecture") or "?"
+    return [(f"{name} ({kernels} BLAS)", segments(entry)) for name, entry in product_rows(results).items()]
 
 
-def profile_chart(files: list[tuple[dict, str]], out: Path) -> None:
+def profile_chart(results: dict, out: Path) -> None:
     """The stacked bars of :func:`bars` as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = bars(files)
+    rows = bars(results)
     labels = [label for label in ORDER if any(label in parts for _, parts in rows)]
     colours = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(10.0, 0.55 * len(rows) + 1.8), dpi=100)
@@ -95,8 +88,7 @@ def profile_chart(files: list[tuple[dict, str]], out: Path) -> None:
         ax.text(left + 0.3, y, f"{left:.1f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.axvline(30.0, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("wall seconds (dotted: issue 17's 30 s)")
+    ax.set_xlabel("wall seconds")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5,
@@ -105,9 +97,9 @@ def profile_chart(files: list[tuple[dict, str]], out: Path) -> None:
     plt.close(fig)
 
 
-def profile_markdown(files: list[tuple[dict, str]], chart) -> str:
+def profile_markdown(results: dict, source, chart) -> str:
     """The chart, and a table of every segment's seconds and share of its row's wall time."""
-    rows = bars(files)
+    rows = bars(results)
     labels = [label for label in ORDER if any(label in parts for _, parts in rows)]
     lines = [f"![where convert's seconds go]({chart})", "", "| segment | " + " | ".join(n for n, _ in rows) + " |",
              "|---" * (len(rows) + 1) + "|"]
@@ -118,6 +110,6 @@ def profile_markdown(files: list[tuple[dict, str]], chart) -> str:
             cells.append(f"{parts[label]:.2f} ({100 * parts[label] / total:.0f} %)" if label in parts else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("| **wall** | " + " | ".join(f"**{sum(p.values()):.1f}**" for _, p in rows) + " |")
-    notes = [f"`{source}`: {cpu_line(results)} {blas_line(results)}" for results, source in files]
-    return "\n".join(lines) + "\n\nOne conversion per row (the row's median run, `--repeat`), evaluation off. " + \
-        " ".join(notes)
+    return "\n".join(lines) + (
+        f"\n\nOne conversion per row (the row's median run, `--repeat`), evaluation off. {cpu_line(results)} "
+        f"{blas_line(results)} {conditions_line(results, source)} Source: `{source}`.")
