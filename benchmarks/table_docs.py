@@ -94,7 +94,22 @@ class Section:
     render: Callable[[Files, Path], str]
 
 
+def _tradeoff(kind: str) -> Callable[[Files, Path], str]:
+    """The README's results block, or the study page with its chart (``tradeoff_vnni.png``, which the README shows)."""
+    def go(files: Files, page: Path) -> str:
+        from table_tradeoff import readme_markdown, study_markdown, tradeoff_chart
+
+        if kind == "readme":
+            return readme_markdown(files, page)
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        tradeoff_chart(files[0][0], ASSETS / "tradeoff_vnni.png")
+        return study_markdown(files, os.path.relpath(ROOT / "docs" / "assets" / "tradeoff_vnni.png", page.parent))
+    return go
+
+
 SECTIONS = (
+    Section("README.md", "results", "tradeoff_vnni*.json", _tradeoff("readme")),
+    Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff("study")),
     Section("docs/getting-started.md", "demo", "demo.json", _each(demo_markdown)),
     Section("docs/studies/attribution.md", "benchmark", "full.json", _each(markdown)),
     Section("docs/studies/attribution.md", "ablation", "ablation_w6a6.json", _each(markdown)),

@@ -135,6 +135,47 @@ def tradeoff_chart(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+DEFAULTS = ("the defaults: the `portable` target, NoisyQuant with asymmetric activations, LayerNorm "
+            "reparameterization, GPTQ rounding and bias correction, 7-bit weight codes stored int8, `Q K^T` on "
+            "integer kernels and `A V` in float; other rows name what they change")
+
+
+def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:
+    """The README's results: the seed-0 run's headline rows and the default's mean over every seed's file."""
+    (results, source), *seeded = files
+    fp32 = results["fp32"]["cifar"]["top1"]
+    rows = [n for n in ("default_w8a8", "noisyquant+asym+reparam+gptq+bc+floatav+vnni_w8a8",
+                        "noisyquant+sym+w8_w8a8", "noisyquant-ptq4vit+sym+reparam+attn+gptq+bc_w8a8",
+                        "ort-static_w8a8", "noisyquant+asym+reparam+attn+gptq+bc_w6a6") if n in results["rows"]]
+    chart = "![top-1 and held-out MSE against batch-8 latency, the default marked](docs/assets/tradeoff_vnni.png)"
+    lines = [chart, "", "| model | top-1 % | vs FP32 | held-out MSE | batch-8 time | throughput |",
+             "|---|---|---|---|---|---|", f"| FP32 | {100 * fp32:.2f} | | 0 | 1.00x | 1.00x |"]
+    for name in rows:
+        e, lat = results["rows"][name], _latency(results, name)
+        timing = f"{lat[1]:.2f}x | {1 / lat[1]:.2f}x" if lat else "- | -"
+        lines.append(f"| W{e['w_bits']}A{e['bits']} {_label(e)} | {100 * e['cifar']['top1']:.2f} | "
+                     f"{100 * (e['cifar']['top1'] - fp32):+.2f} | {e['imagenet_heldout']['mse']:.4f} | {timing} |")
+    means = [r["rows"]["default_w8a8"]["cifar"]["top1"] for r, _ in files if "default_w8a8" in r["rows"]]
+    s, fp32_ms = results["settings"], results["latency_batch8"]["fp32"]["median_ms"]
+    seeds = ", ".join(f"{100 * m:.2f}" for m in means)
+    lines += ["", f"ViT-S/14 classifier (22 M parameters): top-1 on {10 * s['cifar_per_class']} CIFAR-10 test images, "
+              f"output MSE against FP32 on {s['imagenet_eval']} held-out ImageNet images, {s['calib_size']} "
+              f"calibration images (seed {s['seed']}); batch-8 latency against FP32's ({fp32_ms:.0f} ms), timed "
+              "interleaved in one process, onnxruntime CPU EP, 2 threads. The default over "
+              f"{len(means)} calibration seeds: {100 * np.mean(means):.2f} % mean top-1 "
+              f"({100 * (np.mean(means) - fp32):+.2f} against FP32; by seed {seeds}). {cpu_line(results)} "
+              f"Measured with {DEFAULTS}. Sources: `{source}`" + "".join(f", `{src}`" for _, src in seeded) + "."]
+    return "\n".join(lines)
+
+
+def study_markdown(files: list[tuple[dict, Path]], chart: str) -> str:
+    """The study page: the chart (``chart``: its path relative to the page), the whole trade-off table of the first
+    file and the seeds' table of all of them."""
+    (results, source), *_ = files
+    return (f"![top-1 and held-out MSE against batch-8 latency]({chart})\n\n{tradeoff_table(results, source)} "
+            f"Measured with {DEFAULTS}.\n\n{seeds_table(files)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path)

@@ -29,7 +29,7 @@ from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
 def _names(group: str) -> dict[str, str]:
-    names = {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on")}
+    names = {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on", "neg_low")}
     return names | {"lo": f"sim/{group}/code_lo", "hi": f"sim/{group}/code_hi"}  # fed code ranges (fed_codes)
 
 
@@ -53,7 +53,11 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
         chosen = gs.Variable(f"sim/{group.name}/t5", dtype=np.float32)
         quantizer = (quantizers or {}).get(group.name) or ActQuantizer(a_bits, group.name not in unsigned)
         quantize, fake = quantizer.simulate(f"sim/{group.name}", noisy, scale)
-        if fed_codes and isinstance(quantizer, ActQuantizer):
+        if getattr(quantizer, "asymmetric", False):  # its anchor fed: a fallback to symmetric codes feeds 2^(b-1) s
+            div = next(node for node in quantize if node.op == "Div" and node.inputs[0].name.endswith("/neg_low"))
+            div.inputs[0] = gs.Variable(names["neg_low"], dtype=np.float32, shape=[])
+            graph.inputs.append(div.inputs[0])
+        elif fed_codes and isinstance(quantizer, ActQuantizer):
             clip = next(node for node in quantize if node.op == "Clip")
             for index, key in ((1, "lo"), (2, "hi")):
                 clip.inputs[index] = gs.Variable(names[key], dtype=np.float32, shape=[])
@@ -134,13 +138,20 @@ class Simulator:
         self._computed: set[int] = set()
         self._cache: dict[str, np.ndarray] = dict(self.inputs)
         self._feeds: dict[str, np.ndarray] = float_feeds(self.layers, self.float_weights)
+        for group, quantizer in (self.quantizers or {}).items():
+            if getattr(quantizer, "asymmetric", False):
+                self._feeds[_names(group)["neg_low"]] = np.array(-quantizer.low, np.float32)
 
-    def set_group(self, name: str, scale: float, noise: np.ndarray | None) -> None:
+    def set_group(self, name: str, scale: float, noise: np.ndarray | None, symmetric_bits: int | None = None) -> None:
+        """A planned group's step and noise; ``symmetric_bits``: an asymmetric group planned symmetric after all,
+        simulated with the zero point ``z = 2^(b-1)`` that gives the symmetric codes (``2^(b-1) s / s`` is exact)."""
         names = _names(name)
         self._feeds[names["scale"]] = np.array(scale, np.float32)
         self._feeds[names["on"]] = np.array(True)
         if noise is not None:
             self._feeds[names["noise"]] = noise.astype(np.float32)
+        if symmetric_bits is not None:
+            self._feeds[names["neg_low"]] = np.array(np.float32(2 ** (symmetric_bits - 1)) * np.float32(scale))
 
     @property
     def feeds(self) -> dict[str, np.ndarray]:

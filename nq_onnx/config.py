@@ -337,6 +337,9 @@ class QuantConfig:
                 raise ConfigError("bits-budget needs a searched method (easyquant, noisyquant, ...), not minmax")
             if (self.w_bits, self.a_bits) != (8, 8):
                 raise ConfigError("bits-budget chooses every layer's bits: leave w-bits and a-bits at 8")
+        if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.activations == Activations.ASYMMETRIC:
+            raise ConfigError("mixed-sensitivity searched needs uniform symmetric activation quantizers; add "
+                              "--activations symmetric")
         if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.method.twin:
             raise ConfigError(f"mixed-sensitivity searched needs uniform activation quantizers; {self.method.value}'s "
                               "twin-uniform ones change constants with their width")
@@ -385,6 +388,8 @@ class QuantConfig:
         data = dict(data)
         if data.get("bits_budget") is None:  # recorded at a fixed value where it decides nothing (to_dict)
             data.pop("mixed_images", None)
+        if "target" not in data and data.get("weight_dtype") == WeightDtype.INT8.value:
+            data["target"] = Target.X86_VNNI.value  # int8 weights everywhere, written before targets existed
         for name, old in LATER_OPTIONS.items():  # a plan written before the option existed ran its old behaviour
             data.setdefault(name, old)
         search = data.pop("search", {})

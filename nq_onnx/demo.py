@@ -18,10 +18,16 @@ import numpy as np
 from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.config import Method, QuantConfig
+
 from nq_onnx.cpu import cpu_features
 from nq_onnx.errors import NQError
 from nq_onnx.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
+
+# The paper's setting, so that the three methods differ in their scale search alone: symmetric activations, every
+# matmul input quantized, nearest rounding, no reparameterization or bias correction
+PAPER = dict(activations="symmetric", attention_probabilities=True, reparam=False, weight_rounding="nearest",
+             bias_correction=False)
 
 PHOTOS = (
     "astronaut.png",
@@ -111,7 +117,7 @@ def run_demo(
     reference = model_outputs(model, evaluation, 8, progress, "fp32")
     rows = []
     for method in methods:
-        config = QuantConfig(method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=len(calib))
+        config = QuantConfig(method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=len(calib), **PAPER)
         start = time.perf_counter()
         result = quantize(model, digest, config, calib, progress=progress)
         seconds = time.perf_counter() - start

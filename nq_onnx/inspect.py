@@ -68,7 +68,6 @@ class LayerKernel:
         return self.pair_sum_bound is not None and self.pair_sum_bound > quant.INT16_MAX
 
 
-SELECT_OPS = frozenset({"Where", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"})  # a float select per element
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +77,7 @@ class Inspection:
     noise_adds: int
     kernel_counts: dict[str, int]
     cpu: CpuFeatures
-    select_ops: int = 0  # float selects in the model (a twin-uniform quantizer's Less / Where)
+    select_ops: int = 0  # float selects feeding a quantizer (a twin-uniform quantizer's Where)
     qdq_problems: tuple[str, ...] = ()  # where Q/DQ break TensorRT's rules (gpu_rules)
 
     @property
@@ -228,9 +227,25 @@ def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider"
     for k in result:
         counts[k.kernel] = counts.get(k.kernel, 0) + 1
     noise_adds = sum(1 for n in model.graph.node if naming.is_noise_add(n.name))
-    selects = sum(1 for n in model.graph.node if n.op_type in SELECT_OPS)
+    selects = quantized_selects(model)
     return Inspection(provider, result, noise_adds, dict(sorted(counts.items())), cpu_features(), selects,
                       tuple(gpu_rules(model)))
+
+
+def quantized_selects(model: onnx.ModelProto) -> int:
+    """``Where`` nodes whose output a ``QuantizeLinear`` reads (directly or through its ``Clip``): a float select per
+    element in front of a quantizer, as a twin-uniform quantizer's branches have (a ``Where`` elsewhere in the
+    model is the float model's own)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def quantized(name: str, depth: int = 0) -> bool:
+        return any(r.op_type == "QuantizeLinear" or (r.op_type == "Clip" and depth == 0 and quantized(r.output[0], 1))
+                   for r in readers.get(name, []))
+
+    return sum(1 for n in model.graph.node if n.op_type == "Where" and quantized(n.output[0]))
 
 
 def gpu_rules(model: onnx.ModelProto) -> list[str]:

@@ -274,8 +274,9 @@ class SearchPlanner:
             config.noise if config.method.noisy and group.noisy else None,
             group_seed(config.seed, group.name),
         )
+        planned_asymmetric = problem.act.asymmetric
         with timed(self.timings, "linear_search_s"):
-            if problem.act.asymmetric:  # kept only where it beats the symmetric quantizer on held-out rows
+            if planned_asymmetric:  # kept only where it beats the symmetric quantizer on held-out rows
                 problem, result = search_with_fallback(problem, ActQuantizer(problem.act.bits))
             else:
                 result = search_linear_group(problem)
@@ -286,7 +287,8 @@ class SearchPlanner:
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
                                             _range(stats), result.base_scale, twin=self._twins.get(group.name),
                                             precision=self._modules.get(group.name), low=problem.act.low)
-        self._sim.set_group(group.name, result.scale, result.noise)
+        fell_back = planned_asymmetric and not problem.act.asymmetric
+        self._sim.set_group(group.name, result.scale, result.noise, problem.act.bits if fell_back else None)
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]

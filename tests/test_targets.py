@@ -121,13 +121,28 @@ def test_each_target_writes_what_it_promises(target):
         assert all(not np.any(onnx.numpy_helper.to_array(t)) for t in zero_points)
 
 
-def test_a_twin_model_fails_every_target_on_its_float_select():
-    _, _, result = convert_mlp(QuantConfig(method="ptq4vit", activations="symmetric"))
-    inspection = inspect_model(result.model)
-    if not inspection.select_ops:  # the MLP's GELU output takes the twin's Neg / Relu split: no select
-        assert target_failures(inspection, "x86-vnni") == [] or all("select" not in f for f in
-                                                                    target_failures(inspection, "x86-vnni"))
-    assert target_failures(inspection, "gpu")  # uint8 twin branches
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from nq_onnx.export import export_timm
+
+    path = tmp_path_factory.mktemp("vit") / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2), num_classes=10)
+    return path
+
+
+def test_a_twin_model_fails_every_target_on_its_float_select(tiny_vit, photo_folder, tmp_path):
+    """PTQ4ViT's softmax twin selects each attention probability's range with a float ``Where`` in front of its
+    quantizers: no target accepts it; the same model with uniform quantizers passes ``x86-vnni``."""
+    from nq_onnx import convert
+
+    for method, selects in (("ptq4vit", True), ("easyquant", False)):
+        config = QuantConfig(method=method, activations="symmetric", attention_probabilities=True, calib_size=8,
+                             target="x86-vnni")
+        convert(tiny_vit, tmp_path / f"{method}.onnx", photo_folder, config, evaluate=False)
+        inspection = inspect_model(onnx.load(str(tmp_path / f"{method}.onnx")))
+        assert inspection.select_ops == (4 if selects else 0)  # per block's A V: a Where per range
+        failures = target_failures(inspection, "x86-vnni")
+        assert any("float select" in f for f in failures) == selects, failures
 
 
 @pytest.mark.parametrize("options,message", [
@@ -198,3 +213,48 @@ def test_an_asymmetric_quantizer_is_kept_only_where_it_wins_on_held_out_rows():
         assert metrics.get("asymmetric_rejected", 0.0) == (0.0 if asymmetric_kept else 1.0)
         assert held_out_error(kept_problem, kept) == min(metrics["mse_asymmetric_held_out"],
                                                           metrics["mse_symmetric_held_out"])
+
+
+def test_the_default_conversion_is_the_portable_fast_model(tiny_vit, tmp_path, photo_folder):
+    """``QuantConfig()`` on a small timm ViT: every weight layer int8 with 7-bit codes (no pair sum can saturate),
+    asymmetric codes on the fc2 inputs, ``Q K^T`` on an integer kernel and ``A V`` in float, no float select: the
+    ``portable`` target's checks pass, and TensorRT's do not (uint8 activations)."""
+    from nq_onnx import convert
+
+    result = convert(tiny_vit, tmp_path / "q.onnx", photo_folder, QuantConfig(calib_size=8), evaluate=False)
+    inspection = inspect_model(onnx.load(str(tmp_path / "q.onnx")))
+    assert target_failures(inspection, "portable") == [] and target_failures(inspection, "gpu")
+    assert inspection.weight_dtypes == {"int8": len(inspection.weight_layers)}
+    assert max(k.weight_bits for k in inspection.weight_layers) <= 7
+    matmuls = sorted(k.layer for k in inspection.layers if not k.has_weight)
+    assert matmuls == ["blocks.0.attn.MatMul", "blocks.1.attn.MatMul"], matmuls
+    asymmetric = sorted(g.name for g in result.plan.groups.values() if g.low is not None)
+    assert {"blocks.0.mlp.fc2", "blocks.1.mlp.fc2"} <= set(asymmetric), asymmetric
+    config = result.plan.config
+    assert (config.reparam, config.weight_rounding.value, config.bias_correction) == (True, "gptq", True)
+
+
+def test_a_group_planned_symmetric_after_all_is_simulated_with_symmetric_codes():
+    """The simulation of an asymmetric group feeds its anchor; an asymmetric group whose fallback won is fed
+    ``2^(b-1) s``, which makes ``z = 2^(b-1)``: the symmetric quantizer's codes, bit for bit."""
+    from nq_onnx.calibration.simulate import Simulator
+    from nq_onnx.passes.base import import_graph
+    from nq_onnx.pipeline import canonicalize, discover
+    from nq_onnx.planner import float_weights
+
+    model, x, result = convert_mlp(QuantConfig(method="easyquant", w_bits=8))
+    float_model = canonicalize(model)
+    layers = discover(float_model, result.plan.config)
+    fc2 = next(g for g in layers.groups if g.name == "mlp.fc2")
+    asym = result.plan.groups["mlp.fc2"].quantizer()
+    assert asym.asymmetric
+    weights = float_weights(import_graph(float_model), layers)
+    for bits, scale in ((8, 0.02), (6, 0.07)):
+        anchored = ActQuantizer(bits, signed=False, low=asym.low)
+        sim = Simulator(float_model, layers, bits, 8, weights, {"x": x}, quantizers={"mlp.fc2": anchored})
+        sim.set_group("mlp.fc1", 1.0, None)  # fc1's input quantized too, coarsely: its value is fc2's input
+        sim.set_group("mlp.fc2", scale, None, symmetric_bits=bits)
+        fed = sim.run([fc2.tensor])[fc2.tensor]
+        chosen = next(n for n in sim._sim.graph.node if n.output[0] == f"sim/{fc2.name}/t5")
+        got = sim.run([chosen.output[0]])[chosen.output[0]]
+        np.testing.assert_array_equal(got, ActQuantizer(bits).fake_quant(fed, scale))
