@@ -62,8 +62,12 @@ def available_metrics(spec: SweepSpec) -> set[str]:
 
 
 def run_sweep(path: str | Path, *, address: str | None = None, local: bool = False, choice: Choice = Choice(),
-              retry_failed: bool = False, progress: Callable[[str], None] | None = None) -> SweepResult:
+              retry_failed: bool = False, progress: Callable[[str], None] | None = None,
+              num_cpus: int | None = None) -> SweepResult:
     """Run the sweep file at ``path`` (resuming its results file), then time, pick and report.
+
+    Trials run on the Ray cluster at ``address``, on a local Ray of ``num_cpus`` (default: every core), or with
+    ``local`` in this process, one after another.
 
     Everything that can be wrong with the input (the file, the data, the pick, the cluster address) is an error
     before the first trial runs and before anything is written. ``progress`` receives one line per finished trial.
@@ -78,7 +82,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, local: bool = Fal
     ident = identity(spec, {name: data_digest(p) for name, p in
                             (("calib", spec.calib), ("labelled", spec.labelled), ("heldout", spec.heldout)) if p})
     results.check(ident)
-    executor = SerialExecutor() if local else RayExecutor(address, spec.cpus_per_trial)
+    executor = SerialExecutor() if local else RayExecutor(address, spec.cpus_per_trial, num_cpus)
     begin = time.perf_counter()
     try:
         (spec.out / "models").mkdir(parents=True, exist_ok=True)

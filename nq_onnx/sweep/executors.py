@@ -65,14 +65,14 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None, cpus_per_trial: int) -> None:
+    def __init__(self, address: str | None, cpus_per_trial: int, num_cpus: int | None = None) -> None:
         ray = import_ray()
         if address not in (None, "auto"):
             check_reachable(address)
         kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         try:
             if address is None:
-                ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)  # never a stale one
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -6,7 +6,7 @@ A pick expression is comparisons joined by ``and``::
     latency_ms <= 0.6 * fp32.latency_ms and mse < 0.01
 
 Names are metrics (:data:`METRICS`); ``fp32.NAME`` is the FP32 model's value, and a bare ``fp32`` is FP32's value
-of the metric on the other side of its comparison. Numbers, ``+ - * /`` and parentheses; nothing is evaluated as
+of the one metric its comparison names. Numbers, ``+ - * /`` and parentheses; nothing is evaluated as
 Python.
 """
 
@@ -31,7 +31,7 @@ METRICS = {
 }
 HIGHER_IS_BETTER = {"top1", "agreement", "sqnr_db", "cosine"}
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+)"  # a number
+TOKEN = re.compile(r"\s*(?:((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"  # a number
                    r"|(fp32\.[a-z_0-9]+|[a-z_][a-z_0-9]*)"  # a name
                    r"|(>=|<=|==|[<>()+\-*/]))")
 
@@ -150,21 +150,19 @@ def _names(node: tuple) -> list[str]:
 
 
 def _bind_fp32(condition: Condition, text: str) -> Condition:
-    """A bare ``fp32`` is FP32's value of the one metric on the other side of the comparison."""
-    def bind(node: tuple, metric: str | None) -> tuple:
+    """A bare ``fp32`` is FP32's value of the one metric its comparison names."""
+    names = set(_metric_names(condition.left) + _metric_names(condition.right))
+    metric = next(iter(names)) if len(names) == 1 else None
+
+    def bind(node: tuple) -> tuple:
         if node == ("metric", "fp32"):
             if metric is None:
-                raise ConfigError(f"--pick {text!r}: a bare fp32 needs one metric on the other side "
+                raise ConfigError(f"--pick {text!r}: a bare fp32 needs exactly one metric in its comparison "
                                   "(write fp32.METRIC)")
             return ("fp32", metric)
-        return (node[0], *[bind(c, metric) if isinstance(c, tuple) else c for c in node[1:]])
+        return (node[0], *[bind(c) if isinstance(c, tuple) else c for c in node[1:]])
 
-    def lone(node: tuple) -> str | None:
-        names = [n for n in _metric_names(node)]
-        return names[0] if len(set(names)) == 1 else None
-
-    return Condition(bind(condition.left, lone(condition.right)), condition.op,
-                     bind(condition.right, lone(condition.left)))
+    return Condition(bind(condition.left), condition.op, bind(condition.right))
 
 
 def _metric_names(node: tuple) -> list[str]:
