@@ -236,7 +236,8 @@ def test_pick_expressions():
     assert choose(records, fp32, parse_pick("-mse >= -0.015"), "top1", maximize=True) is records[2]
     assert parse_pick("top1>=fp32-.3e1")[0].holds({"top1": 77.0}, fp32)
     assert not parse_pick("top1 >= fp32")[0].holds({}, fp32)  # a figure the trial lacks meets nothing
-    for text, message in [("fp32 >= 1", "a bare fp32 needs exactly one metric"), ("top1 >= fp32.speed", "unknown metric"),
+    for text, message in [("fp32 >= 1", "a bare fp32 needs exactly one metric"),
+                          ("top1 >= fp32.speed", "unknown metric"),
                           ("top1", "ends too early"), ("top1 >= (fp32 - 1", "ends too early"),
                           ("top1 >= 1 1", "unexpected '1'"), ("__import__('os')", "cannot read")]:
         with pytest.raises(ConfigError, match=message):
@@ -357,3 +358,25 @@ def _stop(node: subprocess.Popen) -> None:
         node.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(node.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name, rows", [("methods", 27), ("mixed", 12)])
+def test_the_projects_studies_are_sweep_files(tmp_path, name, rows):
+    """benchmarks/sweeps: every option valid, the rows the study has, three seeds each (data stood in by empty
+    files: the real model and images are the benchmarks')."""
+    import tomllib
+
+    source = Path(__file__).resolve().parent.parent / "benchmarks" / "sweeps" / f"{name}.toml"
+    folder = tmp_path / "benchmarks" / "sweeps"
+    folder.mkdir(parents=True)
+    data = tomllib.loads(source.read_text())
+    for relative in (data["model"], data["calib"], data["eval"]["labelled"], data["eval"]["heldout"]):
+        (folder / relative).resolve().parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).resolve().touch()
+    spec = load_spec(shutil.copy(source, folder / source.name))
+    trials = spec.trials()
+    assert len(trials) == rows * 3 and all(t.config is not None for t in trials)
+    assert len({(t.config.method, t.config.w_bits, t.config.a_bits, t.config.reparam, t.config.bits_budget,
+                 t.config.weight_rounding, t.config.bias_correction, t.config.search.objective)
+                for t in trials}) == rows
+    assert all(t.config.w_bits == t.config.a_bits for t in trials)
