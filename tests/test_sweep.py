@@ -287,7 +287,7 @@ def test_ray_local_gives_the_serial_results(tmp_path, inputs):
     assert on_ray.run["executor"] == "ray" and on_ray.run["workers"] == 1
     _same_results(serial.records, on_ray.records)
     assert all(r["worker"]["pid"] != os.getpid() for r in on_ray.records)  # converted in Ray's workers
-    assert len({r["worker"]["pid"] for r in on_ray.records}) == 4  # each in a fresh worker
+    assert all(r["worker"]["peak_rss_mb"] > 0 for r in on_ray.records)
 
 
 def _free_port() -> int:

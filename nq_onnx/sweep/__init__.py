@@ -3,9 +3,11 @@
     from nq_onnx.sweep import Choice, run_sweep
     result = run_sweep("vit.toml", choice=Choice("top1 >= fp32 - 0.3", "latency_ms"))
 
-A trial is one ``nq_onnx.convert`` (in a fresh worker process, so its memory high-water mark is its own) followed by
-its evaluation, sharded: each shard is a task that opens one onnxruntime session (one thread) on its slice of the
-evaluation set and returns the model's outputs, which the driver joins and scores against FP32's. Latency is timed
+A trial is one ``nq_onnx.convert`` in a Ray worker followed by its evaluation, sharded: each shard is a task that
+opens one onnxruntime session (one thread) on its slice of the evaluation set and returns the model's outputs, which
+the driver joins and scores against FP32's. Workers are reused across trials: a fresh process per conversion costs
+a Python start and the imports each time, and on a heavily loaded machine that start outlasted Ray's worker
+registration timeout, so Ray kept restarting workers and the sweep stalled. Latency is timed
 afterwards, on the driver's machine, with no trial running, each group of models interleaved with FP32.
 
 Why Ray Core tasks and not Ray Tune: the grid is fixed and small (tens of trials, each minutes long), there is no

@@ -42,7 +42,7 @@ class SerialExecutor:
     def put(self, value: Any) -> Any:
         return value
 
-    def submit(self, fn: Callable, args: tuple, resources: Resources, fresh_worker: bool = False) -> Done:
+    def submit(self, fn: Callable, args: tuple, resources: Resources) -> Done:
         try:
             return Done(fn(*args))
         except Exception as exc:  # a trial's bug is recorded with the trial; the sweep goes on
@@ -80,20 +80,18 @@ class RayExecutor:
         self.ray = ray
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self.slots = max(1, self.workers // cpus_per_trial)
-        self._remote: dict[tuple, Any] = {}
+        self._remote: dict[Callable, Any] = {}
 
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
 
-    def submit(self, fn: Callable, args: tuple, resources: Resources, fresh_worker: bool = False) -> Any:
-        key = (fn, fresh_worker)
-        if key not in self._remote:
-            # a conversion in a fresh worker: its memory high-water mark is its own, and its memory is returned
-            self._remote[key] = self.ray.remote(max_calls=1 if fresh_worker else 0, max_retries=0)(fn)
+    def submit(self, fn: Callable, args: tuple, resources: Resources) -> Any:
+        if fn not in self._remote:
+            self._remote[fn] = self.ray.remote(max_retries=0)(fn)  # a failed trial is recorded, not retried
         options = {"num_cpus": resources.cpus}
         if resources.memory:
             options["memory"] = resources.memory
-        return self._remote[key].options(**options).remote(*args)
+        return self._remote[fn].options(**options).remote(*args)
 
     def wait(self, pending: list) -> Any:
         ready, _ = self.ray.wait(pending, num_returns=1)

@@ -99,7 +99,7 @@ def run_trials(executor, spec: SweepSpec, trials: list[Trial], ref: Reference, r
                 continue
             flights[trial.key] = flight
             args = (str(spec.model), str(spec.calib), trial.config.to_dict(), str(flight.path))
-            tasks[executor.submit(convert_trial, args, memory[0], fresh_worker=True)] = (trial.key, None, 0)
+            tasks[executor.submit(convert_trial, args, memory[0])] = (trial.key, None, 0)
         if not tasks:
             continue
         task = executor.wait(list(tasks))

@@ -54,8 +54,8 @@ def evaluate_shard(model: str, data: EvalSet, pre: Preprocess | None, start: int
 
 
 def worker_record() -> dict:
-    """Where a task ran (host, CPU, numpy's BLAS kernels, versions) and the high-water mark of its process's
-    resident memory (Linux; ``None`` elsewhere)."""
+    """Where a task ran (host, CPU, numpy's BLAS kernels, versions) and the high-water mark of its worker process's
+    resident memory over every task it ran so far (Linux; ``None`` elsewhere)."""
     return {"host": socket.gethostname(), "node": _node_ip(), "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(),
             "platform": platform.platform(), "cpu": cpu_features().to_dict(), "blas": blas_record(),
             "versions": versions()}
