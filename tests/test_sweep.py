@@ -144,6 +144,19 @@ def test_unreachable_address_is_one_line_before_anything(tmp_path, inputs, capsy
     assert not (tmp_path / "s.sweep").exists()
 
 
+def test_without_ray_the_error_names_the_extra_and_local_still_runs(tmp_path, inputs, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError, as where it is not installed
+    path = sweep_file(tmp_path, inputs, GRID.replace('["minmax", "easyquant"]', '"minmax"').replace("[8, 6]", "8"))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'nq-onnx[sweep]' (or pass --local)" in err
+    assert not (tmp_path / "s.sweep").exists()
+    assert main(["sweep", str(path), "--local", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sweep s.toml: 1 trials succeeded, 0 failed; results in ")
+    assert ResultsFile(tmp_path / "s.sweep" / "results.jsonl").runs[-1]["executor"] == "serial"
+
+
 def test_sweep_resumes_and_records_failed_trials(tmp_path, inputs):
     grid = GRID + 'exclude = [[], ["/nothing/*"]]\nbits_budget = ["none", 6.0]\n'
     grid = grid.replace('method = ["minmax", "easyquant"]', 'method = ["minmax"]').replace("[8, 6]", "[8]")

@@ -75,8 +75,11 @@ class RayExecutor:
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)  # never a stale one
             else:
                 ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise NQError(f"cannot join the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError or a bare Exception here
+            ray.shutdown()  # what a failed start left running
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            where = f"join the Ray cluster at {address}" if address else "start a local Ray (or pass --local)"
+            raise NQError(f"cannot {where}: {first}") from None
         self.ray = ray
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self.slots = max(1, self.workers // cpus_per_trial)
