@@ -98,6 +98,11 @@ def test_missing_or_absent_evaluation_set_is_refused(tmp_path, inputs, capsys):
     path.write_text(path.read_text().replace(str(inputs / "labelled.npz"), str(tmp_path / "nowhere.npz")))
     assert main(["sweep", str(path), "--local"]) == 2
     assert f"labelled evaluation set not found: {tmp_path / 'nowhere.npz'}" in capsys.readouterr().err
+    path.write_text(path.read_text().replace(str(tmp_path / "nowhere.npz"), str(inputs / "labelled.npz")))
+    (tmp_path / "empty").mkdir()
+    path.write_text(path.read_text().replace(f'calib = "{inputs / "photos"}"', f'calib = "{tmp_path / "empty"}"'))
+    assert main(["sweep", str(path), "--local"]) == 2
+    assert f"no images in {tmp_path / 'empty'}" in capsys.readouterr().err
     text = path.read_text()
     path.write_text(text[:text.index("[eval]")] + text[text.index("[latency]"):])
     assert main(["sweep", str(path), "--local"]) == 2

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from nq_onnx.atomic import write_bytes_atomic
-from nq_onnx.calibration.data import Preprocess
+from nq_onnx.calibration.data import Preprocess, load_dataset
 from nq_onnx.config import QuantConfig
 from nq_onnx.cpu import cpu_features
 from nq_onnx.errors import ConfigError, NQError
@@ -75,7 +75,8 @@ def run_sweep(path: str | Path, *, address: str | None = None, local: bool = Fal
     say = progress or (lambda line: None)
     spec = load_spec(path)
     conditions = _check_choice(spec, choice)
-    model, digest = load_model(spec.model)
+    model, _ = load_model(spec.model)
+    load_dataset(spec.calib, model, limit=1, seed=0)  # calibration data that cannot feed the model fails every trial
     sets = _eval_sets(spec, model)
     pre = Preprocess.from_model(model) if any(s.kind != "tensors" for s in sets.values()) else None
     results = ResultsFile(spec.out / "results.jsonl")
