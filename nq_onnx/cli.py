@@ -318,6 +318,44 @@ def _inspect(args) -> int:
     return 1 if args.strict and inspection.failures else 0
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="convert, evaluate and time a grid of configurations (on Ray) and pick one",
+        description="Run the trials of a sweep file (resuming its results file), time the models interleaved with "
+        "FP32, and write the Pareto report; --pick chooses a configuration and writes its model and command line.",
+    )
+    p.add_argument("sweep_file", metavar="SWEEP.toml", help="the sweep file (docs/sweep.md)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", metavar="HOST:PORT",
+                       help="join this Ray cluster (default: a local Ray on this machine's cores)")
+    where.add_argument("--local", action="store_true", help="no Ray: run every trial in this process, in turn")
+    p.add_argument("--pick", metavar="EXPR", help='the trials to choose among, e.g. "top1 >= fp32 - 0.3"')
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--minimize", metavar="METRIC", help="choose the trial with the lowest METRIC (latency_ms, ...)")
+    goal.add_argument("--maximize", metavar="METRIC", help="choose the trial with the highest METRIC (top1, ...)")
+    p.add_argument("--retry-failed", action="store_true", help="run the trials that failed before again")
+    p.add_argument("-q", "--quiet", action="store_true", help="no line per finished trial")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    from nq_onnx.sweep import Choice, run_sweep
+
+    choice = Choice(args.pick, args.minimize or args.maximize, maximize=args.maximize is not None)
+    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = run_sweep(args.sweep_file, address=args.address, local=args.local, choice=choice,
+                       retry_failed=args.retry_failed, progress=say)
+    print(f"sweep {result.spec.path.name}: {len(result.records)} trials succeeded, {len(result.failed)} failed; "
+          f"results in {result.spec.out / 'results.jsonl'}")
+    for name in ("report", "chart", "picked"):
+        if name in result.files:
+            print(f"  {name}: {result.files[name]}")
+    if result.chosen is not None:
+        print(f"  chosen: {result.labels[result.records.index(result.chosen)]}\n  {result.command}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nq-onnx", description="NoisyQuant post-training quantization for ONNX ViTs.")
     parser.add_argument("--version", action="version", version=f"nq-onnx {__version__}")
@@ -327,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_report(sub)
     _add_demo(sub)
+    _add_sweep(sub)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""A sweep's report: the trials as a Markdown table with their Pareto front, the same as a chart, and the command
+line that reproduces a chosen trial."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+from nq_onnx.config import QuantConfig, SearchConfig
+from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
+
+# convert's flags for the configuration fields it exposes: field -> (flag, kind); kind "flag" is a store_true
+# flag, "negated" a store_true flag that turns the field off, "repeat" a flag given once per value
+CLI_FLAGS = {
+    "method": ("--method", "value"), "w_bits": ("--w-bits", "value"), "a_bits": ("--a-bits", "value"),
+    "seed": ("--seed", "value"), "calib_size": ("--calib-size", "value"), "batch_size": ("--batch-size", "value"),
+    "exclude": ("--exclude", "repeat"), "quantize_attention_matmuls": ("--no-attention-matmuls", "negated"),
+    "int16_bias": ("--int16-bias", "flag"), "weight_dtype": ("--weight-dtype", "value"),
+    "noise": ("--noise", "value"), "reparam": ("--reparam", "flag"),
+    "reparam_attention": ("--reparam-attention", "flag"), "weight_rounding": ("--weight-rounding", "value"),
+    "bias_correction": ("--bias-correction", "flag"), "bits_budget": ("--bits-budget", "value"),
+    "mixed_sensitivity": ("--mixed-sensitivity", "value"), "mixed_images": ("--mixed-images", "value"),
+}
+SEARCH_FLAGS = {
+    "search_images": ("--search-images", "value"), "holdout_images": ("--holdout-images", "value"),
+    "tokens": ("--search-tokens", "value"), "read_token_share": ("--read-token-share", "value"),
+    "screen_tokens": ("--screen-tokens", "value"), "screen_keep": ("--screen-keep", "value"),
+    "grid_stride": ("--grid-stride", "value"), "sequential": ("--no-sequential", "negated"),
+    "objective": ("--objective", "value"), "ranking_loss": ("--ranking-loss", "value"),
+}
+
+
+def command_line(model: str, calib: str, output: str, config: QuantConfig) -> str:
+    """``nq-onnx convert ...`` giving ``config``'s model; where the CLI has no flag for a setting the sweep changed,
+    the same conversion through the Python API."""
+    words = ["nq-onnx", "convert", model, "-o", output, "--calib", calib]
+    default, default_search = QuantConfig(), SearchConfig()
+    for table, base, flags in ((config, default, CLI_FLAGS), (config.search, default_search, SEARCH_FLAGS)):
+        for field in type(base).__dataclass_fields__:
+            value, standard = getattr(table, field), getattr(base, field)
+            if field == "search" or value == standard:
+                continue
+            if field not in flags:
+                return _python_call(model, calib, output, config)
+            words += _flag(*flags[field], value)
+    return shlex.join(words)
+
+
+def _flag(flag: str, kind: str, value) -> list[str]:
+    if kind in ("flag", "negated"):
+        return [flag]
+    if kind == "repeat":
+        return [w for item in value for w in (flag, item)]
+    return [flag, str(getattr(value, "value", value))]
+
+
+def _python_call(model: str, calib: str, output: str, config: QuantConfig) -> str:
+    code = (f"import nq_onnx; nq_onnx.convert({model!r}, {output!r}, {calib!r}, "
+            f"nq_onnx.QuantConfig.from_dict({json.dumps(config.to_dict(), sort_keys=True)}))")
+    return shlex.join(["python", "-c", code])
+
+
+def axes(fp32: dict[str, float], records: list[dict]) -> tuple[str, str]:
+    """The front's cost (latency where measured, else size) and quality (top-1 where labelled, else output MSE)."""
+    cost = "latency_ms" if all(r["metrics"].get("latency_ms") is not None for r in records) and records else "size_mb"
+    quality = "top1" if "top1" in fp32 else "mse"
+    return cost, quality
+
+
+def front_of(records: list[dict], cost: str, quality: str) -> list[int]:
+    sign = 1 if quality in HIGHER_IS_BETTER else -1
+    return pareto_front([(r["metrics"][cost], sign * r["metrics"][quality]) for r in records])
+
+
+def markdown_table(records: list[dict], fp32: dict[str, float], labels: list[str], chosen: dict | None) -> str:
+    """Every succeeded trial, cheapest first, the front marked ``*`` and the chosen trial ``<-``; FP32 first."""
+    cost, quality = axes(fp32, records)
+    front = set(front_of(records, cost, quality))
+    columns = [m for m in ("top1", "agreement", "mse", "sqnr_db", "latency_ms", "latency_ratio", "size_mb",
+                           "convert_s") if any(r["metrics"].get(m) is not None for r in records) or m in fp32]
+    lines = ["| trial | " + " | ".join(columns) + " | front |", "|---" * (len(columns) + 2) + "|",
+             "| fp32 | " + " | ".join(_cell(m, fp32.get(m)) for m in columns) + " | |"]
+    order = sorted(range(len(records)), key=lambda i: (records[i]["metrics"][cost], labels[i]))
+    for i in order:
+        mark = ("*" if i in front else "") + (" <- chosen" if chosen is records[i] else "")
+        lines.append(f"| {labels[i]} | " + " | ".join(_cell(m, records[i]["metrics"].get(m)) for m in columns)
+                     + f" | {mark.strip()} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(metric: str, value) -> str:
+    if value is None:
+        return ""
+    if metric in ("mse", "latency_ms", "size_mb"):
+        return f"{value:.4g}"
+    if metric == "sqnr_db" and math.isinf(value):
+        return "inf"
+    return f"{value:.3f}" if metric in ("cosine", "latency_ratio") else f"{value:.2f}"
+
+
+def chart(records: list[dict], fp32: dict[str, float], chosen: dict | None) -> bytes:
+    """Quality against cost for every trial, the front as a line, FP32 and the chosen trial marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nq_onnx.report_figures import png
+
+    cost, quality = axes(fp32, records)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.scatter([r["metrics"][cost] for r in records], [r["metrics"][quality] for r in records], s=18, color="0.55",
+               label="trial")
+    front = [records[i] for i in front_of(records, cost, quality)]
+    ax.plot([r["metrics"][cost] for r in front], [r["metrics"][quality] for r in front], "-o", color="tab:blue",
+            ms=5, label="Pareto front")
+    if cost in fp32 and quality in fp32:
+        ax.scatter([fp32[cost]], [fp32[quality]], marker="s", color="black", label="FP32")
+    if chosen is not None:
+        ax.scatter([chosen["metrics"][cost]], [chosen["metrics"][quality]], marker="*", s=220, color="tab:red",
+                   label="chosen", zorder=5)
+    ax.set_xlabel(cost)
+    ax.set_ylabel(quality)
+    if quality == "mse":
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png(fig)
