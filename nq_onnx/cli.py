@@ -325,7 +325,7 @@ def _add_sweep(sub) -> None:
         description="Run the trials of a sweep file (resuming its results file), time the models interleaved with "
         "FP32, and write the Pareto report; --pick chooses a configuration and writes its model and command line.",
     )
-    p.add_argument("sweep_file", metavar="SWEEP.toml", help="the sweep file (docs/sweep.md)")
+    p.add_argument("sweep_file", metavar="SWEEP.toml", help="the sweep file (docs/guides/sweep.md)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--address", metavar="HOST:PORT",
                        help="join this Ray cluster (default: a local Ray on this machine's cores)")
