@@ -398,3 +398,16 @@ def test_the_projects_studies_are_sweep_files(tmp_path, name, rows):
                  t.config.weight_rounding, t.config.bias_correction, t.config.search.objective)
                 for t in trials}) == rows
     assert all(t.config.w_bits == t.config.a_bits for t in trials)
+
+
+def test_a_base_table_applies_to_every_grid_table_unless_it_sets_the_option(tmp_path):
+    from nq_onnx.sweep.spec import load_spec
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "s.toml").write_text('model = "m.onnx"\ncalib = "calib"\n[eval]\nheldout = "calib"\n'
+                                     '[base]\nreparam = false\nw_bits = 8\n'
+                                     '[[grid]]\nmethod = "easyquant"\n[[grid]]\nmethod = "noisyquant"\nreparam = true\n')
+    grid = load_spec(tmp_path / "s.toml").grid
+    assert [dict(t) for t in grid] == [{"reparam": (False,), "w_bits": (8,), "method": ("easyquant",)},
+                                       {"reparam": (True,), "w_bits": (8,), "method": ("noisyquant",)}]

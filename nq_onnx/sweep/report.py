@@ -11,15 +11,18 @@ from nq_onnx.config import QuantConfig, SearchConfig
 from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
 
 # convert's flags for the configuration fields it exposes: field -> (flag, kind); kind "flag" is a store_true
-# flag, "negated" a store_true flag that turns the field off, "repeat" a flag given once per value
+# flag, "negated" a store_true flag that turns the field off, "bool" a --flag / --no-flag pair, "repeat" a flag
+# given once per value
 CLI_FLAGS = {
     "method": ("--method", "value"), "w_bits": ("--w-bits", "value"), "a_bits": ("--a-bits", "value"),
     "seed": ("--seed", "value"), "calib_size": ("--calib-size", "value"), "batch_size": ("--batch-size", "value"),
-    "exclude": ("--exclude", "repeat"), "quantize_attention_matmuls": ("--no-attention-matmuls", "negated"),
+    "exclude": ("--exclude", "repeat"), "quantize_attention_matmuls": ("--attention-matmuls", "bool"),
+    "attention_probabilities": ("--attention-probabilities", "bool"), "target": ("--target", "value"),
+    "activations": ("--activations", "value"),
     "int16_bias": ("--int16-bias", "flag"), "weight_dtype": ("--weight-dtype", "value"),
-    "noise": ("--noise", "value"), "reparam": ("--reparam", "flag"),
+    "noise": ("--noise", "value"), "reparam": ("--reparam", "bool"),
     "reparam_attention": ("--reparam-attention", "flag"), "weight_rounding": ("--weight-rounding", "value"),
-    "bias_correction": ("--bias-correction", "flag"), "bits_budget": ("--bits-budget", "value"),
+    "bias_correction": ("--bias-correction", "bool"), "bits_budget": ("--bits-budget", "value"),
     "mixed_sensitivity": ("--mixed-sensitivity", "value"), "mixed_images": ("--mixed-images", "value"),
 }
 SEARCH_FLAGS = {
@@ -48,6 +51,8 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig) -> st
 
 
 def _flag(flag: str, kind: str, value) -> list[str]:
+    if kind == "bool":
+        return [flag if value else "--no-" + flag[2:]]
     if kind in ("flag", "negated"):
         return [flag]
     if kind == "repeat":

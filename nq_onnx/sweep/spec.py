@@ -54,7 +54,7 @@ except ImportError:  # Python 3.10
 QUANT_OPTIONS = {f.name: f for f in dataclasses.fields(QuantConfig) if f.name not in ("seed", "search")}
 SEARCH_OPTIONS = {f.name: f for f in dataclasses.fields(SearchConfig)}
 TUPLE_OPTIONS = {name for name, f in {**QUANT_OPTIONS, **SEARCH_OPTIONS}.items() if "tuple" in str(f.type)}
-TOP_KEYS = {"model", "calib", "seeds", "out", "eval", "latency", "resources", "grid"}
+TOP_KEYS = {"model", "calib", "seeds", "out", "eval", "latency", "resources", "grid", "base"}
 SECTION_KEYS = {
     "eval": {"labelled", "heldout", "limit", "heldout_limit", "shard_size"},
     "latency": {"rounds", "batch", "threads"},
@@ -196,7 +196,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec(
         path=path, model=resolve(data["model"]), calib=resolve(data["calib"]),
         out=resolve(data.get("out", f"{path.stem}.sweep")), seeds=_seeds(path, data.get("seeds", [0])),
-        grid=_grid(path, data.get("grid")), labelled=resolve(ev.get("labelled")), heldout=resolve(ev.get("heldout")),
+        grid=_grid(path, data.get("grid"), data.get("base", {})), labelled=resolve(ev.get("labelled")), heldout=resolve(ev.get("heldout")),
         limit=ev.get("limit"), heldout_limit=ev.get("heldout_limit"), shard_size=ev.get("shard_size", 256),
         latency_rounds=lat.get("rounds", 10), latency_batch=lat.get("batch", 8), latency_threads=lat.get("threads", 2),
         cpus_per_trial=res.get("cpus_per_trial", 1), trial_memory_gb=res.get("trial_memory_gb"),
@@ -224,13 +224,16 @@ def _seeds(path: Path, seeds: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(seeds))
 
 
-def _grid(path: Path, grid: Any) -> tuple:
+def _grid(path: Path, grid: Any, base: Any) -> tuple:
+    """The grid's tables, each on top of ``[base]`` (options every trial takes unless its table sets them)."""
     if grid is None:
         raise ConfigError(f"{path.name}: the grid is empty: give at least one option under [grid]")
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path.name}: base must be a table ([base])")
     tables = grid if isinstance(grid, list) else [grid]
     if not tables or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path.name}: grid must be a table ([grid]) or tables ([[grid]])")
-    return tuple(tuple((_option(path, k), _candidates(path, k, v)) for k, v in t.items()) for t in tables)
+    return tuple(tuple((_option(path, k), _candidates(path, k, v)) for k, v in (base | t).items()) for t in tables)
 
 
 def _check_type(path: Path, key: str, name: str, value: Any) -> None:
