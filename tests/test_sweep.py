@@ -407,7 +407,8 @@ def test_a_base_table_applies_to_every_grid_table_unless_it_sets_the_option(tmp_
     (tmp_path / "calib").mkdir()
     (tmp_path / "s.toml").write_text('model = "m.onnx"\ncalib = "calib"\n[eval]\nheldout = "calib"\n'
                                      '[base]\nreparam = false\nw_bits = 8\n'
-                                     '[[grid]]\nmethod = "easyquant"\n[[grid]]\nmethod = "noisyquant"\nreparam = true\n')
+                                     '[[grid]]\nmethod = "easyquant"\n'
+                                     '[[grid]]\nmethod = "noisyquant"\nreparam = true\n')
     grid = load_spec(tmp_path / "s.toml").grid
     assert [dict(t) for t in grid] == [{"reparam": (False,), "w_bits": (8,), "method": ("easyquant",)},
                                        {"reparam": (True,), "w_bits": (8,), "method": ("noisyquant",)}]

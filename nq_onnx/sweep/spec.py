@@ -196,7 +196,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     return SweepSpec(
         path=path, model=resolve(data["model"]), calib=resolve(data["calib"]),
         out=resolve(data.get("out", f"{path.stem}.sweep")), seeds=_seeds(path, data.get("seeds", [0])),
-        grid=_grid(path, data.get("grid"), data.get("base", {})), labelled=resolve(ev.get("labelled")), heldout=resolve(ev.get("heldout")),
+        grid=_grid(path, data.get("grid"), data.get("base", {})), labelled=resolve(ev.get("labelled")),
+        heldout=resolve(ev.get("heldout")),
         limit=ev.get("limit"), heldout_limit=ev.get("heldout_limit"), shard_size=ev.get("shard_size", 256),
         latency_rounds=lat.get("rounds", 10), latency_batch=lat.get("batch", 8), latency_threads=lat.get("threads", 2),
         cpus_per_trial=res.get("cpus_per_trial", 1), trial_memory_gb=res.get("trial_memory_gb"),
