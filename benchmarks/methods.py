@@ -72,8 +72,8 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
     (weight rounding), ``bc`` (bias correction), ``pearson`` (PTQ-ViT's similarity objective), ``rank`` (its ranking
     loss, gamma 0.1), ``budget<B>`` (mixed precision at an average of ``B`` bits: give such rows as bit-width 8),
     ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>``
-    (sensitivities on N images; without it a row keeps its name's meaning from before stop 17: 1 image, not the
-    library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
+    (sensitivities on N images; without it a row's sensitivities are on 1 image, as the results files name such rows,
+    not the library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
     (weights at N bits, activations at the row's bits), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
     ``vnni`` / ``avx2`` / ``arm64`` / ``gpu`` (that target; without one: portable), ``floatattn`` (the attention
     matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone); ``all`` is NoisyQuant with reparam,

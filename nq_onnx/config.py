@@ -200,7 +200,7 @@ class SearchConfig:
     With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.grids.grid_argmax`): every
     ``grid_stride``-th point, then the points around the best of them. The default 1 scores every point: on the
     real ViT-S/14 a stride of 3 converted 1.3x faster but raised the held-out output MSE by 3 % (W8A8) and 6 %
-    (W6A6) (``benchmarks/compile_cost.py``, the ``*_grid3`` rows of the results file at commit 02266f2).
+    (W6A6) (``benchmarks/compile_cost.py``, its ``*_grid3`` rows).
     """
 
     act_alphas: tuple[float, float, int] = (0.3, 1.0, 36)
@@ -263,7 +263,7 @@ class SearchConfig:
 # config (in the plan and the model's metadata) as the version before them, byte for byte, which older versions read.
 LATER_OPTIONS = {"reparam_attention": False, "target": "portable", "activations": "symmetric",
                  "attention_probabilities": True}
-# ``mixed_images`` as a config without a bits budget records it (its default until stop 17), and reads back as the
+# ``mixed_images`` as a config without a bits budget records it (0.1.0's first default, 1), and reads back as the
 # default: without mixed precision it changes nothing, so neither may it change the bytes of a plan or model
 UNBUDGETED_MIXED_IMAGES = 1
 

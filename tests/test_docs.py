@@ -171,8 +171,6 @@ def test_mkdocs_build_strict(site):
     assert "Unreleased" in (site / "changelog" / "index.html").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the SearchConfig docstring (nq_onnx/config.py) cites a commit; the API "
-                                       "reference shows it")
 def test_api_reference_has_no_development_history(site):
     """The API reference is rendered from docstrings, which the banned-words scan of the Markdown cannot see."""
     text = re.sub(r"<script.*?</script>|<style.*?</style>", "", (site / "reference" / "api" / "index.html").read_text(),
