@@ -337,12 +337,12 @@ class QuantConfig:
                 raise ConfigError("bits-budget needs a searched method (easyquant, noisyquant, ...), not minmax")
             if (self.w_bits, self.a_bits) != (8, 8):
                 raise ConfigError("bits-budget chooses every layer's bits: leave w-bits and a-bits at 8")
-        if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.activations == Activations.ASYMMETRIC:
-            raise ConfigError("mixed-sensitivity searched needs uniform symmetric activation quantizers; add "
-                              "--activations symmetric")
         if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.method.twin:
             raise ConfigError(f"mixed-sensitivity searched needs uniform activation quantizers; {self.method.value}'s "
                               "twin-uniform ones change constants with their width")
+        if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.activations == Activations.ASYMMETRIC:
+            raise ConfigError("mixed-sensitivity searched needs uniform symmetric activation quantizers; add "
+                              "--activations symmetric")
         if self.mixed_images < 1:
             raise ConfigError(f"mixed-images must be at least 1, got {self.mixed_images}")
         if self.calib_size < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 
 import onnx
@@ -59,9 +61,15 @@ def test_export_matches_pytorch_on_real_images(exported, photo_folder):
     assert meta["nq_onnx.source"].startswith("timm:")
 
 
+# The paper's setting: every matmul input quantized with symmetric codes, nearest rounding, no reparameterization or
+# bias correction (the graph these tests count; the defaults' graph is tests/test_targets.py's)
+PAPER = dict(activations="symmetric", attention_probabilities=True, reparam=False, weight_rounding="nearest",
+             bias_correction=False)
+
+
 def _convert(path, tmp_path, photo_folder, **config):
     out = tmp_path / f"{config.get('method', 'noisyquant')}{config.get('w_bits', 8)}.onnx"
-    result = nq_onnx.convert(path, out, photo_folder, QuantConfig(calib_size=12, search=SHIFTING, **config))
+    result = nq_onnx.convert(path, out, photo_folder, QuantConfig(calib_size=12, search=SHIFTING, **PAPER, **config))
     return out, result
 
 
@@ -116,7 +124,7 @@ def test_convert_quality_and_graph(exported, tmp_path, photo_folder):
 
 def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
     family, path, _, _ = exported
-    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=3, search=SHIFTING)
+    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=3, search=SHIFTING, **PAPER)
     a = nq_onnx.convert(path, tmp_path / "a.onnx", photo_folder, config, save_plan=tmp_path / "plan.json")
     nq_onnx.convert(path, tmp_path / "b.onnx", photo_folder, config)
     c = nq_onnx.convert(path, tmp_path / "c.onnx", load_plan=tmp_path / "plan.json")
@@ -128,8 +136,7 @@ def test_plan_round_trip_and_determinism(exported, tmp_path, photo_folder):
     if family != "swin":
         assert "read tokens (what the output reads): position 0 of 17, given 50% of each search's rows" in \
             format_summary(a.summary, 1.0, "a.onnx")
-    d = nq_onnx.convert(path, tmp_path / "d.onnx", photo_folder, QuantConfig(calib_size=8, w_bits=6, a_bits=6, seed=4,
-                                                                                   search=SHIFTING))
+    d = nq_onnx.convert(path, tmp_path / "d.onnx", photo_folder, dataclasses.replace(config, seed=4))
     assert hashlib.sha256(blobs[0]).digest() != hashlib.sha256((tmp_path / "d.onnx").read_bytes()).digest()
     assert d.summary.noisy_groups > 0
 
@@ -164,7 +171,7 @@ def test_int16_noise_and_bias_stay_close_to_float_biases(exported, tmp_path, pho
     from nq_onnx.pipeline import apply_plan
 
     family, path, _, _ = exported
-    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, int16_bias=True, search=SHIFTING)
+    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, int16_bias=True, search=SHIFTING, **PAPER)
     result = nq_onnx.convert(path, tmp_path / "int16.onnx", photo_folder, config)
     quantized = onnx.load(str(tmp_path / "int16.onnx"))
     assert quantized.opset_import[0].version == 21
@@ -225,7 +232,8 @@ def test_noise_does_not_hurt_on_unseen_photographs(exported, tmp_path, photo_fol
     reference = logits(path, feeds)
     for noise in ("paper+shift", "paper"):
         out = tmp_path / f"{noise}.onnx"
-        result = nq_onnx.convert(path, out, calib, QuantConfig(noise=noise, w_bits=6, a_bits=6, calib_size=11))
+        config = QuantConfig(noise=noise, w_bits=6, a_bits=6, calib_size=11, **PAPER)
+        result = nq_onnx.convert(path, out, calib, config)
         twin = ort.InferenceSession(noiseless_twin(result).SerializeToString()).run(None, feeds)[0]
         with_noise, without = quant.sqnr_db(reference, logits(out, feeds)), quant.sqnr_db(reference, twin)
         assert with_noise > without - 0.5, (noise, with_noise, without)
@@ -259,7 +267,8 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=1), num_classes=10)
-    result = nq_onnx.convert(path, tmp_path / "q.onnx", photo_folder, QuantConfig(method="minmax", calib_size=4),
+    config = QuantConfig(method="minmax", calib_size=4, w_bits=8)
+    result = nq_onnx.convert(path, tmp_path / "q.onnx", photo_folder, config,
                              evaluate=False)
     uint8 = inspect_model(onnx.load(str(tmp_path / "q.onnx"))).weight_dtypes.get("uint8", 0)
     assert result.summary.uint8_weight_layers == uint8 > 0
@@ -311,7 +320,8 @@ def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, ca
     assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
     record = json.loads(profile.read_text())
     stages, search, phases = record["stages"], record["search"], record["linear_search"]
-    assert list(stages)[:3] == ["load", "calibrate", "search"] and {"rewrite", "check", "save"} <= set(stages)
+    assert list(stages)[:4] == ["load", "calibrate", "reparam", "search"]  # reparam: on by default
+    assert {"rewrite", "check", "save"} <= set(stages)
     assert 0.9 * record["wall"] <= sum(stages.values()) <= record["wall"]
     assert {"simulate", "linear_search", "act_matmul_search", "other"} <= set(search)
     assert sum(search.values()) == pytest.approx(stages["search"], rel=1e-9)

@@ -31,6 +31,8 @@ SETTINGS = {
     "noisyquant_paper_w6a6": dict(SYMMETRIC, method="noisyquant", w_bits=6, a_bits=6, noise="paper"),
     "noisyquant_w4a8_vnni": dict(SYMMETRIC, method="noisyquant", w_bits=4, target="x86-vnni"),
     "noisyquant_int16_bias": dict(SYMMETRIC, method="noisyquant", int16_bias=True),
+    "default_portable": dict(),  # the defaults: asymmetric activations, reparam, GPTQ, bias correction, W7A8
+    "default_x86_vnni_w6a6": dict(target="x86-vnni", w_bits=6, a_bits=6),
 }
 
 

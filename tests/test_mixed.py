@@ -122,8 +122,9 @@ def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method,
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10)
+    symmetric = {"activations": "symmetric"} if sensitivity == "searched" else {}  # searched: uniform symmetric only
     config = QuantConfig(method=method, bits_budget=6.0, mixed_sensitivity=sensitivity, mixed_images=images,
-                         calib_size=12, search=SearchConfig(tokens=256))
+                         calib_size=12, search=SearchConfig(tokens=256), **symmetric)
     result = convert(path, tmp_path / "q.onnx", photo_folder, config, evaluate=False, save_plan=tmp_path / "p.json")
     plan = result.plan
     widths = {g.bits for g in plan.groups.values()}

@@ -104,7 +104,8 @@ def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folde
     simulation's one-expression twin fake-quant does; and with asymmetric activations, whose zero point the
     simulation derives from the fed step as the emitted ``QuantizeLinear`` stores it."""
     config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, method=method, activations=activations,
-                         search=SearchConfig(shift_min_rows=0))
+                         attention_probabilities=True, reparam=False, weight_rounding="nearest",
+                         bias_correction=False, search=SearchConfig(shift_min_rows=0))
     plans = []
     sqnr = compare(vit, photo_folder, config, tmp_path, plans=plans)
     twins = sorted(g.twin.kind for g in plans[0].groups.values() if g.twin is not None)

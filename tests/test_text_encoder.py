@@ -71,7 +71,8 @@ def test_bert_style_encoder_converts_with_token_ids(tmp_path):
     rng = np.random.default_rng(0)
     calib = tmp_path / "ids.npy"
     np.save(calib, rng.integers(0, 200, (32, 16)).astype(np.int64))
-    result = nq_onnx.convert(path, tmp_path / "bert.nq.onnx", calib, QuantConfig(calib_size=32))
+    config = QuantConfig(calib_size=32, attention_probabilities=True)  # A V too: every matmul of the encoder
+    result = nq_onnx.convert(path, tmp_path / "bert.nq.onnx", calib, config)
     kinds = [s.kind for s in result.layers.layers]
     assert kinds.count("linear") == 2 * 6 + 1  # q, k, v, output, intermediate, out per layer, and the head
     assert kinds.count("act_matmul") >= 4

@@ -187,7 +187,7 @@ def test_noisyquant_ptq4vit_runs_every_branch_on_integer_kernels(arch, tmp_path,
     path = tmp_path / "model.onnx"
     export_timm(name, path, model_kwargs=kwargs, num_classes=10)
     config = QuantConfig(method="noisyquant-ptq4vit", w_bits=6, a_bits=6, calib_size=12,
-                         search=SearchConfig(shift_min_rows=0, tokens=256))
+                         attention_probabilities=True, search=SearchConfig(shift_min_rows=0, tokens=256))
     result = convert(path, tmp_path / "q.onnx", photo_folder, config, evaluate=False)
     twins = [g for g in result.plan.groups.values() if g.twin is not None]
     blocks = sum(1 for g in result.layers.groups if g.after == "gelu")
