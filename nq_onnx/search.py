@@ -292,12 +292,8 @@ def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer) -> tuple[
         metrics |= {"mse_asymmetric_held_out": own, "mse_symmetric_held_out": base}
         if kept is other:
             metrics["asymmetric_rejected"] = 1.0
-    if kept is other:
-        for phase, seconds in result.seconds.items():
-            other.seconds[phase] = other.seconds.get(phase, 0.0) + seconds
-    else:
-        for phase, seconds in other.seconds.items():
-            result.seconds[phase] = result.seconds.get(phase, 0.0) + seconds
+    for phase, seconds in (result if kept is other else other).seconds.items():  # both searches' time counts
+        kept.seconds[phase] = kept.seconds.get(phase, 0.0) + seconds
     return kept_problem, kept
 
 
