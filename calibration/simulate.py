@@ -29,16 +29,18 @@ from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 
 def _names(group: str) -> dict[str, str]:
-    names = {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on", "neg_low")}
+    names = {k: f"sim/{group}/{k}" for k in ("noise", "scale", "on", "neg_low", "primary")}
     return names | {"lo": f"sim/{group}/code_lo", "hi": f"sim/{group}/code_hi"}  # fed code ranges (fed_codes)
 
 
 def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsigned: frozenset[str] = frozenset(),
-                     quantizers: dict | None = None, fed_codes: bool = False) -> onnx.ModelProto:
+                     quantizers: dict | None = None, fed_codes: bool = False,
+                     fallbacks: dict | None = None) -> onnx.ModelProto:
     """``unsigned`` names the groups quantized with unsigned codes (``[0, 2^b - 1]``); ``quantizers`` gives a group
     another quantizer (a twin-uniform one) by name. With ``fed_codes`` every uniform group's code range ``[lo,
     hi]`` is a graph input too (``sim/<group>/code_lo``, ``.../code_hi``), so one model simulates any width per
-    group."""
+    group. ``fallbacks`` gives a group with another quantizer the uniform one it falls back to where it loses:
+    both are simulated and the fed ``sim/<group>/primary`` chooses."""
     graph = import_graph(model)
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
@@ -53,6 +55,9 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
         chosen = gs.Variable(f"sim/{group.name}/t5", dtype=np.float32)
         quantizer = (quantizers or {}).get(group.name) or ActQuantizer(a_bits, group.name not in unsigned)
         quantize, fake = quantizer.simulate(f"sim/{group.name}", noisy, scale)
+        if group.name in (fallbacks or {}):
+            quantize, fake = _with_fallback(f"sim/{group.name}", quantize, fake, fallbacks[group.name], noisy, scale,
+                                            graph)
         if getattr(quantizer, "asymmetric", False):  # its anchor fed: a fallback to symmetric codes feeds 2^(b-1) s
             div = next(node for node in quantize if node.op == "Div" and node.inputs[0].name.endswith("/neg_low"))
             div.inputs[0] = gs.Variable(names["neg_low"], dtype=np.float32, shape=[])
@@ -87,6 +92,17 @@ def build_simulation(model: onnx.ModelProto, layers: Layers, a_bits: int, unsign
     return carry_source_dir(model, sim)
 
 
+def _with_fallback(prefix: str, nodes: list[gs.Node], fake: gs.Variable, fallback: ActQuantizer, x: gs.Tensor,
+                   scale: gs.Tensor, graph: gs.Graph) -> tuple[list[gs.Node], gs.Variable]:
+    """``Where(primary, fake, fallback(x))``: the group's quantizer or, with ``primary`` fed false, its fallback
+    at the same fed step."""
+    other_nodes, other = fallback.simulate(f"{prefix}/fallback", x, scale)
+    primary = gs.Variable(f"{prefix}/primary", dtype=np.bool_, shape=[])
+    graph.inputs.append(primary)
+    chosen = gs.Variable(f"{prefix}/chosen", dtype=np.float32)
+    return nodes + other_nodes + [gs.Node("Where", inputs=[primary, fake, other], outputs=[chosen])], chosen
+
+
 def float_feeds(layers: Layers, float_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The simulation's inputs that make it the float model: every group off, no noise, float weights."""
     feeds: dict[str, np.ndarray] = {}
@@ -119,9 +135,11 @@ class Simulator:
     inputs: dict[str, np.ndarray]
     unsigned: frozenset[str] = frozenset()
     quantizers: dict | None = None  # groups with another quantizer than ``a_bits`` uniform
+    fallbacks: dict | None = None  # the uniform quantizer such a group falls back to (``set_group(primary=False)``)
 
     def __post_init__(self) -> None:
-        self._sim = build_simulation(self.model, self.layers, self.a_bits, self.unsigned, self.quantizers)
+        self._sim = build_simulation(self.model, self.layers, self.a_bits, self.unsigned, self.quantizers,
+                                     fallbacks=self.fallbacks)
         graph = self._sim.graph
         self._nodes = list(graph.node)
         self._producer = {out: i for i, node in enumerate(self._nodes) for out in node.output if out}
@@ -141,11 +159,17 @@ class Simulator:
         for group, quantizer in (self.quantizers or {}).items():
             if getattr(quantizer, "asymmetric", False):
                 self._feeds[_names(group)["neg_low"]] = np.array(-quantizer.low, np.float32)
+        for group in self.fallbacks or {}:
+            self._feeds[_names(group)["primary"]] = np.array(True)
 
-    def set_group(self, name: str, scale: float, noise: np.ndarray | None, symmetric_bits: int | None = None) -> None:
+    def set_group(self, name: str, scale: float, noise: np.ndarray | None, symmetric_bits: int | None = None,
+                  primary: bool = True) -> None:
         """A planned group's step and noise; ``symmetric_bits``: an asymmetric group planned symmetric after all,
-        simulated with the zero point ``z = 2^(b-1)`` that gives the symmetric codes (``2^(b-1) s / s`` is exact)."""
+        simulated with the zero point ``z = 2^(b-1)`` that gives the symmetric codes (``2^(b-1) s / s`` is exact);
+        ``primary`` false: a group with a fallback planned with it."""
         names = _names(name)
+        if name in (self.fallbacks or {}):
+            self._feeds[names["primary"]] = np.array(primary)
         self._feeds[names["scale"]] = np.array(scale, np.float32)
         self._feeds[names["on"]] = np.array(True)
         if noise is not None:

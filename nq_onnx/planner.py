@@ -216,6 +216,7 @@ class SearchPlanner:
     _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _fallbacks: dict[str, ActQuantizer] = dataclasses.field(init=False, repr=False, default_factory=dict)  # twins'
     # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
     # ``linear.<phase>_s`` (:attr:`nq_onnx.search.GroupResult.seconds`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
@@ -237,9 +238,11 @@ class SearchPlanner:
                 self._bits = self._assign_bits(inputs)
         self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
         self._lows = asymmetric_lows(self.layers, self.stats, self.config, self._twins)
+        self._fallbacks = {name: ActQuantizer(self._bits.get(name, self.config.a_bits), name not in self._unsigned)
+                           for name in self._twins}
         self._sim = Simulator(
             self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
-            {g.name: self._quantizer(g) for g in self.layers.groups},
+            {g.name: self._quantizer(g) for g in self.layers.groups}, self._fallbacks,
         )
         steps = layer_steps(graph, self.layers)
         cached = None
@@ -275,9 +278,10 @@ class SearchPlanner:
             group_seed(config.seed, group.name),
         )
         planned_asymmetric = problem.act.asymmetric
+        fallback, names = self._fallback(group, problem.act)
         with timed(self.timings, "linear_search_s"):
-            if planned_asymmetric:  # kept only where it beats the symmetric quantizer on held-out rows
-                problem, result = search_with_fallback(problem, ActQuantizer(problem.act.bits))
+            if fallback is not None:  # kept only where it beats the uniform quantizer on held-out rows
+                problem, result = search_with_fallback(problem, fallback, names)
             else:
                 result = search_linear_group(problem)
         for phase, seconds in result.seconds.items():
@@ -285,10 +289,11 @@ class SearchPlanner:
         stats = self.stats[group.tensor]
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
                                             result.noise_shift, result.noise_amplitude, problem.act.signed,
-                                            _range(stats), result.base_scale, twin=self._twins.get(group.name),
+                                            _range(stats), result.base_scale, twin=self._kept_twin(group, problem.act),
                                             precision=self._modules.get(group.name), low=problem.act.low)
         fell_back = planned_asymmetric and not problem.act.asymmetric
-        self._sim.set_group(group.name, result.scale, result.noise, problem.act.bits if fell_back else None)
+        self._sim.set_group(group.name, result.scale, result.noise, problem.act.bits if fell_back else None,
+                            primary=not isinstance(problem.act, ActQuantizer))
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]
@@ -302,6 +307,19 @@ class SearchPlanner:
             if done.correction is not None:
                 delta = done.correction if delta is None else delta + done.correction
             self._sim.set_layer(operand.name, done.weight, delta)
+
+    def _fallback(self, group: GroupSpec, act) -> tuple[ActQuantizer | None, tuple[str, str]]:
+        """The uniform quantizer a group's asymmetric or twin-uniform one must beat on held-out rows (``None``: the
+        group's quantizer is uniform symmetric already), and the names its metrics record the two under."""
+        if act.asymmetric:
+            return ActQuantizer(act.bits), ("asymmetric", "symmetric")
+        if group.name in self._fallbacks:
+            return self._fallbacks[group.name], ("twin", "uniform")
+        return None, ("", "")
+
+    def _kept_twin(self, group: GroupSpec, act) -> TwinSpec | None:
+        """The group's twin-uniform quantizer, unless its uniform fallback ``act`` was kept."""
+        return None if isinstance(act, ActQuantizer) else self._twins.get(group.name)
 
     def _quantizer(self, group: GroupSpec):
         """The group's activation quantizer: twin-uniform where :func:`twin_specs` says so, else uniform."""
@@ -409,24 +427,52 @@ class SearchPlanner:
                            None if rest is None else rows(rest, 1), stats.count)
 
     def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
-        config = self.config
+        """Both operands' steps (:func:`search_act_matmul` on sampled slices of the fit images); where an operand
+        is twin-uniform, the product is searched with its uniform fallback too, and the twin kept only where its
+        product error on the held-out images' slices is the lower one."""
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         quantizers = tuple(self._quantizer(g) for g in groups)
-        metrics: dict[str, float] = {}
-        a, b = (split_images(v, self._images, self._fit)[0] for v in (a, b))
-        if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:
-            a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-            rng = group_rng(0, spec.name)
-            pick = np.sort(rng.choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]), replace=False))
-            scores = all(g.after != "softmax" for g in groups)  # Q K^T, not A V: PTQ-ViT's ranking loss applies
-            s_a, s_b, metrics = search_act_matmul(a3[pick], b3[pick], absmax, quantizers, config.search, scores)
-        else:
-            s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
+        fit, held = zip(*(split_images(v, self._images, self._fit) for v in (a, b)))
+        s_a, s_b, metrics = self._search_product(spec, groups, fit, absmax, quantizers)
+        fallbacks = tuple(self._fallbacks.get(g.name, q) for g, q in zip(groups, quantizers))
+        if fallbacks != quantizers and held[0] is not None and self._slices(spec, *held) is not None:
+            other = self._search_product(spec, groups, fit, absmax, fallbacks)
+            own = self._product_error(spec, held, quantizers, (s_a, s_b))
+            base = self._product_error(spec, held, fallbacks, other[:2])
+            if base < own:
+                quantizers, (s_a, s_b, metrics) = fallbacks, other
+                metrics = {**metrics, "twin_rejected": 1.0}
+            metrics = {**metrics, "mse_twin_held_out": own, "mse_uniform_held_out": base}
         for group, scale, q in zip(groups, (s_a, s_b), quantizers):
             if group.name not in plan.groups:
                 plan.groups[group.name] = dataclasses.replace(
-                    plain_group(group, scale, q, self.stats[group.tensor], self._twins.get(group.name)),
+                    plain_group(group, scale, q, self.stats[group.tensor], self._kept_twin(group, q)),
                     precision=self._modules.get(group.name))
-                self._sim.set_group(group.name, scale, None)
+                self._sim.set_group(group.name, scale, None, primary=not isinstance(q, ActQuantizer))
         plan.layers[spec.name] = LayerPlan(spec.name, None, max(q.bits for q in quantizers), metrics)
+
+    def _slices(self, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The product's sampled ``[slices, rows, cols]`` operands (the same seeded slices for fit and held-out
+        images), or ``None`` where the operands are not batched matrices."""
+        if a.shape[:-2] != b.shape[:-2] or a.ndim < 3:
+            return None
+        a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+        pick = np.sort(group_rng(0, spec.name).choice(a3.shape[0], min(ACT_MATMUL_SLICES, a3.shape[0]),
+                                                      replace=False))
+        return a3[pick], b3[pick]
+
+    def _search_product(self, spec: LayerSpec, groups: list[GroupSpec], fit: tuple, absmax: tuple,
+                        quantizers: tuple) -> tuple[float, float, dict]:
+        sliced = self._slices(spec, *fit)
+        if sliced is None:
+            s_a, s_b = (q.minmax_scale(m) for q, m in zip(quantizers, absmax))
+            return s_a, s_b, {}
+        scores = all(g.after != "softmax" for g in groups)  # Q K^T, not A V: PTQ-ViT's ranking loss applies
+        return search_act_matmul(*sliced, absmax, quantizers, self.config.search, scores)
+
+    def _product_error(self, spec: LayerSpec, held: tuple, quantizers: tuple, scales: tuple) -> float:
+        """``mean((q(A) q(B) - A B)^2)`` over the held-out images' sampled slices."""
+        a, b = self._slices(spec, *held)
+        product = quantizers[0].fake_quant(a, scales[0]) @ quantizers[1].fake_quant(b, scales[1])
+        return float(np.mean(np.square(product.astype(np.float64) - (a @ b).astype(np.float64))))

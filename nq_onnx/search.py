@@ -276,11 +276,12 @@ def held_out_error(problem: GroupSearch, result: GroupResult) -> float:
     return float(sum(layer_mse(x_q, layers, weights, targets, result.noise)))
 
 
-def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer) -> tuple[GroupSearch, GroupResult]:
+def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer,
+                         names: tuple[str, str] = ("asymmetric", "symmetric")) -> tuple[GroupSearch, GroupResult]:
     """The group searched with its quantizer and, where it has held-out rows, with ``fallback`` (the uniform
-    symmetric quantizer an asymmetric one replaces) too: the quantizer with the lower :func:`held_out_error` is
-    kept (ties: the group's own), both errors are recorded in every layer's metrics, and
-    ``asymmetric_rejected`` where the fallback won."""
+    quantizer an asymmetric or twin-uniform one replaces) too: the quantizer with the lower :func:`held_out_error`
+    is kept (ties: the group's own), both errors are recorded in every layer's metrics as ``mse_<name>_held_out``
+    (``names``: the group's quantizer's, then the fallback's), and ``<name>_rejected`` where the fallback won."""
     result = search_linear_group(problem)
     if problem.sample.held_out is None:
         return problem, result
@@ -289,9 +290,9 @@ def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer) -> tuple[
     own, base = held_out_error(problem, result), held_out_error(other_problem, other)
     kept_problem, kept = (problem, result) if own <= base else (other_problem, other)
     for metrics in kept.metrics.values():
-        metrics |= {"mse_asymmetric_held_out": own, "mse_symmetric_held_out": base}
+        metrics |= {f"mse_{names[0]}_held_out": own, f"mse_{names[1]}_held_out": base}
         if kept is other:
-            metrics["asymmetric_rejected"] = 1.0
+            metrics[f"{names[0]}_rejected"] = 1.0
     for phase, seconds in (result if kept is other else other).seconds.items():  # both searches' time counts
         kept.seconds[phase] = kept.seconds.get(phase, 0.0) + seconds
     return kept_problem, kept
