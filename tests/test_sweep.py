@@ -412,3 +412,33 @@ def test_a_base_table_applies_to_every_grid_table_unless_it_sets_the_option(tmp_
     grid = load_spec(tmp_path / "s.toml").grid
     assert [dict(t) for t in grid] == [{"reparam": (False,), "w_bits": (8,), "method": ("easyquant",)},
                                        {"reparam": (True,), "w_bits": (8,), "method": ("noisyquant",)}]
+
+
+def test_study_table_from_a_results_file_gives_each_configuration_its_seeds_mean_and_spread(tmp_path):
+    """``benchmarks/table_sweep.py``: two configurations of two seeds each (and a failed trial, left out): the mean
+    top-1, the spread (largest minus smallest) and the mean latency ratio are those of the records."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from table_sweep import seeds_markdown
+
+    worker = {"cpu": {"model": "AMD EPYC", "kind": "x86 AVX-512 VNNI"}, "blas": {"architecture": "SkylakeX"},
+              "versions": {"nq_onnx": "0.1.0"}, "peak_rss_mb": 900.0}
+    lines = [{"kind": "sweep", "fp32": {"top1": 0.7145, "mse": 0.0}}]
+    figures = {("easyquant", 0): (0.70, 0.05, 0.50), ("easyquant", 1): (0.71, 0.07, 0.52),
+               ("noisyquant", 0): (0.712, 0.03, 0.48), ("noisyquant", 1): (0.716, 0.01, 0.50)}
+    for (method, seed), (top1, mse, ratio) in figures.items():
+        key = f"{method}-{seed}"
+        lines.append({"kind": "trial", "trial": key, "status": "ok", "seed": seed, "worker": worker,
+                      "options": {"method": method, "w_bits": 8, "a_bits": 8, "seed": seed},
+                      "metrics": {"top1": top1, "mse": mse}})
+        lines.append({"kind": "latency", "trial": key, "ratio_to_fp32": ratio})
+    lines.append({"kind": "trial", "trial": "bad", "status": "failed", "seed": 0, "options": {"method": "x"},
+                  "metrics": None})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = seeds_markdown(path)
+    rows = [line for line in table.splitlines() if line.startswith("| W8A8")]
+    assert rows == ["| W8A8 noisyquant | 2 | 71.40 | 0.40 | 0.02 | 0.49x |",
+                    "| W8A8 easyquant | 2 | 70.50 | 1.00 | 0.06 | 0.51x |"], table
+    assert "(4 trials)" in table and "x86 AVX-512 VNNI" in table and "900 MB" in table
