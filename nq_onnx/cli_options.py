@@ -126,7 +126,9 @@ def ignored(resolved: Resolved, load_plan: bool) -> list[str]:
             else:
                 continue
             by_reason.setdefault(reason, []).append(_name(source, field))
-    return [f"{', '.join(dict.fromkeys(names))} ignored: {reason}" for reason, names in by_reason.items()]
+    last = {"--config": 1, "--preset": 2}  # flags first, in declaration order, then the file and the preset
+    return [f"{', '.join(sorted(dict.fromkeys(names), key=lambda n: last.get(n, 0)))} ignored: {reason}"
+            for reason, names in by_reason.items()]
 
 
 def _nested() -> set[str]:

@@ -41,6 +41,7 @@ class Summary:
 
 _DEPTH = contextvars.ContextVar("nq_onnx_timed_depth", default=0)  # timed blocks open around the current one
 log = logging.getLogger("nq_onnx.stages")
+logging.getLogger("nq_onnx").addHandler(logging.NullHandler())  # a library's records reach only handlers the app sets
 
 
 @contextlib.contextmanager
