@@ -293,7 +293,7 @@ def _is_sim_add(node: onnx.NodeProto) -> bool:
 def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
                          inputs: dict[str, np.ndarray], unsigned: frozenset[str],
                          steps: dict[str, dict[int, float]], choices: tuple[int, ...],
-                         base: int | None = None) -> dict[str, dict[int, float]]:
+                         base: int | None = None, progress=None) -> dict[str, dict[int, float]]:
     """Per group and bit-width ``b``: the mean squared error of the model's first output against the float
     model's, on ``inputs``, with that group quantized at ``b`` bits (its input with the step ``steps[group][b]``,
     its layers' weights MinMax).
@@ -314,12 +314,13 @@ def output_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: 
         return feeds | {names["scale"]: np.array(steps[group.name][bits], np.float32), names["on"]: np.array(True)}
 
     sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(choices), quantized)
-    return sim.sensitivities(choices, base)
+    return sim.sensitivities(choices, base, progress)
 
 
 def searched_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights: dict[str, np.ndarray],
                            inputs: dict[str, np.ndarray], unsigned: frozenset[str],
-                           searched: dict[int, dict[str, np.ndarray]], base: int) -> dict[str, dict[int, float]]:
+                           searched: dict[int, dict[str, np.ndarray]], base: int,
+                           progress=None) -> dict[str, dict[int, float]]:
     """Per group and bit-width ``b``: ``MSE(group at b, the rest at base) - MSE(all at base)`` of the model's
     first output against the float model's, on ``inputs``, where "at ``b``" is what the uniform search at ``b``
     bits chose for that group (``searched[b]``: a finished :class:`Simulator`'s feeds, :attr:`Simulator.feeds`):
@@ -328,7 +329,7 @@ def searched_sensitivities(model: onnx.ModelProto, layers: Layers, float_weights
     Uniform activation quantizers only (a twin-uniform quantizer's constants depend on its width)."""
     sim = WidthSimulation(model, layers, float_weights, inputs, unsigned, max(searched),
                           searched_feeds(layers, searched))
-    return sim.sensitivities(tuple(sorted(searched)), base)
+    return sim.sensitivities(tuple(sorted(searched)), base, progress)
 
 
 def searched_feeds(layers: Layers, searched: dict[int, dict[str, np.ndarray]]):
@@ -388,13 +389,15 @@ class WidthSimulation:
     def mse(self, feeds: dict[str, np.ndarray]) -> float:
         return float(np.mean((self.run(feeds) - self.reference) ** 2))
 
-    def sensitivities(self, choices: tuple[int, ...], base: int | None) -> dict[str, dict[int, float]]:
+    def sensitivities(self, choices: tuple[int, ...], base: int | None, progress=None) -> dict[str, dict[int, float]]:
         """The output MSE of every (group, width) in ``choices`` with every other group at ``base`` (float: ``base
-        = None``), less the MSE with every group there."""
+        = None``), less the MSE with every group there; ``progress(iterable, total=None, desc=None)`` sees the
+        groups go by."""
         if base is not None and base not in choices:
             raise ValueError(f"the operating point's width {base} is not one of {choices}")
         groups = self.layers.groups
         start = self.feeds({} if base is None else dict.fromkeys((g.name for g in groups), base))
         floor = 0.0 if base is None else self.mse(start)
+        shown = groups if progress is None else progress(groups, total=len(groups))
         return {g.name: {bits: 0.0 if bits == base else self.mse(start | self.group_feeds(g, bits)) - floor
-                         for bits in choices} for g in groups}
+                         for bits in choices} for g in shown}

@@ -11,6 +11,8 @@ import enum
 from typing import Any
 
 from nq_onnx.errors import ConfigError
+from nq_onnx.options import Condition, option, register_section
+from nq_onnx.presets import preset_values
 
 SUPPORTED_BITS = (4, 5, 6, 7, 8)  # 7: int8 codes that no x86 kernel saturates (onnxruntime's reduce_range)
 
@@ -123,6 +125,14 @@ class Activations(str, enum.Enum):
 SKEW = 0.25  # an asymmetric group's |minimum| / maximum at most this (symmetric codes would waste 40 % or more)
 
 
+# when an option does something (a flag given where its condition fails is warned about, not refused)
+SEARCHED = Condition(lambda c: c.method != Method.MINMAX, lambda c: "method minmax searches nothing")
+NOISY = Condition(lambda c: c.method.noisy, lambda c: f"method {c.method.value} adds no noise")
+BUDGETED = Condition(lambda c: c.bits_budget is not None, lambda c: "it applies under --bits-budget only")
+ATTENTION = Condition(lambda c: c.quantize_attention_matmuls,
+                      lambda c: "--no-attention-matmuls keeps the attention matmuls in float")
+
+
 class Target(str, enum.Enum):
     """Where the model will run, which decides weight storage, activation types and Q/DQ placement.
 
@@ -209,16 +219,34 @@ class SearchConfig:
     noise_amplitudes: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     noise_shifts: tuple[float, ...] = (0.0, 0.5, 1.0)
     shift_min_rows: int = 1024
-    tokens: int = 1024
-    read_token_share: float = 0.5
-    screen_tokens: int = 256
-    screen_keep: int = 3
-    search_images: int = 8
-    holdout_images: int = 4
-    sequential: bool = True
-    grid_stride: int = 1
-    objective: Objective = Objective.COSINE
-    ranking_loss: float = 0.0  # gamma of PTQ-ViT's ranking loss on attention scores (Q K^T); 0: off
+    tokens: int = dataclasses.field(default=1024, metadata=option(
+        "token rows per layer search", "search", flag="--search-tokens", applies=SEARCHED))
+    read_token_share: float = dataclasses.field(default=0.5, metadata=option(
+        "share of each layer search's rows given to the tokens the model's output reads (a ViT's class token; 0: "
+        "every row counts once)", "search", applies=SEARCHED))
+    screen_tokens: int = dataclasses.field(default=256, metadata=option(
+        "score every candidate step on this many of the token rows first, then only the best few (--screen-keep) on "
+        "all of them (0: score every candidate on all rows)", "search", applies=SEARCHED))
+    screen_keep: int = dataclasses.field(default=3, metadata=option(
+        "candidates per search scored on all rows after screening", "search", applies=SEARCHED))
+    search_images: int = dataclasses.field(default=8, metadata=option(
+        "images the per-layer searches run on", "search", applies=SEARCHED))
+    holdout_images: int = dataclasses.field(default=4, metadata=option(
+        "further images on which a searched noise must beat EasyQuant to be kept (0: no check)", "search",
+        applies=SEARCHED))
+    sequential: bool = dataclasses.field(default=True, metadata=option(
+        "search each layer after the quantized earlier layers (--no-sequential: every layer on float activations)",
+        "search", applies=SEARCHED))
+    grid_stride: int = dataclasses.field(default=1, metadata=option(
+        "search grids coarse to fine: every Nth point, then the best one's neighbours (1: every point; 3 is faster "
+        "and slightly less accurate)", "search", applies=SEARCHED))
+    objective: Objective = dataclasses.field(default=Objective.COSINE, metadata=option(
+        "what the scale searches maximize on each layer's output: cosine (EasyQuant) or pearson (PTQ-ViT's "
+        "similarity-aware search)", "search", applies=SEARCHED))
+    # gamma of PTQ-ViT's ranking loss on attention scores (Q K^T); 0: off
+    ranking_loss: float = dataclasses.field(default=0.0, metadata=option(
+        "PTQ-ViT's ranking loss on attention scores (Q K^T), weighted by GAMMA (the paper: 0.1; 0: off; margin 0.2)",
+        "search", metavar="GAMMA", applies=SEARCHED))
     ranking_margin: float = 0.2  # theta of that loss, in the units of the scores
     ranking_pairs: int = 16  # sampled score pairs per query row
 
@@ -281,34 +309,86 @@ class QuantConfig:
     an error, so a typo cannot silently leave a layer in float.
     """
 
-    method: Method = Method.NOISYQUANT
-    w_bits: int | None = None  # None: the target's (Target.w_bits), or 8 under a bits budget
-    a_bits: int = 8
-    seed: int = 0
-    calib_size: int = 128
-    batch_size: int = 8
-    exclude: tuple[str, ...] = ()
-    quantize_attention_matmuls: bool = True  # Q K^T (and A V where attention_probabilities) on integer kernels
+    method: Method = dataclasses.field(default=Method.NOISYQUANT, metadata=option(
+        "scale choice: minmax, easyquant (cosine search), noisyquant (easyquant + noisy bias), ptq4vit (easyquant with "
+        "PTQ4ViT's twin-uniform quantizers after Softmax and GELU) or noisyquant-ptq4vit. The twin-uniform quantizer "
+        "costs a float select (Less/Where) over every attention map and GELU output and a second integer matmul per "
+        "such layer: on ViT-S/14 (AVX-512 VNNI, batch 8) its models ran at 0.9-1.4x FP32's time, where uniform "
+        "quantizers run at about 0.5x", "method"))
+    # None: the target's (Target.w_bits), or 8 under a bits budget
+    w_bits: int | None = dataclasses.field(default=None, metadata=option(
+        "weight bits", "target", choices=SUPPORTED_BITS,
+        default_text="7 for the portable and x86-avx2 targets, int8 codes in +-63 that no CPU saturates; 8 for the "
+                     "others and under --bits-budget"))
+    a_bits: int = dataclasses.field(default=8, metadata=option("activation bits", "target", choices=SUPPORTED_BITS))
+    seed: int = dataclasses.field(default=0, metadata=option("seed of the image choice and the noise", "data"))
+    calib_size: int = dataclasses.field(default=128, metadata=option("calibration images to use", "data"))
+    batch_size: int = dataclasses.field(default=8, metadata=option("calibration batch size", "data"))
+    exclude: tuple[str, ...] = dataclasses.field(default=(), metadata=option(
+        "leave layers matching this fnmatch pattern in float (repeatable; must match something)", "target",
+        metavar="PATTERN"))
+    # Q K^T (and A V where attention_probabilities) on integer kernels
+    quantize_attention_matmuls: bool = dataclasses.field(default=True, metadata=option(
+        "quantize the attention matmuls on integer kernels (Q@K^T, and A@V with --attention-probabilities; "
+        "--no-attention-matmuls keeps both in float)", "target", flag="--attention-matmuls"))
     # A V too, as the paper does: a uniform 8-bit attention map loses most small probabilities (on the real
     # ViT-S/14 leaving A V in float halves the W8A8 output error)
-    attention_probabilities: bool = False
-    int16_bias: bool = False  # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
-    target: Target = Target.PORTABLE
-    weight_dtype: WeightDtype | None = None  # None: the target's (:attr:`Target.weight_dtype`)
-    activations: Activations | None = None  # None: the target's (symmetric for gpu, asymmetric elsewhere)
-    noise: NoiseMode = NoiseMode.BOTH  # NoisyQuant only: what N may hold
-    reparam: bool = True  # LayerNorm reparameterization before the search (nq_onnx.reparam)
-    reparam_attention: bool = False  # K centred and Q/K channels balanced before the search (nq_onnx.reparam)
-    weight_rounding: WeightRounding = WeightRounding.GPTQ
-    bias_correction: bool = True  # fold each layer's mean output error into its bias
+    attention_probabilities: bool = dataclasses.field(default=False, metadata=option(
+        "quantize A@V's attention map too, as the paper does (off: A@V stays float: a uniform 8-bit attention map "
+        "loses most small probabilities; on the real ViT-S/14 leaving A@V in float halves the W8A8 output error)",
+        "target", applies=ATTENTION))
+    # store N and B' as int16 codes (opset 21 Q/DQ; the model is upgraded to opset 21)
+    int16_bias: bool = dataclasses.field(default=False, metadata=option(
+        "store the noise N and denoised biases B' as int16 codes (upgrades the model to opset 21)", "target"))
+    target: Target = dataclasses.field(default=Target.PORTABLE, metadata=option(
+        "where the model will run: portable (exact on every CPU), x86-avx2 (the same rule), x86-vnni or arm64 (int8 "
+        "weights everywhere: their fastest kernels, saturating on x86 without VNNI), gpu (TensorRT's Q/DQ: "
+        "symmetric int8 activations with zero point 0; no twin-uniform, asymmetric or int16-bias options)",
+        "target", plan_fixed=False))
+    # None: the target's (:attr:`Target.weight_dtype`)
+    weight_dtype: WeightDtype | None = dataclasses.field(default=None, metadata=option(
+        "weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero point 128 "
+        "elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 targets: saturates on x86 "
+        "without VNNI)", "target", plan_fixed=False, default_text="the target's"))
+    # None: the target's (symmetric for gpu, asymmetric elsewhere)
+    activations: Activations | None = dataclasses.field(default=None, metadata=option(
+        "symmetric per-tensor codes, or asymmetric uint8 codes anchored at the calibrated minimum of each skewed "
+        f"tensor (|min| <= {SKEW:g} max: GELU outputs)", "target", default_text="asymmetric; symmetric for the gpu "
+                                                                                  "target"))
+    noise: NoiseMode = dataclasses.field(default=NoiseMode.BOTH, metadata=option(
+        "what NoisyQuant's vector N may hold: paper (the paper's uniform noise, its width searched), shift (a "
+        "per-channel mean shift) or both", "method", applies=NOISY))
+    reparam: bool = dataclasses.field(default=True, metadata=option(
+        "LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of every "
+        "LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers", "method"))
+    reparam_attention: bool = dataclasses.field(default=False, metadata=option(
+        "attention reparameterization first: each K channel centred (the Softmax ignores it) and each Q/K channel "
+        "pair balanced, folded exactly into the qkv (or q and k) layers", "method"))
+    weight_rounding: WeightRounding = dataclasses.field(default=WeightRounding.GPTQ, metadata=option(
+        "nearest; gptq (second-order: each rounding error pushed onto the not yet rounded inputs through the "
+        "inverse input Hessian, kept per layer where it lowers the held-out output error); or gptq-act (GPTQ fitted "
+        "to the float output from the layer's quantized input, its activation error included)", "method",
+        applies=SEARCHED))
+    bias_correction: bool = dataclasses.field(default=True, metadata=option(
+        "fold each layer's mean output error on the calibration sample into its bias, kept per layer where it "
+        "lowers the held-out output error", "method", applies=SEARCHED))
     # mixed precision (nq_onnx.mixed): every group and its layers' weights take 4, 5, 6 or 8 bits, chosen from
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
-    bits_budget: float | None = None
-    mixed_sensitivity: MixedSensitivity = MixedSensitivity.OUTPUT
+    bits_budget: float | None = dataclasses.field(default=None, metadata=option(
+        "mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "
+        "activation-count-weighted average at most BITS", "method", metavar="BITS", default_text="none: one width"))
+    mixed_sensitivity: MixedSensitivity = dataclasses.field(default=MixedSensitivity.OUTPUT, metadata=option(
+        "how --bits-budget rates a group: output (the model output's error with the group alone quantized); joint "
+        "(its change when the group's width moves with every other group at the budget's uniform width); searched "
+        "(as joint, with the quantizers the method's uniform search at each width chose: a search per width, about "
+        "5x the time); or nuclear (PTQ-ViT's nuclear-norm-weighted error of the outputs it feeds)", "method",
+        applies=BUDGETED))
     # fit images the output / joint / searched sensitivities are measured on (at most the fit images). 4: on the
     # real ViT-S/14 a 6.0-bit budget gained +3.4 points over uniform W6A6 on three seeds' mean with NoisyQuant +
     # reparam, against +1.9 with 1 (README, Mixed precision)
-    mixed_images: int = 4
+    mixed_images: int = dataclasses.field(default=4, metadata=option(
+        "fit images the output, joint and searched sensitivities are measured on (at most the search's fit images; "
+        "the sensitivity pass's time grows with N)", "method", metavar="N", applies=BUDGETED))
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
@@ -395,3 +475,19 @@ class QuantConfig:
         search = data.pop("search", {})
         search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
         return cls(search=SearchConfig(**search), **data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
+        """``QuantConfig.preset("paper", w_bits=6, a_bits=6)``: preset ``name`` (:data:`PRESETS`: ``fast``,
+        ``accurate``, ``paper``) with ``overrides`` on top; ``search`` may be a SearchConfig, or a dict of its fields
+        over the preset's."""
+        values = dict(preset_values(name))
+        search = dict(values.pop("search", {}))
+        given = overrides.pop("search", None)
+        values["search"] = given if isinstance(given, SearchConfig) else SearchConfig(**{**search, **(given or {})})
+        return cls(**{**values, **overrides})
+
+
+
+register_section("quant", QuantConfig, root=True)
+register_section("search", SearchConfig, parent_field="search")

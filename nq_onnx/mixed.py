@@ -26,6 +26,7 @@ fits in it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,6 +34,20 @@ from nq_onnx.errors import ConfigError
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 
 BIT_CHOICES = (4, 5, 6, 8)
+SENSITIVITY_DESC = "mixed precision: sensitivities"  # what the sensitivity pass's progress is called
+
+
+def tracked(items: Sequence, progress: Callable | None, desc: str) -> Iterable:
+    """``items`` through a progress callable (``progress(iterable, total=None, desc=None)``: a bar or log lines),
+    or as they are without one."""
+    return items if progress is None else progress(items, total=len(items), desc=desc)
+
+
+def renamed(progress: Callable | None, name: str) -> Callable | None:
+    """``progress`` with every loop it shows called ``name``."""
+    if progress is None:
+        return None
+    return lambda iterable, total=None, desc=None: progress(iterable, total=total, desc=name)
 
 
 @dataclasses.dataclass(frozen=True)

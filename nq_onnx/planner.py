@@ -23,7 +23,8 @@ from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
 from nq_onnx.config import SKEW, Activations, MixedSensitivity, QuantConfig, SearchConfig, Target
-from nq_onnx.mixed import BIT_CHOICES, Module, assign_bits, linear_sensitivity, matmul_sensitivity, uniform_width
+from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, Module, assign_bits, linear_sensitivity, matmul_sensitivity,
+                           renamed, tracked, uniform_width)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
@@ -235,7 +236,7 @@ class SearchPlanner:
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
         if self.config.bits_budget is not None:
             with timed(self.timings, "mixed_precision_s"):
-                self._bits = self._assign_bits(inputs)
+                self._bits = self._assign_bits(inputs, progress)
         self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
         self._lows = asymmetric_lows(self.layers, self.stats, self.config, self._twins)
         self._fallbacks = {name: ActQuantizer(self._bits.get(name, self.config.a_bits), name not in self._unsigned)
@@ -332,14 +333,14 @@ class SearchPlanner:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""
         return self._bits.get(group.name, self.config.w_bits)
 
-    def _assign_bits(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+    def _assign_bits(self, inputs: dict[str, np.ndarray], progress: Callable | None = None) -> dict[str, int]:
         """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.mixed`): costs from the float values of the
-        first fit images, sensitivities as ``config.mixed_sensitivity`` says."""
+        first fit images, sensitivities as ``config.mixed_sensitivity`` says (``progress`` shows each group's)."""
         images = min(self._fit, SENSITIVITY_IMAGES)
         feeds = {k: v[:images] for k, v in inputs.items()}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
         if self.config.mixed_sensitivity == MixedSensitivity.SEARCHED:
-            sensitivity = self._searched_sensitivities(inputs)
+            sensitivity = self._searched_sensitivities(inputs, progress)
         elif self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
             steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
             one = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
@@ -347,23 +348,27 @@ class SearchPlanner:
             if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
                 base = uniform_width(self.config.bits_budget, BIT_CHOICES)
             sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, steps,
-                                               BIT_CHOICES, base)
+                                               BIT_CHOICES, base, progress=renamed(progress, SENSITIVITY_DESC))
         else:
-            sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in self.layers.groups}
+            groups = tracked(self.layers.groups, progress, SENSITIVITY_DESC)
+            sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in groups}
         costs = group_costs(self.layers, self._weights, values, images)
         self._modules = {g.name: Module(g.name, costs[g.name], sensitivity[g.name]) for g in self.layers.groups}
         return assign_bits(list(self._modules.values()), self.config.bits_budget)
 
-    def _searched_sensitivities(self, inputs: dict[str, np.ndarray]) -> dict[str, dict[int, float]]:
+    def _searched_sensitivities(self, inputs: dict[str, np.ndarray],
+                                progress: Callable | None = None) -> dict[str, dict[int, float]]:
         """``MixedSensitivity.SEARCHED``: each group's change of the output error when it takes its width-``b``
         uniform search's quantizers with every other group at the budget's uniform width
         (:func:`searched_sensitivities`)."""
-        searched = self.uniform_searches(BIT_CHOICES)
+        searched = self.uniform_searches(BIT_CHOICES, progress)
         images = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
         return searched_sensitivities(self.model, self.layers, self._weights, images, self._unsigned, searched,
-                                      uniform_width(self.config.bits_budget, BIT_CHOICES))
+                                      uniform_width(self.config.bits_budget, BIT_CHOICES),
+                                      progress=renamed(progress, SENSITIVITY_DESC))
 
-    def uniform_searches(self, widths: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+    def uniform_searches(self, widths: tuple[int, ...],
+                         progress: Callable | None = None) -> dict[int, dict[str, np.ndarray]]:
         """The method's uniform search at each of ``widths`` (no bits budget), each on its own simulator: per width,
         the finished simulator's feeds (:attr:`Simulator.feeds`: every group's step and noise, every layer's
         fake-quantized weight and delta)."""
@@ -371,7 +376,8 @@ class SearchPlanner:
         for bits in widths:
             config = dataclasses.replace(self.config, bits_budget=None, w_bits=bits, a_bits=bits)
             uniform = SearchPlanner(self.model, self.layers, self.stats, self.search_data, config)
-            uniform.run(Plan(model_digest="", config=config))
+            uniform.run(Plan(model_digest="", config=config),
+                        renamed(progress, f"{SENSITIVITY_DESC}: search at {bits} bits"))
             out[bits] = uniform._sim.feeds
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 MARKER = "<!-- cli-reference -->"
+EXIT_MARKER = "<!-- cli-exit-codes -->"
 
 
 def _cell(text: str) -> str:
@@ -61,5 +62,14 @@ def cli_markdown(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(lines)
 
 
+def exit_codes_markdown() -> str:
+    """``nq_onnx.cli.EXIT_CODES`` (what ``nq-onnx --help`` lists) as a table."""
+    from nq_onnx.cli import EXIT_CODES
+
+    return "\n".join(["| status | meaning |", "|---|---|"] + [f"| {c} | {_cell(m)} |" for c, m in EXIT_CODES])
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    if EXIT_MARKER in markdown:
+        markdown = markdown.replace(EXIT_MARKER, exit_codes_markdown())
     return markdown.replace(MARKER, cli_markdown()) if MARKER in markdown else markdown
