@@ -255,3 +255,21 @@ def test_latency_without_inputs_is_refused(classifier, tmp_path, photo_folder):
                     save_plan=plan, evaluate=False)
     refused(classifier, tmp_path, None, DataError, "--latency needs inputs to time: --calib DATA or --eval DATA",
             load_plan=plan, measure_latency=True)
+
+
+def test_kernels_verdict_names_why_a_model_does_not_suit_a_target(classifier, tmp_path, photo_folder):
+    """The default portable model runs on integer kernels; asked of the gpu target, its uint8 activations break
+    TensorRT's Q/DQ rules, and the verdict says no with the first reason."""
+    from nq_onnx.evaluation import check_kernels
+    from nq_onnx.inspect import inspect_model, target_failures
+
+    result = nq_onnx.convert(classifier, tmp_path / "q.onnx", photo_folder, QuantConfig(calib_size=8, **FAST),
+                             evaluate=False, report=tmp_path / "q.html")
+    assert result.summary.kernels.describe() == "yes (1/1 quantized matmuls on integer kernels; suits target portable)"
+    problems = target_failures(inspect_model(result.model), "gpu")
+    assert problems
+    kernels = check_kernels(result.model, "gpu")
+    assert not kernels.ok and kernels.problems == tuple(problems)
+    more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+    assert kernels.describe() == f"no (1/1 quantized matmuls on integer kernels; target gpu: {problems[0]}{more})"
+    assert "  integer kernels: yes (1/1" in format_summary(result.summary, 1.0, "q")
