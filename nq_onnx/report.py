@@ -361,23 +361,26 @@ def build_report(
         }
         figures["pareto"] = pareto_chart(data.precision["front"], data.precision["uniform"],
                                          data.precision["chosen"])
-    histograms: list[str] = []
-    if dataset is not None:
-        names = histogram_groups(result.layers, result.plan, rows)
-        groups = [g for g in result.layers.groups if g.name in names]
-        if groups:
-            subset = dataset.head(config.search.search_images)
-            samples = sample_rows(
-                result.float_model, [g.tensor for g in groups], subset, config.batch_size, SAMPLE_ROWS, config.seed
-            )
-            weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
-            for group in groups:
-                figures[group.name] = group_figure(
-                    group.name, samples[group.tensor], result.plan, result.layers, weights
-                )
-                histograms.append(group.name)
-            data.theorem = theorem_curves(groups, samples, result.plan)
-            if data.theorem:
-                figures["theorem"] = png(theorem.plot(data.theorem))
+    histograms = _histograms(result, dataset, rows, data, figures) if dataset is not None else []
     write_report(data, figures, chart, histograms, path, report_dir)
     return data
+
+
+def _histograms(result, dataset, rows: list[dict], data: ReportData, figures: dict[str, bytes]) -> list[str]:
+    """Draw the chosen groups' histograms and Theorem 1's curves on float activations of ``dataset`` into
+    ``figures`` (the curves' numbers into ``data.theorem``); the groups drawn."""
+    config = result.plan.config
+    names = histogram_groups(result.layers, result.plan, rows)
+    groups = [g for g in result.layers.groups if g.name in names]
+    if not groups:
+        return []
+    subset = dataset.head(config.search.search_images)
+    samples = sample_rows(result.float_model, [g.tensor for g in groups], subset, config.batch_size, SAMPLE_ROWS,
+                          config.seed)
+    weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
+    for group in groups:
+        figures[group.name] = group_figure(group.name, samples[group.tensor], result.plan, result.layers, weights)
+    data.theorem = theorem_curves(groups, samples, result.plan)
+    if data.theorem:
+        figures["theorem"] = png(theorem.plot(data.theorem))
+    return [g.name for g in groups]
