@@ -271,3 +271,88 @@ def load_labels(source: str | Path, count: int) -> np.ndarray | None:
     if labels.ndim != 1 or len(labels) < count or labels.dtype.kind not in "iu":
         raise DataError(f"{source}: 'labels' must be a 1-D integer array with one label per input")
     return labels[:count].astype(np.int64)
+
+
+def held_out_dataset(source: str | Path, calib: Dataset, *, count: int, limit: int, seed: int) -> Dataset | None:
+    """Up to ``count`` inputs of ``source`` outside ``calib``, the set :func:`load_dataset` chose from it with
+    ``limit`` and ``seed``; ``None`` when every input went to ``calib``.
+
+    For a folder these are the next readable images of the same seeded order (in sorted order), for tensors the rows
+    after the first ``limit``: ``calib`` itself is left as it is, so the inputs a conversion calibrates and
+    searches on do not depend on whether anything is held out."""
+    source = Path(source)
+    if calib.arrays is not None:
+        arrays = _tensor_file(source, calib.input_names)
+        rows = {k: v[limit: limit + count] for k, v in arrays.items()}
+        return Dataset(calib.input_names, arrays=rows) if len(next(iter(rows.values()))) else None
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if len(files) <= limit:  # load_dataset took every readable file
+        return None
+    taken = set(calib.files) | {Path(p) for p in calib.skipped}
+    chosen: list[Path] = []
+    for index in np.random.default_rng(seed).permutation(len(files)):
+        if len(chosen) >= count:
+            break
+        path = files[index]
+        if path not in taken and _readable(path):
+            chosen.append(path)
+    if not chosen:
+        return None
+    return Dataset(calib.input_names, files=sorted(chosen), preprocess=calib.preprocess)
+
+
+def class_folder_labels(folder: str | Path, files: Sequence[Path]) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """Labels from a class-folder layout: every image in a sub-folder of ``folder`` (at any depth below it), at least
+    two sub-folders, the class of an image the index of its top sub-folder in sorted order (torchvision's
+    ``ImageFolder``); ``None`` for any other layout."""
+    folder = Path(folder)
+    tops = [Path(f).relative_to(folder).parts for f in files]
+    if not tops or any(len(parts) < 2 for parts in tops):
+        return None
+    classes = tuple(sorted({parts[0] for parts in tops}))
+    if len(classes) < 2:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index[parts[0]] for parts in tops], np.int64), classes
+
+
+def read_labels_file(path: str | Path) -> np.ndarray:
+    """Integer class labels from a file: ``.npy`` (a 1-D integer array), ``.npz`` (its ``labels`` array) or text
+    (one integer per line; blank lines are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}")
+    if path.suffix in (".npy", ".npz"):
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+        if not isinstance(loaded, np.ndarray):
+            with loaded:
+                if "labels" not in loaded.files:
+                    raise DataError(f"{path} has no 'labels' array")
+                loaded = loaded["labels"]
+        if loaded.ndim != 1 or loaded.dtype.kind not in "iu":
+            raise DataError(f"{path}: labels must be a 1-D integer array")
+        labels = loaded.astype(np.int64)
+    else:
+        labels = _text_labels(path)
+    if len(labels) and labels.min() < 0:
+        raise DataError(f"{path}: labels must be class indices (0 or more), found {int(labels.min())}")
+    return labels
+
+
+def _text_labels(path: Path) -> np.ndarray:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append(int(line.strip()))
+        except ValueError:
+            raise DataError(f"{path} line {number}: {line.strip()!r} is not an integer class index") from None
+    return np.array(values, np.int64)

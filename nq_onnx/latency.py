@@ -26,10 +26,13 @@ def session(path: Path, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latency_round_robin(models: dict[str, Path], batch: np.ndarray, rounds: int, warmup: int = 3,
-                        threads: int = 2) -> dict:
+def latency_round_robin(models: dict[str, Path], batch: np.ndarray | dict[str, np.ndarray], rounds: int,
+                        warmup: int = 3, threads: int = 2) -> dict:
+    """``batch``: the first input's array, or an array per input name."""
     sessions = {name: session(path, threads) for name, path in models.items()}
-    feeds = {name: {s.get_inputs()[0].name: batch} for name, s in sessions.items()}
+    feeds = {name: batch if isinstance(batch, dict) else {s.get_inputs()[0].name: batch}
+             for name, s in sessions.items()}
+    size = len(next(iter(batch.values()))) if isinstance(batch, dict) else len(batch)
     for _ in range(warmup):
         for name, s in sessions.items():
             s.run(None, feeds[name])
@@ -47,7 +50,7 @@ def latency_round_robin(models: dict[str, Path], batch: np.ndarray, rounds: int,
             "p10_ms": float(np.percentile(v, 10)),
             "p90_ms": float(np.percentile(v, 90)),
             "runs": len(v),
-            "batch": int(len(batch)),
-            "images_per_s": float(len(batch) * 1000 / np.median(v)),
+            "batch": int(size),
+            "images_per_s": float(size * 1000 / np.median(v)),
         }
     return out

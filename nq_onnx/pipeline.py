@@ -20,10 +20,9 @@ import onnx_graphsurgeon as gs
 from nq_onnx._version import __version__
 from nq_onnx.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import TensorStats, collect_stats
-from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset, load_labels
-from nq_onnx.calibration.evaluate import model_outputs, output_metrics
+from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.config import Method, QuantConfig, Target
-from nq_onnx.errors import ModelError, NQError, PlanError
+from nq_onnx.errors import DataError, ModelError, NQError, PlanError
 from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
@@ -42,7 +41,7 @@ from nq_onnx.passes import (
     find_layers,
     import_graph,
 )
-from nq_onnx import reparam
+from nq_onnx import evaluation, reparam
 from nq_onnx.passes.reparam_attention import AttentionSite, attention_sites
 from nq_onnx.plan import AttentionReparam, Plan, average_bits
 from nq_onnx.summary import Summary, profile_record, timed
@@ -295,17 +294,6 @@ def _reparameterize_attention(
     return model, layers, factors, stats
 
 
-EVAL_INPUTS = 64
-
-
-def float_and_quantized_outputs(model: onnx.ModelProto, quantized: onnx.ModelProto, dataset: Dataset, batch_size: int,
-                                progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """First outputs of the float and the quantized model on the first ``EVAL_INPUTS`` inputs of ``dataset``."""
-    subset = dataset.head(min(len(dataset), EVAL_INPUTS))
-    return (model_outputs(model, subset, batch_size, progress, "evaluate fp32"),
-            model_outputs(quantized, subset, batch_size, progress, "evaluate quantized"))
-
-
 def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:
     """A loaded plan's config stored for the asked CPU target and weight container (the search never reads them)."""
     if (planned.target == Target.GPU) != (asked.target == Target.GPU):
@@ -314,84 +302,89 @@ def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:
     return dataclasses.replace(planned, target=asked.target, weight_dtype=asked.weight_dtype)
 
 
-def convert(
-    model_path: str | Path,
-    output_path: str | Path,
-    calib: str | Path | None = None,
-    config: QuantConfig | None = None,
-    *,
-    load_plan: str | Path | None = None,
-    save_plan: str | Path | None = None,
-    force: bool = False,
-    evaluate: bool = True,
-    preprocess: dict | None = None,
-    progress: Callable | None = None,
-    report: str | Path | None = None,
-    report_dir: str | Path | None = None,
-    external_data: bool | None = None,
-    profile: str | Path | None = None,
-) -> Result:
+def convert(model_path: str | Path, output_path: str | Path, calib: str | Path | None = None,
+            config: QuantConfig | None = None, *, load_plan: str | Path | None = None,
+            save_plan: str | Path | None = None, force: bool = False, evaluate: bool = True,
+            eval_data: str | Path | None = None, eval_labels: str | Path | None = None, measure_latency: bool = False,
+            command: str | None = None, preprocess: dict | None = None, progress: Callable | None = None,
+            report: str | Path | None = None, report_dir: str | Path | None = None,
+            external_data: bool | None = None, profile: str | Path | None = None) -> Result:
     """Quantize the ONNX model at ``model_path`` into ``output_path`` (see the README for the method).
 
-    ``profile`` writes where the conversion's seconds went (:func:`nq_onnx.summary.profile_record`: each stage's
-    wall time, the search's parts and phases, the CPU and numpy's BLAS kernels) as JSON.
-
-    ``external_data`` writes the large tensors to a data file beside the output (``None``: when the input had
-    external data or the output is over 2 GiB; see :mod:`nq_onnx.external_data`).
-
-    ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``,
-    ``std``, ``interpolation``, ``crop_pct``).
+    ``evaluate``: the output error against the float model (``summary.metrics``; the inputs in
+    ``summary.evaluation``) on ``eval_data`` (images, one sub-folder per class for labels, or ``.npy``/``.npz``),
+    else on calibration-source inputs the conversion does not calibrate on, else (none to spare) on calibration
+    inputs, said so (:mod:`nq_onnx.evaluation`). ``eval_labels`` (one class index per line, ``.npy`` or ``.npz``)
+    adds top-1 of FP32 and of the quantized model; ``measure_latency`` times a batch of both interleaved
+    (``summary.latency``); ``command``, the command line, is shown in the report. ``profile`` writes where the
+    seconds went (:func:`nq_onnx.summary.profile_record`) as JSON. ``external_data`` writes the large tensors to a
+    data file beside the output (``None``: when the input had external data or the output is over 2 GiB).
+    ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``), for calibration and evaluation images alike.
 
     With ``load_plan`` the plan's settings are used, except ``config.target`` and ``config.weight_dtype`` (how
     weight codes are stored, which no search depends on) among the CPU targets; a plan searched for ``gpu`` (symmetric
     int8 activations) and one searched for a CPU are not interchangeable.
     """
     begin = time.perf_counter()
-    config = config or QuantConfig()
-    inputs = tuple(p for p in (model_path, calib, load_plan) if p is not None)
+    inputs = tuple(p for p in (model_path, calib, load_plan, eval_data, eval_labels) if p is not None)
     output_path = check_output_path(output_path, force=force, inputs=inputs)
     for extra in (save_plan, report, profile):
         if extra is not None:
             check_output_path(extra, force=force, inputs=inputs)
     model, digest = load_model(model_path)
-    plan = Plan.load(load_plan) if load_plan is not None else None
-    if plan is not None:
-        plan.check_model(digest)
-        plan.config = _retargeted(plan.config, config)
-        config = plan.config
+    plan, config = _loaded_plan(load_plan, digest, config or QuantConfig())
     if calib is None and plan is None:
         raise NQError("convert needs --calib DATA (or --load-plan PLAN)")
-    dataset = None if calib is None else _calibration_data(calib, model, config, preprocess)
+    pre = _preprocess(model, preprocess)
+    dataset = None if calib is None else load_dataset(calib, model, limit=config.calib_size, seed=config.seed,
+                                                     preprocess=pre)
+    judged = evaluation.judged_inputs(model, config, calib, dataset, evaluate, eval_data, eval_labels, pre,
+                                      measure_latency)
     loaded = time.perf_counter() - begin
     result = quantize(model, digest, config, dataset, plan, progress)
-    result.summary.timings = timings = {"load_s": loaded} | result.summary.timings  # the stages in the order they ran
-    if evaluate and dataset is not None:
-        with timed(timings, "evaluate_s"):
-            reference, quantized = float_and_quantized_outputs(model, result.model, dataset, config.batch_size,
-                                                               progress)
-            result.summary.metrics = {result.summary.method: output_metrics(reference, quantized)}
-    with timed(timings, "save_s"):
-        save_model_atomic(result.model, output_path, external=external_data)
-        if save_plan is not None:
-            result.plan.save(save_plan)
+    result.summary.timings = {"load_s": loaded} | result.summary.timings  # the stages in the order they ran
+    evaluation.judge(model, result.model, result.summary, judged if evaluate else None, config, progress,
+                     kernels=report is not None)
+    _write(result, model_path, output_path, save_plan, external_data, judged if measure_latency else None)
     if report is not None:
         from nq_onnx.report import build_report
 
-        with timed(timings, "report_s"):
-            build_report(result, dataset, Path(model_path).name, report, report_dir)
+        with timed(result.summary.timings, "report_s"):
+            build_report(result, dataset, Path(model_path).name, report, report_dir, command=command)
     if profile is not None:
         record = profile_record(result.summary, time.perf_counter() - begin, Path(model_path).name, config)
         write_bytes_atomic(profile, (json.dumps(record, indent=1) + "\n").encode())
     return result
 
 
-def _calibration_data(calib: str | Path, model: onnx.ModelProto, config: QuantConfig,
-                      preprocess: dict | None) -> Dataset:
-    """The calibration inputs, prepared as the model records (or as ``preprocess`` overrides)."""
-    pre = None
-    if preprocess and any(v is not None for v in preprocess.values()):
-        pre = Preprocess.from_model(model, **preprocess)
-    return load_dataset(calib, model, limit=config.calib_size, seed=config.seed, preprocess=pre)
+def _write(result: Result, model_path: str | Path, output_path: Path, save_plan: str | Path | None,
+           external_data: bool | None, timed_on: evaluation.EvalInputs | None) -> None:
+    """Save the model (and the plan); with ``timed_on``, time the saved model against the float one on it."""
+    with timed(result.summary.timings, "save_s"):
+        save_model_atomic(result.model, output_path, external=external_data)
+        if save_plan is not None:
+            result.plan.save(save_plan)
+    if timed_on is not None:
+        with timed(result.summary.timings, "latency_s"):
+            result.summary.latency = evaluation.measure_latency(Path(model_path), output_path, timed_on.dataset)
+
+
+def _loaded_plan(load_plan: str | Path | None, digest: str, config: QuantConfig) -> tuple[Plan | None, QuantConfig]:
+    """The plan at ``load_plan`` (checked against the model) and the config the conversion runs with."""
+    if load_plan is None:
+        return None, config
+    plan = Plan.load(load_plan)
+    plan.check_model(digest)
+    plan.config = _retargeted(plan.config, config)
+    return plan, plan.config
+
+
+def _preprocess(model: onnx.ModelProto, overrides: dict | None) -> Preprocess | None:
+    """The image preparation the model records with ``overrides`` applied (``None``: as recorded)."""
+    if overrides and any(v is not None for v in overrides.values()):
+        return Preprocess.from_model(model, **overrides)
+    return None
 
 
 def report(
@@ -402,24 +395,30 @@ def report(
     data: str | Path | None = None,
     report_dir: str | Path | None = None,
     force: bool = False,
+    eval_labels: str | Path | None = None,
+    measure_latency: bool = False,
+    command: str | None = None,
 ) -> Result:
-    """The HTML report of a saved plan applied to its model; ``data`` adds histograms and output error."""
+    """The HTML report of a saved plan applied to its model; ``data`` (all of it) adds histograms, the output error
+    and, with labels (``eval_labels``, class sub-folders or an ``.npz``'s ``labels``), top-1; ``measure_latency``
+    times a batch of ``data`` on both models. The verdict is a conversion's: error, top-1, latency, kernels."""
     from nq_onnx.report import build_report
 
-    inputs = tuple(p for p in (model_path, plan_path, data) if p is not None)
+    inputs = tuple(p for p in (model_path, plan_path, data, eval_labels) if p is not None)
     output = check_output_path(output, force=force, inputs=inputs)
     model, digest = load_model(model_path)
     plan = Plan.load(plan_path)
     plan.check_model(digest)
-    result = quantize(model, digest, plan.config, plan=plan)
-    dataset = None
-    methods: dict[str, dict[str, float]] = {}
-    if data is not None:
-        dataset = load_dataset(data, model, limit=plan.config.calib_size, seed=plan.config.seed)
-        reference, quantized = float_and_quantized_outputs(model, result.model, dataset, plan.config.batch_size)
-        labels = load_labels(data, len(dataset))  # one label per input of the whole set, or an error
-        labels = None if labels is None else labels[: len(reference)]
-        methods["fp32"] = output_metrics(reference, reference, labels)
-        methods[plan.config.method.value] = output_metrics(reference, quantized, labels)
-    build_report(result, dataset, Path(model_path).name, output, report_dir, methods)
+    if eval_labels is not None and data is None:
+        raise DataError("--eval-labels needs --data DATA: the images or tensors the labels belong to")
+    if measure_latency and data is None:
+        raise DataError("--latency needs inputs to time: --data DATA")
+    config = plan.config
+    judged = None if data is None else evaluation.given_inputs(model, config, data, eval_labels, None)
+    result = quantize(model, digest, config, plan=plan)
+    evaluation.judge(model, result.model, result.summary, judged, config, kernels=True)
+    if measure_latency:
+        result.summary.latency = evaluation.measure_latency(Path(model_path), result.model, judged.dataset)
+    build_report(result, judged.dataset if judged is not None else None, Path(model_path).name, output, report_dir,
+                 command=command)
     return result

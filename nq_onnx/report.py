@@ -1,4 +1,9 @@
-"""One self-contained HTML report of a conversion: output error, per-layer error, histograms around the noise.
+"""One self-contained HTML report of a conversion: the verdict, the settings, per-layer error, histograms.
+
+The page opens with the verdict a reader wants first, the rows the summary ends with (:func:`nq_onnx.summary.verdict`:
+output error against FP32 and the inputs it was measured on, top-1 with labels, latency against FP32 when timed,
+whether onnxruntime runs integer kernels for the plan's target), then every setting with its value, the versions, the
+CPU and the command line (:mod:`nq_onnx.report_sections`), then the per-layer tables and the figures.
 
 For each linear layer ``f(X) = X W + B`` of a noisy group the report compares, on float activations ``X``::
 
@@ -31,6 +36,8 @@ from nq_onnx.plan import Plan
 from nq_onnx.quantizers import WeightQuantizer
 from nq_onnx.mixed import BIT_CHOICES, assignment_point, pareto_front
 from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
+from nq_onnx.report_sections import environment_rows, settings_html, settings_rows, verdict_html
+from nq_onnx.summary import verdict
 
 MAX_HISTOGRAM_LAYERS = 12
 SAMPLE_ROWS = 2048
@@ -47,6 +54,13 @@ class ReportData:
     calibration: dict
     methods: dict[str, dict[str, float]]
     layers: list[dict]
+    # the verdict the page opens with, as (what, value) rows (nq_onnx.summary.verdict), and what it rests on
+    verdict: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    evaluation: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Evaluation
+    latency: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Latency
+    kernels: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Kernels
+    # every config field and value, then the versions, the CPU and the command line (report_sections)
+    settings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.theorem)
     # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.mixed)
     precision: dict = dataclasses.field(default_factory=dict)
@@ -123,10 +137,13 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 td:first-child, th:first-child { text-align: left; }
-th { background: #eef; cursor: pointer; }
+th { background: #eef; }
+table.sortable th { cursor: pointer; }
+#verdict th, #verdict td, #settings th, #settings td { text-align: left; }
+#verdict { font-size: 15px; }
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 code { background: #f4f4f4; padding: 1px 4px; }
-@media print { th { cursor: auto; } img { page-break-inside: avoid; } }
+@media print { table.sortable th { cursor: auto; } img { page-break-inside: avoid; } }
 </style>"""
 
 SCRIPT = """<script>
@@ -184,19 +201,32 @@ def _mechanism_table(layers: list[dict], num) -> str:
 
 
 def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str]) -> str:
+    """The page: the verdict, the settings, the per-layer tables, then the figures."""
     def img(key: str, alt: str) -> str:
         uri = base64.b64encode(figures[key]).decode()
         return f'<img src="data:image/png;base64,{uri}" alt="{html.escape(alt)}">'
 
-    def num(v, fmt="{:.4g}") -> str:
-        return "-" if v is None else fmt.format(v)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>nq-onnx report: {html.escape(data.model)}</title>
+{STYLE}</head>
+<body>
+<h1>nq-onnx report: {html.escape(data.model)}</h1>
+{verdict_html(data.verdict)}
+{settings_html(data.settings)}
+{_layers_html(data.layers)}
+{_mechanism_table(data.layers, _num)}
+{_figures_html(data, figures, chart, histograms, img)}
+{SCRIPT}
+</body></html>
+"""
 
-    summary = "".join(
-        f"<tr><td>{html.escape(m)}</td><td>{num(v.get('mse'))}</td><td>{num(v.get('cosine'), '{:.5f}')}</td>"
-        f"<td>{num(v.get('sqnr_db'), '{:.2f}')}</td><td>{num(v.get('top1_agreement'), '{:.1%}')}</td>"
-        f"<td>{num(v.get('top1'), '{:.2%}')}</td></tr>"
-        for m, v in data.methods.items()
-    )
+
+def _num(v, fmt="{:.4g}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _layers_html(layers: list[dict]) -> str:
+    num = _num
     rows = "".join(
         f"<tr><td>{html.escape(r['layer'])}</td><td>{html.escape(r['op'])}</td><td>{html.escape(r['bits'])}</td>"
         f'<td data-v="{r["input_min"] if r["input_min"] is not None else ""}">'
@@ -206,10 +236,19 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
         f"{num(r['noise_max'], '{:.3g}')}</td>"
         f"<td>{num(r['mse_easyquant'])}</td><td>{num(r['mse_noisyquant'])}</td>"
         f"<td>{num(r['reduction_pct'], '{:.1f}')}</td></tr>"
-        for r in data.layers
+        for r in layers
     )
-    settings = html.escape(json.dumps(data.config, sort_keys=True))
-    mechanisms = _mechanism_table(data.layers, num)
+    return f"""<h2>Per layer</h2>
+<p>Output MSE of each layer as its search measured it (on a token sample, earlier layers already quantized).
+Click a column header to sort.</p>
+<table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>bits</th><th>input range</th>
+<th>activation step</th><th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th>
+</tr></thead>
+<tbody>{rows}</tbody></table>"""
+
+
+def _figures_html(data: ReportData, figures: dict[str, bytes], chart: str | None, histograms: list[str], img) -> str:
+    """The mixed-precision trade-off, the reduction across depth, Theorem 1's curves and the histograms."""
     chart_html = f"<h2>Output-error reduction across depth</h2>{img(chart, 'reduction chart')}" if chart else ""
     precision_html = (
         "<h2>Mixed precision: the bit budget's trade-off</h2><p>Each group's sensitivity at 4, 5, 6 and 8 bits "
@@ -228,32 +267,11 @@ def render(data: ReportData, figures: dict[str, bytes], chart: str | None, histo
         + img("theorem", "theorem 1 curves") if "theorem" in figures else ""
     )
     hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>nq-onnx report: {html.escape(data.model)}</title>
-{STYLE}</head>
-<body>
-<h1>nq-onnx report: {html.escape(data.model)}</h1>
-<p>Settings: <code>{settings}</code></p>
-<p>Calibration: {html.escape(json.dumps(data.calibration))}</p>
-<h2>Final output against FP32</h2>
-<table id="summary"><thead><tr><th>method</th><th>MSE</th><th>cosine</th><th>SQNR dB</th><th>top-1 agreement</th>
-<th>top-1</th></tr></thead><tbody>{summary}</tbody></table>
-<h2>Per layer</h2>
-<p>Output MSE of each layer as its search measured it (on a token sample, earlier layers already quantized).
-Click a column header to sort.</p>
-<table id="layers" class="sortable"><thead><tr><th>layer</th><th>op</th><th>bits</th><th>input range</th>
-<th>activation step</th><th>noise range</th><th>MSE EasyQuant</th><th>MSE NoisyQuant</th><th>reduction %</th>
-</tr></thead>
-<tbody>{rows}</tbody></table>
-{mechanisms}
-{precision_html}
+    return f"""{precision_html}
 {chart_html}
 {theorem_html}
 <h2>Histograms</h2>
-{hist if hist else "<p>No histograms: no noisy layer, or no data was given.</p>"}
-{SCRIPT}
-</body></html>
-"""
+{hist if hist else "<p>No histograms: no noisy layer, or no data was given.</p>"}"""
 
 
 def write_report(
@@ -310,20 +328,22 @@ def build_report(
     model_name: str,
     path: str | Path,
     report_dir: str | Path | None = None,
-    methods: dict[str, dict[str, float]] | None = None,
+    command: str | None = None,
 ) -> ReportData:
-    """Compute the figures of ``result`` (a conversion) on ``dataset`` (may be ``None``) and write the report."""
+    """Compute the figures of ``result`` (a conversion) on ``dataset`` (may be ``None``) and write the report; the
+    verdict and its numbers come from ``result.summary``, ``command`` is shown with the settings."""
     rows = layer_rows(result.layers, result.plan)
     config = result.plan.config
+    summary = result.summary
+    calibration = {
+        "inputs": len(dataset) if dataset is not None else 0,
+        "unreadable_skipped": len(dataset.skipped) if dataset is not None else 0,
+    }
     data = ReportData(
-        model_name,
-        config.to_dict(),
-        {
-            "inputs": len(dataset) if dataset is not None else 0,
-            "unreadable_skipped": len(dataset.skipped) if dataset is not None else 0,
-        },
-        methods if methods is not None else dict(result.summary.metrics),
-        rows,
+        model_name, config.to_dict(), calibration, dict(summary.metrics), rows, verdict(summary),
+        *(dataclasses.asdict(v) if v is not None else {} for v in (summary.evaluation, summary.latency,
+                                                                    summary.kernels)),
+        settings_rows(config) + environment_rows(command, summary.calib_images),
     )
     figures: dict[str, bytes] = {}
     chart_png = reduction_chart(rows)
@@ -341,23 +361,26 @@ def build_report(
         }
         figures["pareto"] = pareto_chart(data.precision["front"], data.precision["uniform"],
                                          data.precision["chosen"])
-    histograms: list[str] = []
-    if dataset is not None:
-        names = histogram_groups(result.layers, result.plan, rows)
-        groups = [g for g in result.layers.groups if g.name in names]
-        if groups:
-            subset = dataset.head(config.search.search_images)
-            samples = sample_rows(
-                result.float_model, [g.tensor for g in groups], subset, config.batch_size, SAMPLE_ROWS, config.seed
-            )
-            weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
-            for group in groups:
-                figures[group.name] = group_figure(
-                    group.name, samples[group.tensor], result.plan, result.layers, weights
-                )
-                histograms.append(group.name)
-            data.theorem = theorem_curves(groups, samples, result.plan)
-            if data.theorem:
-                figures["theorem"] = png(theorem.plot(data.theorem))
+    histograms = _histograms(result, dataset, rows, data, figures) if dataset is not None else []
     write_report(data, figures, chart, histograms, path, report_dir)
     return data
+
+
+def _histograms(result, dataset, rows: list[dict], data: ReportData, figures: dict[str, bytes]) -> list[str]:
+    """Draw the chosen groups' histograms and Theorem 1's curves on float activations of ``dataset`` into
+    ``figures`` (the curves' numbers into ``data.theorem``); the groups drawn."""
+    config = result.plan.config
+    names = histogram_groups(result.layers, result.plan, rows)
+    groups = [g for g in result.layers.groups if g.name in names]
+    if not groups:
+        return []
+    subset = dataset.head(config.search.search_images)
+    samples = sample_rows(result.float_model, [g.tensor for g in groups], subset, config.batch_size, SAMPLE_ROWS,
+                          config.seed)
+    weights = _dequantized_weights(result, [g.consumers[0] for g in groups])
+    for group in groups:
+        figures[group.name] = group_figure(group.name, samples[group.tensor], result.plan, result.layers, weights)
+    data.theorem = theorem_curves(groups, samples, result.plan)
+    if data.theorem:
+        figures["theorem"] = png(theorem.plot(data.theorem))
+    return [g.name for g in groups]

@@ -14,6 +14,78 @@ from nq_onnx.cpu import blas_record, cpu_features, pinned_blas
 from nq_onnx.passes.base import Skip, SkipKind
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The inputs a conversion's output error was measured on.
+
+    ``kind``: ``held-out``, calibration-source inputs outside the calibration set (neither the statistics nor the
+    searches read them); ``eval``, the evaluation data given; ``calibration``, calibration inputs the searches
+    fitted on, when the source had none to spare."""
+
+    kind: str
+    images: int
+    source: str
+    tensors: bool = False  # ready tensors (.npy/.npz) rather than image files
+    labels: str = ""  # where the labels came from ("" without labels)
+
+    def describe(self) -> str:
+        what = "inputs" if self.tensors else "images"
+        if self.kind == "held-out":
+            where = "calibration-file" if self.tensors else "calibration-folder"
+            text = f"held out: {self.images} {where} {what} the search never saw"
+        elif self.kind == "eval":
+            text = f"eval data: {self.images} {what} of {self.source}"
+        else:
+            text = (f"calibration {what}: {self.images} {what} the search saw ({self.source} has none to spare; "
+                    "--eval DATA measures on unseen ones)")
+        return text + (f"; labels: {self.labels}" if self.labels else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency:
+    """Batch latency of the quantized model against FP32's, timed interleaved (:mod:`nq_onnx.latency`)."""
+
+    batch: int
+    fp32_ms: float
+    quantized_ms: float
+    fp32_spread_ms: tuple[float, float]  # 10th and 90th percentiles
+    quantized_spread_ms: tuple[float, float]
+    rounds: int
+    threads: int
+    cpu: str
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_ms / self.fp32_ms
+
+    def describe(self) -> str:
+        return (f"batch {self.batch}: {self.quantized_ms:.3g} ms against FP32's {self.fp32_ms:.3g} ms "
+                f"({self.ratio:.2f}x the time), {self.rounds} interleaved rounds, {self.threads} threads, "
+                f"on {self.cpu}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """What onnxruntime's optimized graph runs for the quantized matmuls (:func:`nq_onnx.inspect.inspect_model`),
+    and why the model does not suit its target (:func:`nq_onnx.inspect.target_failures`), if it does not."""
+
+    target: str
+    integer: int  # quantized matmuls on an integer kernel
+    layers: int  # quantized matmuls
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.integer == self.layers and not self.problems
+
+    def describe(self) -> str:
+        counted = f"{self.integer}/{self.layers} quantized matmuls on integer kernels"
+        if self.ok:
+            return f"yes ({counted}; suits target {self.target})"
+        more = f"; {len(self.problems) - 1} more" if len(self.problems) > 1 else ""
+        return f"no ({counted}; target {self.target}: {self.problems[0] if self.problems else ''}{more})"
+
+
 @dataclasses.dataclass
 class Summary:
     """What a conversion did, for the CLI and the report."""
@@ -37,6 +109,9 @@ class Summary:
     read_token_share: float = 0.0
     uint8_weight_layers: int = 0  # layers whose 8-bit weight codes are stored uint8 (weight_dtype auto or uint8)
     weight_dtype: str = "auto"
+    evaluation: Evaluation | None = None  # where ``metrics`` were measured
+    latency: Latency | None = None  # with convert(measure_latency=True)
+    kernels: Kernels | None = None  # with a report
 
 
 _DEPTH = contextvars.ContextVar("nq_onnx_timed_depth", default=0)  # timed blocks open around the current one
@@ -64,16 +139,67 @@ def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
         log.log(level, "%s: %.1f s", name, elapsed)
 
 
+def verdict(summary: Summary) -> list[tuple[str, str]]:
+    """What a reader wants first, as ``(what, value)`` rows (the summary's last lines and the report's first table):
+    the output error against FP32 and the inputs it was measured on, top-1 of FP32 and of the quantized model with
+    labels, the latency against FP32 and whether onnxruntime runs integer kernels, each where measured."""
+    m = summary.metrics.get(summary.method)
+    if m is None:
+        rows = [("output vs FP32", "not measured")]
+    else:
+        agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
+        rows = [("output vs FP32", f"SQNR {m['sqnr_db']:.2f} dB, MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}{agree}")]
+    if summary.evaluation is not None:
+        rows.append((EVALUATION_ROW, summary.evaluation.describe()))
+    fp32 = summary.metrics.get("fp32", {})
+    if m is not None and "top1" in m and "top1" in fp32:
+        change = 100 * (m["top1"] - fp32["top1"])
+        rows.append(("top-1", f"FP32 {fp32['top1']:.2%}, quantized {m['top1']:.2%} ({change:+.2f} points)"))
+    if summary.latency is not None:
+        rows.append(("latency", summary.latency.describe()))
+    if summary.kernels is not None:
+        rows.append(("integer kernels", summary.kernels.describe()))
+    return rows
+
+
+EVALUATION_ROW = "evaluation set"
+
+
 def format_summary(summary, elapsed: float, output) -> str:
     lines = [
         f"nq-onnx {summary.method}: {len(summary.layers)} layers quantized, "
         f"{summary.noisy_groups} noisy-bias groups -> {output} ({elapsed:.1f} s)"
     ]
+    lines += _graph_lines(summary)
+    cpu = cpu_features()
+    if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu.vnni:
+        lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
+                     "VNNI, where --target x86-vnni (int8 weights) gives the same outputs faster (x86 CPUs without "
+                     "VNNI saturate int8)")
+    if summary.noise_rejected:
+        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
+                     "calibration images")
+    if summary.calib_images:
+        extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
+        lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
+    lines += [f"  skipped {skip.layer}: {skip.reason}" for skip in summary.skipped if skip.user_facing]
+    lines.append(_timing_line(summary.timings))
+    core = pinned_blas(cpu)
+    if core:
+        lines.append(f"  numpy's BLAS: OPENBLAS_CORETYPE={core} pins OpenBLAS to kernels without AVX-512 on this "
+                     "AVX-512 CPU; a current OpenBLAS picks faster ones itself (the search 1.6x on ViT-S/14, README: "
+                     "Compile cost)")
+    if summary.metrics or summary.latency is not None or summary.kernels is not None:
+        lines += [f"  {value}" if what == EVALUATION_ROW else f"  {what}: {value}" for what, value in verdict(summary)]
+    return "\n".join(lines)
+
+
+def _graph_lines(summary: Summary) -> list[str]:
+    """What the rewrite did beyond Q/DQ: noise, reparameterizations, widths and the tokens the searches weighted."""
+    lines = []
     if summary.noisy_groups:
-        lines.append(
-            f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
-            f"{summary.noise_adds} need an explicit Add"
-        )
+        lines.append(f"  noise: {summary.noisy_groups - summary.noise_adds} groups folded into a preceding bias, "
+                     f"{summary.noise_adds} need an explicit Add")
     refused = [s for s in summary.skipped if s.kind == SkipKind.NOT_REPARAMETERIZED]
     if summary.reparam_groups or refused:
         reasons: dict[str, int] = {}
@@ -97,48 +223,27 @@ def format_summary(summary, elapsed: float, output) -> str:
                           for t, p in summary.read_tokens.items())
         lines.append(f"  read tokens (what the output reads): {where}, given {summary.read_token_share:.0%} of each "
                      "search's rows")
-    cpu = cpu_features()
-    if summary.uint8_weight_layers and summary.weight_dtype == "auto" and cpu.vnni:
-        lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
-                     "VNNI, where --target x86-vnni (int8 weights) gives the same outputs faster (x86 CPUs without "
-                     "VNNI saturate int8)")
-    if summary.noise_rejected:
-        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
-                     "calibration images")
-    if summary.calib_images:
-        extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
-        lines.append(f"  calibration: {summary.calib_images} inputs{extra}")
-    excluded = [s for s in summary.skipped if s.user_facing]
-    for skip in excluded:
-        lines.append(f"  skipped {skip.layer}: {skip.reason}")
-    parts = {k: v for k, v in summary.timings.items() if "." not in k}
+    return lines
+
+
+def _timing_line(timings: dict[str, float]) -> str:
+    parts = {k: v for k, v in timings.items() if "." not in k}
     inner = ", ".join(f"{k.split('.', 1)[1][:-2].replace('_', ' ')} {v:.1f} s"
-                      for k, v in summary.timings.items() if k.count(".") == 1)  # finer parts: --profile
+                      for k, v in timings.items() if k.count(".") == 1)  # finer parts: --profile
     timing = ", ".join(f"{k[:-2]} {v:.1f} s" + (f" ({inner})" if k == "search_s" and inner else "")
                        for k, v in parts.items())
-    lines.append(f"  time: {timing}")
-    core = pinned_blas(cpu)
-    if core:
-        lines.append(f"  numpy's BLAS: OPENBLAS_CORETYPE={core} pins OpenBLAS to kernels without AVX-512 on this "
-                     "AVX-512 CPU; a current OpenBLAS picks faster ones itself (the search 1.6x on ViT-S/14, README: "
-                     "Compile cost)")
-    for method, m in summary.metrics.items():
-        agree = f", top-1 agreement {m['top1_agreement']:.1%}" if "top1_agreement" in m else ""
-        lines.append(
-            f"  output vs FP32 ({method}): MSE {m['mse']:.4g}, cosine {m['cosine']:.5f}, "
-            f"SQNR {m['sqnr_db']:.2f} dB{agree}"
-        )
-    return "\n".join(lines)
+    return f"  time: {timing}"
 
 
 def profile_record(summary: Summary, wall: float, model: str, config) -> dict:
     """Where a conversion's seconds went (``convert --profile``), as JSON-ready values, all wall seconds.
 
     ``stages`` are the conversion's steps in the order they ran (``load``: reading the model and listing the data;
-    ``calibrate``; ``search``; ``rewrite``: the graph passes; ``check``: the ONNX checker; ``evaluate``; ``save``;
-    ``report``); ``wall`` is their sum and the few statements between them. ``search`` splits the search stage into
-    the sequential simulation, the linear-layer search, the attention-matmul search, the rounding step, ... and
-    ``other`` (the planner's own work); ``linear_search`` splits the linear-layer search into its phases
+    ``calibrate``; ``search``; ``rewrite``: the graph passes; ``check``: the ONNX checker; ``evaluate``: the float
+    and quantized outputs on the evaluation set; ``kernels``: the integer-kernel check of a report; ``save``;
+    ``latency``; ``report``); ``wall`` is their sum and the few statements between them. ``search`` splits the
+    search stage into the sequential simulation, the linear-layer search, the attention-matmul search, the rounding
+    step, ... and ``other`` (the planner's own work); ``linear_search`` splits the linear-layer search into its phases
     (:attr:`nq_onnx.search.GroupResult.seconds`) and ``other`` (float outputs, MinMax and final errors). With the
     CPU and numpy's BLAS kernels, which set the pace of the searches' products."""
     timings = summary.timings
