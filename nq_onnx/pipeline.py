@@ -26,6 +26,7 @@ from nq_onnx.errors import DataError, ModelError, NQError, PlanError
 from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
+    ACT_MATMUL,
     AddZeroBias,
     DecomposeGemm,
     FoldDenoisingBias,
@@ -223,8 +224,9 @@ def quantize(
         calib_images=len(calib) if calib is not None else 0,
         data_skipped=len(calib.skipped) if calib is not None else 0,
         noise_adds=len(rewrite.names(Role.NOISE_ADD)),
-        noise_rejected=sum(1 for g in layers.groups
-                           if any(plan.layers[c].search.get("noise_rejected") for c in g.consumers)),
+        noise_rejected=_rejected(layers, plan, "noise_rejected"),
+        twin_rejected=_rejected(layers, plan, "twin_rejected"),
+        asymmetric_rejected=_rejected(layers, plan, "asymmetric_rejected"),
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         attention_reparams=sum(1 for p in plan.layers.values() if p.attention is not None),
         average_bits=average_bits(plan.groups),
@@ -235,6 +237,14 @@ def quantize(
         weight_dtype=plan.config.weight_dtype.value,
     )
     return Result(out, plan, layers, summary, model)
+
+
+def _rejected(layers: Layers, plan: Plan, key: str) -> int:
+    """Groups (read by linear layers) and activation matmuls whose layer metrics record ``key``: a quantizer choice
+    that lost to the plainer one on held-out calibration images and was dropped."""
+    groups = sum(1 for g in layers.groups if any(plan.layers[c].search.get(key) for c in g.consumers
+                                                 if layers.layer(c).kind != ACT_MATMUL))
+    return groups + sum(1 for s in layers.layers if s.kind == ACT_MATMUL and plan.layers[s.name].search.get(key))
 
 
 def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,

@@ -99,6 +99,8 @@ class Summary:
     data_skipped: int = 0
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
+    twin_rejected: int = 0  # twin-uniform groups (and attention maps) whose uniform fallback won on held-out images
+    asymmetric_rejected: int = 0  # asymmetric groups whose symmetric fallback won on held-out images
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
     attention_reparams: int = 0  # scores matmuls whose Q and K were reparameterized (QuantConfig.reparam_attention)
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
@@ -176,9 +178,11 @@ def format_summary(summary, elapsed: float, output) -> str:
         lines.append(f"  weights: {summary.uint8_weight_layers} layers stored uint8, exact on every CPU; this CPU has "
                      "VNNI, where --target x86-vnni (int8 weights) gives the same outputs faster (x86 CPUs without "
                      "VNNI saturate int8)")
-    if summary.noise_rejected:
-        lines.append(f"  noise dropped in {summary.noise_rejected} groups: it lost to EasyQuant on the held-out "
-                     "calibration images")
+    for count, what, other in ((summary.noise_rejected, "noise", "EasyQuant"),
+                               (summary.twin_rejected, "twin-uniform quantizer", "the uniform quantizer"),
+                               (summary.asymmetric_rejected, "asymmetric quantizer", "the symmetric one")):
+        if count:
+            lines.append(f"  {what} dropped in {count} groups: it lost to {other} on the held-out calibration images")
     if summary.calib_images:
         extra = f", {summary.data_skipped} unreadable files skipped" if summary.data_skipped else ""
         lines.append(f"  calibration: {summary.calib_images} inputs{extra}")

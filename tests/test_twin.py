@@ -215,6 +215,7 @@ def test_twin_never_far_worse_than_easyquant_on_near_uniform_attention(tmp_path,
     from nq_onnx.calibration.data import load_dataset
     from nq_onnx.calibration.runtime import session
     from nq_onnx.export import export_timm
+    from nq_onnx.summary import format_summary
 
     path = tmp_path / "deit.onnx"
     export_timm("deit_small_patch16_224", path, model_kwargs=dict(img_size=224, depth=2), num_classes=10)
@@ -239,3 +240,5 @@ def test_twin_never_far_worse_than_easyquant_on_near_uniform_attention(tmp_path,
         sqnr[method] = quant.sqnr_db(reference, outputs(tmp_path / f"{method}.onnx"))
     rejected = sum(1 for p in result.plan.layers.values() if p.search.get("twin_rejected"))
     assert rejected >= 1 and sqnr["ptq4vit"] >= sqnr["easyquant"] - 1.0, (sqnr, rejected)
+    assert result.summary.twin_rejected == rejected  # one reader per fc2 input and per attention map here
+    assert f"twin-uniform quantizer dropped in {rejected} groups" in format_summary(result.summary, 1.0, "q.onnx")
