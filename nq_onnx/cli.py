@@ -42,15 +42,29 @@ EXIT_CODES = (
     (130, "interrupted (Ctrl-C); outputs are written atomically, so none is left half-written"),
 )
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 # convert's options that are not configuration fields: (group, flags, argparse keywords)
 CONVERT_OPTIONS = (
     ("output", ("-o", "--output"), {"help": "output ONNX model"}),
     ("data", ("--calib",), {"metavar": "DATA", "help": "folder of images (recursive) or .npy/.npz of ready input "
                                                         "tensors"}),
-    ("data", ("--input-size",), {"metavar": "C,H,W", "type": "ints",
+    ("data", ("--input-size",), {"metavar": "C,H,W", "type": _ints,
                                  "help": "image size if the model does not record it"}),
-    ("data", ("--mean",), {"type": "floats", "help": "normalization mean (default: model metadata or ImageNet)"}),
-    ("data", ("--std",), {"type": "floats", "help": "normalization std (default: model metadata or ImageNet)"}),
+    ("data", ("--mean",), {"type": _floats, "help": "normalization mean (default: model metadata or ImageNet)"}),
+    ("data", ("--std",), {"type": _floats, "help": "normalization std (default: model metadata or ImageNet)"}),
     ("data", ("--interpolation",), {"choices": ["bicubic", "bilinear", "nearest", "lanczos"],
                                     "help": "resize filter"}),
     ("data", ("--crop-pct",), {"type": float, "help": "centre-crop fraction (1.0: resize shorter side, crop square)"}),
@@ -86,20 +100,6 @@ RUN_KEYWORDS = (("eval", "eval_data", "--eval"), ("eval_labels", "eval_labels", 
                 ("latency", "measure_latency", "--latency"))
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
@@ -109,9 +109,7 @@ def _add_convert(sub) -> None:
     p.add_argument("model", nargs="?", help="input ONNX model (never modified)")
     groups = argument_groups(p)
     for group, flags, keywords in CONVERT_OPTIONS:
-        kwargs = dict(keywords)
-        kwargs["type"] = {"ints": _ints, "floats": _floats}.get(kwargs.get("type"), kwargs.get("type"))
-        groups[group].add_argument(*flags, **{k: v for k, v in kwargs.items() if v is not None})
+        groups[group].add_argument(*flags, **keywords)
     add_config_options(p, groups)
     add_run_options(p, groups["run"], quiet="errors and the final summary alone")
     p.set_defaults(func=_convert, prepare=_prepare_convert)

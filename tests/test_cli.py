@@ -289,3 +289,11 @@ def test_the_choosing_guide_lists_each_presets_options():
         row = next(line for line in guide.splitlines() if line.startswith(f"| `{name}` |"))
         flags = " ".join(_as_flags(preset.values))
         assert row.endswith(f"| `{flags}` |" if flags else "| none |"), row
+
+
+def test_the_conversion_takes_every_evaluation_keyword():
+    import nq_onnx
+
+    argv = ["convert", "m", "-o", "o", "--eval", "held/", "--eval-labels", "l.npy", "--latency"]
+    keywords = _run_keywords(nq_onnx.convert, build_parser().parse_args(argv), argv)
+    assert set(keywords) == {"eval_data", "eval_labels", "measure_latency", "command"}
