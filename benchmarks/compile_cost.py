@@ -21,6 +21,7 @@ kernels. Writes ``benchmarks/results/compile_cost.json`` (``--name``: another fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -28,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +114,7 @@ def median_entry(name: str, runs: list[dict]) -> dict:
                     "convert_s_runs": [r["convert_s"] for r in runs]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
     parser.add_argument("--before", type=Path,
@@ -122,22 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", action="store_true", help="keep the other rows of an existing results file")
     parser.add_argument("--name", default="compile_cost", help="results file name (default: compile_cost)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # run imports nq_onnx: not before a child has chosen its checkout
+    from run import RESULTS, WORK, machine, other_cpu_kind
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import numpy as np
-    import onnx
-    from run import (RESULTS, WORK, cifar_subset, export_model, image_arrays, link_folder, machine,
-                     other_cpu_kind, plain, run_model, split_imagenet)
-
-    from nq_onnx.calibration.data import Preprocess
-    from nq_onnx.calibration.evaluate import output_metrics
-    from nq_onnx.export import export_timm
-
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     WORK.mkdir(parents=True, exist_ok=True)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -145,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    models = {"vit_s14": export_model(WORK / "vit_s14_dinov2_cifar10.onnx")}
-    if any(ROWS[r][0] == "vit_b16" for r in rows):
-        models["vit_b16"] = WORK / "vit_base_patch16_224_random.onnx"
-        if not models["vit_b16"].exists():  # random weights: the cost of a conversion does not depend on them
-            export_timm("vit_base_patch16_224", models["vit_b16"], num_classes=1000, seed=0)
-    calib = {size: link_folder(split_imagenet(min(size, 1000), 0, 0)[0], WORK / f"calib{size}")
-             for size in {ROWS[r][4] for r in rows} | {128}}
+    models, calib = row_models(rows, WORK), row_calibration(rows, WORK)
     path = RESULTS / f"{args.name}.json"
     results = json.loads(path.read_text()) if args.append and path.exists() else {"rows": {}}
     here = machine()
@@ -161,45 +159,118 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results.update(machine=here, settings={"cifar_per_class": args.cifar_per_class,
                                                 "imagenet_eval": args.imagenet_eval, "calib_seed": 0})
-    pre = Preprocess.from_model(onnx.load(str(models["vit_s14"]), load_external_data=False))
-    held = image_arrays(split_imagenet(128, args.imagenet_eval, 0)[1], pre)
-    cifar, labels = cifar_subset(args.cifar_per_class, pre)
-    reference = None
-    jobs = [(r, ROOT) for r in rows]
+    scoring = Scoring.load(models["vit_s14"], args.cifar_per_class, args.imagenet_eval)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.before is not None:
-            src = source_tree(args.before, Path(tmp))
-            for row in [r for r in rows if not ROWS[r][3]][::-1]:
-                ROWS[f"{args.before_label}:{row}"] = ROWS[row]
-                jobs.insert(0, (f"{args.before_label}:{row}", src))
+        jobs = row_jobs(rows, args.before, args.before_label, Path(tmp))
         runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
         for turn in range(args.repeat):  # round-robin: the machine's drift falls on every row alike
             for name, src in jobs:
                 log(f"{name}: converting ({turn + 1}/{args.repeat})")
                 runs[name].append(convert_once(name, src, models, calib, WORK))
         for name, src in jobs:
-            entry = median_entry(name, runs[name])
-            if ROWS[name][5]:
-                if reference is None:
-                    reference = {"cifar": run_model(models["vit_s14"], cifar),
-                                 "imagenet": run_model(models["vit_s14"], held)}
-                entry["imagenet_heldout"] = output_metrics(reference["imagenet"], run_model(Path(entry["out"]), held))
-                entry["cifar"] = output_metrics(reference["cifar"], run_model(Path(entry["out"]), cifar), labels)
-            if src != ROOT:
-                entry["source"], entry["mirrors"] = str(args.before), name.split(":", 1)[1]
-            results["rows"][name] = entry
-            graph = onnx.load(str(models[ROWS[name][0]]), load_external_data=False).graph
-            entry["parameters_m"] = sum(int(np.prod(t.dims)) for t in graph.initializer) / 1e6
-            log(f"{name}: {entry['convert_s']:.1f} s, {entry['peak_rss_mb']:.0f} MB"
-                + (f", held-out MSE {entry['imagenet_heldout']['mse']:.5f}, top-1 {entry['cifar']['top1']:.4f}"
-                   if "cifar" in entry else ""))
+            results["rows"][name] = row_entry(name, runs[name], models, scoring,
+                                              None if src == ROOT else args.before)
             results["finished"] = time.time()
-            path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-    if reference is not None:
-        results["fp32_top1"] = output_metrics(reference["cifar"], reference["cifar"], labels)["top1"]
-        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+            write_results(path, results)
+    if scoring.reference is not None:
+        from nq_onnx.calibration.evaluate import output_metrics
+
+        results["fp32_top1"] = output_metrics(scoring.reference["cifar"], scoring.reference["cifar"],
+                                              scoring.labels)["top1"]
+        write_results(path, results)
     log(f"wrote {path}")
     return 0
+
+
+def write_results(path: Path, results: dict) -> None:
+    from run import plain
+
+    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+
+
+def row_models(rows: list[str], work: Path) -> dict[str, Path]:
+    """The models the rows convert: the real ViT-S/14, and a ViT-B/16 with random weights where a row asks for it
+    (the cost of a conversion does not depend on the weights)."""
+    from run import export_model
+
+    from nq_onnx.export import export_timm
+
+    models = {"vit_s14": export_model(work / "vit_s14_dinov2_cifar10.onnx")}
+    if any(ROWS[r][0] == "vit_b16" for r in rows):
+        models["vit_b16"] = work / "vit_base_patch16_224_random.onnx"
+        if not models["vit_b16"].exists():
+            export_timm("vit_base_patch16_224", models["vit_b16"], num_classes=1000, seed=0)
+    return models
+
+
+def row_calibration(rows: list[str], work: Path) -> dict[int, Path]:
+    """A folder of the first (seed 0) calibration images for every size the rows use, and for 128."""
+    from run import link_folder, split_imagenet
+
+    return {size: link_folder(split_imagenet(min(size, 1000), 0, 0)[0], work / f"calib{size}")
+            for size in {ROWS[r][4] for r in rows} | {128}}
+
+
+def row_jobs(rows: list[str], before: Path | None, label: str, tmp: Path) -> list[tuple[str, Path]]:
+    """``(row, source checkout)`` in conversion order: with ``before``, first every requested default-settings row
+    as ``<label>:<row>`` (added to :data:`ROWS`) converted by that checkout, then the rows by this one."""
+    jobs = [(r, ROOT) for r in rows]
+    if before is not None:
+        src = source_tree(before, tmp)
+        for row in [r for r in rows if not ROWS[r][3]][::-1]:
+            ROWS[f"{label}:{row}"] = ROWS[row]
+            jobs.insert(0, (f"{label}:{row}", src))
+    return jobs
+
+
+@dataclasses.dataclass
+class Scoring:
+    """The held-out ImageNet and CIFAR-10 images scored rows are judged on; FP32's outputs on them once needed."""
+
+    fp32: Path
+    held: np.ndarray
+    cifar: np.ndarray
+    labels: np.ndarray
+    reference: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, fp32: Path, cifar_per_class: int, imagenet_eval: int) -> "Scoring":
+        from run import cifar_subset, image_arrays, split_imagenet
+
+        from nq_onnx.calibration.data import Preprocess
+
+        pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
+        held = image_arrays(split_imagenet(128, imagenet_eval, 0)[1], pre)
+        cifar, labels = cifar_subset(cifar_per_class, pre)
+        return cls(fp32, held, cifar, labels)
+
+    def score(self, entry: dict) -> None:
+        """The converted model's held-out output error and top-1 against FP32's, into ``entry``."""
+        from run import run_model
+
+        from nq_onnx.calibration.evaluate import output_metrics
+
+        if self.reference is None:
+            self.reference = {"cifar": run_model(self.fp32, self.cifar), "imagenet": run_model(self.fp32, self.held)}
+        out = Path(entry["out"])
+        entry["imagenet_heldout"] = output_metrics(self.reference["imagenet"], run_model(out, self.held))
+        entry["cifar"] = output_metrics(self.reference["cifar"], run_model(out, self.cifar), self.labels)
+
+
+def row_entry(name: str, runs: list[dict], models: dict[str, Path], scoring: Scoring, before: Path | None) -> dict:
+    """A row's results entry: its median run, scored where the row is, with its source checkout (``before``: another
+    one than this) and its model's parameter count; logged."""
+    entry = median_entry(name, runs)
+    if ROWS[name][5]:
+        scoring.score(entry)
+    if before is not None:
+        entry["source"], entry["mirrors"] = str(before), name.split(":", 1)[1]
+    graph = onnx.load(str(models[ROWS[name][0]]), load_external_data=False).graph
+    entry["parameters_m"] = sum(int(np.prod(t.dims)) for t in graph.initializer) / 1e6
+    log(f"{name}: {entry['convert_s']:.1f} s, {entry['peak_rss_mb']:.0f} MB"
+        + (f", held-out MSE {entry['imagenet_heldout']['mse']:.5f}, top-1 {entry['cifar']['top1']:.4f}"
+           if "cifar" in entry else ""))
+    return entry
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
                                                            ranking_loss=0.1 if "rank" in parts else 0.0, **fit))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="8,6,4", help="comma-separated bit-widths (WnAn), default 8,6,4")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows (default: {','.join(ROWS)})")
@@ -124,93 +124,145 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-latency", action="store_true",
                         help="convert nothing: time the models of the rows already in the results file (kept in "
                              "benchmarks/work) and FP32, --latency-rounds rounds (default 10), into that file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     for path in (CHECKPOINT, IMAGENET, CIFAR):
         if not path.exists():
             print(f"benchmark: missing {path}", file=sys.stderr)
             return 2
     WORK.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
+    path = RESULTS / f"{args.name}.json"
     if args.only_latency:
-        path = RESULTS / f"{args.name}.json"
         results = json.loads(path.read_text())
         pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
         time_rows(results, fp32, cifar_subset(1, pre)[0], args.latency_rounds or 10, log)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+        write_results(path, results)
         return 0
-    pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
-    calib_files, held_files = split_imagenet(args.calib_size, args.imagenet_eval, args.seed)
-    calib = link_folder(calib_files, WORK / f"calib{args.calib_size}")
-    held = image_arrays(held_files, pre)
-    cifar, labels = cifar_subset(args.cifar_per_class, pre)
-    reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
-    path = RESULTS / f"{args.name}.json"
+    data = Evaluation.load(fp32, args)
+    results = start_results(args, path, data)
+    if results is None:
+        return 2
+    for bits, row in row_plan(args):
+        name = f"{row}_w{bits}a{bits}"
+        out = WORK / f"methods_{name}.onnx"
+        if row == ORT_ROW:
+            results["rows"][name] = ort_row(fp32, out, data.calib_files, data.pre, data.reference, data.cifar,
+                                            data.held, data.labels)
+            results["rows"][name]["invocation"] = results["started"]
+            continue
+        entry = convert_row(row, bits, out, args, data)
+        if entry is None:
+            print(f"benchmark: {name} gave different model bytes on repeat", file=sys.stderr)
+            return 1
+        results["rows"][name] = entry | {"invocation": results["started"]}
+        log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, ImageNet MSE {entry['imagenet_heldout']['mse']:.5f}, "
+            f"convert {entry['convert_s']:.0f} s")
+        results["finished"] = time.time()
+        write_results(path, results)
+    if args.latency_rounds:
+        time_rows(results, fp32, data.cifar, args.latency_rounds, log)
+        write_results(path, results)
+    log(f"wrote {path}")
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The images every row is converted and scored on, and FP32's outputs on them."""
+
+    fp32: Path
+    pre: Preprocess
+    calib_files: list[Path]
+    calib: Path
+    held: np.ndarray
+    cifar: np.ndarray
+    labels: np.ndarray
+    reference: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, fp32: Path, args: argparse.Namespace) -> "Evaluation":
+        """``--calib-size`` calibration images and, disjoint from them, ``--imagenet-eval`` held-out ones (seeded by
+        ``--seed``); the first ``--cifar-per-class`` CIFAR-10 test images of every class."""
+        pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
+        calib_files, held_files = split_imagenet(args.calib_size, args.imagenet_eval, args.seed)
+        calib = link_folder(calib_files, WORK / f"calib{args.calib_size}")
+        held = image_arrays(held_files, pre)
+        cifar, labels = cifar_subset(args.cifar_per_class, pre)
+        reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
+        return cls(fp32, pre, calib_files, calib, held, cifar, labels, reference)
+
+
+def start_results(args: argparse.Namespace, path: Path, data: Evaluation) -> dict | None:
+    """This run's results: new, or with ``--append`` the rows (and latency) of the file at ``path``, which must have
+    the same settings and CPU kind (``None``, with the reason on stderr, where it has not)."""
     per_run = ("bits", "rows", "set", "append", "latency_rounds", "only_latency", "repeat")
     settings = {k: v for k, v in vars(args).items() if k not in per_run}
     results: dict = {"machine": machine(), "settings": settings, "started": time.time(),
-                     "fp32": {"cifar": output_metrics(reference["cifar"], reference["cifar"], labels)}, "rows": {}}
+                     "fp32": {"cifar": output_metrics(data.reference["cifar"], data.reference["cifar"], data.labels)},
+                     "rows": {}}
     if args.append and path.exists():
         previous = json.loads(path.read_text())
         kept = {k: v for k, v in previous["settings"].items() if k in settings}
         if kept != settings:
             print(f"benchmark: {path} has other settings ({kept}); not appending", file=sys.stderr)
-            return 2
+            return None
         mismatch = other_cpu_kind(path, previous["machine"], results["machine"])
         if mismatch:
             print(mismatch, file=sys.stderr)
-            return 2
+            return None
         results["rows"] = previous["rows"]
         results["invocations"] = previous.get("invocations", [previous["started"]])
         results |= {k: v for k, v in previous.items() if k.startswith("latency")}  # timed rows keep their times
     results.setdefault("invocations", []).append(results["started"])
+    return results
+
+
+def row_plan(args: argparse.Namespace) -> list[tuple[int, str]]:
+    """``(bits, row)`` in the order to convert: each ``--set BITS=ROWS``, else ``--rows`` at each of ``--bits``."""
     plan = [(int(b), r.split(",")) for b, r in (item.split("=") for item in args.set)] or \
         [(int(b), args.rows.split(",")) for b in args.bits.split(",")]
-    for bits, rows in plan:
-        for row in rows:
-            name = f"{row}_w{bits}a{bits}"
-            out = WORK / f"methods_{name}.onnx"
-            if row == ORT_ROW:
-                results["rows"][name] = ort_row(fp32, out, calib_files, pre, reference, cifar, held, labels)
-                results["rows"][name]["invocation"] = results["started"]
-                continue
-            times, digests = [], set()
-            for _ in range(max(1, args.repeat)):
-                start = time.perf_counter()
-                result = nq_onnx.convert(fp32, out, calib, config_of(row, bits, args.calib_size, args.seed),
-                                         force=True, evaluate=False)
-                times.append(time.perf_counter() - start)
-                digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
-            if len(digests) != 1:
-                print(f"benchmark: {name} gave different model bytes on repeat", file=sys.stderr)
-                return 1
-            seconds = float(np.median(times))
-            write_noiseless(result, WORK / f"methods_{name}_nonoise.onnx")
-            inspection = inspect_model(onnx.load(str(out)))
-            entry = {
-                "row": row, "bits": bits, "w_bits": result.plan.config.w_bits, "convert_s": seconds,
-                "convert_s_runs": times,
-                "timings": result.summary.timings,
-                "invocation": results["started"],
-                "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
-                "average_bits": result.summary.average_bits or float(bits),
-                "bits_groups": {str(b): n for b, n in result.summary.bits_groups.items()},
-                "cifar": output_metrics(reference["cifar"], run_model(out, cifar), labels),
-                "imagenet_heldout": output_metrics(reference["imagenet"], run_model(out, held)),
-                "weight_layers_integer": f"{sum(k.integer for k in inspection.weight_layers)}/"
-                                         f"{len(inspection.weight_layers)}",
-                "layers": layer_table(result.plan),
-            }
-            results["rows"][name] = entry
-            log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, ImageNet MSE {entry['imagenet_heldout']['mse']:.5f}, "
-                f"convert {seconds:.0f} s")
-            results["finished"] = time.time()
-            path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-    if args.latency_rounds:
-        time_rows(results, fp32, cifar, args.latency_rounds, log)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-    log(f"wrote {path}")
-    return 0
+    return [(bits, row) for bits, rows in plan for row in rows]
+
+
+def convert_row(row: str, bits: int, out: Path, args: argparse.Namespace, data: Evaluation) -> dict | None:
+    """Row ``row`` at ``bits`` converted ``--repeat`` times (its median convert time kept) and scored; ``None`` where
+    the repeats gave different model bytes."""
+    times, digests = [], set()
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        result = nq_onnx.convert(data.fp32, out, data.calib, config_of(row, bits, args.calib_size, args.seed),
+                                 force=True, evaluate=False)
+        times.append(time.perf_counter() - start)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    if len(digests) != 1:
+        return None
+    write_noiseless(result, out.with_name(f"{out.stem}_nonoise.onnx"))
+    inspection = inspect_model(onnx.load(str(out)))
+    return {
+        "row": row, "bits": bits, "w_bits": result.plan.config.w_bits, "convert_s": float(np.median(times)),
+        "convert_s_runs": times,
+        "timings": result.summary.timings,
+        "reparam_groups": result.summary.reparam_groups, "noisy_groups": result.summary.noisy_groups,
+        "average_bits": result.summary.average_bits or float(bits),
+        "bits_groups": {str(b): n for b, n in result.summary.bits_groups.items()},
+        "cifar": output_metrics(data.reference["cifar"], run_model(out, data.cifar), data.labels),
+        "imagenet_heldout": output_metrics(data.reference["imagenet"], run_model(out, data.held)),
+        "weight_layers_integer": f"{sum(k.integer for k in inspection.weight_layers)}/"
+                                 f"{len(inspection.weight_layers)}",
+        "layers": layer_table(result.plan),
+    }
 
 
 ORT_ROW = "ort-static"  # onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax

@@ -308,7 +308,11 @@ def ort_cost(model: Path, calib_arrays: np.ndarray, out: Path, linear_only: bool
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer images and rounds")
     parser.add_argument("--all-cifar", action="store_true", help="top-1 on all 10,000 CIFAR-10 test images")
@@ -320,37 +324,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-latency", action="store_true",
                         help="re-measure only the latency of the models an existing results file lists (kept in "
                              "benchmarks/work) into that file, e.g. after the machine was busy during a run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
     settings = Settings.quick() if args.quick else Settings.ablation() if args.ablation else Settings()
-    if args.all_cifar:
-        settings = dataclasses.replace(settings, cifar_per_class=1000)
+    return dataclasses.replace(settings, cifar_per_class=1000) if args.all_cifar else settings
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_of(args)
     for path in (CHECKPOINT, IMAGENET, CIFAR):
         if not path.exists():
             print(f"benchmark: missing {path} (the shared data must sit at {SHARED})", file=sys.stderr)
             return 2
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    existing = RESULTS / f"{args.name or ('quick' if args.quick else 'full')}.json"  # what --only-* re-measures
     if args.only_compile:
-        path = RESULTS / f"{args.name or ('quick' if args.quick else 'full')}.json"
-        results = json.loads(path.read_text())
-        results["compile"] = compile_curve(export_model(WORK / "vit_s14_dinov2_cifar10.onnx"), settings)
-        results["compile_measured"] = time.time()
-        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-        return 0
-    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    if args.only_latency:
-        path = RESULTS / f"{args.name or ('quick' if args.quick else 'full')}.json"
-        results = json.loads(path.read_text())
-        fp32 = Path(results["models"]["fp32"]["path"])
-        cifar, _ = cifar_subset(settings.cifar_per_class, Preprocess.from_model(onnx.load(str(fp32))))
-        results["latency"] = measure_latency({n: Path(m["path"]) for n, m in results["models"].items()}, cifar,
-                                             settings, log)
-        results["latency_measured"] = time.time()
-        results["targets"] = targets(results)
-        path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-        return 0
-    results: dict = {"machine": machine(), "settings": dataclasses.asdict(settings), "started": time.time()}
+        remeasure_compile(existing, settings)
+    elif args.only_latency:
+        remeasure_latency(existing, settings)
+    else:
+        results = full_run(settings)
+        name = args.name or ("quick" if args.quick else "ablation_w6a6" if args.ablation else "full")
+        path = RESULTS / f"{name}.json"
+        write_results(path, results)
+        from table import markdown
 
+        print(markdown(results, path.relative_to(ROOT)))
+        log(f"wrote {path}")
+    return 0
+
+
+def remeasure_compile(path: Path, settings: Settings) -> None:
+    """The compile-cost curve measured again into the results file at ``path``."""
+    results = json.loads(path.read_text())
+    results["compile"] = compile_curve(export_model(WORK / "vit_s14_dinov2_cifar10.onnx"), settings)
+    results["compile_measured"] = time.time()
+    write_results(path, results)
+
+
+def remeasure_latency(path: Path, settings: Settings) -> None:
+    """The latency of the models the results file at ``path`` lists measured again into it, with its targets."""
+    results = json.loads(path.read_text())
+    fp32 = Path(results["models"]["fp32"]["path"])
+    cifar, _ = cifar_subset(settings.cifar_per_class, Preprocess.from_model(onnx.load(str(fp32))))
+    results["latency"] = measure_latency({n: Path(m["path"]) for n, m in results["models"].items()}, cifar,
+                                         settings, log)
+    results["latency_measured"] = time.time()
+    results["targets"] = targets(results)
+    write_results(path, results)
+
+
+def full_run(settings: Settings) -> dict:
+    """Every row converted, scored, inspected and timed, and the compile curve: the results file's content."""
+    results: dict = {"machine": machine(), "settings": dataclasses.asdict(settings), "started": time.time()}
     fp32 = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
     pre = Preprocess.from_model(onnx.load(str(fp32), load_external_data=False))
     calib_files, held_files = split_imagenet(settings.calib_size, settings.imagenet_eval, settings.seed)
@@ -361,6 +395,31 @@ def main(argv: list[str] | None = None) -> int:
     cifar, labels = cifar_subset(settings.cifar_per_class, pre)
 
     models: dict[str, dict] = {"fp32": {"path": fp32, "kind": "fp32", "bits": 32}}
+    models |= ort_models(fp32, calib_arrays, settings)
+    models |= our_models(fp32, calib_dir, settings)
+    models |= calib_size_models(fp32, settings)
+    log("accuracy and output error")
+    score_models(models, cifar, labels, held)
+    results["seeds"] = seed_spread(models, settings)
+    log("kernels")
+    record_kernels(models)
+    log("latency")
+    results["latency"] = (measure_latency({n: m["path"] for n, m in models.items()}, cifar, settings, log)
+                          if settings.latency_rounds else {})
+    if settings.compile_curve:
+        log("compile cost")
+        results["compile"] = compile_curve(fp32, settings)
+    results["models"] = {
+        name: {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()} for name, entry in models.items()
+    }
+    results["targets"] = targets(results)
+    results["finished"] = time.time()
+    return results
+
+
+def ort_models(fp32: Path, calib_arrays: np.ndarray, settings: Settings) -> dict[str, dict]:
+    """onnxruntime's ``quantize_static`` rows (all operators, Linear only, Linear only with uint8 weights)."""
+    models = {}
     ort_rows = (("ort_all_w8a8", False, "QInt8"), ("ort_linear_w8a8", True, "QInt8"),
                 ("ort_linear_w8a8_u8u8", True, "QUInt8"))
     for name, linear_only, weight_type in ort_rows if settings.onnxruntime_rows else ():
@@ -368,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = ort_cost(fp32, calib_arrays, out, linear_only, weight_type)
         models[name] = {"path": out, "kind": "onnxruntime quantize_static", "bits": 8, "compile_s": seconds}
         log(f"{name}: {seconds:.1f} s")
+    return models
+
+
+def our_models(fp32: Path, calib_dir: Path, settings: Settings) -> dict[str, dict]:
+    """The nq-onnx rows of :func:`our_rows` at every bit-width, and the noiseless twin of NoisyQuant W8A8."""
+    models = {}
     for bits in settings.bits:
         for method, noise, seeds in our_rows(settings, bits):
             for seed in seeds:
@@ -381,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{name}: {info['seconds']:.1f} s")
                 if name == "noisyquant_w8a8":
                     models["noisyquant_w8a8_plain"] = plain_twin(result, WORK / "noisyquant_w8a8_plain.onnx")
+    return models
+
+
+def calib_size_models(fp32: Path, settings: Settings) -> dict[str, dict]:
+    """NoisyQuant W6A6 calibrated on each of ``settings.accuracy_calib_sizes`` images."""
+    models = {}
     for size in settings.accuracy_calib_sizes:
         files, _ = split_imagenet(size, settings.imagenet_eval, settings.seed)
         folder = link_folder(files, WORK / f"calib{size}")
@@ -391,8 +462,12 @@ def main(argv: list[str] | None = None) -> int:
                         "noise": "paper+shift", "calib_images": size, "compile_s": info["seconds"],
                         **{k: v for k, v in info.items() if k != "seconds"}}
         log(f"{name}: {info['seconds']:.1f} s")
+    return models
 
-    log("accuracy and output error")
+
+def score_models(models: dict[str, dict], cifar: np.ndarray, labels: np.ndarray, held: np.ndarray) -> None:
+    """Every model's CIFAR-10 top-1 and held-out ImageNet output error against FP32's outputs, into its entry."""
+    fp32 = models["fp32"]["path"]
     reference = {"cifar": run_model(fp32, cifar), "imagenet": run_model(fp32, held)}
     for name, entry in models.items():
         cifar_out = reference["cifar"] if name == "fp32" else run_model(entry["path"], cifar)
@@ -400,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         entry["cifar"] = output_metrics(reference["cifar"], cifar_out, labels)
         entry["imagenet_heldout"] = output_metrics(reference["imagenet"], held_out)
         log(f"{name}: top-1 {entry['cifar']['top1']:.4f}, ImageNet MSE {entry['imagenet_heldout']['mse']:.5f}")
-    results["seeds"] = seed_spread(models, settings)
 
-    log("kernels")
+
+def record_kernels(models: dict[str, dict]) -> None:
+    """Each quantized model's integer kernels as :func:`nq_onnx.inspect.inspect_model` sees them, into its entry."""
     for name, entry in models.items():
         if name != "fp32":
             inspection = inspect_model(onnx.load(str(entry["path"])))
@@ -414,26 +490,6 @@ def main(argv: list[str] | None = None) -> int:
                 "can_overflow_without_vnni": len(inspection.overflow_layers),
                 "weight_dtypes": inspection.weight_dtypes,
             }
-    log("latency")
-    results["latency"] = (measure_latency({n: m["path"] for n, m in models.items()}, cifar, settings, log)
-                          if settings.latency_rounds else {})
-
-    if settings.compile_curve:
-        log("compile cost")
-        results["compile"] = compile_curve(fp32, settings)
-    results["models"] = {
-        name: {k: (str(v) if isinstance(v, Path) else v) for k, v in entry.items()} for name, entry in models.items()
-    }
-    results["targets"] = targets(results)
-    results["finished"] = time.time()
-    name = args.name or ("quick" if args.quick else "ablation_w6a6" if args.ablation else "full")
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(results, indent=1, sort_keys=True, default=plain) + "\n")
-    from table import markdown
-
-    print(markdown(results, path.relative_to(ROOT)))
-    log(f"wrote {path}")
-    return 0
 
 
 TIMED = ("fp32", "ort_all_w8a8", "ort_linear_w8a8", "ort_linear_w8a8_u8u8", "easyquant_w8a8", "noisyquant_w8a8",

@@ -9,24 +9,27 @@ torch for ``export`` and matplotlib for ``report``, are not loaded by ``import n
 ``nq_onnx.export.export_timm``, ``nq_onnx.inspect.inspect_file`` and ``nq_onnx.report.build_report``.
 """
 
-import importlib
+from typing import TYPE_CHECKING
 
 from nq_onnx._version import __version__
-from nq_onnx.config import (  # noqa: E402
-    Activations,
-    Method,
-    MixedSensitivity,
-    NoiseMode,
-    Objective,
-    QuantConfig,
-    SearchConfig,
-    Target,
-    WeightDtype,
-    WeightRounding,
-)
-from nq_onnx.errors import ConfigError, DataError, ModelError, NQError, OutputError, PlanError  # noqa: E402
-from nq_onnx.pipeline import Result, Summary, convert, quantize  # noqa: E402
-from nq_onnx.plan import Plan  # noqa: E402
+
+if TYPE_CHECKING:  # what the names below resolve to, for type checkers and the API reference
+    from nq_onnx.config import (Activations, Method, MixedSensitivity, NoiseMode, Objective, QuantConfig,
+                                SearchConfig, Target, WeightDtype, WeightRounding)
+    from nq_onnx.errors import ConfigError, DataError, ModelError, NQError, OutputError, PlanError
+    from nq_onnx.pipeline import Result, Summary, convert, quantize
+    from nq_onnx.plan import Plan
+
+# the public names, each imported from its module on first use (PEP 562): importing a submodule (nq_onnx.quant,
+# nq_onnx.passes.base) does not import the pipeline, and no module's import waits on the package's
+_EXPORTS = {
+    **{name: "nq_onnx.config" for name in ("Activations", "Method", "MixedSensitivity", "NoiseMode", "Objective",
+                                           "QuantConfig", "SearchConfig", "Target", "WeightDtype", "WeightRounding")},
+    **{name: "nq_onnx.errors" for name in ("ConfigError", "DataError", "ModelError", "NQError", "OutputError",
+                                           "PlanError")},
+    **{name: "nq_onnx.pipeline" for name in ("Result", "Summary", "convert", "quantize")},
+    "Plan": "nq_onnx.plan",
+}
 
 # The public modules beside the names below: nq-onnx export, inspect and report as Python.
 SUBMODULES = ("export", "inspect", "report")
@@ -58,10 +61,17 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    """A public name's value, or a public module (``export``, ``inspect``, ``report``), imported on first use."""
+    import importlib
+
     if name in SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nq_onnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(SUBMODULES))
+    return sorted(set(globals()) | set(_EXPORTS) | set(SUBMODULES))

@@ -374,61 +374,102 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
                   ) -> tuple[np.ndarray, float, float, float]:
     """The ``(N, step, b, k)`` of the grid candidate with the lowest summed output MSE on the fit rows (the
     EasyQuant solution, ``N = 0``, is a candidate), its step then refined on the same objective."""
-    sample, act, config = problem.sample, problem.act, problem.config
-    levels = act.levels
+    if errors is None:  # EasyQuant's last round built them on the same rows and weights where it kept its own
+        errors = [LayerError.build(problem.sample.x, layer, w_q, t)
+                  for layer, w_q, t in zip(problem.layers, weights, targets)]
+    loss = _NoiseLoss.build(problem.sample.x, problem.act, errors)
+    candidates = _noise_candidates(problem, easy.scale, alpha)
+    chosen, value = loss.lowest([c[:2] for c in candidates])  # ties: the earliest, the EasyQuant solution first
+    noise, scale, shift, amplitude = candidates[chosen]
+    scale = _refine_noisy_step(problem, loss, noise, scale, value)
+    return noise.astype(np.float32), float(scale), shift, amplitude
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoiseLoss:
+    """The noise search's objective: the summed layer output MSE on the fit rows ``X`` with ``X + N`` quantized at
+    step ``s`` and the denoising bias ``B - N dq(W_l)`` (:class:`~nq_onnx.objectives.LayerError`) ::
+
+        L(N, s) = sum_l ||D dq(W_l) + X (dq(W_l) - W_l)||^2 / |Y_l|,      D = dq(q(X + N)) - (X + N)
+
+    kept in ``LOSS_PARTS`` disjoint parts of the rows (the rows a screen takes first: the outliers that decide
+    clipping among them; then the rest in turn), each part's share divided by every row's count, so that the parts
+    sum to ``L`` and :func:`~nq_onnx.grids.additive_argmin` drops a candidate before it has scored every part."""
+
+    act: ActQuantizer
+    rows: list[np.ndarray]
+    errors: list[list[LayerError]]
+    sizes: list[float]
+
+    @classmethod
+    def build(cls, x: np.ndarray, act: ActQuantizer, errors: list[LayerError]) -> "_NoiseLoss":
+        screened = screen_rows(x, x.shape[0] // LOSS_PARTS)
+        first_rows = screened[0] if screened is not None else np.arange(x.shape[0])
+        rest = np.setdiff1d(np.arange(x.shape[0]), first_rows)
+        parts = [first_rows] + [rest[j::LOSS_PARTS - 1] for j in range(LOSS_PARTS - 1)]
+        return cls(act, [x[rows] for rows in parts], [[error.rows(rows) for error in errors] for rows in parts],
+                   [error.size for error in errors])
+
+    def part(self, noise: np.ndarray, scale: float, j: int) -> float:
+        """Part ``j``'s share of ``L(N, s)``: its rows' squared errors over all rows' count."""
+        noisy = self.rows[j] + noise.astype(np.float32)
+        d = self.act.fake_quant(noisy, scale)
+        d -= noisy
+        return float(sum(error.terms(d)[0] / size for error, size in zip(self.errors[j], self.sizes)))
+
+    def __call__(self, noise: np.ndarray, scale: float) -> float:
+        return sum(self.part(noise, scale, j) for j in range(LOSS_PARTS))
+
+    def lowest(self, trials: list[tuple[np.ndarray, float]]) -> tuple[int, float]:
+        """The index of the trial ``(N, s)`` with the lowest loss (ties: the earliest) and that loss."""
+        return additive_argmin(len(trials), lambda i, j: self.part(*trials[i], j), LOSS_PARTS)
+
+
+def _noisy_range(problem: GroupSearch, noise: np.ndarray) -> float:
+    """The extent a MinMax step must cover for ``X + N`` (:meth:`ActQuantizer.extent`), from the calibrated
+    per-channel ranges."""
+    sample = problem.sample
+    return problem.act.extent(float(np.min(sample.channel_min + noise)), float(np.max(sample.channel_max + noise)))
+
+
+def _noise_candidates(problem: GroupSearch, easy_scale: float,
+                      alpha: float) -> list[tuple[np.ndarray, float, float, float]]:
+    """The noise grid's candidates ``(N, s, b, k)``, the EasyQuant solution ``(0, s_easy, 0, 0)`` first ::
+
+        N = -b c + k s_b u,    s_b = alpha range(X - b c) / levels,    s = alpha range(X + N) / levels
+
+    with ``c`` the per-channel mid-range, ``u ~ U(-1/2, 1/2)^K`` drawn from the group's noise seed and ``alpha``
+    EasyQuant's multiple of the MinMax step; ``b > 0`` only where the ranges were calibrated on at least
+    ``shift_min_rows`` rows, and no candidate whose ``X + N`` has nothing to quantize (``s = 0``)."""
+    sample, config, levels = problem.sample, problem.config, problem.act.levels
     u = np.random.default_rng(list(problem.noise_seed)).uniform(-0.5, 0.5, size=sample.x.shape[1])
     centre = (sample.channel_min.astype(np.float64) + sample.channel_max.astype(np.float64)) / 2.0
-    if errors is None:  # EasyQuant's last round built them on the same rows and weights where it kept its own
-        errors = [LayerError.build(sample.x, layer, w_q, t) for layer, w_q, t in zip(problem.layers, weights, targets)]
     shifts, amplitudes = config.noise_grid(problem.noise_mode)
     if sample.calib_rows is not None and sample.calib_rows < config.shift_min_rows:
         shifts = (0.0,)
-
-    def range_of(noise: np.ndarray) -> float:
-        """The extent a MinMax step must cover for ``X + N`` (:meth:`ActQuantizer.extent`)."""
-        return act.extent(float(np.min(sample.channel_min + noise)), float(np.max(sample.channel_max + noise)))
-
-    # first the rows a screen takes (the outliers that decide clipping among them), then the rest in turn
-    screened = screen_rows(sample.x, sample.x.shape[0] // LOSS_PARTS)
-    first_rows = screened[0] if screened is not None else np.arange(sample.x.shape[0])
-    rest = np.setdiff1d(np.arange(sample.x.shape[0]), first_rows)
-    parts = [first_rows] + [rest[j::LOSS_PARTS - 1] for j in range(LOSS_PARTS - 1)]
-    part_rows = [sample.x[rows] for rows in parts]
-    part_errors = [[error.rows(rows) for error in errors] for rows in parts]
-    sizes = [error.size for error in errors]
-
-    def loss_part(noise: np.ndarray, scale: float, j: int) -> float:
-        """Part ``j``'s share of the summed layer output MSE: its rows' squared errors over all rows' count."""
-        noisy = part_rows[j] + noise.astype(np.float32)
-        d = act.fake_quant(noisy, scale)
-        d -= noisy
-        return float(sum(error.terms(d)[0] / size for error, size in zip(part_errors[j], sizes)))
-
-    def loss(noise: np.ndarray, scale: float) -> float:
-        return sum(loss_part(noise, scale, j) for j in range(LOSS_PARTS))
-
-    def lowest(trials: list[tuple[np.ndarray, float]]) -> tuple[int, float]:
-        return additive_argmin(len(trials), lambda i, j: loss_part(*trials[i], j), LOSS_PARTS)
-
-    zero = np.zeros_like(u)
-    candidates = [(zero, easy.scale, 0.0, 0.0)]  # the EasyQuant solution itself
+    candidates = [(np.zeros_like(u), easy_scale, 0.0, 0.0)]
     for shift in shifts:
         shifted = -shift * centre
-        step = alpha * range_of(shifted) / levels
+        step = alpha * _noisy_range(problem, shifted) / levels
         for amplitude in amplitudes:
             noise = shifted + amplitude * step * u
-            scale = alpha * range_of(noise) / levels
+            scale = alpha * _noisy_range(problem, noise) / levels
             if scale > 0:  # else every channel constant and shifted onto zero: nothing to quantize
                 candidates.append((noise, scale, float(shift), float(amplitude)))
-    chosen, value = lowest([c[:2] for c in candidates])  # ties: the earliest, the EasyQuant solution first
-    noise, scale, shift, amplitude = candidates[chosen]
-    base, alphas = range_of(noise) / levels, grid(config.act_alphas)
-    if base > 0:
-        if config.grid_stride == 1:
-            i, trial = lowest([(noise, base * a) for a in alphas])
-        else:
-            i, negative = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
-            trial = -negative
-        if trial < value:
-            scale = base * alphas[i]
-    return noise.astype(np.float32), float(scale), shift, amplitude
+    return candidates
+
+
+def _refine_noisy_step(problem: GroupSearch, loss: _NoiseLoss, noise: np.ndarray, scale: float,
+                       value: float) -> float:
+    """The step for ``X + N`` among ``a range(X + N) / levels`` (``a`` on the activation grid) with the lowest
+    ``L(N, s)``, where that is below ``value`` (the loss at ``scale``); else ``scale``."""
+    config = problem.config
+    base, alphas = _noisy_range(problem, noise) / problem.act.levels, grid(config.act_alphas)
+    if base <= 0:
+        return scale
+    if config.grid_stride == 1:
+        i, trial = loss.lowest([(noise, base * a) for a in alphas])
+    else:
+        i, negative = grid_argmax(len(alphas), lambda i: -loss(noise, base * alphas[i]), config.grid_stride)
+        trial = -negative
+    return base * alphas[i] if trial < value else scale

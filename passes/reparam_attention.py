@@ -259,61 +259,88 @@ def _move(node: gs.Node, index: int, arr: np.ndarray) -> list[np.ndarray] | str 
     if op in ("Mul", "Div"):
         other = node.inputs[1 - index] if op == "Mul" else node.inputs[1]
         return [arr] if _scalar(other) is not None else None
-    if op == "Identity":
-        return [arr]
-    if op == "Transpose":
-        perm = node.attrs.get("perm", list(range(arr.ndim))[::-1])
-        return [np.transpose(arr, perm)] if len(perm) == arr.ndim else "rank"
-    if op == "Reshape":
-        shape = _shape_entries(node.inputs[1])
-        if shape is None:
-            return "shape not known"
-        dims = [arr.shape[i] if d == 0 and not node.attrs.get("allowzero", 0) else (1 if d is None else d)
-                for i, d in enumerate(shape)]
-        try:
-            return [arr.reshape(dims)]
-        except ValueError:
-            return "not over the channel axes"
-    if op == "Squeeze" or op == "Unsqueeze":
-        values = _const(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
-        if values is None:
-            return "axes not known"
-        values = np.asarray(values).reshape(-1)
-        axes = [int(a) % (arr.ndim + (values.size if op == "Unsqueeze" else 0)) for a in values]
-        if op == "Unsqueeze":
-            return [np.expand_dims(arr, tuple(axes))]
-        return [np.squeeze(arr, tuple(axes))] if all(arr.shape[a] == 1 for a in axes) else "squeezes channels"
-    if op == "Gather":
-        indices = _const(node.inputs[1])
-        axis = int(node.attrs.get("axis", 0)) % arr.ndim
-        if indices is None or np.any(indices >= arr.shape[axis]):
-            return "indices not known, or over a token axis"
-        return [np.take(arr, indices, axis=axis)]
-    if op == "Split":
-        axis = int(node.attrs.get("axis", 0)) % arr.ndim
-        sizes = _const(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("split")
-        count = len(node.outputs)
-        if sizes is None:
-            if arr.shape[axis] % count:
-                return "uneven split"
-            sizes = [arr.shape[axis] // count] * count
-        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
-        if sum(sizes) != arr.shape[axis]:
-            return "split over a token axis"
-        return np.split(arr, np.cumsum(sizes)[:-1], axis=axis)
-    if op == "Slice":
-        values = [_const(t) for t in node.inputs[1:]]
-        if any(v is None for v in values) or len(values) < 2:
-            return "bounds not known"
-        starts, ends = values[0], values[1]
-        axes = values[2] if len(values) > 2 else np.arange(len(starts))
-        steps = values[3] if len(values) > 3 else np.ones(len(starts), np.int64)
-        index_tuple = [slice(None)] * arr.ndim
-        for start, end, axis, step in zip(starts, ends, axes, steps):
-            index_tuple[int(axis) % arr.ndim] = slice(int(start), int(end), int(step))
-        out = arr[tuple(index_tuple)]
-        return [out] if out.size else "empty slice"
-    return None
+    move = MOVES.get(op)
+    return move(node, arr) if move is not None else None
+
+
+def _move_transpose(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Transpose``: the axes permuted alike (no ``perm``: reversed)."""
+    perm = node.attrs.get("perm", list(range(arr.ndim))[::-1])
+    return [np.transpose(arr, perm)] if len(perm) == arr.ndim else "rank"
+
+
+def _move_reshape(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Reshape`` with the batch and token axes at size 1: an entry computed at run time is such an axis, a ``0``
+    copies the input's dimension (unless ``allowzero``); the channels must stay on the axes they fill."""
+    shape = _shape_entries(node.inputs[1])
+    if shape is None:
+        return "shape not known"
+    dims = [arr.shape[i] if d == 0 and not node.attrs.get("allowzero", 0) else (1 if d is None else d)
+            for i, d in enumerate(shape)]
+    try:
+        return [arr.reshape(dims)]
+    except ValueError:
+        return "not over the channel axes"
+
+
+def _move_squeeze(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Squeeze``/``Unsqueeze`` by constant axes (an input from opset 13, an attribute before); a squeezed axis
+    must have size 1 here, so a channel axis is never squeezed."""
+    values = _const(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
+    if values is None:
+        return "axes not known"
+    values = np.asarray(values).reshape(-1)
+    unsqueeze = node.op == "Unsqueeze"
+    axes = [int(a) % (arr.ndim + (values.size if unsqueeze else 0)) for a in values]
+    if unsqueeze:
+        return [np.expand_dims(arr, tuple(axes))]
+    return [np.squeeze(arr, tuple(axes))] if all(arr.shape[a] == 1 for a in axes) else "squeezes channels"
+
+
+def _move_gather(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Gather`` of constant indices within the axis here (an index past it gathers tokens, not channels)."""
+    indices = _const(node.inputs[1])
+    axis = int(node.attrs.get("axis", 0)) % arr.ndim
+    if indices is None or np.any(indices >= arr.shape[axis]):
+        return "indices not known, or over a token axis"
+    return [np.take(arr, indices, axis=axis)]
+
+
+def _move_split(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Split`` into constant sizes (an input from opset 13, an attribute before; none: equal parts) that must
+    cover the axis here exactly, one array per output."""
+    axis = int(node.attrs.get("axis", 0)) % arr.ndim
+    sizes = _const(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("split")
+    count = len(node.outputs)
+    if sizes is None:
+        if arr.shape[axis] % count:
+            return "uneven split"
+        sizes = [arr.shape[axis] // count] * count
+    sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+    if sum(sizes) != arr.shape[axis]:
+        return "split over a token axis"
+    return np.split(arr, np.cumsum(sizes)[:-1], axis=axis)
+
+
+def _move_slice(node: gs.Node, arr: np.ndarray) -> list[np.ndarray] | str:
+    """``Slice`` with constant ``starts``, ``ends`` and optional ``axes`` and ``steps``; empty is refused."""
+    values = [_const(t) for t in node.inputs[1:]]
+    if any(v is None for v in values) or len(values) < 2:
+        return "bounds not known"
+    starts, ends = values[0], values[1]
+    axes = values[2] if len(values) > 2 else np.arange(len(starts))
+    steps = values[3] if len(values) > 3 else np.ones(len(starts), np.int64)
+    index_tuple = [slice(None)] * arr.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index_tuple[int(axis) % arr.ndim] = slice(int(start), int(end), int(step))
+    out = arr[tuple(index_tuple)]
+    return [out] if out.size else "empty slice"
+
+
+# how each shape op but Mul and Div (scalar factors, :func:`_move`) moves an index array from input 0 to its outputs
+MOVES = {"Identity": lambda node, arr: [arr], "Transpose": _move_transpose, "Reshape": _move_reshape,
+         "Squeeze": _move_squeeze, "Unsqueeze": _move_squeeze, "Gather": _move_gather, "Split": _move_split,
+         "Slice": _move_slice}
 
 
 def _shape_entries(tensor: gs.Tensor) -> list[int | None] | None:

@@ -16,10 +16,10 @@ from nq_onnx.config import QuantConfig
 from nq_onnx.cpu import cpu_features
 from nq_onnx.errors import ConfigError, NQError
 from nq_onnx.model_io import load_model
-from nq_onnx.sweep import report
 from nq_onnx.sweep.evalset import EvalSet, load_shard, open_eval_set
 from nq_onnx.sweep.executors import RayExecutor, Resources, SerialExecutor
 from nq_onnx.sweep.pick import METRICS, choose, parse_pick
+from nq_onnx.sweep.report import chart, command_line, markdown_table
 from nq_onnx.sweep.results import ResultsFile, data_digest
 from nq_onnx.sweep.run import identity, reference, run_trials, shard_size
 from nq_onnx.sweep.spec import SweepSpec, load_spec
@@ -228,7 +228,7 @@ def _write_choice(spec: SweepSpec, out: SweepResult) -> None:
     config = QuantConfig.from_dict(out.chosen["config"])
     model = spec.out / "picked.onnx"
     write_bytes_atomic(model, (spec.out / out.chosen["model"]).read_bytes())
-    out.command = report.command_line(str(spec.model), str(spec.calib), str(model), config)
+    out.command = command_line(str(spec.model), str(spec.calib), str(model), config)
     write_bytes_atomic(spec.out / "picked.txt", (out.command + "\n").encode())
     out.files |= {"picked": model, "command": spec.out / "picked.txt"}
 
@@ -239,11 +239,11 @@ def _write_report(spec: SweepSpec, out: SweepResult) -> None:
     chosen = out.labels[out.records.index(out.chosen)] if out.chosen is not None else None
     lines = [f"# Sweep {spec.path.name}", "", f"Model `{spec.model.name}`, {len(out.records)} trials succeeded, "
              f"{len(out.failed)} failed." + (f" Chosen: **{chosen}**." if chosen else ""), "",
-             report.markdown_table(out.records, out.fp32, out.labels, out.chosen)]
+             markdown_table(out.records, out.fp32, out.labels, out.chosen)]
     if out.failed:
         lines += ["Failed trials:", ""] + [f"- {r['options']}: {r['error']}" for r in out.failed] + [""]
     if out.command:
         lines += ["Reproduce the chosen model:", "", "```", out.command, "```", ""]
     write_bytes_atomic(spec.out / "report.md", "\n".join(lines).encode())
-    write_bytes_atomic(spec.out / "pareto.png", report.chart(out.records, out.fp32, out.chosen))
+    write_bytes_atomic(spec.out / "pareto.png", chart(out.records, out.fp32, out.chosen))
     out.files |= {"report": spec.out / "report.md", "chart": spec.out / "pareto.png"}
