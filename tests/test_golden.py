@@ -9,7 +9,8 @@ digests are stored for both the test is skipped.
 
 Each setting names every option of :class:`~nq_onnx.QuantConfig` and :class:`~nq_onnx.SearchConfig` (the
 test below checks it), so a default that moves changes no setting. There is one setting per technique: each
-turns one technique on over the paper's setting (``PAPER``), and the defaults' settings turn on all of today's.
+turns one technique on over the paper's setting (``PAPER``); ``DEFAULTS`` holds the defaults the digests were
+recorded with, every technique they turn on.
 
 To record another CPU kind or BLAS kernel, on a commit whose conversions are trusted (main, before a change)::
 
