@@ -442,10 +442,11 @@ class SearchPlanner:
         fit, held = zip(*(split_images(v, self._images, self._fit) for v in (a, b)))
         s_a, s_b, metrics = self._search_product(spec, groups, fit, absmax, quantizers)
         fallbacks = tuple(self._fallbacks.get(g.name, q) for g, q in zip(groups, quantizers))
-        if fallbacks != quantizers and held[0] is not None and self._slices(spec, *held) is not None:
+        held_slices = None if fallbacks == quantizers or held[0] is None else self._slices(spec, *held)
+        if held_slices is not None:
             other = self._search_product(spec, groups, fit, absmax, fallbacks)
-            own = self._product_error(spec, held, quantizers, (s_a, s_b))
-            base = self._product_error(spec, held, fallbacks, other[:2])
+            own = _product_error(held_slices, quantizers, (s_a, s_b))
+            base = _product_error(held_slices, fallbacks, other[:2])
             if base < own:
                 quantizers, (s_a, s_b, metrics) = fallbacks, other
                 metrics = {**metrics, "twin_rejected": 1.0}
@@ -477,8 +478,9 @@ class SearchPlanner:
         scores = all(g.after != "softmax" for g in groups)  # Q K^T, not A V: PTQ-ViT's ranking loss applies
         return search_act_matmul(*sliced, absmax, quantizers, self.config.search, scores)
 
-    def _product_error(self, spec: LayerSpec, held: tuple, quantizers: tuple, scales: tuple) -> float:
-        """``mean((q(A) q(B) - A B)^2)`` over the held-out images' sampled slices."""
-        a, b = self._slices(spec, *held)
-        product = quantizers[0].fake_quant(a, scales[0]) @ quantizers[1].fake_quant(b, scales[1])
-        return float(np.mean(np.square(product.astype(np.float64) - (a @ b).astype(np.float64))))
+
+def _product_error(slices: tuple[np.ndarray, np.ndarray], quantizers: tuple, scales: tuple) -> float:
+    """``mean((q(A) q(B) - A B)^2)`` over the held-out images' sampled slices ``(A, B)``."""
+    a, b = slices
+    product = quantizers[0].fake_quant(a, scales[0]) @ quantizers[1].fake_quant(b, scales[1])
+    return float(np.mean(np.square(product.astype(np.float64) - (a @ b).astype(np.float64))))
