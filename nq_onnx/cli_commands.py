@@ -45,7 +45,6 @@ def add_export(sub) -> None:
     p.set_defaults(func=_export)
 
 
-
 def add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -60,7 +59,6 @@ def add_demo(sub) -> None:
                    help="MinMax and NoisyQuant only (no EasyQuant row), on half the crops of each photograph")
     add_run_options(p)
     p.set_defaults(func=_demo)
-
 
 
 def add_report(sub) -> None:
@@ -167,7 +165,6 @@ def _sweep(args) -> int:
     if result.chosen is not None:
         print(f"  chosen: {result.labels[result.records.index(result.chosen)]}\n  {result.command}")
     return 0
-
 
 
 def _export(args) -> int:

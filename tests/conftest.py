@@ -84,3 +84,13 @@ def image_model(rng: np.random.Generator, size: int = 8, classes: int = 10) -> o
 def save(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path
+
+
+@pytest.fixture
+def work(tmp_path):
+    """``(folder, model, calib)``: the small MLP model and an ``.npy`` of 8 calibration inputs, in ``tmp_path``."""
+    rng = np.random.default_rng(0)
+    model = save(mlp_model(rng), tmp_path / "mlp.onnx")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, rng.standard_normal((8, 5, 12)).astype(np.float32))
+    return tmp_path, model, calib

@@ -5,25 +5,12 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import pytest
-from conftest import mlp_model, save
-
 import nq_onnx
 from nq_onnx import cli_log
 from nq_onnx.cli import main
 from nq_onnx.summary import timed
 
 STAGES = ("calibrate", "reparam", "search", "check", "evaluate", "save")
-
-
-@pytest.fixture
-def work(tmp_path):
-    rng = np.random.default_rng(0)
-    model = save(mlp_model(rng), tmp_path / "mlp.onnx")
-    calib = tmp_path / "calib.npy"
-    np.save(calib, rng.standard_normal((8, 5, 12)).astype(np.float32))
-    return tmp_path, model, calib
 
 
 def _convert(work, *extra) -> int:

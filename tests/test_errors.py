@@ -21,15 +21,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def work(tmp_path):
-    rng = np.random.default_rng(0)
-    model = save(mlp_model(rng), tmp_path / "mlp.onnx")
-    calib = tmp_path / "calib.npy"
-    np.save(calib, rng.standard_normal((8, 5, 12)).astype(np.float32))
-    return tmp_path, model, calib
-
-
 def fails(capsys, argv, *needles, inputs=()):
     before = {p: digest(p) for p in inputs}
     outputs = [Path(argv[i + 1]) for i, a in enumerate(argv) if a == "-o"]
