@@ -101,6 +101,10 @@ def build(values: Layer) -> dict[str, Any]:
         fields = dict(values.get(section.name, {}))
         if section.root:
             fields |= {s.parent_field: built[s.name] for s in options.SECTIONS.values() if s.parent_field}
+            joined = tuple(built[s.name] for s in options.SECTIONS.values()
+                           if s.joins_root is not None and s.joins_root(built[s.name]))
+            if joined:
+                fields[options.TECHNIQUES_FIELD] = joined
         try:
             built[section.name] = section.cls(**fields)
         except TypeError as exc:  # a section whose constructor refuses a declared field: a bug, not the input
@@ -132,7 +136,7 @@ def ignored(resolved: Resolved, load_plan: bool) -> list[str]:
 
 
 def _nested() -> set[str]:
-    return {s.parent_field for s in options.SECTIONS.values() if s.parent_field}
+    return options.held_fields()
 
 
 def _name(source: str, field: dataclasses.Field) -> str:

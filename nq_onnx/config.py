@@ -13,6 +13,7 @@ from typing import Any
 from nq_onnx.errors import ConfigError
 from nq_onnx.options import Condition, option, register_section
 from nq_onnx.presets import preset_values
+from nq_onnx.techniques.base import settings_from_dict, settings_to_dict, technique_of
 
 SUPPORTED_BITS = (4, 5, 6, 7, 8)  # 7: int8 codes that no x86 kernel saturates (onnxruntime's reduce_range)
 
@@ -390,8 +391,11 @@ class QuantConfig:
         "fit images the output, joint and searched sensitivities are measured on (at most the search's fit images; "
         "the sensitivity pass's time grows with N)", "method", metavar="N", applies=BUDGETED))
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+    # the settings of the enabled techniques that keep their own (:mod:`nq_onnx.techniques.base`), one per technique
+    techniques: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_techniques()
         for name, kind, label in ENUM_FIELDS:
             _coerce_enum(self, name, kind, label)
         if self.weight_dtype is None:
@@ -433,6 +437,14 @@ class QuantConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
+    def _check_techniques(self) -> None:
+        """One registered technique's settings each, held in name order (the order does not change the model)."""
+        named = sorted(((technique_of(s).name, s) for s in self.techniques), key=lambda pair: pair[0])
+        for (first, _), (second, _) in zip(named, named[1:]):
+            if first == second:
+                raise ConfigError(f"technique {first!r} is given twice")
+        object.__setattr__(self, "techniques", tuple(s for _, s in named))
+
     def _check_target(self) -> None:
         """Refuse, in one line, an option the target cannot run."""
         target = self.target.value
@@ -452,7 +464,10 @@ class QuantConfig:
             raise ConfigError("target gpu takes int8 weights; use weight-dtype int8 or auto")
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, techniques=()))
+        del out["techniques"]  # written only where a technique is on: a plan without one reads as before they existed
+        if self.techniques:
+            out["techniques"] = {technique_of(s).name: settings_to_dict(s) for s in self.techniques}
         for name, _, _ in ENUM_FIELDS + (("weight_dtype", WeightDtype, ""), ("activations", Activations, "")):
             out[name] = getattr(self, name).value
         out["search"]["objective"] = self.search.objective.value
@@ -474,7 +489,8 @@ class QuantConfig:
             data.setdefault(name, old)
         search = data.pop("search", {})
         search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
-        return cls(search=SearchConfig(**search), **data)
+        techniques = tuple(settings_from_dict(name, v) for name, v in data.pop("techniques", {}).items())
+        return cls(search=SearchConfig(**search), techniques=techniques, **data)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QuantConfig":

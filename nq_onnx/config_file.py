@@ -66,7 +66,7 @@ def layer_from_mapping(data: dict[str, Any], source: str) -> Layer:
 
 def _section_values(section: options.Section, data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
     types = options.field_types(section.cls)
-    nested = {s.parent_field for s in options.SECTIONS.values() if s.parent_field}
+    nested = options.held_fields()
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
@@ -148,7 +148,7 @@ def to_mapping(configs: dict[str, Any], omit: set[tuple[str, str]] = frozenset()
     """The file mapping of built configs (``{section: instance}``), every field but those in ``omit`` (``(section,
     field)``) and those that are ``None``."""
     out: dict[str, Any] = {}
-    nested = {s.parent_field for s in options.SECTIONS.values() if s.parent_field}
+    nested = options.held_fields()
     for section in [options.root_section()] + [s for s in options.SECTIONS.values() if not s.root]:
         table = out if section.root else out.setdefault(section.name, {})
         for f in dataclasses.fields(section.cls):
@@ -156,7 +156,7 @@ def to_mapping(configs: dict[str, Any], omit: set[tuple[str, str]] = frozenset()
             if (section.root and f.name in nested) or value is None or (section.name, f.name) in omit:
                 continue
             table[f.name] = plain(value)
-    return out
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def dump(mapping: dict[str, Any], kind: str, comments: dict[str, str] | None = None) -> str:

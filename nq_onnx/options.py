@@ -71,17 +71,20 @@ class Section:
     """A registered configuration dataclass.
 
     The root section's fields are the top-level keys of a configuration file; every other section is a table named
-    ``name``. ``parent_field``: the root config's field holding this section's instance (``search``); a section
-    without one is built alongside the root config (a technique's own settings)."""
+    ``name``. ``parent_field``: the root config's field holding this section's instance (``search``). ``joins_root``:
+    a technique's settings (:mod:`nq_onnx.techniques.base`), built before the root config and held in its
+    :data:`TECHNIQUES_FIELD` where ``joins_root(settings)`` holds (the technique is on)."""
 
     name: str
     cls: type
     root: bool = False
     parent_field: str | None = None
+    joins_root: Callable[[Any], bool] | None = None
 
 
 GROUPS: dict[str, Group] = {}
 SECTIONS: dict[str, Section] = {}
+TECHNIQUES_FIELD = "techniques"  # the root config's field holding the enabled techniques' settings
 
 
 def register_group(name: str, title: str, description: str = "") -> Group:
@@ -89,13 +92,14 @@ def register_group(name: str, title: str, description: str = "") -> Group:
     return GROUPS[name]
 
 
-def register_section(name: str, cls: type, *, root: bool = False, parent_field: str | None = None) -> Section:
+def register_section(name: str, cls: type, *, root: bool = False, parent_field: str | None = None,
+                     joins_root: Callable[[Any], bool] | None = None) -> Section:
     """Register ``cls`` (a dataclass whose fields may declare options) as the configuration section ``name``."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     if root and any(s.root for s in SECTIONS.values() if s.name != name):
         raise ValueError("a root section is registered already")
-    SECTIONS[name] = Section(name, cls, root, parent_field)
+    SECTIONS[name] = Section(name, cls, root, parent_field, joins_root)
     return SECTIONS[name]
 
 
@@ -110,10 +114,17 @@ def root_section() -> Section:
 
 
 def sections() -> list[Section]:
-    """Nested sections first, then the root, then the rest: the order their configs can be built in."""
+    """Nested sections first, then the techniques' settings, then the root, then the rest: the order their configs
+    can be built in."""
     nested = [s for s in SECTIONS.values() if s.parent_field]
-    rest = [s for s in SECTIONS.values() if not s.root and not s.parent_field]
-    return nested + [root_section()] + rest
+    joining = [s for s in SECTIONS.values() if s.joins_root is not None]
+    rest = [s for s in SECTIONS.values() if not s.root and not s.parent_field and s.joins_root is None]
+    return nested + joining + [root_section()] + rest
+
+
+def held_fields() -> set[str]:
+    """The root config's fields that hold other sections' configs (never a key or flag of their own)."""
+    return {s.parent_field for s in SECTIONS.values() if s.parent_field} | {TECHNIQUES_FIELD}
 
 
 for _name, _title, _description in (

@@ -13,16 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
 from nq_onnx.atomic import write_bytes_atomic
-from nq_onnx.calibration.collect import TensorStats, collect_stats
+from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.config import Method, QuantConfig, Target
-from nq_onnx.errors import DataError, ModelError, NQError, PlanError
+from nq_onnx.errors import DataError, NQError, PlanError
 from nq_onnx.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
@@ -39,12 +38,13 @@ from nq_onnx.passes import (
     Skip,
     SkipKind,
     StoreInt16Bias,
-    find_layers,
     import_graph,
 )
-from nq_onnx import evaluation, reparam
-from nq_onnx.passes.reparam_attention import AttentionSite, attention_sites
-from nq_onnx.plan import AttentionReparam, Plan, average_bits
+from nq_onnx import evaluation
+from nq_onnx.layers import discover
+from nq_onnx.plan import Plan, average_bits
+from nq_onnx.techniques import base as techniques, builtin  # noqa: F401  (builtin: registers the built-in ones)
+from nq_onnx.techniques.base import Context
 from nq_onnx.summary import Summary, profile_record, timed
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
@@ -74,26 +74,6 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
     return out
-
-
-def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
-    graph = import_graph(model)
-    layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls, config.attention_probabilities)
-    if not layers.layers:
-        if layers.excluded:
-            raise ModelError("every quantizable layer is excluded; nothing left to quantize")
-        raise ModelError("the model has no quantizable layer (no MatMul or Gemm with a constant weight)")
-    check_finite(graph, layers)
-    return layers
-
-
-def check_finite(graph: gs.Graph, layers: Layers) -> None:
-    """NaN or Inf in a weight or bias would poison every scale derived from it: refuse, naming the layer."""
-    tensors = graph.tensors()
-    for spec in layers.layers:
-        for role, name in (("weight", spec.weight), ("bias", spec.bias)):
-            if name is not None and not np.all(np.isfinite(tensors[name].values)):
-                raise ModelError(f"layer {spec.name!r}: its {role} {name!r} contains NaN or Inf")
 
 
 @dataclasses.dataclass
@@ -200,16 +180,10 @@ def quantize(
             raise NQError("calibration data is needed unless a plan is loaded")
         model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings)
     else:
-        factors = {name: g.reparam for name, g in plan.groups.items() if g.reparam is not None}
-        attention = {name: p.attention for name, p in plan.layers.items() if p.attention is not None}
-        for rewrite_with, chosen, what in ((reparam.reparameterize, factors, "group"),
-                                           (reparam.reparameterize_attention, attention, "layer")):
-            if chosen:
-                model, result = rewrite_with(model, layers, chosen)
-                layers = discover(model, config)
-                if result.skipped:
-                    raise PlanError(f"plan does not fit the model: {what} {result.skipped[0].layer!r} cannot be "
-                                    f"reparameterized ({result.skipped[0].reason})")
+        ctx = Context(model, layers, config, plan=plan, timings=timings)
+        for technique in techniques.enabled(config):
+            technique.replay(ctx)
+        model, layers = ctx.model, ctx.layers
     check_plan_fits(plan, layers)
     start, checked = time.perf_counter(), {}
     out, rewrite = apply_plan(model, layers, plan, timings=checked)
@@ -249,59 +223,29 @@ def _rejected(layers: Layers, plan: Plan, key: str) -> int:
 
 def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,
             timings: dict[str, float]) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
-    """Calibrate, reparameterize the LayerNorms (``config.reparam``) and the attention (``config.reparam_attention``)
-    and search; returns the float model and layers the plan refers to, the plan, and what could not be
-    reparameterized."""
+    """Calibrate, let the enabled techniques rewrite the float model (the reparameterizations), search, and let them
+    record what they chose; returns the float model and layers the plan refers to, the plan, and what the techniques
+    could not do."""
     config = plan.config
-    sites, kept = attention_sites(import_graph(model), layers) if config.reparam_attention else ([], [])
+    ctx = Context(model, layers, config, timings=timings)
+    active = techniques.enabled(config)
+    extra = sorted({t for technique in active for t in technique.tensors(ctx)})  # beyond the groups' own
     with timed(timings, "calibrate_s"):
-        columns = sorted({t for s in sites for t in (s.q_tensor, s.k_tensor)})  # the ranges attention factors need
-        stats = collect_stats(model, [g.tensor for g in layers.groups] + columns, calib, config.batch_size, progress)
-    factors, skipped = {}, []
-    if config.reparam:
-        with timed(timings, "reparam_s"):
-            candidates, few_rows = reparam.candidates(layers, stats, config.search.shift_min_rows)
-            model, result = reparam.reparameterize(model, layers, candidates)
-            layers = discover(model, config)
-            factors = {name: candidates[name] for name in result.applied}
-            tensors = {layers.group(name).tensor: factor for name, factor in factors.items()}
-            stats = {t: reparam.reparameterized_stats(s, tensors[t]) if t in tensors else s for t, s in stats.items()}
-            skipped = few_rows + result.skipped
-    attention = {}
-    if sites:
-        with timed(timings, "reparam_attention_s"):
-            model, layers, attention, stats = _reparameterize_attention(model, layers, sites, stats, config)
-            skipped += kept
+        ctx.stats = collect_stats(model, [g.tensor for g in layers.groups] + extra, calib, config.batch_size, progress)
+    for technique in active:
+        technique.rewrite(ctx)
     with timed(timings, "search_s"):
         if config.method == Method.MINMAX:
-            plan = minmax_plan(plan, layers, stats, float_weights(import_graph(model), layers))
+            plan = minmax_plan(plan, ctx.layers, ctx.stats, float_weights(import_graph(ctx.model), ctx.layers))
         else:
             search_data = calib.head(sum(search_counts(len(calib), config.search)))
-            planner = SearchPlanner(model, layers, stats, search_data, config)
+            planner = SearchPlanner(ctx.model, ctx.layers, ctx.stats, search_data, config)
             plan = planner.run(plan, progress)
             timings.update({f"search.{k}": v for k, v in planner.timings.items()})
-        for name, factor in factors.items():
-            plan.groups[name].reparam = factor
-        for name, factor in attention.items():
-            plan.layers[name].attention = factor
-    return model, layers, plan, skipped
-
-
-def _reparameterize_attention(
-    model: onnx.ModelProto, layers: Layers, sites: list[AttentionSite], stats: dict[str, TensorStats],
-    config: QuantConfig,
-) -> tuple[onnx.ModelProto, Layers, dict[str, AttentionReparam], dict[str, TensorStats]]:
-    """Fold every site's factors into the model; the rewritten Q and K operands' ranges follow from their columns'."""
-    factors = {site.layer: reparam.attention_factors(site, stats) for site in sites}
-    model, result = reparam.reparameterize_attention(model, layers, factors)
-    if result.skipped:  # the sites were found on the same graph: a skip here is a bug, not a model to refuse
-        raise NQError(f"attention reparameterization of {result.skipped[0].layer} failed: {result.skipped[0].reason}")
-    layers = discover(model, config)
-    stats = dict(stats)
-    for site in sites:
-        spec = layers.layer(site.layer)
-        stats[spec.inputs[0]], stats[spec.inputs[1]] = reparam.attention_operand_stats(site, factors[site.layer], stats)
-    return model, layers, factors, stats
+        ctx.plan = plan
+        for technique in active:
+            technique.finish(ctx)
+    return ctx.model, ctx.layers, plan, ctx.skipped
 
 
 def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:

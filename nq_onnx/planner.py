@@ -28,11 +28,14 @@ from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, Module, assign_bits, l
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
+from nq_onnx.quant import denoising_delta
 from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.summary import timed
+from nq_onnx.techniques import base as techniques
+from nq_onnx.techniques.base import Technique
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -218,6 +221,7 @@ class SearchPlanner:
     _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _fallbacks: dict[str, ActQuantizer] = dataclasses.field(init=False, repr=False, default_factory=dict)  # twins'
+    _techniques: list[Technique] = dataclasses.field(init=False, repr=False, default_factory=list)  # their hooks
     # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
     # ``linear.<phase>_s`` (:attr:`nq_onnx.search.GroupResult.seconds`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
@@ -234,6 +238,7 @@ class SearchPlanner:
         self._weights = float_weights(graph, self.layers)
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
+        self._techniques = techniques.enabled(self.config)
         if self.config.bits_budget is not None:
             with timed(self.timings, "mixed_precision_s"):
                 self._bits = self._assign_bits(inputs, progress)
@@ -287,24 +292,27 @@ class SearchPlanner:
                 result = search_linear_group(problem)
         for phase, seconds in result.seconds.items():
             self.timings[f"linear.{phase}_s"] = self.timings.get(f"linear.{phase}_s", 0.0) + seconds
-        stats = self.stats[group.tensor]
-        plan.groups[group.name] = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
-                                            result.noise_shift, result.noise_amplitude, problem.act.signed,
-                                            _range(stats), result.base_scale, twin=self._kept_twin(group, problem.act),
-                                            precision=self._modules.get(group.name), low=problem.act.low)
-        fell_back = planned_asymmetric and not problem.act.asymmetric
-        self._sim.set_group(group.name, result.scale, result.noise, problem.act.bits if fell_back else None,
-                            primary=not isinstance(problem.act, ActQuantizer))
+        planned = GroupPlan(group.name, group.tensor, result.scale, problem.act.bits, result.noise,
+                            result.noise_shift, result.noise_amplitude, problem.act.signed,
+                            _range(self.stats[group.tensor]), result.base_scale,
+                            twin=self._kept_twin(group, problem.act), precision=self._modules.get(group.name),
+                            low=problem.act.low)
         rows = split_images(value, self._images, self._fit)[0].reshape(-1, group.channels)
+        for technique in self._techniques:
+            planned = technique.plan_group(config, group, rows, planned)
+        plan.groups[group.name] = planned
+        fell_back = planned_asymmetric and not problem.act.asymmetric
+        self._sim.set_group(group.name, planned.scale, planned.noise, problem.act.bits if fell_back else None,
+                            primary=not isinstance(problem.act, ActQuantizer))
         for operand in problem.layers:
             scales = result.weight_scales[operand.name]
             with timed(self.timings, "rounding_s"):
-                done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, result.scale,
-                                    result.noise, config.weight_rounding, config.bias_correction)
+                done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, planned.scale,
+                                    planned.noise, config.weight_rounding, config.bias_correction)
             metrics = {**result.metrics[operand.name], **done.metrics}
             plan.layers[operand.name] = LayerPlan(operand.name, scales, operand.quantizer.bits, metrics, done.codes,
                                                   done.correction)
-            delta = None if result.noise is None else -(result.noise @ done.weight)
+            delta = None if planned.noise is None else denoising_delta(planned.noise, done.weight)
             if done.correction is not None:
                 delta = done.correction if delta is None else delta + done.correction
             self._sim.set_layer(operand.name, done.weight, delta)

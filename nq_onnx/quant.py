@@ -156,6 +156,14 @@ def dequantize_weight(codes: np.ndarray, scales: np.ndarray, axis: int) -> np.nd
     return (codes.astype(np.float32) * scales.reshape(shape).astype(np.float32)).astype(np.float32)
 
 
+def denoising_delta(noise: np.ndarray, w_q: np.ndarray) -> np.ndarray:
+    """``B' - B = -N dq(W)``: what NoisyQuant's denoising bias adds to a layer's bias, so that
+    ``q(X + N) dq(W) + B'`` is an unbiased estimate of ``X dq(W) + B`` (``w_q``: ``dq(W)`` in ``[K, N]`` layout, in
+    the precision the caller computes in). The search, the rounding, the simulation and the folding pass all take it
+    from here."""
+    return -(noise @ w_q)
+
+
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum(ref^2) / sum((ref - approx)^2))`` in dB."""
     reference = np.asarray(reference, dtype=np.float64)

@@ -307,7 +307,7 @@ def theorem_curves(groups: list, samples: dict[str, np.ndarray], plan: Plan) -> 
 
 
 def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers."""
+    """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers, ``W_q`` the codes the model stores."""
     graph = import_graph(result.float_model)
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
@@ -316,7 +316,7 @@ def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray
         spec = result.layers.layer(name)
         lp = result.plan.layers[name]
         w = nodes[spec.node].inputs[1].values.astype(np.float32)
-        w_q = WeightQuantizer(lp.bits).fake_quant(w, lp.weight_scales)
+        w_q = WeightQuantizer.dequantize(lp.codes(w), lp.weight_scales)  # the emitted codes (GPTQ's too)
         bias = tensors[spec.bias].values.astype(np.float32) if spec.bias else np.zeros(w_q.shape[1], np.float32)
         out[name] = (np.ascontiguousarray(w_q), bias)
     return out

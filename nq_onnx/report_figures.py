@@ -9,6 +9,7 @@ import io
 import numpy as np
 
 from nq_onnx.passes.find_layers import Layers
+from nq_onnx.quant import denoising_delta
 from nq_onnx.plan import Plan
 
 
@@ -52,7 +53,7 @@ def group_figure(name: str, x: np.ndarray, plan: Plan, layers: Layers, weights: 
     w_q, bias = weights[group.consumers[0]]
     fp32 = x @ w_q + bias  # dq(W_q): isolates the activation error the noise acts on
     easy = act.fake_quant(x, base) @ w_q + bias
-    noisy = x_q @ w_q + bias - noise @ w_q
+    noisy = x_q @ w_q + bias + denoising_delta(noise, w_q)
     fig, axes = plt.subplots(2, 4, figsize=(14, 5.2))
     panels = [
         ("X", [(x, "X", "#555555")]),

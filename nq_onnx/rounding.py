@@ -51,6 +51,7 @@ import dataclasses
 import numpy as np
 
 from nq_onnx.config import WeightRounding
+from nq_onnx.quant import denoising_delta
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import LinearOperand
 
@@ -194,7 +195,7 @@ class _Rows:
 
     def output(self, w_q: np.ndarray) -> np.ndarray:
         """``dq(q(X + N)) dq(W) + B - N dq(W)``: the quantized layer's output on these rows."""
-        return self.quantized_input @ w_q + (self.bias - self.noise @ w_q)
+        return self.quantized_input @ w_q + (self.bias + denoising_delta(self.noise, w_q))
 
     def mse(self, output: np.ndarray, delta: np.ndarray | None = None) -> float:
         """``mean((output [+ delta] - (X W + B))^2)``."""

@@ -47,6 +47,7 @@ import numpy as np
 from nq_onnx.config import NoiseMode, Objective, SearchConfig
 from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
 from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
+from nq_onnx.quant import denoising_delta
 from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.summary import timed
 
@@ -171,7 +172,7 @@ def layer_mse(x_q: np.ndarray, layers: tuple[LinearOperand, ...], weights: list[
     ``dq(W)``)."""
     out = []
     for layer, w_q, target in zip(layers, weights, targets):
-        bias = layer.bias if noise is None else layer.bias - noise @ w_q
+        bias = layer.bias if noise is None else layer.bias + denoising_delta(noise, w_q)
         out.append(_mse(x_q @ w_q + bias, target))
     return out
 

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming
+from nq_onnx import naming, quant
 from nq_onnx.plan import Plan
 from nq_onnx.passes.base import PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
@@ -43,7 +43,7 @@ def effective_weight(node: gs.Node) -> np.ndarray:
 
 def denoising_delta(node: gs.Node, noise: np.ndarray) -> np.ndarray:
     """``-N · W``, what must be added to the bias."""
-    return -(noise.astype(np.float64) @ effective_weight(node))
+    return quant.denoising_delta(noise.astype(np.float64), effective_weight(node))
 
 
 @dataclasses.dataclass(frozen=True)

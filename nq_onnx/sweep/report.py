@@ -3,60 +3,39 @@ line that reproduces a chosen trial."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
 
+from nq_onnx import options
 from nq_onnx.config import QuantConfig, SearchConfig
 from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
 
-# convert's flags for the configuration fields it exposes: field -> (flag, kind); kind "flag" is a store_true
-# flag, "negated" a store_true flag that turns the field off, "bool" a --flag / --no-flag pair, "repeat" a flag
-# given once per value
-CLI_FLAGS = {
-    "method": ("--method", "value"), "w_bits": ("--w-bits", "value"), "a_bits": ("--a-bits", "value"),
-    "seed": ("--seed", "value"), "calib_size": ("--calib-size", "value"), "batch_size": ("--batch-size", "value"),
-    "exclude": ("--exclude", "repeat"), "quantize_attention_matmuls": ("--attention-matmuls", "bool"),
-    "attention_probabilities": ("--attention-probabilities", "bool"), "target": ("--target", "value"),
-    "activations": ("--activations", "value"),
-    "int16_bias": ("--int16-bias", "flag"), "weight_dtype": ("--weight-dtype", "value"),
-    "noise": ("--noise", "value"), "reparam": ("--reparam", "bool"),
-    "reparam_attention": ("--reparam-attention", "flag"), "weight_rounding": ("--weight-rounding", "value"),
-    "bias_correction": ("--bias-correction", "bool"), "bits_budget": ("--bits-budget", "value"),
-    "mixed_sensitivity": ("--mixed-sensitivity", "value"), "mixed_images": ("--mixed-images", "value"),
-}
-SEARCH_FLAGS = {
-    "search_images": ("--search-images", "value"), "holdout_images": ("--holdout-images", "value"),
-    "tokens": ("--search-tokens", "value"), "read_token_share": ("--read-token-share", "value"),
-    "screen_tokens": ("--screen-tokens", "value"), "screen_keep": ("--screen-keep", "value"),
-    "grid_stride": ("--grid-stride", "value"), "sequential": ("--no-sequential", "negated"),
-    "objective": ("--objective", "value"), "ranking_loss": ("--ranking-loss", "value"),
-}
-
-
 def command_line(model: str, calib: str, output: str, config: QuantConfig) -> str:
-    """``nq-onnx convert ...`` giving ``config``'s model; where the CLI has no flag for a setting the sweep changed,
-    the same conversion through the Python API."""
+    """``nq-onnx convert ...`` giving ``config``'s model, its flags generated from the options the configuration
+    fields declare (:mod:`nq_onnx.options`), a technique's settings included; where a setting that differs from
+    its default has no flag, the same conversion through the Python API."""
     words = ["nq-onnx", "convert", model, "-o", output, "--calib", calib]
-    default, default_search = QuantConfig(), SearchConfig()
-    for table, base, flags in ((config, default, CLI_FLAGS), (config.search, default_search, SEARCH_FLAGS)):
-        for field in type(base).__dataclass_fields__:
-            value, standard = getattr(table, field), getattr(base, field)
-            if field == "search" or value == standard:
+    tables = [(config, QuantConfig()), (config.search, SearchConfig())]
+    tables += [(settings, type(settings)()) for settings in config.techniques]
+    for table, default in tables:
+        for field in dataclasses.fields(table):
+            value = getattr(table, field.name)
+            if field.name in options.held_fields() or value == getattr(default, field.name):
                 continue
-            if field not in flags:
+            if options.OPTION not in field.metadata:
                 return _python_call(model, calib, output, config)
-            words += _flag(*flags[field], value)
+            words += _flag(options.flag_of(field), value)
     return shlex.join(words)
 
 
-def _flag(flag: str, kind: str, value) -> list[str]:
-    if kind == "bool":
+def _flag(flag: str, value) -> list[str]:
+    """The words that set a flag's field to ``value`` (the parser's actions: :mod:`nq_onnx.cli_options`)."""
+    if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
-    if kind in ("flag", "negated"):
-        return [flag]
-    if kind == "repeat":
-        return [w for item in value for w in (flag, item)]
+    if isinstance(value, tuple):
+        return [w for item in value for w in (flag, str(item))]
     return [flag, str(getattr(value, "value", value))]
 
 

@@ -45,13 +45,14 @@ from typing import Any
 
 from nq_onnx.config import QuantConfig, SearchConfig
 from nq_onnx.errors import ConfigError
+from nq_onnx.techniques import base as techniques
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-QUANT_OPTIONS = {f.name: f for f in dataclasses.fields(QuantConfig) if f.name not in ("seed", "search")}
+QUANT_OPTIONS = {f.name: f for f in dataclasses.fields(QuantConfig) if f.name not in ("seed", "search", "techniques")}
 SEARCH_OPTIONS = {f.name: f for f in dataclasses.fields(SearchConfig)}
 TUPLE_OPTIONS = {name for name, f in {**QUANT_OPTIONS, **SEARCH_OPTIONS}.items() if "tuple" in str(f.type)}
 TOP_KEYS = {"model", "calib", "seeds", "out", "eval", "latency", "resources", "grid", "base"}
@@ -161,11 +162,19 @@ class SweepSpec:
 
 
 def make_config(options: dict[str, Any], seed: int) -> QuantConfig:
-    """The configuration of one grid choice (raises ConfigError for a combination it refuses)."""
+    """The configuration of one grid choice (raises ConfigError for a combination it refuses); ``name.field``
+    options set field ``field`` of registered technique ``name``'s settings."""
     quant = {k: _value(k, v) for k, v in options.items() if k in QUANT_OPTIONS}
     search = {k: _value(k, v) for k, v in options.items() if k in SEARCH_OPTIONS}
+    settings: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if "." in key:
+            name, _, field = key.partition(".")
+            settings.setdefault(name, {})[field] = _value(key, value)
     try:
-        return QuantConfig(seed=seed, search=SearchConfig(**search), **quant)
+        chosen = tuple(techniques.TECHNIQUES[name].settings(**fields) for name, fields in settings.items())
+        return QuantConfig(seed=seed, search=SearchConfig(**search), **quant,
+                           techniques=tuple(s for s in chosen if getattr(s, "enabled", True)))
     except TypeError as exc:  # a value of the wrong kind compared or unpacked inside __post_init__
         raise ConfigError(f"invalid value among {options}: {exc}") from None
 
@@ -234,12 +243,29 @@ def _grid(path: Path, grid: Any, base: Any) -> tuple:
     tables = grid if isinstance(grid, list) else [grid]
     if not tables or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path.name}: grid must be a table ([grid]) or tables ([[grid]])")
-    return tuple(tuple((_option(path, k), _candidates(path, k, v)) for k, v in (base | t).items()) for t in tables)
+    return tuple(tuple((_option(path, k), _candidates(path, k, v)) for k, v in _flat(base | t).items())
+                 for t in tables)
+
+
+def _flat(table: dict[str, Any]) -> dict[str, Any]:
+    """A grid table with a technique's sub-table (``percentile.after = [...]``, or ``[grid.percentile]``) as
+    ``name.field`` keys."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{field}": v for field, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 def _check_type(path: Path, key: str, name: str, value: Any) -> None:
     """A value of the kind the option's default is (TOML types are few: a bool is not an int, an int may be a float)."""
-    default = getattr(QuantConfig() if name in QUANT_OPTIONS else SearchConfig(), name)
+    if "." in name:
+        section, _, field = name.partition(".")
+        default = getattr(techniques.TECHNIQUES[section].settings(), field)
+    else:
+        default = getattr(QuantConfig() if name in QUANT_OPTIONS else SearchConfig(), name)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -267,9 +293,26 @@ def _option(path: Path, key: str) -> str:
     name = key.replace("-", "_")
     if name == "seed":
         raise ConfigError(f"{path.name}: give seeds as the top-level seeds list, not as a grid option")
+    if "." in name:
+        return _technique_option(path, key, name)
     if name not in QUANT_OPTIONS and name not in SEARCH_OPTIONS:
         raise ConfigError(f"{path.name}: unknown grid option {key!r}; options are the fields of QuantConfig and "
                           "SearchConfig (w_bits, method, reparam, search_images, ...)")
+    return name
+
+
+def _technique_option(path: Path, key: str, name: str) -> str:
+    """``name.field``: a field of registered technique ``name``'s settings."""
+    section, _, field = name.partition(".")
+    technique = techniques.TECHNIQUES.get(section)
+    if technique is None or technique.settings is None:
+        known = ", ".join(sorted(n for n, t in techniques.TECHNIQUES.items() if t.settings is not None)) or "none"
+        raise ConfigError(f"{path.name}: unknown grid option {key!r}: no registered technique {section!r} has "
+                          f"settings (those that do: {known})")
+    fields = {f.name for f in dataclasses.fields(technique.settings)}
+    if field not in fields:
+        raise ConfigError(f"{path.name}: unknown grid option {key!r}; technique {section!r} has "
+                          f"{', '.join(sorted(fields))}")
     return name
 
 

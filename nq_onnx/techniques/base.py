@@ -1,0 +1,162 @@
+"""The technique interface: what a quantization technique plugs into, and the registry that holds them.
+
+A technique is one module. It subclasses :class:`Technique`, overrides the hooks it needs and registers itself
+with :func:`register`; the pipeline (:mod:`nq_onnx.pipeline`) and the search (:mod:`nq_onnx.planner`) call the
+hooks of every enabled technique, in registration order, at fixed points of a conversion::
+
+    tensors(ctx)        before calibration    the float tensors whose statistics it needs beyond the groups'
+    rewrite(ctx)        after calibration     rewrite the float model (and the statistics) from what was measured
+    replay(ctx)         a loaded plan         the same rewrite, from what the plan recorded
+    plan_group(...)     in the search         change a group's plan before the layers that read it are finished
+    finish(ctx)         after the search      record what ``rewrite`` chose in the plan
+
+A technique with settings of its own declares them as a frozen dataclass (``settings``) whose fields declare their
+command-line options (:func:`nq_onnx.options.option`) and whose class attribute ``VERSION`` numbers its layout.
+Registering the technique registers the dataclass as a configuration section: its flags appear in ``nq-onnx
+convert --help``, its table in ``--config`` files, and an enabled instance (``enabled`` true) joins
+:attr:`QuantConfig.techniques <nq_onnx.config.QuantConfig.techniques>`, which plans and models record
+(``{"name": {"version": ..., field: value}}``) and :func:`settings_from_dict` reads back. Techniques whose settings
+are :class:`~nq_onnx.config.QuantConfig` fields (the reparameterizations) say when they are on in :meth:`enabled`.
+
+This module imports nothing of the project at import time but the options registry, so that the configuration,
+the search and the pipeline may all import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nq_onnx import options
+from nq_onnx.errors import ConfigError, PlanError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from nq_onnx.calibration.collect import TensorStats
+    from nq_onnx.config import QuantConfig
+    from nq_onnx.passes.base import Skip
+    from nq_onnx.passes.find_layers import GroupSpec, Layers
+    from nq_onnx.plan import GroupPlan, Plan
+
+
+@dataclasses.dataclass
+class Context:
+    """The state a conversion's techniques read and change: the float model and its layers (current after every
+    rewrite), the calibration statistics, the plan (``None`` until the search made it, or the loaded one), what
+    could not be done (``skipped``, in the summary), the seconds per stage (``timings``) and each technique's own
+    state between its hooks (``state[name]``)."""
+
+    model: onnx.ModelProto
+    layers: Layers
+    config: QuantConfig
+    stats: dict[str, TensorStats] = dataclasses.field(default_factory=dict)
+    plan: Plan | None = None
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Technique:
+    """A quantization technique's hooks (module docstring); each does nothing unless overridden.
+
+    ``name`` is its registry key, its configuration section and its key in plans; ``settings`` its configuration
+    dataclass (``None``: its settings are fields of :class:`~nq_onnx.config.QuantConfig`); ``group`` the help group
+    of its flags (registered with ``title`` and ``description``)."""
+
+    name: ClassVar[str]
+    settings: ClassVar[type | None] = None
+    group: ClassVar[str] = "method"
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def enabled(self, config: QuantConfig) -> bool:
+        """Whether the technique takes part in a conversion with ``config``: by default, whether ``config`` holds
+        settings of its kind."""
+        return self.settings_in(config) is not None
+
+    def settings_in(self, config: QuantConfig) -> Any | None:
+        """This technique's settings in ``config`` (``None``: not there)."""
+        return next((s for s in getattr(config, "techniques", ()) if type(s) is self.settings), None)
+
+    def tensors(self, ctx: Context) -> list[str]:
+        return []
+
+    def rewrite(self, ctx: Context) -> None:
+        pass
+
+    def replay(self, ctx: Context) -> None:
+        pass
+
+    def plan_group(self, config: QuantConfig, group: GroupSpec, rows: np.ndarray, planned: GroupPlan) -> GroupPlan:
+        """The plan of ``group`` given the searched one, ``planned``; ``rows`` are the group's input rows on the
+        search's fit images, through the quantized earlier layers."""
+        return planned
+
+    def finish(self, ctx: Context) -> None:
+        pass
+
+
+TECHNIQUES: dict[str, Technique] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: register technique ``cls`` (and its settings as a configuration section)."""
+    name = cls.name
+    if name in TECHNIQUES and type(TECHNIQUES[name]) is not cls:
+        raise ValueError(f"a technique named {name!r} is registered already")
+    if cls.settings is not None:
+        if not isinstance(getattr(cls.settings, "VERSION", None), int):
+            raise TypeError(f"technique {name!r}: its settings class needs an integer VERSION")
+        if cls.group not in options.GROUPS:
+            options.register_group(cls.group, cls.title or cls.group, cls.description)
+        options.register_section(name, cls.settings, joins_root=lambda s: bool(getattr(s, "enabled", True)))
+    TECHNIQUES[name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove technique ``name``, its section and its help group (a test's technique, after the test)."""
+    TECHNIQUES.pop(name, None)
+    options.unregister(name)
+
+
+def enabled(config: QuantConfig) -> list[Technique]:
+    """The techniques that take part in a conversion with ``config``, in registration order."""
+    return [t for t in TECHNIQUES.values() if t.enabled(config)]
+
+
+def technique_of(settings: Any) -> Technique:
+    """The registered technique whose settings class ``settings`` is an instance of."""
+    found = next((t for t in TECHNIQUES.values() if t.settings is not None and type(settings) is t.settings), None)
+    if found is None:
+        raise ConfigError(f"{type(settings).__name__} is not the settings of a registered technique")
+    return found
+
+
+def settings_to_dict(settings: Any) -> dict[str, Any]:
+    """A technique's settings as a plan records them: its fields, enums as their values, and ``version``."""
+    out = {"version": type(settings).VERSION}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        out[f.name] = getattr(value, "value", value)
+    return out
+
+
+def settings_from_dict(name: str, data: dict[str, Any]) -> Any:
+    """The settings of technique ``name`` recorded as ``data``; a technique that is not registered, or a layout newer
+    than the registered one reads, is a PlanError."""
+    technique = TECHNIQUES.get(name)
+    if technique is None or technique.settings is None:
+        raise PlanError(f"the plan uses technique {name!r}, which is not registered here (import the module that "
+                        "registers it first)")
+    data = dict(data)
+    version = data.pop("version", 1)
+    if version > technique.settings.VERSION:
+        raise PlanError(f"technique {name!r} settings version {version} is newer than this one reads "
+                        f"({technique.settings.VERSION})")
+    try:
+        return technique.settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except TypeError as exc:
+        raise PlanError(f"technique {name!r}: malformed settings ({exc})") from None

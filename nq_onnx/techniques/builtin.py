@@ -1,0 +1,6 @@
+"""The built-in techniques that plug into the pipeline's hooks, registered in this order (their hooks run in it)."""
+
+from nq_onnx.techniques import reparam_layernorm  # noqa: F401  (registration: the LayerNorms first)
+from nq_onnx.techniques import reparam_attention  # noqa: F401  (then the attention, on the rewritten model)
+
+__all__ = ["reparam_layernorm", "reparam_attention"]
