@@ -37,7 +37,7 @@ from ort_baseline import quantize_with_onnxruntime  # noqa: E402
 from timing import latency_round_robin  # noqa: E402
 
 import nq_onnx  # noqa: E402
-from nq_onnx import quant  # noqa: E402
+from nq_onnx.core import quant  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 from nq_onnx.cpu import cpu_features  # noqa: E402

@@ -51,7 +51,7 @@ from table import weight_bits  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
-from nq_onnx.config import MixedSensitivity  # noqa: E402
+from nq_onnx.core.config import MixedSensitivity  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 ROWS = ("easyquant", "noisyquant", "easyquant+reparam", "noisyquant+reparam", "easyquant+gptq", "easyquant+bc",

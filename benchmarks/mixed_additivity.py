@@ -35,7 +35,7 @@ from run import RESULTS, WORK, export_model, image_arrays, link_folder, machine,
 from nq_onnx.calibration.collect import TensorStats, collect_stats, float_values  # noqa: E402
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset  # noqa: E402
 from nq_onnx.calibration.simulate import WidthSimulation, searched_feeds  # noqa: E402
-from nq_onnx.config import QuantConfig  # noqa: E402
+from nq_onnx.core.config import QuantConfig  # noqa: E402
 from nq_onnx.mixed import Module, assign_bits, average_bits  # noqa: E402
 from nq_onnx.model_io import load_model  # noqa: E402
 from nq_onnx.passes.base import import_graph  # noqa: E402

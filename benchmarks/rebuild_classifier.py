@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from nq_onnx.atomic import write_bytes_atomic
+from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.data import Preprocess, prepare_image
-from nq_onnx.errors import DataError, NQError, OutputError
+from nq_onnx.core.errors import DataError, NQError, OutputError
 
 CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

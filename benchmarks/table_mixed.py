@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nq_onnx.config import MixedSensitivity
+from nq_onnx.core.config import MixedSensitivity
 from table import ROW_LABEL, blas_line, conditions_line, cpu_line, runs
 
 SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row parts naming a mixed-precision sensitivity

@@ -29,7 +29,8 @@ from run import RESULTS, WORK, export_model, link_folder, machine, split_imagene
 from table import cpu_line  # noqa: E402
 
 import nq_onnx  # noqa: E402
-from nq_onnx import naming, theorem  # noqa: E402
+from nq_onnx import theorem  # noqa: E402
+from nq_onnx.core import naming
 from nq_onnx.calibration.collect import sample_rows  # noqa: E402
 from nq_onnx.calibration.data import load_dataset  # noqa: E402
 from nq_onnx.pipeline import canonicalize, discover  # noqa: E402

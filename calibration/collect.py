@@ -16,7 +16,7 @@ import onnx
 
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.runtime import session, with_outputs
-from nq_onnx.errors import DataError
+from nq_onnx.core.errors import DataError
 
 OUTPUT_BUDGET = 128 << 20  # bytes of exposed activations per calibration batch (ViT-S/14 at 224: 2 images)
 REDUCE_WIDTH = 4096  # values per row of the folded view the ranges are reduced over (column_range)

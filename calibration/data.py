@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx
 
-from nq_onnx.errors import DataError
+from nq_onnx.core.errors import DataError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 PREPROCESS_KEY = "nq_onnx.preprocess"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from nq_onnx.errors import ModelError
-from nq_onnx.external_data import configure_session
+from nq_onnx.core.errors import ModelError
+from nq_onnx.core.external_data import configure_session
 
 
 def session(model: onnx.ModelProto, *, optimize: bool = True, deploy: bool = False,

@@ -6,7 +6,7 @@ replaced by ::
 
     Where(on_g, s_g * round(clip((X + N_g) / s_g, lo, hi)), X)
 
-(the quantizer's own float-ONNX form, :meth:`nq_onnx.quantizers.ActQuantizer.simulate`)
+(the quantizer's own float-ONNX form, :meth:`nq_onnx.core.quantizers.ActQuantizer.simulate`)
 and every weight and bias delta becomes a graph input, so a single onnxruntime session serves the whole
 search: a layer not yet planned is fed ``on = false`` and its float weight; a planned one its step, noise,
 fake-quantized weight ``dq(q(W))`` and denoising delta ``-N dq(W)``. ``round`` is ONNX ``Round`` (half to
@@ -21,11 +21,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx.external_data import carry_source_dir
+from nq_onnx.core.external_data import carry_source_dir
 from nq_onnx.calibration.runtime import session
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 
 
 def _names(group: str) -> dict[str, str]:

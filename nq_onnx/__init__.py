@@ -14,21 +14,21 @@ from typing import TYPE_CHECKING
 from nq_onnx._version import __version__
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and the API reference
-    from nq_onnx.config import (Activations, Method, MixedSensitivity, NoiseMode, Objective, QuantConfig,
+    from nq_onnx.core.config import (Activations, Method, MixedSensitivity, NoiseMode, Objective, QuantConfig,
                                 SearchConfig, Target, WeightDtype, WeightRounding)
-    from nq_onnx.errors import ConfigError, DataError, ModelError, NQError, OutputError, PlanError
+    from nq_onnx.core.errors import ConfigError, DataError, ModelError, NQError, OutputError, PlanError
     from nq_onnx.pipeline import Result, Summary, convert, quantize
-    from nq_onnx.plan import Plan
+    from nq_onnx.core.plan import Plan
 
-# the public names, each imported from its module on first use (PEP 562): importing a submodule (nq_onnx.quant,
+# the public names, each imported from its module on first use (PEP 562): importing a submodule (nq_onnx.core.quant,
 # nq_onnx.passes.base) does not import the pipeline, and no module's import waits on the package's
 _EXPORTS = {
-    **{name: "nq_onnx.config" for name in ("Activations", "Method", "MixedSensitivity", "NoiseMode", "Objective",
+    **{name: "nq_onnx.core.config" for name in ("Activations", "Method", "MixedSensitivity", "NoiseMode", "Objective",
                                            "QuantConfig", "SearchConfig", "Target", "WeightDtype", "WeightRounding")},
-    **{name: "nq_onnx.errors" for name in ("ConfigError", "DataError", "ModelError", "NQError", "OutputError",
+    **{name: "nq_onnx.core.errors" for name in ("ConfigError", "DataError", "ModelError", "NQError", "OutputError",
                                            "PlanError")},
     **{name: "nq_onnx.pipeline" for name in ("Result", "Summary", "convert", "quantize")},
-    "Plan": "nq_onnx.plan",
+    "Plan": "nq_onnx.core.plan",
 }
 
 # The public modules beside the names below: nq-onnx export, inspect and report as Python.

@@ -23,11 +23,11 @@ from nq_onnx._version import __version__
 from nq_onnx.cli_commands import EXTERNAL_DATA, add_run_options
 from nq_onnx.cli_log import check_log_file, configured, progress
 from nq_onnx.cli_options import Resolved, add_config_options, argument_groups, ignored, preset_help, resolve
-from nq_onnx.config import QuantConfig
+from nq_onnx.core.config import QuantConfig
 from nq_onnx.config_file import FORMATS, dump, plain, to_mapping
-from nq_onnx.errors import ConfigError, NQError
-from nq_onnx.options import default_of, root_section
-from nq_onnx.presets import PRESETS
+from nq_onnx.core.errors import ConfigError, NQError
+from nq_onnx.core.options import default_of, root_section
+from nq_onnx.core.presets import PRESETS
 from nq_onnx.summary import format_summary
 
 log = logging.getLogger("nq_onnx.cli")

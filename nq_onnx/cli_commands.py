@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nq_onnx.cli_log import progress
-from nq_onnx.config import SUPPORTED_BITS, Target
+from nq_onnx.core.config import SUPPORTED_BITS, Target
 
 EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}
 

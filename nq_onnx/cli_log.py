@@ -1,7 +1,7 @@
 """What ``nq-onnx`` shows while it works: handlers for the library's loggers, and progress.
 
 The library logs through ``logging.getLogger("nq_onnx...")`` and never prints: each stage's start and end with its
-seconds (:func:`nq_onnx.summary.timed`, INFO; the search's parts and phases at DEBUG), and, through the progress
+seconds (:func:`nq_onnx.core.timing.timed`, INFO; the search's parts and phases at DEBUG), and, through the progress
 callable the CLI hands it, a line every ``INTERVAL`` seconds of a long loop on ``nq_onnx.progress``
 (``search (noisyquant): 12/48, 40 s, ~2 min left``). On a terminal the loops show tqdm bars instead of those
 lines; ``-q`` shows errors alone (the command's result is printed on stdout), ``-v`` the stages, ``-vv`` everything.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from nq_onnx.errors import OutputError
+from nq_onnx.core.errors import OutputError
 
 LOGGER = "nq_onnx"
 PROGRESS = "nq_onnx.progress"

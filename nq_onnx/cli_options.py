@@ -1,4 +1,4 @@
-"""``nq-onnx convert``'s configuration options, generated from the fields' declarations (:mod:`nq_onnx.options`).
+"""``nq-onnx convert``'s configuration options, generated from the fields' declarations (:mod:`nq_onnx.core.options`).
 
 Each declared field of each registered section becomes one flag whose parsed value lands in ``args`` under
 ``"<section>.<field>"`` only when given (``argparse.SUPPRESS``), so the resolution knows what the user set.
@@ -12,9 +12,9 @@ import argparse
 import dataclasses
 from typing import Any
 
-from nq_onnx import options
+from nq_onnx.core import options
 from nq_onnx.config_file import Layer, layer_from_mapping, read_file
-from nq_onnx.presets import PRESETS, preset_values
+from nq_onnx.core.presets import PRESETS, preset_values
 
 
 def argument_groups(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
@@ -114,7 +114,7 @@ def build(values: Layer) -> dict[str, Any]:
 
 def ignored(resolved: Resolved, load_plan: bool) -> list[str]:
     """Warnings for options that will do nothing: with a loaded plan, every setting it fixes; otherwise a flag whose
-    condition (:class:`~nq_onnx.options.Condition`) fails on the built config."""
+    condition (:class:`~nq_onnx.core.options.Condition`) fails on the built config."""
     root = resolved.config
     by_reason: dict[str, list[str]] = {}
     for section in options.SECTIONS.values():

@@ -1,10 +1,10 @@
 """Configuration files (``nq-onnx convert --config FILE`` / ``--print-config``): TOML or JSON, by extension.
 
-The root section's fields (:class:`~nq_onnx.config.QuantConfig`'s) are the top-level keys; every other registered
-section (:mod:`nq_onnx.options`) is a table of its own: ``[search]``, or a technique's. Keys are field names
+The root section's fields (:class:`~nq_onnx.core.config.QuantConfig`'s) are the top-level keys; every other registered
+section (:mod:`nq_onnx.core.options`) is a table of its own: ``[search]``, or a technique's. Keys are field names
 (``w_bits``; ``w-bits`` is read as the same key). A value ``None`` is written as nothing: TOML has no null, and an
 absent key takes the field's default. An unknown key, a value of the wrong type or an enum value that does not
-exist is a one-line :class:`~nq_onnx.errors.ConfigError` naming the file and the key.
+exist is a one-line :class:`~nq_onnx.core.errors.ConfigError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nq_onnx import options
-from nq_onnx.errors import ConfigError
+from nq_onnx.core import options
+from nq_onnx.core.errors import ConfigError
 
 try:
     import tomllib

@@ -17,10 +17,10 @@ import numpy as np
 
 from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
-from nq_onnx.config import Method, QuantConfig
+from nq_onnx.core.config import Method, QuantConfig
 
 from nq_onnx.cpu import cpu_features
-from nq_onnx.errors import NQError
+from nq_onnx.core.errors import NQError
 from nq_onnx.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
 

@@ -26,10 +26,11 @@ import onnx
 from nq_onnx.calibration.data import (Dataset, Preprocess, class_folder_labels, held_out_dataset, load_dataset,
                                       load_labels, read_labels_file)
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
-from nq_onnx.config import QuantConfig
+from nq_onnx.core.config import QuantConfig
 from nq_onnx.cpu import cpu_features
-from nq_onnx.errors import ConfigError, DataError
-from nq_onnx.summary import Evaluation, Kernels, Latency, Summary, timed
+from nq_onnx.core.errors import ConfigError, DataError
+from nq_onnx.core.timing import timed
+from nq_onnx.summary import Evaluation, Kernels, Latency, Summary
 
 EVAL_INPUTS = 64  # held-out calibration-source inputs, at most
 LATENCY_BATCH = 8

@@ -23,10 +23,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming, quant
+from nq_onnx.core import naming, quant
 from nq_onnx.cpu import CpuFeatures, cpu_features
-from nq_onnx.errors import ModelError
-from nq_onnx.external_data import configure_session
+from nq_onnx.core.errors import ModelError
+from nq_onnx.core.external_data import configure_session
 from nq_onnx.model_io import load_model
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import const_value
@@ -270,7 +270,7 @@ def gpu_rules(model: onnx.ModelProto) -> list[str]:
 
 
 def target_failures(inspection: Inspection, target: str) -> list[str]:
-    """Why a model does not suit ``target`` (:class:`nq_onnx.config.Target`'s values): a quantized layer left in
+    """Why a model does not suit ``target`` (:class:`nq_onnx.core.config.Target`'s values): a quantized layer left in
     float, a float select, int8 weight codes that can saturate on an x86 CPU without VNNI (``portable``,
     ``x86-avx2``), Q/DQ that TensorRT cannot fuse (``gpu``)."""
     out = [f"{k.layer}: runs {k.kernel}, not an integer kernel" for k in inspection.layers if not k.integer]

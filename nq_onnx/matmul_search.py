@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from nq_onnx.config import Objective, SearchConfig
+from nq_onnx.core.config import Objective, SearchConfig
 from nq_onnx.grids import grid, grid_argmax
 from nq_onnx.objectives import cosine_of, dot, ranking_loss, ranking_pairs, similarity_of
 

@@ -25,13 +25,14 @@ fits in it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nq_onnx.errors import ConfigError
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.errors import ConfigError
+from nq_onnx.core.plan import Module
+from nq_onnx.core.plan import modules_average_bits as average_bits
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 
 BIT_CHOICES = (4, 5, 6, 8)
 SENSITIVITY_DESC = "mixed precision: sensitivities"  # what the sensitivity pass's progress is called
@@ -50,24 +51,10 @@ def renamed(progress: Callable | None, name: str) -> Callable | None:
     return lambda iterable, total=None, desc=None: progress(iterable, total=total, desc=name)
 
 
-@dataclasses.dataclass(frozen=True)
-class Module:
-    """One group's cost (weights + activation values per image) and its sensitivity at each bit choice."""
-
-    name: str
-    cost: int
-    sensitivity: dict[int, float]
-
-
 def nuclear_norm(y: np.ndarray) -> float:
     """``||Y||_*`` of a matrix, or the sum over the leading axes of a stack of matrices."""
     y = np.asarray(y, dtype=np.float64)
     return float(np.sum(np.linalg.svd(y.reshape(-1, *y.shape[-2:]), compute_uv=False)))
-
-
-def average_bits(modules: list[Module], bits: dict[str, int]) -> float:
-    total = sum(m.cost for m in modules)
-    return sum(m.cost * bits[m.name] for m in modules) / total if total else 0.0
 
 
 def uniform_width(budget: float, choices: tuple[int, ...] = BIT_CHOICES) -> int:

@@ -15,9 +15,9 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from nq_onnx import external_data
-from nq_onnx.atomic import remove_quietly, umask, write_bytes_atomic  # noqa: F401 (re-exported)
-from nq_onnx.errors import ModelError, OutputError
+from nq_onnx.core import external_data
+from nq_onnx.core.atomic import remove_quietly, umask, write_bytes_atomic  # noqa: F401 (re-exported)
+from nq_onnx.core.errors import ModelError, OutputError
 
 MIN_OPSET = 13
 MAX_OPSET = 21
@@ -52,7 +52,7 @@ def model_digest(path: str | Path, model: onnx.ModelProto) -> str:
 def load_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
     """Read, check and (if below opset 13) upgrade a model; returns it with its digest (:func:`model_digest`).
 
-    Tensors in external data files stay there until needed (see :mod:`nq_onnx.external_data`)."""
+    Tensors in external data files stay there until needed (see :mod:`nq_onnx.core.external_data`)."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file not found: {path}")

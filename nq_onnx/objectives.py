@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nq_onnx.config import Objective
+from nq_onnx.core.config import Objective
 
 if TYPE_CHECKING:
     from nq_onnx.search import LinearOperand

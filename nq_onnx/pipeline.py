@@ -17,12 +17,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
-from nq_onnx.atomic import write_bytes_atomic
+from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
-from nq_onnx.config import Method, QuantConfig, Target
-from nq_onnx.errors import DataError, NQError, PlanError
-from nq_onnx.external_data import has_external
+from nq_onnx.core.config import Method, QuantConfig, Target
+from nq_onnx.core.errors import DataError, NQError, PlanError
+from nq_onnx.core.external_data import has_external
 from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
     ACT_MATMUL,
@@ -41,11 +41,13 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx import evaluation
-from nq_onnx.layers import discover
-from nq_onnx.plan import Plan, average_bits
-from nq_onnx.techniques import base as techniques, builtin  # noqa: F401  (builtin: registers the built-in ones)
-from nq_onnx.techniques.base import Context
-from nq_onnx.summary import Summary, profile_record, timed
+from nq_onnx.passes.find_layers import discover
+from nq_onnx.core.plan import Plan, average_bits
+from nq_onnx.core import technique as techniques
+from nq_onnx.techniques import builtin  # noqa: F401  (registers the built-in techniques)
+from nq_onnx.core.technique import Context
+from nq_onnx.core.timing import timed
+from nq_onnx.summary import Summary, profile_record
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 

@@ -22,20 +22,20 @@ import onnx_graphsurgeon as gs
 from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
-from nq_onnx.config import SKEW, Activations, MixedSensitivity, QuantConfig, SearchConfig, Target
+from nq_onnx.core.config import SKEW, Activations, MixedSensitivity, QuantConfig, SearchConfig, Target
 from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, Module, assign_bits, linear_sensitivity, matmul_sensitivity,
                            renamed, tracked, uniform_width)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
-from nq_onnx.plan import GroupPlan, LayerPlan, Plan, TwinSpec
-from nq_onnx.quant import denoising_delta
-from nq_onnx.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
+from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
+from nq_onnx.core.quant import denoising_delta
+from nq_onnx.core.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
-from nq_onnx.summary import timed
-from nq_onnx.techniques import base as techniques
-from nq_onnx.techniques.base import Technique
+from nq_onnx.core.timing import timed
+from nq_onnx.core import technique as techniques
+from nq_onnx.core.technique import Technique
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,

@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nq_onnx import naming, theorem
-from nq_onnx.atomic import write_bytes_atomic
+from nq_onnx import theorem
+
+from nq_onnx.core import naming
+from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import sample_rows
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
-from nq_onnx.plan import Plan
-from nq_onnx.quantizers import WeightQuantizer
+from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantizers import WeightQuantizer
 from nq_onnx.mixed import BIT_CHOICES, assignment_point, pareto_front
 from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
 from nq_onnx.report_sections import environment_rows, settings_html, settings_rows, verdict_html

@@ -9,8 +9,8 @@ import io
 import numpy as np
 
 from nq_onnx.passes.find_layers import Layers
-from nq_onnx.quant import denoising_delta
-from nq_onnx.plan import Plan
+from nq_onnx.core.quant import denoising_delta
+from nq_onnx.core.plan import Plan
 
 
 def png(figure) -> bytes:

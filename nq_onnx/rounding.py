@@ -50,9 +50,9 @@ import dataclasses
 
 import numpy as np
 
-from nq_onnx.config import WeightRounding
-from nq_onnx.quant import denoising_delta
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.config import WeightRounding
+from nq_onnx.core.quant import denoising_delta
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import LinearOperand
 
 

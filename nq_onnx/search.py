@@ -33,7 +33,7 @@ MinMax scales are kept (``minmax_kept`` in the layer's search metrics).
 
 A search takes one input value (:class:`GroupSearch`: the sample, the operands, the quantizers, the settings) and
 returns one result value (:class:`GroupResult`, with every layer's weight steps); it mutates nothing. Every
-quantization it scores is a :mod:`nq_onnx.quantizers` quantizer's, the same the simulation and the passes use.
+quantization it scores is a :mod:`nq_onnx.core.quantizers` quantizer's, the same the simulation and the passes use.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ import zlib
 
 import numpy as np
 
-from nq_onnx.config import NoiseMode, Objective, SearchConfig
+from nq_onnx.core.config import NoiseMode, Objective, SearchConfig
 from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
 from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
-from nq_onnx.quant import denoising_delta
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.summary import timed
+from nq_onnx.core.quant import denoising_delta
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.timing import timed
 
 
 DELTA_CACHE_BYTES = 128 << 20  # per layer: EasyQuant's rounds share a weight's quantization errors up to this size

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import logging
-import time
-from typing import Iterator
 
 from nq_onnx._version import __version__
 from nq_onnx.cpu import blas_record, cpu_features, pinned_blas
@@ -116,29 +112,7 @@ class Summary:
     kernels: Kernels | None = None  # with a report
 
 
-_DEPTH = contextvars.ContextVar("nq_onnx_timed_depth", default=0)  # timed blocks open around the current one
-log = logging.getLogger("nq_onnx.stages")
 logging.getLogger("nq_onnx").addHandler(logging.NullHandler())  # a library's records reach only handlers the app sets
-
-
-@contextlib.contextmanager
-def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
-    """Add the wall seconds of the ``with`` body to ``seconds[key]`` (a conversion's timings: each stage, each part
-    of the search and each phase of a group's search accumulates here), and log its start and end: at INFO for a
-    stage (a block inside no other), at DEBUG for the parts and phases within one."""
-    depth = _DEPTH.get()
-    token = _DEPTH.set(depth + 1)
-    level = logging.INFO if depth == 0 else logging.DEBUG
-    name = (key[:-2] if key.endswith("_s") else key).replace("_", " ")
-    log.log(level, "%s ...", name)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        elapsed = time.perf_counter() - start
-        seconds[key] = seconds.get(key, 0.0) + elapsed
-        _DEPTH.reset(token)
-        log.log(level, "%s: %.1f s", name, elapsed)
 
 
 def verdict(summary: Summary) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nq_onnx import quant
+from nq_onnx.core import quant
 
 
 def _antiderivative(t: np.ndarray, lo: int, hi: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming
+from nq_onnx.core import naming
 from nq_onnx.passes.base import PassResult, Role, consumers, constant, is_graph_output, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 

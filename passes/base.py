@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from nq_onnx import external_data, naming
+from nq_onnx.core import external_data, naming
 
 
 class Role(str, enum.Enum):
@@ -154,3 +154,16 @@ def constant_through_identity(tensor: gs.Tensor) -> np.ndarray | None:
             return None
         tensor, seen = node.inputs[0], seen + 1
     return tensor.values
+
+
+def rewrite_model(model: onnx.ModelProto, graph_pass) -> tuple[onnx.ModelProto, "PassResult"]:
+    """Run ``graph_pass`` on ``model``'s graph and export the result (cleaned up, sorted, with the model's IR version
+    and metadata); the pass result says what it applied and skipped."""
+    graph = import_graph(model)
+    result = graph_pass(graph)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out, result

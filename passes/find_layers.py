@@ -16,12 +16,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.errors import ConfigError, ModelError
+from nq_onnx.passes.base import import_graph
+
+if TYPE_CHECKING:
+    from nq_onnx.core.config import QuantConfig
 
 LINEAR = "linear"
 ACT_MATMUL = "act_matmul"
@@ -299,3 +304,24 @@ def _dedupe(name: str, used: set[str]) -> str:
         i += 1
     used.add(candidate)
     return candidate
+
+
+def discover(model: onnx.ModelProto, config: QuantConfig) -> Layers:
+    """The layers ``config`` quantizes in ``model``; none at all, or a weight that is not finite, is a ModelError."""
+    graph = import_graph(model)
+    layers = find_layers(graph, config.exclude, config.quantize_attention_matmuls, config.attention_probabilities)
+    if not layers.layers:
+        if layers.excluded:
+            raise ModelError("every quantizable layer is excluded; nothing left to quantize")
+        raise ModelError("the model has no quantizable layer (no MatMul or Gemm with a constant weight)")
+    check_finite(graph, layers)
+    return layers
+
+
+def check_finite(graph: gs.Graph, layers: Layers) -> None:
+    """NaN or Inf in a weight or bias would poison every scale derived from it: refuse, naming the layer."""
+    tensors = graph.tensors()
+    for spec in layers.layers:
+        for role, name in (("weight", spec.weight), ("bias", spec.bias)):
+            if name is not None and not np.all(np.isfinite(tensors[name].values)):
+                raise ModelError(f"layer {spec.name!r}: its {role} {name!r} contains NaN or Inf")

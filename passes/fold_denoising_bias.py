@@ -19,8 +19,8 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming, quant
-from nq_onnx.plan import Plan
+from nq_onnx.core import naming, quant
+from nq_onnx.core.plan import Plan
 from nq_onnx.passes.base import PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 

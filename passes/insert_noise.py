@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming
+from nq_onnx.core import naming
 from nq_onnx.passes.base import (
     PassResult,
     Role,
@@ -38,7 +38,7 @@ from nq_onnx.passes.base import (
 )
 from nq_onnx.passes.channels import channel_source
 from nq_onnx.passes.find_layers import GroupSpec, Layers
-from nq_onnx.plan import GroupPlan, Plan
+from nq_onnx.core.plan import GroupPlan, Plan
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,9 @@ Activations (per tensor, one quantizer per group, one dequantizer per consumer):
 The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128`` (zero point 0 and codes
 ``[0, 2^b - 1]`` for a non-negative tensor planned unsigned); below 8 bits the explicit ``Clip`` keeps codes
 inside the b-bit range, which the 8-bit container alone would not. A group planned twin-uniform (PTQ4ViT) turns
-each of its layers into two branches (:class:`~nq_onnx.quantizers.TwinUniformQuantizer`). The arithmetic is
-:class:`~nq_onnx.quantizers.ActQuantizer`'s and :class:`~nq_onnx.quantizers.WeightQuantizer`'s, the same objects
-the search and the simulation use.
+each of its layers into two branches (:class:`~nq_onnx.core.quantizers.TwinUniformQuantizer`). The arithmetic is
+:class:`~nq_onnx.core.quantizers.ActQuantizer`'s and :class:`~nq_onnx.core.quantizers.WeightQuantizer`'s, the same
+objects the search and the simulation use.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
-from nq_onnx.config import Target, WeightDtype
-from nq_onnx.plan import Plan
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core import quant
+from nq_onnx.core.config import Target, WeightDtype
+from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, require_matmul
 

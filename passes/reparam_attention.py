@@ -13,9 +13,10 @@ the ``X @ W`` layout)::
     W_q' = W_q diag(s),  B_q' = B_q * s,        W_k' = W_k diag(1 / s),  B_k' = (B_k - c) / s
 
 so the float model computes the same output (exactly in real arithmetic; float32 moves it by rounding). The
-per-tensor quantizers of ``Q`` and ``K`` then see centred, balanced channels (:func:`nq_onnx.reparam.attention_factors`
-chooses ``c`` and ``s``). K-centring is SageAttention's "smooth K" (Zhang et al. 2025); the balance is
-SmoothQuant's migration (Xiao et al. 2023) between two activations, folded into weights.
+per-tensor quantizers of ``Q`` and ``K`` then see centred, balanced channels
+(:func:`nq_onnx.techniques.reparam_attention.attention_factors` chooses ``c`` and ``s``). K-centring is
+SageAttention's "smooth K" (Zhang et al. 2025); the balance is SmoothQuant's migration (Xiao et al. 2023) between two
+activations, folded into weights.
 
 Which column of the linear layer becomes which channel of ``Q`` or ``K`` is read off the graph by pushing an index
 array (the column numbers, with batch and token axes of size 1) through the shape ops between them: ``Reshape``,
@@ -33,11 +34,11 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming
+from nq_onnx.core import naming
 from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, constant, constant_through_identity, is_graph_output
 from nq_onnx.passes.base import add_bias_after, nodes_by_name, producer
 from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, Layers, LayerSpec, const_value, require_matmul
-from nq_onnx.plan import AttentionReparam
+from nq_onnx.core.plan import AttentionReparam
 
 SHAPE_OPS = ("Reshape", "Transpose", "Split", "Gather", "Slice", "Squeeze", "Unsqueeze", "Identity", "Mul", "Div")
 

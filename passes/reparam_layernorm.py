@@ -1,7 +1,7 @@
 """LayerNorm scale reparameterization (RepQ-ViT, Li et al. 2023): equal channel ranges for a per-tensor quantizer.
 
 A post-LayerNorm activation ``X`` has channels of very different ranges, which one per-tensor step serves badly.
-With per-channel factors ``r > 0`` and shifts ``c`` (a group's :class:`~nq_onnx.plan.Reparam`), the float model is
+With per-channel factors ``r > 0`` and shifts ``c`` (a group's :class:`~nq_onnx.core.plan.Reparam`), the float model is
 rewritten so that its layers read ``X' = (X - c) / r`` and compute the same outputs::
 
     X = LN(z) = z_hat * gamma + beta       ->    X' = z_hat * (gamma / r) + (beta - c) / r
@@ -22,12 +22,12 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import naming
+from nq_onnx.core import naming
 from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, add_bias_after, constant, constant_through_identity
 from nq_onnx.passes.base import nodes_by_name
 from nq_onnx.passes.channels import channel_source
 from nq_onnx.passes.find_layers import Layers, require_matmul
-from nq_onnx.plan import Reparam
+from nq_onnx.core.plan import Reparam
 
 
 Slot = tuple[gs.Node, int]  # an input of a node

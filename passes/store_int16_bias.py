@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
+from nq_onnx.core import quant
 from nq_onnx.passes.base import PassResult, Role, constant
 
 # what the noise passes created or changed: the constants this pass stores as int16

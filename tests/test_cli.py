@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nq_onnx import ConfigError, QuantConfig, SearchConfig, options
+from nq_onnx import ConfigError, QuantConfig, SearchConfig
+
+from nq_onnx.core import options
 from nq_onnx.cli import EXIT_CODES, _config_from, _run_keywords, build_parser, main
 from nq_onnx.cli_options import ignored, resolve
 
@@ -282,7 +284,7 @@ def test_config_file_keys_are_the_fields(tmp_path):
 
 def test_the_choosing_guide_lists_each_presets_options():
     from nq_onnx.cli_options import _as_flags
-    from nq_onnx.presets import PRESETS
+    from nq_onnx.core.presets import PRESETS
 
     guide = (Path(__file__).parents[1] / "docs" / "guides" / "choosing.md").read_text()
     for name, preset in PRESETS.items():

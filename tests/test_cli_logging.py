@@ -8,7 +8,7 @@ import logging
 import nq_onnx
 from nq_onnx import cli_log
 from nq_onnx.cli import main
-from nq_onnx.summary import timed
+from nq_onnx.core.timing import timed
 
 STAGES = ("calibrate", "reparam", "search", "check", "evaluate", "save")
 

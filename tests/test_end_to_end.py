@@ -18,7 +18,7 @@ from nq_onnx.inspect import inspect_model
 from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
 from nq_onnx.summary import format_summary
-from nq_onnx import quant
+from nq_onnx.core import quant
 
 # name, timm overrides, SQNR floors (dB) of the logits: (minmax W8A8, noisyquant W8A8, noisyquant W6A6)
 ARCHS = {

@@ -16,7 +16,8 @@ from conftest import init, make_model, tensor
 from onnx import TensorProto, helper, numpy_helper
 
 import nq_onnx
-from nq_onnx import QuantConfig, external_data
+from nq_onnx import QuantConfig
+from nq_onnx.core import external_data
 from nq_onnx.cli import main
 from nq_onnx.model_io import load_model
 

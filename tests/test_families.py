@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 
 import nq_onnx
-from nq_onnx import QuantConfig, SearchConfig, quant
+from nq_onnx import QuantConfig, SearchConfig
+from nq_onnx.core import quant
 from nq_onnx.calibration.data import load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 import nq_onnx
 from nq_onnx import OutputError, QuantConfig
-from nq_onnx import quant
+from nq_onnx.core import quant
 from nq_onnx.cli import main
 
 

@@ -17,9 +17,9 @@ import pytest
 from conftest import make_model, tensor
 from onnx import helper, numpy_helper
 
-from nq_onnx import quant
+from nq_onnx.core import quant
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.config import QuantConfig
+from nq_onnx.core.config import QuantConfig
 from nq_onnx.cpu import cpu_features
 from nq_onnx.inspect import inspect_model
 from nq_onnx.pipeline import quantize
@@ -107,7 +107,7 @@ def convert(kind: str, bits: int, weight_dtype: str = "auto"):
 
 
 def codes(x: np.ndarray, scale: float, bits: int, signed: bool) -> np.ndarray:
-    """Independent of nq_onnx.quant: float32 division, ties to even, saturation to the b-bit range."""
+    """Independent of nq_onnx.core.quant: float32 division, ties to even, saturation to the b-bit range."""
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return np.rint(np.float32(x) / np.float32(scale)).clip(lo, hi).astype(np.int64)
 

@@ -1,4 +1,4 @@
-"""The code's shape: no function over 60 lines, no cycle among the modules' import-time imports.
+"""The code's shape: no function over 60 lines, no cycle among the modules' import-time imports or their folders', and
 
 Both are read from the source with :mod:`ast`, nothing is imported. A function's length runs from its ``def`` line to
 its last line (a nested function counts in its own length and in its parent's). A module's imports are those its body
@@ -168,6 +168,34 @@ def test_no_import_cycle():
     assert not found, "module import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
 
 
+# what each lower folder may import beside itself: the bottom layer nothing, the graph passes the bottom layer, the
+# onnxruntime side both (the graph model, ``Layers``, is the passes')
+LAYERS = {"nq_onnx/core": set(), "passes": {"nq_onnx/core"}, "calibration": {"nq_onnx/core", "passes"}}
+
+
+def folder_graph() -> dict[str, set[str]]:
+    """Folder -> the folders its modules import at import time (module docstring's rule)."""
+    files = module_files()
+    out: dict[str, set[str]] = {}
+    for name, imported in import_graph().items():
+        folder = str(files[name].parent.relative_to(ROOT))
+        out.setdefault(folder, set()).update(str(files[m].parent.relative_to(ROOT)) for m in imported)
+    return {folder: targets - {folder} for folder, targets in out.items()}
+
+
+def test_no_folder_cycle():
+    graph = folder_graph()
+    assert {"nq_onnx", "nq_onnx/core", "nq_onnx/techniques", "passes", "calibration"} <= set(graph)
+    found = cycles(graph)
+    assert not found, "folder import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
+
+
+def test_lower_folders_import_only_the_layers_below():
+    graph = folder_graph()
+    wrong = {folder: sorted(graph[folder] - allowed) for folder, allowed in LAYERS.items() if graph[folder] - allowed}
+    assert not wrong, f"imports above their layer: {wrong}"
+
+
 def test_the_checks_find_what_they_look_for(tmp_path):
     """The helpers on known input: a 61-line function, a method, a nested function, and a three-module cycle."""
     body = "\n".join(f"    x{i} = {i}" for i in range(59))
@@ -194,10 +222,11 @@ def test_imports_resolve_submodules_and_packages(tmp_path):
 def test_public_names_load_on_first_use():
     """The package exports lazily: a submodule's import does not import the pipeline, every name of ``__all__``
     resolves to its module's object, and an unknown name is an AttributeError."""
-    code = ("import sys, nq_onnx.quant\n"
-            "assert 'nq_onnx.pipeline' not in sys.modules, 'nq_onnx.quant imported the pipeline'\n"
-            "import nq_onnx, nq_onnx.pipeline, nq_onnx.config\n"
-            "assert nq_onnx.convert is nq_onnx.pipeline.convert and nq_onnx.QuantConfig is nq_onnx.config.QuantConfig\n"
+    code = ("import sys, nq_onnx.core.quant\n"
+            "assert 'nq_onnx.pipeline' not in sys.modules, 'nq_onnx.core.quant imported the pipeline'\n"
+            "import nq_onnx, nq_onnx.pipeline, nq_onnx.core.config\n"
+            "assert nq_onnx.convert is nq_onnx.pipeline.convert\n"
+            "assert nq_onnx.QuantConfig is nq_onnx.core.config.QuantConfig\n"
             "assert all(hasattr(nq_onnx, name) for name in nq_onnx.__all__)\n"
             "assert set(nq_onnx.__all__) <= set(dir(nq_onnx))\n"
             "assert not hasattr(nq_onnx, 'no_such_name')\n")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from nq_onnx import QuantConfig
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.errors import ConfigError
 from nq_onnx.mixed import (BIT_CHOICES, RESOLUTION, Module, assign_bits, average_bits, linear_sensitivity,
                            matmul_sensitivity, nuclear_norm)
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import LinearOperand
 
 
@@ -118,7 +118,7 @@ def test_budget_conversion_mixes_widths_within_budget_on_integer_kernels(method,
     from nq_onnx import SearchConfig, convert
     from nq_onnx.export import export_timm
     from nq_onnx.inspect import inspect_model
-    from nq_onnx.plan import Plan, average_bits as plan_average
+    from nq_onnx.core.plan import Plan, average_bits as plan_average
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10)

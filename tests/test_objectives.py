@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nq_onnx.config import Objective, SearchConfig
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.config import Objective, SearchConfig
+from nq_onnx.core.errors import ConfigError
 from nq_onnx.objectives import LayerError, ranking_loss, ranking_pairs
 from nq_onnx.matmul_search import search_act_matmul
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -115,7 +115,8 @@ def test_ptq_vit_objectives_convert_a_vit_end_to_end(tmp_path, photo_folder):
     import onnxruntime as ort
 
     import nq_onnx
-    from nq_onnx import QuantConfig, quant
+    from nq_onnx import QuantConfig
+    from nq_onnx.core import quant
     from nq_onnx.calibration.data import load_dataset
     from nq_onnx.export import export_timm
     from nq_onnx.model_io import load_model

@@ -12,8 +12,8 @@ from onnx import helper
 from nq_onnx import QuantConfig
 from nq_onnx.passes import FoldDenoisingBias, InsertNoise, Role, find_layers
 from nq_onnx.pipeline import apply_plan, canonicalize
-from nq_onnx.plan import GroupPlan, LayerPlan, Plan
-from nq_onnx import quant
+from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan
+from nq_onnx.core import quant
 
 
 def noisy_plan(model: onnx.ModelProto, rng: np.random.Generator, amplitude: float = 2.0, bits: int = 8):
@@ -179,7 +179,7 @@ def test_zero_noise_gives_exactly_the_plain_qdq_graph():
 
 
 def reference_codes(x: np.ndarray, scale: np.float32, bits: int, signed: bool = True) -> np.ndarray:
-    """Written independently of nq_onnx.quant: float32 division, ties to even, b-bit saturation, + zero point."""
+    """Written independently of nq_onnx.core.quant: float32 division, ties to even, b-bit saturation, + zero point."""
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     q = np.rint(np.float32(x) / np.float32(scale)).clip(lo, hi)
     return (q + (128 if signed else 0)).astype(np.uint8)

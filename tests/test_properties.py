@@ -15,10 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from nq_onnx import QuantConfig, quant
+from nq_onnx import QuantConfig
+
+from nq_onnx.core import quant
 from nq_onnx.passes import FoldDenoisingBias, InsertNoise, find_layers
 from nq_onnx.pipeline import apply_plan, canonicalize
-from nq_onnx.plan import GroupPlan, LayerPlan, Plan
+from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan
 
 
 @st.composite

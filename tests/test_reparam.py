@@ -16,9 +16,10 @@ from test_passes import ln_linear_model
 
 import onnx
 
-from nq_onnx import QuantConfig, SearchConfig, convert, reparam
+from nq_onnx import QuantConfig, SearchConfig, convert
+from nq_onnx.techniques import reparam_layernorm as reparam
 from nq_onnx.inspect import inspect_model
-from nq_onnx.plan import Plan
+from nq_onnx.core.plan import Plan
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import load_dataset
 from nq_onnx.export import export_timm

@@ -17,7 +17,8 @@ import pytest
 from conftest import run
 from test_reparam import MODELS
 
-from nq_onnx import QuantConfig, SearchConfig, convert, reparam
+from nq_onnx import QuantConfig, SearchConfig, convert
+from nq_onnx.techniques import reparam_attention as reparam
 from nq_onnx.calibration.collect import collect_stats, float_values
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
@@ -27,8 +28,8 @@ from nq_onnx.model_io import load_model
 from nq_onnx.passes import SkipKind, import_graph
 from nq_onnx.passes.reparam_attention import attention_sites
 from nq_onnx.pipeline import canonicalize, discover
-from nq_onnx.plan import Plan
-from nq_onnx.quantizers import ActQuantizer
+from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantizers import ActQuantizer
 
 
 def rewrite(model: onnx.ModelProto, data: Dataset):

@@ -10,14 +10,16 @@ import numpy as np
 import onnx
 import pytest
 
-from nq_onnx import QuantConfig, SearchConfig, convert, quant
+from nq_onnx import QuantConfig, SearchConfig, convert
+
+from nq_onnx.core import quant
 from nq_onnx.calibration.collect import sample_rows
 from nq_onnx.calibration.data import Dataset, Preprocess
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
 from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
-from nq_onnx.plan import Plan
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.rounding import (correction, fitted_weight, gptq_codes, inverse_cholesky, layer_error, lower_inverse,
                               output_mse)
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from nq_onnx import quant
-from nq_onnx.config import NoiseMode, SearchConfig
-from nq_onnx.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core import quant
+from nq_onnx.core.config import NoiseMode, SearchConfig
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -240,7 +240,7 @@ def _column_similarity(y: np.ndarray, t: np.ndarray, centred: bool) -> np.ndarra
 def test_weight_scale_search_picks_each_channels_best_similarity(tokens, objective, seed, offset):
     """Per output channel, the chosen step is the grid point whose quantized channel output is most similar
     (cosine, or Pearson on offset inputs) to the float one, computed directly in float64 (stride 1: every point)."""
-    from nq_onnx.config import Objective
+    from nq_onnx.core.config import Objective
     from nq_onnx.search import search_weight_scales
 
     rng = np.random.default_rng(seed)

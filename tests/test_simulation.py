@@ -18,13 +18,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from nq_onnx import QuantConfig, SearchConfig, quant
+from nq_onnx import QuantConfig, SearchConfig
+
+from nq_onnx.core import quant
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import apply_plan, canonicalize, discover
-from nq_onnx.plan import Plan
+from nq_onnx.core.plan import Plan
 from nq_onnx.planner import SearchPlanner, search_counts
 
 FLOOR_DB = 100.0  # float rounding of B' = B + delta against (XW + delta) + B is ~1e-7 relative: over 130 dB

@@ -14,12 +14,14 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import mlp_model, run
 
-from nq_onnx import QuantConfig, quant
+from nq_onnx import QuantConfig
+
+from nq_onnx.core import quant
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.errors import ConfigError
 from nq_onnx.inspect import inspect_model, target_failures
 from nq_onnx.pipeline import quantize
-from nq_onnx.quantizers import ActQuantizer
+from nq_onnx.core.quantizers import ActQuantizer
 
 
 def gelu_like(rng: np.random.Generator, shape) -> np.ndarray:
@@ -195,8 +197,8 @@ def test_an_asymmetric_quantizer_is_kept_only_where_it_wins_on_held_out_rows():
     """Fit rows one-sided as calibration saw them; held-out rows from the same distribution keep the asymmetric
     quantizer (lower held-out error, both recorded), rows that reach far below the anchor make it fall back to the
     symmetric one."""
-    from nq_onnx.config import SearchConfig
-    from nq_onnx.quantizers import WeightQuantizer
+    from nq_onnx.core.config import SearchConfig
+    from nq_onnx.core.quantizers import WeightQuantizer
     from nq_onnx.search import GroupSample, GroupSearch, LinearOperand, held_out_error, search_with_fallback
 
     rng = np.random.default_rng(4)

@@ -3,7 +3,7 @@ then selectable from the API, the command line and configuration files, recorded
 
 ``PercentileClip`` sets the activation step of every group that follows one operator kind (GELU outputs by default)
 from the ``p``-th percentile of the group's input magnitudes on the search's rows, in place of the searched step:
-``s = minmax_scale(percentile(|X|, p))``. It uses one hook, :meth:`~nq_onnx.techniques.base.Technique.plan_group`.
+``s = minmax_scale(percentile(|X|, p))``. It uses one hook, :meth:`~nq_onnx.core.technique.Technique.plan_group`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from onnx import numpy_helper
 
 from nq_onnx import QuantConfig, SearchConfig, convert
 from nq_onnx.cli import build_parser, main
-from nq_onnx.errors import ConfigError, PlanError
+from nq_onnx.core.errors import ConfigError, PlanError
 from nq_onnx.export import export_timm
-from nq_onnx.options import option
-from nq_onnx.techniques import base as techniques
+from nq_onnx.core.options import option
+from nq_onnx.core import technique as techniques
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEN: dict[str, np.ndarray] = {}  # group -> the rows the hook clipped on, to check its step against

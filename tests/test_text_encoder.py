@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import nq_onnx
-from nq_onnx import QuantConfig, quant
+from nq_onnx import QuantConfig
+from nq_onnx.core import quant
 from nq_onnx.inspect import inspect_model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nq_onnx import quant
+from nq_onnx.core import quant
 from nq_onnx.theorem import expected_noisy_error, noise_width_curve, squared_error
 
 STEP = 0.37

@@ -10,9 +10,9 @@ import pytest
 from conftest import make_model, run, tensor
 from onnx import helper
 
-from nq_onnx import quant
+from nq_onnx.core import quant
 from nq_onnx.inspect import inspect_model
-from nq_onnx.quantizers import ActQuantizer, TwinKind, TwinUniformQuantizer, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, TwinKind, TwinUniformQuantizer, WeightQuantizer
 
 
 def reference(x: np.ndarray, kind: TwinKind, bits: int, d1: float, d2: float) -> tuple[np.ndarray, np.ndarray]:

@@ -10,11 +10,11 @@ from typing import Callable
 
 import numpy as np
 
-from nq_onnx.atomic import write_bytes_atomic
+from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.data import Preprocess, load_dataset
-from nq_onnx.config import QuantConfig
+from nq_onnx.core.config import QuantConfig
 from nq_onnx.cpu import cpu_features
-from nq_onnx.errors import ConfigError, NQError
+from nq_onnx.core.errors import ConfigError, NQError
 from nq_onnx.model_io import load_model
 from nq_onnx.sweep.evalset import EvalSet, load_shard, open_eval_set
 from nq_onnx.sweep.executors import RayExecutor, Resources, SerialExecutor

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from nq_onnx.calibration.data import IMAGE_EXTENSIONS, Preprocess, load_dataset, load_labels, prepare_image
-from nq_onnx.errors import DataError
+from nq_onnx.core.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from nq_onnx.errors import ConfigError, NQError
+from nq_onnx.core.errors import ConfigError, NQError
 
 RAY_MISSING = "the sweep runs its trials on Ray, which is not installed: pip install 'nq-onnx[sweep]' (or pass --local)"
 

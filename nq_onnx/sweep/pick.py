@@ -16,7 +16,7 @@ import dataclasses
 import operator
 import re
 
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.errors import ConfigError
 
 METRICS = {
     "top1": "top-1 on the labelled set, percent",

@@ -8,13 +8,13 @@ import json
 import math
 import shlex
 
-from nq_onnx import options
-from nq_onnx.config import QuantConfig, SearchConfig
+from nq_onnx.core import options
+from nq_onnx.core.config import QuantConfig, SearchConfig
 from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
 
 def command_line(model: str, calib: str, output: str, config: QuantConfig) -> str:
     """``nq-onnx convert ...`` giving ``config``'s model, its flags generated from the options the configuration
-    fields declare (:mod:`nq_onnx.options`), a technique's settings included; where a setting that differs from
+    fields declare (:mod:`nq_onnx.core.options`), a technique's settings included; where a setting that differs from
     its default has no flag, the same conversion through the Python API."""
     words = ["nq-onnx", "convert", model, "-o", output, "--calib", calib]
     tables = [(config, QuantConfig()), (config.search, SearchConfig())]

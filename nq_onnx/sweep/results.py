@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from nq_onnx.errors import ConfigError, OutputError
+from nq_onnx.core.errors import ConfigError, OutputError
 from nq_onnx.model_io import file_digest
 
 

@@ -28,7 +28,7 @@ A sweep file is TOML; relative paths are relative to the file::
     w_bits = [8, 6]
     reparam = [false, true]
 
-Grid options are :class:`~nq_onnx.config.QuantConfig` and :class:`~nq_onnx.config.SearchConfig` field names
+Grid options are :class:`~nq_onnx.core.config.QuantConfig` and :class:`~nq_onnx.core.config.SearchConfig` field names
 (``w_bits`` or ``w-bits``). A list means "try each"; for an option whose value is itself a list (``exclude``,
 ``noise_amplitudes``) a list of lists means "try each". ``"none"`` stands for no value (``bits_budget``). Each
 value must be valid on its own; a combination the configuration refuses becomes a failed trial.
@@ -43,9 +43,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nq_onnx.config import QuantConfig, SearchConfig
-from nq_onnx.errors import ConfigError
-from nq_onnx.techniques import base as techniques
+from nq_onnx.core.config import QuantConfig, SearchConfig
+from nq_onnx.core.errors import ConfigError
+from nq_onnx.core import technique as techniques
 
 try:
     import tomllib

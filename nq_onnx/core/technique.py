@@ -11,12 +11,12 @@ hooks of every enabled technique, in registration order, at fixed points of a co
     finish(ctx)         after the search      record what ``rewrite`` chose in the plan
 
 A technique with settings of its own declares them as a frozen dataclass (``settings``) whose fields declare their
-command-line options (:func:`nq_onnx.options.option`) and whose class attribute ``VERSION`` numbers its layout.
+command-line options (:func:`nq_onnx.core.options.option`) and whose class attribute ``VERSION`` numbers its layout.
 Registering the technique registers the dataclass as a configuration section: its flags appear in ``nq-onnx
 convert --help``, its table in ``--config`` files, and an enabled instance (``enabled`` true) joins
-:attr:`QuantConfig.techniques <nq_onnx.config.QuantConfig.techniques>`, which plans and models record
+:attr:`QuantConfig.techniques <nq_onnx.core.config.QuantConfig.techniques>`, which plans and models record
 (``{"name": {"version": ..., field: value}}``) and :func:`settings_from_dict` reads back. Techniques whose settings
-are :class:`~nq_onnx.config.QuantConfig` fields (the reparameterizations) say when they are on in :meth:`enabled`.
+are :class:`~nq_onnx.core.config.QuantConfig` fields (the reparameterizations) say when they are on in :meth:`enabled`.
 
 This module imports nothing of the project at import time but the options registry, so that the configuration,
 the search and the pipeline may all import it.
@@ -27,18 +27,18 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nq_onnx import options
-from nq_onnx.errors import ConfigError, PlanError
+from nq_onnx.core import options
+from nq_onnx.core.errors import ConfigError, PlanError
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
     from nq_onnx.calibration.collect import TensorStats
-    from nq_onnx.config import QuantConfig
+    from nq_onnx.core.config import QuantConfig
     from nq_onnx.passes.base import Skip
     from nq_onnx.passes.find_layers import GroupSpec, Layers
-    from nq_onnx.plan import GroupPlan, Plan
+    from nq_onnx.core.plan import GroupPlan, Plan
 
 
 @dataclasses.dataclass
@@ -62,7 +62,7 @@ class Technique:
     """A quantization technique's hooks (module docstring); each does nothing unless overridden.
 
     ``name`` is its registry key, its configuration section and its key in plans; ``settings`` its configuration
-    dataclass (``None``: its settings are fields of :class:`~nq_onnx.config.QuantConfig`); ``group`` the help group
+    dataclass (``None``: its settings are fields of :class:`~nq_onnx.core.config.QuantConfig`); ``group`` the help group
     of its flags (registered with ``title`` and ``description``)."""
 
     name: ClassVar[str]

@@ -72,7 +72,7 @@ class Section:
 
     The root section's fields are the top-level keys of a configuration file; every other section is a table named
     ``name``. ``parent_field``: the root config's field holding this section's instance (``search``). ``joins_root``:
-    a technique's settings (:mod:`nq_onnx.techniques.base`), built before the root config and held in its
+    a technique's settings (:mod:`nq_onnx.core.technique`), built before the root config and held in its
     :data:`TECHNIQUES_FIELD` where ``joins_root(settings)`` holds (the technique is on)."""
 
     name: str

@@ -136,7 +136,7 @@ def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray
 
 def u8s8_safe(codes_kn: np.ndarray, stored: tuple[int, int]) -> bool:
     """Whether int8 codes ``[K, N]`` against activations stored as uint8 in ``stored`` (the activation quantizer's
-    :attr:`~nq_onnx.quantizers.ActQuantizer.stored_range`) are exact on a U8S8 kernel without VNNI."""
+    :attr:`~nq_onnx.core.quantizers.ActQuantizer.stored_range`) are exact on a U8S8 kernel without VNNI."""
     return bool(pair_sum_bound(codes_kn, *stored).max(initial=0) <= INT16_MAX)
 
 

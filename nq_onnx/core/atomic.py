@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 
-from nq_onnx.errors import OutputError
+from nq_onnx.core.errors import OutputError
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, before_replace: Callable[[str], None] | None = None) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from nq_onnx.atomic import remove_quietly, write_bytes_atomic, write_file_atomic
-from nq_onnx.errors import ModelError
+from nq_onnx.core.atomic import remove_quietly, write_bytes_atomic, write_file_atomic
+from nq_onnx.core.errors import ModelError
 
 DIR_KEY = "nq_onnx.external_data_dir"
 INLINE_LIMIT = 1 << 16  # external tensors below this many bytes are read into the model at load

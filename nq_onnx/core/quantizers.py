@@ -4,7 +4,7 @@ The search scores candidates with :meth:`fake_quant` (numpy), the sequential sim
 :meth:`ActQuantizer.simulate` (float ONNX ops, one onnxruntime session for the whole search) and the
 ``insert_qdq`` pass writes :meth:`ActQuantizer.emit` / :meth:`WeightQuantizer.emit`. Keeping the three in one
 class is what stops them drifting apart; ``tests/test_simulation.py`` checks the emitted graph against the
-simulation layer by layer, ``tests/test_passes.py`` the emitted codes against :mod:`nq_onnx.quant` bit for bit.
+simulation layer by layer, ``tests/test_passes.py`` the emitted codes against :mod:`nq_onnx.core.quant` bit for bit.
 
 Activations, per tensor, step ``s`` (codes ``[lo, hi]``: ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]``
 unsigned; stored as uint8 with zero point ``zp`` = 128, or 0 unsigned)::
@@ -30,8 +30,8 @@ import enum
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx import quant
-from nq_onnx import naming
+from nq_onnx.core import quant
+from nq_onnx.core import naming
 
 
 def _constant(name: str, values: np.ndarray) -> gs.Constant:
@@ -54,7 +54,7 @@ class ActQuantizer:
     Symmetric codes are ``[-2^(b-1), 2^(b-1) - 1]`` (stored as uint8 with zero point 128, or as int8 with zero point
     0 where ``int8``: the form TensorRT fuses), unsigned ones ``[0, 2^b - 1]`` (zero point 0). An asymmetric quantizer
     is anchored at the tensor's calibrated minimum ``low < 0``: its zero point follows its step,
-    ``z(s) = min(2^b - 1, rint(-low / s))`` (:func:`nq_onnx.quant.asymmetric_zero_point`), and ::
+    ``z(s) = min(2^b - 1, rint(-low / s))`` (:func:`nq_onnx.core.quant.asymmetric_zero_point`), and ::
 
         dq(q(x)) = s * clip(rint(x / s), -z(s), 2^b - 1 - z(s))       stored  u = q + z(s) in [0, 2^b - 1]
 

@@ -1,7 +1,7 @@
 """Named settings: ``nq-onnx convert --preset NAME`` and ``QuantConfig.preset(NAME, **overrides)``.
 
-A preset holds configuration fields as a configuration file holds them (:class:`~nq_onnx.config.QuantConfig`'s
-fields, and a ``search`` table of :class:`~nq_onnx.config.SearchConfig`'s); options given explicitly override them.
+A preset holds configuration fields as a configuration file holds them (:class:`~nq_onnx.core.config.QuantConfig`'s
+fields, and a ``search`` table of :class:`~nq_onnx.core.config.SearchConfig`'s); options given explicitly override them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nq_onnx.errors import ConfigError
+from nq_onnx.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Typed, validated configuration for a conversion.
 
 Everything a conversion depends on is a field here, so a config plus a model plus data plus a seed
-determine the output bytes. Invalid values raise :class:`~nq_onnx.errors.ConfigError` at construction.
+determine the output bytes. Invalid values raise :class:`~nq_onnx.core.errors.ConfigError` at construction.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import dataclasses
 import enum
 from typing import Any
 
-from nq_onnx.errors import ConfigError
-from nq_onnx.options import Condition, option, register_section
-from nq_onnx.presets import preset_values
-from nq_onnx.techniques.base import settings_from_dict, settings_to_dict, technique_of
+from nq_onnx.core.errors import ConfigError
+from nq_onnx.core.options import Condition, option, register_section
+from nq_onnx.core.presets import preset_values
+from nq_onnx.core.technique import settings_from_dict, settings_to_dict, technique_of
 
 SUPPORTED_BITS = (4, 5, 6, 7, 8)  # 7: int8 codes that no x86 kernel saturates (onnxruntime's reduce_range)
 
@@ -98,7 +98,7 @@ class MixedSensitivity(str, enum.Enum):
 class WeightDtype(str, enum.Enum):
     """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.cpu`).
 
-    ``auto`` (default): int8 where no 16-bit pair sum can overflow (:func:`nq_onnx.quant.u8s8_safe`), uint8
+    ``auto`` (default): int8 where no 16-bit pair sum can overflow (:func:`nq_onnx.core.quant.u8s8_safe`), uint8
     with zero point 128 elsewhere: exact on every CPU. ``uint8``: every layer uint8 (U8U8 kernels). ``int8``:
     every layer int8 (U8S8), for deployments on VNNI/AMX x86 or ARM64 only: on x86 without VNNI full-range
     codes saturate, and ``nq-onnx inspect --strict`` fails on such a model.
@@ -110,7 +110,7 @@ class WeightDtype(str, enum.Enum):
 
 
 class Activations(str, enum.Enum):
-    """How activation groups are quantized per tensor (:class:`~nq_onnx.quantizers.ActQuantizer`).
+    """How activation groups are quantized per tensor (:class:`~nq_onnx.core.quantizers.ActQuantizer`).
 
     ``symmetric``: scale-only codes around zero (unsigned from zero where calibration saw no negative value).
     ``asymmetric``: as ``symmetric``, except that a positively skewed group (calibrated minimum below zero but at
@@ -391,7 +391,7 @@ class QuantConfig:
         "fit images the output, joint and searched sensitivities are measured on (at most the search's fit images; "
         "the sensitivity pass's time grows with N)", "method", metavar="N", applies=BUDGETED))
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
-    # the settings of the enabled techniques that keep their own (:mod:`nq_onnx.techniques.base`), one per technique
+    # the settings of the enabled techniques that keep their own (:mod:`nq_onnx.core.technique`), one per technique
     techniques: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 A plan is what calibration and search produce and what the graph passes consume. It is saved as
 ``NAME.json`` (schema version, model digest, settings, per-layer scalars) plus ``NAME.npz`` (the vectors),
 both written deterministically, and loading it against a model with another digest is a
-:class:`~nq_onnx.errors.PlanError`. The noise vector ``N`` that ``insert_noise`` adds and the one that
+:class:`~nq_onnx.core.errors.PlanError`. The noise vector ``N`` that ``insert_noise`` adds and the one that
 ``fold_denoising_bias`` folds are the same stored array, never a re-seeded copy.
 """
 
@@ -18,16 +18,32 @@ from typing import Any
 
 import numpy as np
 
-from nq_onnx import mixed, quant
-from nq_onnx.atomic import write_bytes_atomic
-from nq_onnx.config import QuantConfig
-from nq_onnx.errors import PlanError
-from nq_onnx.mixed import Module
-from nq_onnx.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
+
+from nq_onnx.core import quant
+from nq_onnx.core.atomic import write_bytes_atomic
+from nq_onnx.core.config import QuantConfig
+from nq_onnx.core.errors import PlanError
+from nq_onnx.core.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
 
 SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
 # 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan)
 READABLE_SCHEMAS = (2, 3, 4, 5)  # an older plan is a newer one without the features added since
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """A group's cost (weights + activation values per image) and its sensitivity at each bit choice, under a bits
+    budget (:mod:`nq_onnx.mixed` chooses the widths from them)."""
+
+    name: str
+    cost: int
+    sensitivity: dict[int, float]
+
+
+def modules_average_bits(modules: list[Module], bits: dict[str, int]) -> float:
+    """The cost-weighted average width of ``modules`` at ``bits``."""
+    total = sum(m.cost for m in modules)
+    return sum(m.cost * bits[m.name] for m in modules) / total if total else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +131,7 @@ class Plan:
 
     def written_schema(self) -> int:
         """The oldest schema that holds the plan: 4 where no attention is reparameterized (a plan as the version
-        before schema 5 wrote it, byte for byte, with the config's :data:`~nq_onnx.config.LATER_OPTIONS` unset)."""
+        before schema 5 wrote it, byte for byte, with the config's :data:`~nq_onnx.core.config.LATER_OPTIONS` unset)."""
         if self.schema_version == SCHEMA_VERSION and not any(p.attention is not None for p in self.layers.values()):
             return 4
         return self.schema_version
@@ -258,7 +274,7 @@ def average_bits(groups: dict[str, GroupPlan]) -> float | None:
     modules = [g.precision for g in groups.values() if g.precision is not None]
     if not modules:
         return None
-    return mixed.average_bits(modules, {g.name: g.bits for g in groups.values()})
+    return modules_average_bits(modules, {g.name: g.bits for g in groups.values()})
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
