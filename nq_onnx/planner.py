@@ -22,20 +22,21 @@ import onnx_graphsurgeon as gs
 from nq_onnx.calibration.collect import TensorStats, float_values
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
-from nq_onnx.core.config import SKEW, Activations, MixedSensitivity, QuantConfig, SearchConfig, Target
+from nq_onnx.core.config import MixedSensitivity, QuantConfig, SearchConfig, Target
 from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, Module, assign_bits, linear_sensitivity, matmul_sensitivity,
                            renamed, tracked, uniform_width)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.core.quant import denoising_delta
-from nq_onnx.core.quantizers import ActQuantizer, TwinSoftmax, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.rounding import finish_layer
 from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.core.timing import timed
 from nq_onnx.core import technique as techniques
-from nq_onnx.core.technique import Technique
+from nq_onnx.core.technique import GroupQuantizer, Technique
+from nq_onnx.techniques import builtin  # noqa: F401  (registers the built-in techniques)
 from nq_onnx.search import (
     GroupSample,
     GroupSearch,
@@ -135,25 +136,6 @@ def plain_group(group: GroupSpec, scale: float, quantizer: ActQuantizer, stats: 
                      input_range=_range(stats), base_scale=scale, twin=twin, low=quantizer.low)
 
 
-def twin_specs(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig,
-               bits: dict[str, int] | None = None) -> dict[str, TwinSpec]:
-    """PTQ4ViT's twin-uniform quantizer for every Softmax output read as the ``A`` of ``A @ V`` and every GELU output
-    read by linear layers (``method.twin``); a GELU group's negative step covers its calibrated minimum. ``bits``:
-    a group's bits where they are not ``config.a_bits`` (mixed precision)."""
-    if not config.method.twin:
-        return {}
-    out = {}
-    for group in layers.groups:
-        softmax = TwinSoftmax((bits or {}).get(group.name, config.a_bits))
-        readers = [layers.layer(name) for name in group.consumers]
-        if group.after == "softmax" and all(r.kind == ACT_MATMUL and r.inputs[0] == group.tensor for r in readers):
-            out[group.name] = TwinSpec("softmax", softmax.fixed)
-        elif group.after == "gelu" and group.noisy:
-            low = -float(stats[group.tensor].channel_min.min())
-            out[group.name] = TwinSpec("gelu", float(np.float32(max(low, 1e-6) / softmax.twin.levels)))
-    return out
-
-
 def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig) -> frozenset[str]:
     """Groups whose calibrated input never goes below zero and takes no noise: quantized with unsigned codes (none for
     the ``gpu`` target, whose activations are symmetric int8)."""
@@ -166,33 +148,24 @@ def unsigned_groups(layers: Layers, stats: dict[str, TensorStats], config: Quant
     )
 
 
-def asymmetric_lows(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig,
-                    twins: dict[str, TwinSpec] | None = None) -> dict[str, float]:
-    """Under ``activations = asymmetric``, the groups quantized asymmetrically and the calibrated minimum each is
-    anchored at: those whose minimum is negative but at most ``SKEW`` of their maximum in magnitude (and that take
-    no twin-uniform quantizer)."""
-    if config.activations != Activations.ASYMMETRIC:
-        return {}
-    out = {}
-    for group in layers.groups:
-        low, high = _range(stats[group.tensor])
-        if low < 0 and -low <= SKEW * high and group.name not in (twins or {}):
-            out[group.name] = float(np.float32(low))
-    return out
-
-
-def uniform_quantizer(bits: int, name: str, unsigned: frozenset[str], lows: dict[str, float]) -> ActQuantizer:
-    """A group's uniform quantizer: asymmetric where ``lows`` anchors it, unsigned or symmetric otherwise."""
-    if name in lows:
-        return ActQuantizer(bits, signed=False, low=lows[name])
-    return ActQuantizer(bits, name not in unsigned)
+def group_quantizers(layers: Layers, stats: dict[str, TensorStats], config: QuantConfig, bits: dict[str, int],
+                     unsigned: frozenset[str]) -> dict[str, GroupQuantizer]:
+    """The activation quantizer each enabled technique chooses for a group in place of the uniform one (twin-uniform,
+    asymmetric), asked in registration order: a later technique sees what the earlier ones chose. ``bits``: a
+    group's width where it is not ``config.a_bits`` (mixed precision)."""
+    chosen: dict[str, GroupQuantizer] = {}
+    for technique in techniques.enabled(config):
+        chosen.update(technique.group_quantizers(config, layers, stats, bits, unsigned, dict(chosen)))
+    return chosen
 
 
 def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
     config = plan.config
-    unsigned, lows = unsigned_groups(layers, stats, config), asymmetric_lows(layers, stats, config)
+    unsigned = unsigned_groups(layers, stats, config)
+    chosen = group_quantizers(layers, stats, config, {}, unsigned)
     for group in layers.groups:
-        act = uniform_quantizer(config.a_bits, group.name, unsigned, lows)
+        act = chosen[group.name].quantizer if group.name in chosen else ActQuantizer(config.a_bits,
+                                                                                      group.name not in unsigned)
         scale = act.minmax_scale(stats[group.tensor].absmax)
         plan.groups[group.name] = plain_group(group, scale, act, stats[group.tensor])
     for spec in layers.layers:
@@ -214,10 +187,9 @@ class SearchPlanner:
     _tensors: dict[str, gs.Tensor] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _weights: dict[str, np.ndarray] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _unsigned: frozenset[str] = dataclasses.field(init=False, repr=False, default=frozenset())
-    _lows: dict[str, float] = dataclasses.field(init=False, repr=False, default_factory=dict)  # asymmetric groups
     _sim: Simulator | None = dataclasses.field(init=False, repr=False, default=None)
     _images: int = dataclasses.field(init=False, repr=False, default=0)
-    _twins: dict[str, TwinSpec] = dataclasses.field(init=False, repr=False, default_factory=dict)
+    _chosen: dict[str, GroupQuantizer] = dataclasses.field(init=False, repr=False, default_factory=dict)  # techniques'
     _bits: dict[str, int] = dataclasses.field(init=False, repr=False, default_factory=dict)  # under a bits budget
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _fallbacks: dict[str, ActQuantizer] = dataclasses.field(init=False, repr=False, default_factory=dict)  # twins'
@@ -242,10 +214,8 @@ class SearchPlanner:
         if self.config.bits_budget is not None:
             with timed(self.timings, "mixed_precision_s"):
                 self._bits = self._assign_bits(inputs, progress)
-        self._twins = twin_specs(self.layers, self.stats, self.config, self._bits)
-        self._lows = asymmetric_lows(self.layers, self.stats, self.config, self._twins)
-        self._fallbacks = {name: ActQuantizer(self._bits.get(name, self.config.a_bits), name not in self._unsigned)
-                           for name in self._twins}
+        self._chosen = group_quantizers(self.layers, self.stats, self.config, self._bits, self._unsigned)
+        self._fallbacks = {name: c.fallback for name, c in self._chosen.items() if c.twin is not None}
         self._sim = Simulator(
             self.model, self.layers, self.config.a_bits, self.config.w_bits, self._weights, inputs, self._unsigned,
             {g.name: self._quantizer(g) for g in self.layers.groups}, self._fallbacks,
@@ -318,24 +288,23 @@ class SearchPlanner:
             self._sim.set_layer(operand.name, done.weight, delta)
 
     def _fallback(self, group: GroupSpec, act) -> tuple[ActQuantizer | None, tuple[str, str]]:
-        """The uniform quantizer a group's asymmetric or twin-uniform one must beat on held-out rows (``None``: the
-        group's quantizer is uniform symmetric already), and the names its metrics record the two under."""
-        if act.asymmetric:
-            return ActQuantizer(act.bits), ("asymmetric", "symmetric")
-        if group.name in self._fallbacks:
-            return self._fallbacks[group.name], ("twin", "uniform")
-        return None, ("", "")
+        """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform) must beat on held-out
+        rows (``None``: the group's quantizer is the uniform one already), and the names its metrics record the two
+        under."""
+        choice = self._chosen.get(group.name)
+        return (None, ("", "")) if choice is None else (choice.fallback, choice.names)
 
     def _kept_twin(self, group: GroupSpec, act) -> TwinSpec | None:
         """The group's twin-uniform quantizer, unless its uniform fallback ``act`` was kept."""
-        return None if isinstance(act, ActQuantizer) else self._twins.get(group.name)
+        choice = self._chosen.get(group.name)
+        return None if isinstance(act, ActQuantizer) or choice is None else choice.twin
 
     def _quantizer(self, group: GroupSpec):
-        """The group's activation quantizer: twin-uniform where :func:`twin_specs` says so, else uniform."""
-        twin, bits = self._twins.get(group.name), self._bits.get(group.name, self.config.a_bits)
-        if twin is not None:
-            return twin.quantizer(bits)
-        return uniform_quantizer(bits, group.name, self._unsigned, self._lows)
+        """The group's activation quantizer: a technique's choice (:func:`group_quantizers`), else uniform."""
+        choice = self._chosen.get(group.name)
+        if choice is not None:
+            return choice.quantizer
+        return ActQuantizer(self._bits.get(group.name, self.config.a_bits), group.name not in self._unsigned)
 
     def _w_bits(self, group: GroupSpec) -> int:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""

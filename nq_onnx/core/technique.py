@@ -4,11 +4,12 @@ A technique is one module. It subclasses :class:`Technique`, overrides the hooks
 with :func:`register`; the pipeline (:mod:`nq_onnx.pipeline`) and the search (:mod:`nq_onnx.planner`) call the
 hooks of every enabled technique, in registration order, at fixed points of a conversion::
 
-    tensors(ctx)        before calibration    the float tensors whose statistics it needs beyond the groups'
-    rewrite(ctx)        after calibration     rewrite the float model (and the statistics) from what was measured
-    replay(ctx)         a loaded plan         the same rewrite, from what the plan recorded
-    plan_group(...)     in the search         change a group's plan before the layers that read it are finished
-    finish(ctx)         after the search      record what ``rewrite`` chose in the plan
+    tensors(ctx)            before calibration    the float tensors whose statistics it needs beyond the groups'
+    rewrite(ctx)            after calibration     rewrite the float model (and the statistics) from what was measured
+    replay(ctx)             a loaded plan         the same rewrite, from what the plan recorded
+    group_quantizers(...)   before the search     an activation quantizer in place of the uniform one, per group
+    plan_group(...)         in the search         change a group's plan before the layers that read it are finished
+    finish(ctx)             after the search      record what ``rewrite`` chose in the plan
 
 A technique with settings of its own declares them as a frozen dataclass (``settings``) whose fields declare their
 command-line options (:func:`nq_onnx.core.options.option`) and whose class attribute ``VERSION`` numbers its layout.
@@ -58,6 +59,19 @@ class Context:
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupQuantizer:
+    """A technique's activation quantizer for one group, the uniform quantizer it must beat on the held-out rows
+    (``fallback``; the search keeps whichever is better), the names the layer metrics record the two under
+    (``("twin", "uniform")``: ``mse_twin_held_out``, ``twin_rejected``, ...) and, for a twin-uniform quantizer, the
+    :class:`~nq_onnx.core.plan.TwinSpec` the plan records."""
+
+    quantizer: Any
+    fallback: Any
+    names: tuple[str, str]
+    twin: Any = None
+
+
 class Technique:
     """A quantization technique's hooks (module docstring); each does nothing unless overridden.
 
@@ -88,6 +102,14 @@ class Technique:
 
     def replay(self, ctx: Context) -> None:
         pass
+
+    def group_quantizers(self, config: QuantConfig, layers: Layers, stats: dict[str, TensorStats],
+                         bits: dict[str, int], unsigned: frozenset[str],
+                         chosen: dict[str, GroupQuantizer]) -> dict[str, GroupQuantizer]:
+        """Quantizers for the groups this technique quantizes otherwise than uniformly; ``bits``: a group's width
+        where it is not ``config.a_bits``; ``unsigned``: the groups whose uniform codes are unsigned; ``chosen``: what
+        the techniques before this one chose."""
+        return {}
 
     def plan_group(self, config: QuantConfig, group: GroupSpec, rows: np.ndarray, planned: GroupPlan) -> GroupPlan:
         """The plan of ``group`` given the searched one, ``planned``; ``rows`` are the group's input rows on the
