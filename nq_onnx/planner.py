@@ -30,7 +30,7 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.rounding import finish_layer
+from nq_onnx.techniques.rounding import finish_layer
 from nq_onnx.grids import grid
 from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.core.timing import timed
@@ -194,6 +194,7 @@ class SearchPlanner:
     _modules: dict[str, Module] = dataclasses.field(init=False, repr=False, default_factory=dict)
     _fallbacks: dict[str, ActQuantizer] = dataclasses.field(init=False, repr=False, default_factory=dict)  # twins'
     _techniques: list[Technique] = dataclasses.field(init=False, repr=False, default_factory=list)  # their hooks
+    _finishers: list[Technique] = dataclasses.field(init=False, repr=False, default_factory=list)  # finish_layer's
     # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
     # ``linear.<phase>_s`` (:attr:`nq_onnx.search.GroupResult.seconds`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
@@ -211,6 +212,7 @@ class SearchPlanner:
         inputs = {k: v for feeds in self.search_data.batches(len(self.search_data)) for k, v in feeds.items()}
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
         self._techniques = techniques.enabled(self.config)
+        self._finishers = [t for t in self._techniques if t.finishes_layers()]
         if self.config.bits_budget is not None:
             with timed(self.timings, "mixed_precision_s"):
                 self._bits = self._assign_bits(inputs, progress)
@@ -278,7 +280,7 @@ class SearchPlanner:
             scales = result.weight_scales[operand.name]
             with timed(self.timings, "rounding_s"):
                 done = finish_layer(operand, scales, rows, problem.sample.held_out, problem.act, planned.scale,
-                                    planned.noise, config.weight_rounding, config.bias_correction)
+                                    planned.noise, config, self._finishers)
             metrics = {**result.metrics[operand.name], **done.metrics}
             plan.layers[operand.name] = LayerPlan(operand.name, scales, operand.quantizer.bits, metrics, done.codes,
                                                   done.correction)

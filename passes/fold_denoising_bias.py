@@ -6,8 +6,8 @@ are quantized, ``W`` otherwise)::
     Y = (X + N) W + B'          B' = B - N · dq(W_q) + C
 
 so that without activation quantization and with no correction ``C`` the output is unchanged (``C``: the layer's
-planned bias correction, :mod:`nq_onnx.rounding`; zero without one). ``B'`` is computed once, in float64, from
-the same stored ``N`` that ``insert_noise`` adds. A bias initializer used by another node is copied, never
+planned bias correction, :mod:`nq_onnx.techniques.bias_correction`; zero without one). ``B'`` is computed once, in
+float64, from the same stored ``N`` that ``insert_noise`` adds. A bias initializer used by another node is copied, never
 edited in place (role ``BIAS_DENOISED`` either way); a layer without a bias gets an ``Add`` after its ``MatMul``
 (role ``BIAS_ADDED``). The graph is in canonical form: every layer is a ``MatMul``.
 """

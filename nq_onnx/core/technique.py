@@ -9,6 +9,7 @@ hooks of every enabled technique, in registration order, at fixed points of a co
     replay(ctx)             a loaded plan         the same rewrite, from what the plan recorded
     group_quantizers(...)   before the search     an activation quantizer in place of the uniform one, per group
     plan_group(...)         in the search         change a group's plan before the layers that read it are finished
+    finish_layer(...)       in the search         change a layer's codes or bias once its steps are chosen
     finish(ctx)             after the search      record what ``rewrite`` chose in the plan
 
 A technique with settings of its own declares them as a frozen dataclass (``settings``) whose fields declare their
@@ -72,6 +73,33 @@ class GroupQuantizer:
     twin: Any = None
 
 
+@dataclasses.dataclass
+class LayerFinish:
+    """One searched linear layer as the techniques that finish it read and change it, in turn.
+
+    Given: ``operand`` (its float weight ``[K, N]``, bias and weight quantizer), the searched per-channel ``scales``,
+    the fit input ``rows``, ``checked``: the rows that decide what a technique keeps (held-out images' where there
+    are any), with ``noisy_input`` (``X + N``), ``output(w_q)`` and ``mse(output, delta)``
+    (:class:`nq_onnx.techniques.rounding.LayerRows`), and the activation quantizer ``act``, its ``scale`` and the
+    ``noise``.
+    Decided: ``codes`` (``None``: nearest rounding of the steps), ``weight`` (their ``dq``), ``output`` (the layer's
+    output on the checked rows with that weight, ``None`` until a technique computes it), ``correction`` (added to
+    the bias) and ``metrics`` (recorded in the plan)."""
+
+    operand: Any
+    scales: Any
+    rows: Any
+    checked: Any
+    act: Any
+    scale: float
+    noise: Any
+    weight: Any
+    codes: Any = None
+    output: Any = None
+    correction: Any = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 class Technique:
     """A quantization technique's hooks (module docstring); each does nothing unless overridden.
 
@@ -115,6 +143,14 @@ class Technique:
         """The plan of ``group`` given the searched one, ``planned``; ``rows`` are the group's input rows on the
         search's fit images, through the quantized earlier layers."""
         return planned
+
+    def finish_layer(self, config: QuantConfig, layer: LayerFinish) -> None:
+        """Change ``layer``'s decided fields (its codes, weight, correction, metrics) once its steps are chosen."""
+
+    def finishes_layers(self) -> bool:
+        """Whether the technique overrides :meth:`finish_layer` (a layer no technique finishes keeps nearest
+        rounding and its bias, and costs no extra work)."""
+        return type(self).finish_layer is not Technique.finish_layer
 
     def finish(self, ctx: Context) -> None:
         pass

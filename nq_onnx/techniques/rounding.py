@@ -47,13 +47,17 @@ methods table, ``benchmarks/results/methods.json``): activation error dominates 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nq_onnx.core.config import WeightRounding
+from nq_onnx.core.config import QuantConfig
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.search import LinearOperand
+from nq_onnx.core.technique import LayerFinish, Technique
+
+if TYPE_CHECKING:
+    from nq_onnx.search import LinearOperand
 
 
 SHIFT_DAMP = 1.0  # mu of W* as a multiple of the mean diagonal of X^T X^ (see fitted_weight)
@@ -178,11 +182,11 @@ def correction(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale
 def output_mse(x: np.ndarray, noise: np.ndarray | None, act: ActQuantizer, scale: float, w_kn: np.ndarray,
                bias: np.ndarray, w_q: np.ndarray, delta: np.ndarray | None = None) -> float:
     """The quantized layer's output MSE against the float one on rows ``x`` (with a bias ``delta`` added)."""
-    rows = _Rows(x, noise, act, scale, w_kn, bias)
+    rows = LayerRows(x, noise, act, scale, w_kn, bias)
     return rows.mse(rows.output(w_q), delta)
 
 
-class _Rows:
+class LayerRows:
     """Rows on which a layer's candidates are compared: the float output and the quantized input, computed once;
     each candidate's output is computed once by :meth:`output` and scored by :meth:`mse`."""
 
@@ -217,41 +221,17 @@ class FinishedLayer:
 
 
 def finish_layer(operand: LinearOperand, scales: np.ndarray, rows: np.ndarray, held_out: np.ndarray | None,
-                 act: ActQuantizer, scale: float, noise: np.ndarray | None, rounding: WeightRounding,
-                 bias_correction: bool) -> FinishedLayer:
-    """GPTQ codes and bias correction for one searched layer (module docstring); ``rows`` are the layer's fit input
-    rows (all tokens of the fit images), ``held_out`` rows of other images decide what is kept."""
-    metrics: dict[str, float] = {}
-    codes, w_q = None, operand.quantized_weight(scales)
-    if rounding == WeightRounding.NEAREST and not bias_correction:
-        return FinishedLayer(codes, w_q, None, metrics)
+                 act: ActQuantizer, scale: float, noise: np.ndarray | None, config: QuantConfig,
+                 finishers: list[Technique]) -> FinishedLayer:
+    """One searched layer finished by ``finishers`` in turn (their :meth:`~nq_onnx.core.technique.Technique.
+    finish_layer`: GPTQ's codes, then bias correction; module docstring); ``rows`` are the layer's fit input rows (all
+    tokens of the fit images), ``held_out`` rows of other images decide what is kept."""
+    w_q = operand.quantized_weight(scales)
+    if not finishers:
+        return FinishedLayer(None, w_q, None, {})
     check = held_out if held_out is not None else rows
-    checked = _Rows(check, noise, act, scale, operand.weight, operand.bias)
-    n, output = checked.noise, None
-    if rounding in (WeightRounding.GPTQ, WeightRounding.GPTQ_ACT):
-        if rounding == WeightRounding.GPTQ:
-            candidate = gptq_codes(operand.weight, scales, rows + n, operand.quantizer.bits)
-        else:  # the layer as it runs: dq(q(X + N)) - N in, X W wanted
-            candidate = gptq_codes(operand.weight, scales, act.fake_quant(rows + n, scale) - n,
-                                   operand.quantizer.bits, target=rows)
-        w_gptq = WeightQuantizer.dequantize(candidate, scales)
-        metrics["weight_error_nearest"] = layer_error(checked.noisy_input, operand.weight, w_q)
-        metrics["weight_error_gptq"] = layer_error(checked.noisy_input, operand.weight, w_gptq)
-        output, output_gptq = checked.output(w_q), checked.output(w_gptq)
-        metrics["mse_nearest"] = checked.mse(output)
-        metrics["mse_gptq"] = checked.mse(output_gptq)
-        if metrics["mse_gptq"] < metrics["mse_nearest"]:
-            codes, w_q, output = candidate, w_gptq, output_gptq
-        else:
-            metrics["gptq_rejected"] = 1.0
-    correction_ = None
-    if bias_correction:
-        candidate = correction(rows, noise, act, scale, operand.weight, operand.bias, w_q)
-        output = checked.output(w_q) if output is None else output
-        before, after = checked.mse(output), checked.mse(output, candidate)
-        metrics["mse_before_bias_correction"], metrics["mse_after_bias_correction"] = before, after
-        if after < before:
-            correction_ = candidate
-        else:
-            metrics["bias_correction_rejected"] = 1.0
-    return FinishedLayer(codes, w_q, correction_, metrics)
+    layer = LayerFinish(operand, scales, rows, LayerRows(check, noise, act, scale, operand.weight, operand.bias), act,
+                        scale, noise, w_q)
+    for technique in finishers:
+        technique.finish_layer(config, layer)
+    return FinishedLayer(layer.codes, layer.weight, layer.correction, layer.metrics)
