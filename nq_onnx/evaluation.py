@@ -16,6 +16,7 @@ rows), from a class-folder layout of ``eval_data`` (the top sub-folder's index i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,8 @@ from nq_onnx.cpu import cpu_features
 from nq_onnx.core.errors import ConfigError, DataError
 from nq_onnx.core.timing import timed
 from nq_onnx.summary import Evaluation, Kernels, Latency, Summary
+
+log = logging.getLogger(__name__)
 
 EVAL_INPUTS = 64  # held-out calibration-source inputs, at most
 LATENCY_BATCH = 8
@@ -72,12 +75,20 @@ def judged_inputs(model: onnx.ModelProto, config: QuantConfig, calib: str | Path
 
 
 def judge(model: onnx.ModelProto, quantized: onnx.ModelProto, summary: Summary, judged: EvalInputs | None,
-          config: QuantConfig, progress: Callable | None = None, kernels: bool = False) -> None:
-    """Fill in ``summary``'s output error on ``judged`` (if any) and, with ``kernels``, the integer-kernel check."""
+          config: QuantConfig, progress: Callable | None = None, kernels: bool = False,
+          base: onnx.ModelProto | None = None) -> None:
+    """Fill in ``summary``'s output error on ``judged`` (if any), the base method's (``base``: MinMax's model,
+    :func:`nq_onnx.pipeline.base_model`) and a warning where the conversion's is far above it
+    (:func:`base_warning`), and, with ``kernels``, the integer-kernel check."""
     if judged is not None:
         with timed(summary.timings, "evaluate_s"):
-            summary.metrics = evaluate(model, quantized, judged, summary.method, config.batch_size, progress)
+            summary.metrics, summary.base_metrics = evaluate(model, quantized, judged, summary.method,
+                                                             config.batch_size, progress, base)
             summary.evaluation = judged.evaluation
+        warning = base_warning(summary)
+        if warning:
+            summary.warnings.append(warning)
+            log.warning("%s", warning)
     if kernels:
         with timed(summary.timings, "kernels_s"):
             summary.kernels = check_kernels(quantized, config.target.value)
@@ -134,16 +145,35 @@ def held_out_inputs(source: str | Path, calib: Dataset, config: QuantConfig) -> 
 
 
 def evaluate(model: onnx.ModelProto, quantized: onnx.ModelProto, inputs: EvalInputs, method: str, batch_size: int,
-             progress: Callable | None = None) -> dict[str, dict[str, float]]:
+             progress: Callable | None = None,
+             base: onnx.ModelProto | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
     """Output error of ``quantized`` against ``model`` on the evaluation inputs (``method``), and with labels
-    top-1 of both (``fp32`` and ``method``)."""
+    top-1 of both (``fp32`` and ``method``); and the same of the ``base`` model (``None`` without one)."""
     reference = model_outputs(model, inputs.dataset, batch_size, progress, "evaluate fp32")
     output = model_outputs(quantized, inputs.dataset, batch_size, progress, "evaluate quantized")
     metrics = {}
     if inputs.labels is not None:
         metrics["fp32"] = output_metrics(reference, reference, inputs.labels)
     metrics[method] = output_metrics(reference, output, inputs.labels)
-    return metrics
+    if base is None:
+        return metrics, None
+    base_output = model_outputs(base, inputs.dataset, batch_size, progress, "evaluate minmax")
+    return metrics, output_metrics(reference, base_output, inputs.labels)
+
+
+FAR_DB = 3.0  # a conversion whose SQNR is this far below the base method's is warned about (MSE about 2x)
+
+
+def base_warning(summary: Summary) -> str | None:
+    """A warning when the conversion's output SQNR on the evaluation inputs is more than :data:`FAR_DB` below the
+    base method's (MinMax of the same widths: no search, no noise), which a searched quantization should beat; on a
+    model whose statistics mislead the searches (attention maps near uniform, as at initialization) it may not."""
+    ours, base = summary.metrics.get(summary.method), summary.base_metrics
+    if ours is None or base is None or not ours["sqnr_db"] < base["sqnr_db"] - FAR_DB:
+        return None
+    return (f"warning: the output error is far above the base method's on the same inputs (SQNR {ours['sqnr_db']:.2f}"
+            f" dB against MinMax's {base['sqnr_db']:.2f} dB): the searched quantizers lost to the plain ones here; "
+            "try --method easyquant, fewer options, or other calibration data")
 
 
 def measure_latency(fp32: Path, quantized: Path | onnx.ModelProto, dataset: Dataset) -> Latency:

@@ -59,6 +59,30 @@ class Result:
     layers: Layers
     summary: Summary
     float_model: onnx.ModelProto | None = None  # the float model in the form the layers refer to
+    baseline: Baseline | None = None  # what the base method (MinMax) is built from, for the summary's check
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The canonical float model, its layers and their calibration statistics before any technique rewrote them:
+    enough to build the base method's model (:func:`base_model`) that a conversion's output error is checked
+    against."""
+
+    model: onnx.ModelProto
+    layers: Layers
+    stats: dict
+
+
+BASE_METHOD = Method.MINMAX
+
+
+def base_model(baseline: Baseline, config: QuantConfig, digest: str) -> onnx.ModelProto:
+    """The model MinMax makes of the same float model with ``config``'s widths, target and activation quantizers (no
+    search, no rewrite, no noise): the plainest quantization, which a searched one should not fall far behind."""
+    base = dataclasses.replace(config, method=BASE_METHOD, reparam=False, reparam_attention=False, techniques=())
+    weights = float_weights(import_graph(baseline.model), baseline.layers)
+    plan = minmax_plan(Plan(digest, base), baseline.layers, baseline.stats, weights)
+    return apply_plan(baseline.model, baseline.layers, plan)[0]
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -176,11 +200,13 @@ def quantize(
     model = canonicalize(model)
     layers = discover(model, config)
     reparam_skips: list[Skip] = []
-    searched = plan is None
+    searched, baseline = plan is None, None
     if plan is None:
         if calib is None:
             raise NQError("calibration data is needed unless a plan is loaded")
-        model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings)
+        baseline = Baseline(model, layers, {})
+        model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings,
+                                                     baseline.stats)
     else:
         ctx = Context(model, layers, config, plan=plan, timings=timings)
         for technique in techniques.enabled(config):
@@ -212,7 +238,8 @@ def quantize(
         uint8_weight_layers=len(rewrite.names(Role.UINT8_WEIGHTS)),
         weight_dtype=plan.config.weight_dtype.value,
     )
-    return Result(out, plan, layers, summary, model)
+    checked = baseline if config.method != BASE_METHOD and config.bits_budget is None else None
+    return Result(out, plan, layers, summary, model, checked)
 
 
 def _rejected(layers: Layers, plan: Plan, key: str) -> int:
@@ -224,16 +251,17 @@ def _rejected(layers: Layers, plan: Plan, key: str) -> int:
 
 
 def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,
-            timings: dict[str, float]) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
+            timings: dict[str, float], calibrated: dict) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
     """Calibrate, let the enabled techniques rewrite the float model (the reparameterizations), search, and let them
     record what they chose; returns the float model and layers the plan refers to, the plan, and what the techniques
-    could not do."""
+    could not do. ``calibrated`` receives the statistics as calibrated, before any rewrite."""
     config = plan.config
     ctx = Context(model, layers, config, timings=timings)
     active = techniques.enabled(config)
     extra = sorted({t for technique in active for t in technique.tensors(ctx)})  # beyond the groups' own
     with timed(timings, "calibrate_s"):
         ctx.stats = collect_stats(model, [g.tensor for g in layers.groups] + extra, calib, config.batch_size, progress)
+    calibrated.update(ctx.stats)
     for technique in active:
         technique.rewrite(ctx)
     with timed(timings, "search_s"):
@@ -300,8 +328,12 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     loaded = time.perf_counter() - begin
     result = quantize(model, digest, config, dataset, plan, progress)
     result.summary.timings = {"load_s": loaded} | result.summary.timings  # the stages in the order they ran
+    base = None
+    if evaluate and judged is not None and result.baseline is not None:
+        with timed(result.summary.timings, "base_s"):
+            base = base_model(result.baseline, result.plan.config, digest)
     evaluation.judge(model, result.model, result.summary, judged if evaluate else None, config, progress,
-                     kernels=report is not None)
+                     kernels=report is not None, base=base)
     _write(result, model_path, output_path, save_plan, external_data, judged if measure_latency else None)
     if report is not None:
         from nq_onnx.report import build_report

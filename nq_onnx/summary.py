@@ -102,6 +102,8 @@ class Summary:
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
     bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    base_metrics: dict[str, float] | None = None  # the base method's (MinMax's) output error on the same inputs
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what the user should know, one line each
     # the token positions the output reads, per token count, where the searches weighted them (read_token_share)
     read_tokens: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     read_token_share: float = 0.0
@@ -169,6 +171,7 @@ def format_summary(summary, elapsed: float, output) -> str:
                      "Compile cost)")
     if summary.metrics or summary.latency is not None or summary.kernels is not None:
         lines += [f"  {value}" if what == EVALUATION_ROW else f"  {what}: {value}" for what, value in verdict(summary)]
+    lines += [f"  {warning}" for warning in summary.warnings]
     return "\n".join(lines)
 
 

@@ -273,3 +273,65 @@ def test_kernels_verdict_names_why_a_model_does_not_suit_a_target(classifier, tm
     more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
     assert kernels.describe() == f"no (1/1 quantized matmuls on integer kernels; target gpu: {problems[0]}{more})"
     assert "  integer kernels: yes (1/1" in format_summary(result.summary, 1.0, "q")
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from nq_onnx.export import export_timm
+
+    path = tmp_path_factory.mktemp("base") / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2), num_classes=10)
+    return path
+
+
+def _fast(**fields) -> QuantConfig:
+    search = nq_onnx.SearchConfig(search_images=2, holdout_images=1, tokens=128, rounds=1, act_alphas=(0.3, 1.0, 8),
+                                  weight_alphas=(0.5, 1.0, 6))
+    return QuantConfig(calib_size=6, search=search, **fields)
+
+
+def test_the_summary_measures_the_base_method_on_the_same_inputs(tiny_vit, photo_folder, tmp_path):
+    """MinMax's output error (the same widths and quantizers, no rewrite) is measured beside the conversion's, on the
+    same held-out images, and equals a MinMax conversion's; within 3 dB of it nothing is warned; the written model is
+    the same as without evaluation."""
+    result = nq_onnx.convert(tiny_vit, tmp_path / "q.onnx", photo_folder, _fast(w_bits=6, a_bits=6))
+    ours, base = result.summary.metrics["noisyquant"], result.summary.base_metrics
+    assert base is not None and set(base) >= {"mse", "sqnr_db"}
+    assert ours["sqnr_db"] > base["sqnr_db"] - 3.0, (ours["sqnr_db"], base["sqnr_db"])
+    assert result.summary.warnings == [] and "base_s" in result.summary.timings
+    nq_onnx.convert(tiny_vit, tmp_path / "plain.onnx", photo_folder, _fast(w_bits=6, a_bits=6), evaluate=False)
+    assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    minmax = nq_onnx.convert(tiny_vit, tmp_path / "m.onnx", photo_folder,
+                             _fast(method="minmax", w_bits=6, a_bits=6, reparam=False))
+    assert minmax.summary.base_metrics is None  # MinMax is the base itself
+    assert minmax.summary.metrics["minmax"]["sqnr_db"] == pytest.approx(base["sqnr_db"], abs=1e-6)
+
+
+def test_a_conversion_far_worse_than_the_base_method_is_warned_about(tiny_vit, photo_folder, tmp_path, caplog):
+    """A technique that spoils every group's step (64x the searched one) leaves the output far above MinMax's
+    error: the summary says so in one line, and the log warns."""
+    import dataclasses as dc
+
+    from nq_onnx.core import technique as techniques
+
+    class Spoil(techniques.Technique):
+        name = "spoil_steps"
+
+        def enabled(self, config):
+            return True
+
+        def plan_group(self, config, group, rows, planned):
+            return dc.replace(planned, scale=planned.scale * 64)
+
+    techniques.register(Spoil)
+    try:
+        result = nq_onnx.convert(tiny_vit, tmp_path / "q.onnx", photo_folder, _fast(method="easyquant"))
+    finally:
+        techniques.unregister(Spoil.name)
+    ours, base = result.summary.metrics["easyquant"], result.summary.base_metrics
+    assert ours["sqnr_db"] < base["sqnr_db"] - 3.0
+    assert len(result.summary.warnings) == 1 and "far above the base method's" in result.summary.warnings[0]
+    assert f"{base['sqnr_db']:.2f} dB" in result.summary.warnings[0]
+    text = format_summary(result.summary, 1.0, tmp_path / "q.onnx")
+    assert text.splitlines()[-1] == "  " + result.summary.warnings[0]
+    assert any("far above the base method's" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
