@@ -204,8 +204,13 @@ def load_dataset(
     raise DataError(f"calibration data {source} is neither a folder of images nor an .npy/.npz file")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` and its sub-folders, sorted: what a calibration folder offers."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def _image_folder(folder: Path, names: tuple[str, ...], limit: int | None, seed: int, pre: Preprocess) -> Dataset:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(folder)
     if not files:
         raise DataError(f"no images in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if limit is not None and len(files) > limit:

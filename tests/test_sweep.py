@@ -442,3 +442,28 @@ def test_study_table_from_a_results_file_gives_each_configuration_its_seeds_mean
     assert rows == ["| W8A8 noisyquant | 2 | 71.40 | 0.40 | 0.02 | 0.49x |",
                     "| W8A8 easyquant | 2 | 70.50 | 1.00 | 0.06 | 0.51x |"], table
     assert "(4 trials)" in table and "x86 AVX-512 VNNI" in table and "900 MB" in table
+
+
+def test_seeds_that_cannot_vary_the_calibration_images_are_warned_about(tmp_path):
+    """A seed chooses calib_size images from a folder holding more; from one holding no more (or from tensors) every
+    seed calibrates on the same inputs, which the sweep says before it runs."""
+    from nq_onnx.sweep.api import seed_warning
+    from nq_onnx.sweep.spec import load_spec
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        (calib / f"{i}.png").write_bytes(b"")
+
+    def spec(seeds: str, size: int, source: str = "calib"):
+        (tmp_path / "s.toml").write_text(f'model = "m.onnx"\ncalib = "{source}"\nseeds = {seeds}\n[eval]\n'
+                                         f'heldout = "calib"\n[grid]\nmethod = "easyquant"\ncalib_size = {size}\n')
+        return load_spec(tmp_path / "s.toml")
+
+    warning = seed_warning(spec("[0, 1, 2]", 4))
+    assert warning and "calib holds 4 images and the trials calibrate on 4" in warning
+    assert seed_warning(spec("[0, 1, 2]", 3)) is None  # 3 of 4: each seed its own choice
+    assert seed_warning(spec("[0]", 4)) is None  # one seed: nothing to vary
+    np.save(tmp_path / "x.npy", np.zeros((8, 3), np.float32))
+    assert "first calib_size rows of x.npy" in seed_warning(spec("[0, 1]", 2, "x.npy"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from nq_onnx.core.atomic import write_bytes_atomic
-from nq_onnx.calibration.data import Preprocess, load_dataset
+from nq_onnx.calibration.data import Preprocess, image_files, load_dataset
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.cpu import cpu_features
 from nq_onnx.core.errors import ConfigError, NQError
@@ -23,6 +24,8 @@ from nq_onnx.sweep.report import chart, command_line, markdown_table
 from nq_onnx.sweep.results import ResultsFile, data_digest
 from nq_onnx.sweep.run import identity, reference, run_trials, shard_size
 from nq_onnx.sweep.spec import SweepSpec, load_spec
+
+log = logging.getLogger(__name__)
 
 LATENCY_GROUP = 4  # models timed together with FP32, round-robin: few sessions in memory, FP32 in every group
 
@@ -61,6 +64,25 @@ def available_metrics(spec: SweepSpec) -> set[str]:
     return names | ({"latency_ms", "latency_ratio"} if spec.latency_rounds else set())
 
 
+def seed_warning(spec: SweepSpec) -> str | None:
+    """Why the seeds of a sweep calibrate on the same inputs, where they do: a seed chooses ``calib_size`` images from
+    a calibration folder holding more (and draws NoisyQuant's noise); from a folder holding no more, or from tensors
+    (whose first ``calib_size`` rows every seed takes), the seeds change the noise alone."""
+    sizes = [t.config.calib_size for t in spec.trials() if t.config is not None]
+    if len(spec.seeds) < 2 or not sizes:
+        return None
+    calib = Path(spec.calib)
+    if not calib.is_dir():
+        return (f"{spec.path.name}: every seed calibrates on the first calib_size rows of {calib.name}; the seeds "
+                "change only NoisyQuant's noise draw")
+    count = len(image_files(calib))
+    if count > min(sizes):
+        return None
+    return (f"{spec.path.name}: {calib.name} holds {count} images and the trials calibrate on {min(sizes)}: every "
+            "seed calibrates on the same images and changes only NoisyQuant's noise draw; give the calibration "
+            "folder more images than calib_size for seeds that vary the calibration data")
+
+
 def run_sweep(path: str | Path, *, address: str | None = None, local: bool = False, choice: Choice = Choice(),
               retry_failed: bool = False, progress: Callable[[str], None] | None = None,
               num_cpus: int | None = None) -> SweepResult:
@@ -74,6 +96,9 @@ def run_sweep(path: str | Path, *, address: str | None = None, local: bool = Fal
     """
     say = progress or (lambda line: None)
     spec = load_spec(path)
+    warning = seed_warning(spec)
+    if warning:
+        log.warning("%s", warning)
     conditions = _check_choice(spec, choice)
     model, _ = load_model(spec.model)
     load_dataset(spec.calib, model, limit=1, seed=0)  # calibration data that cannot feed the model fails every trial
