@@ -41,7 +41,8 @@ from nq_onnx.model_io import load_model  # noqa: E402
 from nq_onnx.passes.base import import_graph  # noqa: E402
 from nq_onnx.passes.find_layers import Layers  # noqa: E402
 from nq_onnx.pipeline import canonicalize, discover  # noqa: E402
-from nq_onnx.planner import SearchPlanner, float_weights, group_costs, search_counts, unsigned_groups  # noqa: E402
+from nq_onnx.planner import SearchPlanner, float_weights, search_counts, unsigned_groups  # noqa: E402
+from nq_onnx.techniques.mixed_precision import group_costs, uniform_searches  # noqa: E402
 
 WIDTHS = (4, 5, 6, 8)
 BASE = 6
@@ -121,15 +122,15 @@ class Searched:
         fit, held = search_counts(len(calib), config.search)
         planner = SearchPlanner(model, layers, stats, calib.head(fit + held), config)
         start = time.perf_counter()
-        searched = planner.uniform_searches(WIDTHS)
+        searched = uniform_searches(planner, WIDTHS)
         log(f"uniform searches at {WIDTHS} bits: {time.perf_counter() - start:.0f} s")
         weights = float_weights(import_graph(model), layers)
         return cls(model, layers, stats, calib, fit, searched, weights, unsigned_groups(layers, stats, config), pre,
                    held_files)
 
     def costs(self, fit_set: dict) -> dict[str, int]:
-        """Each group's cost (weights plus activation values per image, :func:`nq_onnx.planner.group_costs`), its
-        activations counted on the first fit image."""
+        """Each group's cost (weights plus activation values per image,
+        :func:`nq_onnx.techniques.mixed_precision.group_costs`), its activations counted on the first fit image."""
         one = {self.input_name: fit_set[self.input_name][:1]}
         values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), one)
         return group_costs(self.layers, self.weights, values, 1)

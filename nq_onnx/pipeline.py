@@ -44,7 +44,6 @@ from nq_onnx import evaluation
 from nq_onnx.passes.find_layers import discover
 from nq_onnx.core.plan import Plan, average_bits
 from nq_onnx.core import technique as techniques
-from nq_onnx.techniques import builtin  # noqa: F401  (registers the built-in techniques)
 from nq_onnx.core.technique import Context
 from nq_onnx.core.timing import timed
 from nq_onnx.summary import Summary, profile_record

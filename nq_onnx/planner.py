@@ -19,41 +19,33 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx.calibration.collect import TensorStats, float_values
+from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
-from nq_onnx.calibration.simulate import Simulator, output_sensitivities, searched_sensitivities
-from nq_onnx.core.config import MixedSensitivity, QuantConfig, SearchConfig, Target
-from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, Module, assign_bits, linear_sensitivity, matmul_sensitivity,
-                           renamed, tracked, uniform_width)
+from nq_onnx.calibration.simulate import Simulator
+from nq_onnx.core.config import QuantConfig, SearchConfig, Target
+from nq_onnx.mixed import (Module)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.techniques.rounding import finish_layer
-from nq_onnx.grids import grid
+from nq_onnx.rounding import finish_layer
 from nq_onnx.matmul_search import search_act_matmul
 from nq_onnx.core.timing import timed
 from nq_onnx.core import technique as techniques
 from nq_onnx.core.technique import GroupQuantizer, Technique
-from nq_onnx.techniques import builtin  # noqa: F401  (registers the built-in techniques)
 from nq_onnx.search import (
+    linear_operand,
     GroupSample,
     GroupSearch,
-    LinearOperand,
     group_rng,
     group_seed,
-    sample_rows,
     search_linear_group,
     search_sample,
     search_with_fallback,
 )
 
 ACT_MATMUL_SLICES = 16
-SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sensitivities
-SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
-SENSITIVITY_SLICES = 8  # per-head product maps per attention matmul's sensitivity
-CLIP_VALUES = 1 << 18  # float values per group choosing the mixed-precision sensitivities' clipped steps
 
 
 def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
@@ -65,15 +57,6 @@ def float_weights(graph: gs.Graph, layers: Layers) -> dict[str, np.ndarray]:
         for spec in layers.layers
         if spec.kind != ACT_MATMUL
     }
-
-
-def group_costs(layers: Layers, weights: dict[str, np.ndarray], values: dict[str, np.ndarray],
-                images: int) -> dict[str, int]:
-    """Each group's cost in the bit budget (:mod:`nq_onnx.mixed`): its input's values per image (``values`` holds
-    the float group inputs of ``images`` images) plus the weights of the linear layers reading it."""
-    return {g.name: int(values[g.tensor].size // images + sum(weights[c].size for c in g.consumers
-                                                              if layers.layer(c).kind != ACT_MATMUL))
-            for g in layers.groups}
 
 
 def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
@@ -99,14 +82,6 @@ def layer_steps(graph: gs.Graph, layers: Layers) -> list[list[str]]:
             planned |= 1 << i
         remaining = [i for i in remaining if i not in ready]
     return steps
-
-
-def _operand(spec: LayerSpec, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
-    """The layer as ``X @ W + B`` (the canonical ``MatMul`` layout; a layer without a bias has ``B = 0``)."""
-    bias = np.zeros(spec.out_features, np.float32)
-    if spec.bias is not None:
-        bias = tensors[spec.bias].values.astype(np.float32)
-    return LinearOperand(spec.name, np.ascontiguousarray(weight, dtype=np.float32), bias, WeightQuantizer(bits))
 
 
 def split_images(value: np.ndarray, images: int, fit: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -213,9 +188,10 @@ class SearchPlanner:
         self._unsigned = unsigned_groups(self.layers, self.stats, self.config)
         self._techniques = techniques.enabled(self.config)
         self._finishers = [t for t in self._techniques if t.finishes_layers()]
-        if self.config.bits_budget is not None:
-            with timed(self.timings, "mixed_precision_s"):
-                self._bits = self._assign_bits(inputs, progress)
+        for technique in self._techniques:  # mixed precision: every group's width, before the search
+            assigned = technique.assign_bits(self, inputs, progress)
+            if assigned is not None:
+                self._bits, self._modules = assigned
         self._chosen = group_quantizers(self.layers, self.stats, self.config, self._bits, self._unsigned)
         self._fallbacks = {name: c.fallback for name, c in self._chosen.items() if c.twin is not None}
         self._sim = Simulator(
@@ -240,6 +216,31 @@ class SearchPlanner:
                         self._plan_act_matmul(plan, spec, acts[spec.inputs[0]], acts[spec.inputs[1]])
         return plan
 
+    @property
+    def fit_images(self) -> int:
+        """How many of ``search_data``'s first images the searches fit on (the rest are held out)."""
+        return self._fit
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        """Each linear layer's float weight, ``[K, N]``."""
+        return self._weights
+
+    @property
+    def unsigned(self) -> frozenset[str]:
+        """The groups whose uniform codes are unsigned (:func:`unsigned_groups`)."""
+        return self._unsigned
+
+    @property
+    def tensors(self) -> dict[str, gs.Tensor]:
+        """The float model's tensors by name."""
+        return self._tensors
+
+    @property
+    def simulator(self) -> Simulator | None:
+        """The simulation of the quantized model as planned so far (``None`` before :meth:`run`)."""
+        return self._sim
+
     def _groups_of(self, specs: list[LayerSpec]) -> list[GroupSpec]:
         tensors = {spec.inputs[0] for spec in specs if spec.kind != ACT_MATMUL}
         return [g for g in self.layers.groups if g.tensor in tensors]
@@ -249,7 +250,7 @@ class SearchPlanner:
         specs = [self.layers.layer(name) for name in group.consumers]
         problem = GroupSearch(
             self._sample(group, value),
-            tuple(_operand(s, self._weights[s.name], self._tensors, self._w_bits(group)) for s in specs),
+            tuple(linear_operand(s, self._weights[s.name], self._tensors, self._w_bits(group)) for s in specs),
             self._quantizer(group),
             config.search,
             config.noise if config.method.noisy and group.noisy else None,
@@ -311,90 +312,6 @@ class SearchPlanner:
     def _w_bits(self, group: GroupSpec) -> int:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""
         return self._bits.get(group.name, self.config.w_bits)
-
-    def _assign_bits(self, inputs: dict[str, np.ndarray], progress: Callable | None = None) -> dict[str, int]:
-        """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.mixed`): costs from the float values of the
-        first fit images, sensitivities as ``config.mixed_sensitivity`` says (``progress`` shows each group's)."""
-        images = min(self._fit, SENSITIVITY_IMAGES)
-        feeds = {k: v[:images] for k, v in inputs.items()}
-        values = float_values(self.model, sorted({g.tensor for g in self.layers.groups}), feeds)
-        if self.config.mixed_sensitivity == MixedSensitivity.SEARCHED:
-            sensitivity = self._searched_sensitivities(inputs, progress)
-        elif self.config.mixed_sensitivity in (MixedSensitivity.OUTPUT, MixedSensitivity.JOINT):
-            steps = {g.name: self._clipped_steps(g, values[g.tensor]) for g in self.layers.groups}
-            one = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
-            base = None
-            if self.config.mixed_sensitivity == MixedSensitivity.JOINT:
-                base = uniform_width(self.config.bits_budget, BIT_CHOICES)
-            sensitivity = output_sensitivities(self.model, self.layers, self._weights, one, self._unsigned, steps,
-                                               BIT_CHOICES, base, progress=renamed(progress, SENSITIVITY_DESC))
-        else:
-            groups = tracked(self.layers.groups, progress, SENSITIVITY_DESC)
-            sensitivity = {g.name: self._nuclear_sensitivity(g, values) for g in groups}
-        costs = group_costs(self.layers, self._weights, values, images)
-        self._modules = {g.name: Module(g.name, costs[g.name], sensitivity[g.name]) for g in self.layers.groups}
-        return assign_bits(list(self._modules.values()), self.config.bits_budget)
-
-    def _searched_sensitivities(self, inputs: dict[str, np.ndarray],
-                                progress: Callable | None = None) -> dict[str, dict[int, float]]:
-        """``MixedSensitivity.SEARCHED``: each group's change of the output error when it takes its width-``b``
-        uniform search's quantizers with every other group at the budget's uniform width
-        (:func:`searched_sensitivities`)."""
-        searched = self.uniform_searches(BIT_CHOICES, progress)
-        images = {k: v[: min(self.config.mixed_images, self._fit)] for k, v in inputs.items()}
-        return searched_sensitivities(self.model, self.layers, self._weights, images, self._unsigned, searched,
-                                      uniform_width(self.config.bits_budget, BIT_CHOICES),
-                                      progress=renamed(progress, SENSITIVITY_DESC))
-
-    def uniform_searches(self, widths: tuple[int, ...],
-                         progress: Callable | None = None) -> dict[int, dict[str, np.ndarray]]:
-        """The method's uniform search at each of ``widths`` (no bits budget), each on its own simulator: per width,
-        the finished simulator's feeds (:attr:`Simulator.feeds`: every group's step and noise, every layer's
-        fake-quantized weight and delta)."""
-        out = {}
-        for bits in widths:
-            config = dataclasses.replace(self.config, bits_budget=None, w_bits=bits, a_bits=bits)
-            uniform = SearchPlanner(self.model, self.layers, self.stats, self.search_data, config)
-            uniform.run(Plan(model_digest="", config=config),
-                        renamed(progress, f"{SENSITIVITY_DESC}: search at {bits} bits"))
-            out[bits] = uniform._sim.feeds
-        return out
-
-    def _clipped_steps(self, group: GroupSpec, value: np.ndarray) -> dict[int, float]:
-        """Per bit choice, the group's activation step from the search's grid of MinMax multiples with the least
-        squared quantization error of its float values: the searches clip (a softmax output at 6 bits takes a
-        step far below MinMax's ``1/63``), so MinMax steps would overstate a narrow width's harm."""
-        flat = value.reshape(-1)
-        rows = flat[:: max(1, flat.size // CLIP_VALUES)]  # evenly spaced: an unbiased estimate of the mean error
-        alphas, out = grid(self.config.search.act_alphas), {}
-        for bits in BIT_CHOICES:
-            act = ActQuantizer(bits, group.name not in self._unsigned)
-            steps = act.candidates(act.minmax_scale(self.stats[group.tensor].absmax), alphas)
-            errors = [float(np.mean((act.fake_quant(rows, step) - rows) ** 2)) for step in steps]
-            out[bits] = float(steps[int(np.argmin(errors))])
-        return out
-
-    def _nuclear_sensitivity(self, group: GroupSpec, values: dict[str, np.ndarray]) -> dict[int, float]:
-        """PTQ-ViT's sensitivity of a group (:mod:`nq_onnx.mixed`) on its float values."""
-        absmax, signed = self.stats[group.tensor].absmax, group.name not in self._unsigned
-        value = values[group.tensor]
-        specs = [self.layers.layer(name) for name in group.consumers]
-        linear = [s for s in specs if s.kind != ACT_MATMUL]
-        sensitivity = dict.fromkeys(BIT_CHOICES, 0.0)
-        if linear:
-            rows = sample_rows(value, group.channels, SENSITIVITY_ROWS, group_rng(2, group.name))
-            operands = tuple(_operand(s, self._weights[s.name], self._tensors, 8) for s in linear)
-            for bits, omega in linear_sensitivity(rows, operands, absmax, signed).items():
-                sensitivity[bits] += omega
-        for spec in specs:
-            if spec.kind == ACT_MATMUL:
-                a, b = values[spec.inputs[0]], values[spec.inputs[1]]
-                if a.shape[:-2] == b.shape[:-2] and a.ndim >= 3:  # the first SENSITIVITY_SLICES maps (an SVD each)
-                    a, b = (v.reshape(-1, *v.shape[-2:])[:SENSITIVITY_SLICES] for v in (a, b))
-                    which = spec.inputs.index(group.tensor)
-                    for bits, omega in matmul_sensitivity(a, b, which, absmax, signed).items():
-                        sensitivity[bits] += omega
-        return sensitivity
 
     def _sample(self, group: GroupSpec, value: np.ndarray) -> GroupSample:
         """The group's fit and held-out token rows (the samples depend on the group only; the seed drives the noise

@@ -50,6 +50,7 @@ from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.timing import timed
+from nq_onnx.passes.find_layers import LayerSpec
 
 
 DELTA_CACHE_BYTES = 128 << 20  # per layer: EasyQuant's rounds share a weight's quantization errors up to this size
@@ -69,6 +70,14 @@ class LinearOperand:
 
     def quantized_weight(self, scales: np.ndarray) -> np.ndarray:
         return self.quantizer.fake_quant(self.weight, scales)
+
+
+def linear_operand(spec: LayerSpec, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
+    """The layer as ``X @ W + B`` (the canonical ``MatMul`` layout; a layer without a bias has ``B = 0``)."""
+    bias = np.zeros(spec.out_features, np.float32)
+    if spec.bias is not None:
+        bias = tensors[spec.bias].values.astype(np.float32)
+    return LinearOperand(spec.name, np.ascontiguousarray(weight, dtype=np.float32), bias, WeightQuantizer(bits))
 
 
 @dataclasses.dataclass(frozen=True)

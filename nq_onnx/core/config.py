@@ -54,7 +54,7 @@ class NoiseMode(str, enum.Enum):
 class WeightRounding(str, enum.Enum):
     """How weights are rounded to their codes: to the nearest code, GPTQ's error-compensating order on the float
     input, or GPTQ fitted to the float output from the layer's quantized input (``gptq-act``,
-    :mod:`nq_onnx.techniques.rounding`)."""
+    :mod:`nq_onnx.rounding`)."""
 
     NEAREST = "nearest"
     GPTQ = "gptq"

@@ -7,6 +7,7 @@ hooks of every enabled technique, in registration order, at fixed points of a co
     tensors(ctx)            before calibration    the float tensors whose statistics it needs beyond the groups'
     rewrite(ctx)            after calibration     rewrite the float model (and the statistics) from what was measured
     replay(ctx)             a loaded plan         the same rewrite, from what the plan recorded
+    assign_bits(...)        before the search     each group's width (mixed precision)
     group_quantizers(...)   before the search     an activation quantizer in place of the uniform one, per group
     plan_group(...)         in the search         change a group's plan before the layers that read it are finished
     finish_layer(...)       in the search         change a layer's codes or bias once its steps are chosen
@@ -20,14 +21,17 @@ convert --help``, its table in ``--config`` files, and an enabled instance (``en
 (``{"name": {"version": ..., field: value}}``) and :func:`settings_from_dict` reads back. Techniques whose settings
 are :class:`~nq_onnx.core.config.QuantConfig` fields (the reparameterizations) say when they are on in :meth:`enabled`.
 
-This module imports nothing of the project at import time but the options registry, so that the configuration,
-the search and the pipeline may all import it.
+The built-in techniques (:mod:`nq_onnx.techniques.builtin`) are loaded by name the first time the registry is asked
+which techniques a conversion runs, as plug-ins are: they build on the search machinery above this module, and
+nothing below them imports them. This module imports nothing of the project at import time but the options
+registry, so that the configuration, the search and the pipeline may all import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from nq_onnx.core import options
 from nq_onnx.core.errors import ConfigError, PlanError
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from nq_onnx.core.config import QuantConfig
     from nq_onnx.passes.base import Skip
     from nq_onnx.passes.find_layers import GroupSpec, Layers
+    from nq_onnx.planner import SearchPlanner
     from nq_onnx.core.plan import GroupPlan, Plan
 
 
@@ -80,7 +85,7 @@ class LayerFinish:
     Given: ``operand`` (its float weight ``[K, N]``, bias and weight quantizer), the searched per-channel ``scales``,
     the fit input ``rows``, ``checked``: the rows that decide what a technique keeps (held-out images' where there
     are any), with ``noisy_input`` (``X + N``), ``output(w_q)`` and ``mse(output, delta)``
-    (:class:`nq_onnx.techniques.rounding.LayerRows`), and the activation quantizer ``act``, its ``scale`` and the
+    (:class:`nq_onnx.rounding.LayerRows`), and the activation quantizer ``act``, its ``scale`` and the
     ``noise``.
     Decided: ``codes`` (``None``: nearest rounding of the steps), ``weight`` (their ``dq``), ``output`` (the layer's
     output on the checked rows with that weight, ``None`` until a technique computes it), ``correction`` (added to
@@ -144,6 +149,13 @@ class Technique:
         search's fit images, through the quantized earlier layers."""
         return planned
 
+    def assign_bits(self, planner: SearchPlanner, inputs: dict[str, np.ndarray],
+                    progress: Callable | None) -> tuple[dict[str, int], dict[str, Any]] | None:
+        """Each group's width and what decided it (its cost and sensitivities, :class:`~nq_onnx.core.plan.Module`),
+        before the search; ``planner`` is the search about to run (its model, layers, statistics, float weights and
+        settings), ``inputs`` its images. ``None``: this technique assigns no widths."""
+        return None
+
     def finish_layer(self, config: QuantConfig, layer: LayerFinish) -> None:
         """Change ``layer``'s decided fields (its codes, weight, correction, metrics) once its steps are chosen."""
 
@@ -157,6 +169,12 @@ class Technique:
 
 
 TECHNIQUES: dict[str, Technique] = {}
+BUILTIN = "nq_onnx.techniques.builtin"  # the module whose import registers the built-in techniques
+
+
+def load_builtin() -> None:
+    """Register the built-in techniques (once: a module is imported once)."""
+    importlib.import_module(BUILTIN)
 
 
 def register(cls: type[Technique]) -> type[Technique]:
@@ -182,11 +200,13 @@ def unregister(name: str) -> None:
 
 def enabled(config: QuantConfig) -> list[Technique]:
     """The techniques that take part in a conversion with ``config``, in registration order."""
+    load_builtin()
     return [t for t in TECHNIQUES.values() if t.enabled(config)]
 
 
 def technique_of(settings: Any) -> Technique:
     """The registered technique whose settings class ``settings`` is an instance of."""
+    load_builtin()
     found = next((t for t in TECHNIQUES.values() if t.settings is not None and type(settings) is t.settings), None)
     if found is None:
         raise ConfigError(f"{type(settings).__name__} is not the settings of a registered technique")
@@ -205,6 +225,7 @@ def settings_to_dict(settings: Any) -> dict[str, Any]:
 def settings_from_dict(name: str, data: dict[str, Any]) -> Any:
     """The settings of technique ``name`` recorded as ``data``; a technique that is not registered, or a layout newer
     than the registered one reads, is a PlanError."""
+    load_builtin()
     technique = TECHNIQUES.get(name)
     if technique is None or technique.settings is None:
         raise PlanError(f"the plan uses technique {name!r}, which is not registered here (import the module that "
