@@ -2,14 +2,14 @@
 
     python benchmarks/bottleneck.py     # one conversion of the real ViT-S/14, about 2 min on 2 cores
 
-Converts the real ViT-S/14 (128 calibration images, seed 0) with NoisyQuant-PTQ4ViT + reparam under a bits budget,
-which makes the planner measure every activation group's sensitivity (:mod:`nq_onnx.mixed`: the model output's MSE
+Converts the real ViT-S/14 (128 calibration images, seed 0) with NoisyQuant-PTQ4ViT + reparam under a bits budget, which
+makes the planner measure every activation group's sensitivity (:mod:`nq_onnx.search.mixed`: the model output's MSE
 against FP32 with that group alone quantized at 4, 5, 6 and 8 bits, its weights MinMax and its input at the clipped
-uniform step, on the first calibration image) and keep it in the plan. The figures are those sensitivities summed
-over the groups that feed each kind of layer (``fc2``: the GELU outputs, ``MatMul_1``: the attention maps and ``V``,
-...), the width at which it hurts being the question: the uniform quantizers here are not the twin-uniform ones the
-PTQ4ViT stack then uses, so this shows what a uniform quantizer leaves to the twin ones and to everything else.
-Writes ``benchmarks/results/bottleneck_<cpu kind>.json``.
+uniform step, on the first calibration image) and keep it in the plan. The figures are those sensitivities summed over
+the groups that feed each kind of layer (``fc2``: the GELU outputs, ``MatMul_1``: the attention maps and ``V``, ...),
+the width at which it hurts being the question: the uniform quantizers here are not the twin-uniform ones the PTQ4ViT
+stack then uses, so this shows what a uniform quantizer leaves to the twin ones and to everything else. Writes
+``benchmarks/results/bottleneck_<cpu kind>.json``.
 """
 
 from __future__ import annotations

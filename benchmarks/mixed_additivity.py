@@ -2,7 +2,7 @@
 
     python benchmarks/mixed_additivity.py     # about 15 min on 2 cores; writes benchmarks/results/mixed_additivity.json
 
-Mixed precision (:mod:`nq_onnx.mixed`) scores each group alone and assigns widths by a knapsack over the summed
+Mixed precision (:mod:`nq_onnx.search.mixed`) scores each group alone and assigns widths by a knapsack over the summed
 scores, which is only right if the groups' effects on the output error add up. Here: NoisyQuant's uniform search
 at 4, 5, 6 and 8 bits (128 calibration images, fitting on the first 8, as ``convert`` does), then one simulation
 that gives each group the quantizers its width's search chose (:class:`nq_onnx.calibration.simulate.WidthSimulation`),
@@ -36,12 +36,12 @@ from nq_onnx.calibration.collect import TensorStats, collect_stats, float_values
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset  # noqa: E402
 from nq_onnx.calibration.simulate import WidthSimulation, searched_feeds  # noqa: E402
 from nq_onnx.core.config import QuantConfig  # noqa: E402
-from nq_onnx.mixed import Module, assign_bits, average_bits  # noqa: E402
+from nq_onnx.search.mixed import Module, assign_bits, average_bits  # noqa: E402
 from nq_onnx.model_io import load_model  # noqa: E402
 from nq_onnx.passes.base import import_graph  # noqa: E402
 from nq_onnx.passes.find_layers import Layers  # noqa: E402
 from nq_onnx.pipeline import canonicalize, discover  # noqa: E402
-from nq_onnx.planner import SearchPlanner, float_weights, search_counts, unsigned_groups  # noqa: E402
+from nq_onnx.search.planner import SearchPlanner, float_weights, search_counts, unsigned_groups  # noqa: E402
 from nq_onnx.techniques.mixed_precision import group_costs, uniform_searches  # noqa: E402
 
 WIDTHS = (4, 5, 6, 8)

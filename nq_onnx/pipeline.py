@@ -48,7 +48,7 @@ from nq_onnx.core.technique import Context
 from nq_onnx.core.timing import timed
 from nq_onnx.summary import Summary, profile_record
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
-from nq_onnx.planner import SearchPlanner, float_weights, minmax_plan, search_counts
+from nq_onnx.search.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
 
 @dataclasses.dataclass

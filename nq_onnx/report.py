@@ -36,7 +36,7 @@ from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.core.plan import Plan
 from nq_onnx.core.quantizers import WeightQuantizer
-from nq_onnx.mixed import BIT_CHOICES, assignment_point, pareto_front
+from nq_onnx.search.mixed import BIT_CHOICES, assignment_point, pareto_front
 from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
 from nq_onnx.report_sections import environment_rows, settings_html, settings_rows, verdict_html
 from nq_onnx.summary import verdict
@@ -64,7 +64,7 @@ class ReportData:
     # every config field and value, then the versions, the CPU and the command line (report_sections)
     settings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.theorem)
-    # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.mixed)
+    # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.search.mixed)
     precision: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -254,7 +254,7 @@ def _figures_html(data: ReportData, figures: dict[str, bytes], chart: str | None
     chart_html = f"<h2>Output-error reduction across depth</h2>{img(chart, 'reduction chart')}" if chart else ""
     precision_html = (
         "<h2>Mixed precision: the bit budget's trade-off</h2><p>Each group's sensitivity at 4, 5, 6 and 8 bits "
-        "(<code>nq_onnx/mixed.py</code>) summed over the groups, against the count-weighted average bits: the "
+        "(<code>nq_onnx/search/mixed.py</code>) summed over the groups, against the count-weighted average bits: the "
         "knapsack's assignment at budgets from 4 to 8 bits (PTQ-ViT's Pareto front), one width for every group, and "
         f"this plan ({data.precision['chosen']['average_bits']:.2f} average bits; groups at 8/6/5/4 bits: "
         + "/".join(str(data.precision["chosen"]["groups"].get(str(b), 0)) for b in (8, 6, 5, 4))

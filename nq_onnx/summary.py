@@ -225,7 +225,7 @@ def profile_record(summary: Summary, wall: float, model: str, config) -> dict:
     ``latency``; ``report``); ``wall`` is their sum and the few statements between them. ``search`` splits the
     search stage into the sequential simulation, the linear-layer search, the attention-matmul search, the rounding
     step, ... and ``other`` (the planner's own work); ``linear_search`` splits the linear-layer search into its phases
-    (:attr:`nq_onnx.search.GroupResult.seconds`) and ``other`` (float outputs, MinMax and final errors). With the
+    (:attr:`nq_onnx.search.groups.GroupResult.seconds`) and ``other`` (float outputs, MinMax and final errors). With the
     CPU and numpy's BLAS kernels, which set the pace of the searches' products."""
     timings = summary.timings
     stages = {k[:-2]: v for k, v in timings.items() if "." not in k}

@@ -10,10 +10,10 @@ import pytest
 
 from nq_onnx import QuantConfig
 from nq_onnx.core.errors import ConfigError
-from nq_onnx.mixed import (BIT_CHOICES, RESOLUTION, Module, assign_bits, average_bits, linear_sensitivity,
+from nq_onnx.search.mixed import (BIT_CHOICES, RESOLUTION, Module, assign_bits, average_bits, linear_sensitivity,
                            matmul_sensitivity, nuclear_norm)
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.search import LinearOperand
+from nq_onnx.search.groups import LinearOperand
 
 
 def test_nuclear_norm_is_the_sum_of_singular_values_of_each_matrix():
@@ -155,7 +155,7 @@ def _mlp_case(seed: int) -> SimpleNamespace:
     from conftest import mlp_model
 
     from nq_onnx.passes.find_layers import find_layers
-    from nq_onnx.planner import float_weights
+    from nq_onnx.search.planner import float_weights
 
     rng = np.random.default_rng(seed)
     model = mlp_model(rng)

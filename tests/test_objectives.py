@@ -7,10 +7,10 @@ import pytest
 
 from nq_onnx.core.config import Objective, SearchConfig
 from nq_onnx.core.errors import ConfigError
-from nq_onnx.objectives import LayerError, ranking_loss, ranking_pairs
-from nq_onnx.matmul_search import search_act_matmul
+from nq_onnx.search.objectives import LayerError, ranking_loss, ranking_pairs
+from nq_onnx.search.matmul import search_act_matmul
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.search import (
+from nq_onnx.search.groups import (
     GroupSample,
     GroupSearch,
     LinearOperand,
@@ -144,7 +144,7 @@ def test_row_terms_equal_whole_array_float64_sums_across_row_blocks():
     """:func:`row_terms` computes a layer error's per-row sums :data:`ROW_BLOCK` rows at a time; every value equals
     the float64 ``einsum`` / ``sum`` of the whole arrays bit for bit (row counts below, at and across block
     boundaries)."""
-    from nq_onnx.objectives import ROW_BLOCK, row_terms
+    from nq_onnx.search.objectives import ROW_BLOCK, row_terms
 
     rng = np.random.default_rng(4)
     for rows in (1, ROW_BLOCK - 1, ROW_BLOCK, 3 * ROW_BLOCK + 7):

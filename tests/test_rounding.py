@@ -20,12 +20,12 @@ from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
 from nq_onnx.core.plan import Plan
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.rounding import (correction, fitted_weight, gptq_codes, inverse_cholesky, layer_error,
+from nq_onnx.search.rounding import (correction, fitted_weight, gptq_codes, inverse_cholesky, layer_error,
                                          lower_inverse, output_mse)
 
 
 def obq_reference(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, damp: float) -> np.ndarray:
-    """Optimal Brain Quantization in its textbook form, written apart from nq_onnx.rounding: round input
+    """Optimal Brain Quantization in its textbook form, written apart from nq_onnx.search.rounding: round input
     channel ``k``, move the still-free channels by ``-(w_k - q_k) / [H^-1]_kk [H^-1]_{:,k}``, and remove ``k`` from the
     inverse Hessian by the Gaussian-elimination step ``H^-1 -= H^-1_{:,k} H^-1_{k,:} / H^-1_kk`` (no Cholesky, no
     blocks: GPTQ's paper shows the two give the same result)."""

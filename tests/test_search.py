@@ -10,7 +10,7 @@ import pytest
 from nq_onnx.core import quant
 from nq_onnx.core.config import NoiseMode, SearchConfig
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.search import (
+from nq_onnx.search.groups import (
     GroupSample,
     GroupSearch,
     LinearOperand,
@@ -165,7 +165,7 @@ def test_no_mean_shift_where_the_ranges_come_from_few_rows():
 
 
 def test_search_and_holdout_image_counts_and_the_split_by_image():
-    from nq_onnx.planner import search_counts, split_images
+    from nq_onnx.search.planner import search_counts, split_images
 
     config = SearchConfig()  # 8 to fit on, 4 held out
     assert search_counts(128, config) == (8, 4)
@@ -207,7 +207,7 @@ def test_search_leaves_its_input_untouched_and_repeats_itself():
 def test_layer_error_terms_equal_the_direct_output_error(k, n):
     """The search scores a candidate from ``||D R||``, ``<D, C W^T>`` and ``<D, t W^T>`` (LayerError) instead of
     forming the layer output: both give the output MSE and cosine of the direct float64 computation."""
-    from nq_onnx.search import LayerError
+    from nq_onnx.search.groups import LayerError
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((200, k)).astype(np.float32)
@@ -241,7 +241,7 @@ def test_weight_scale_search_picks_each_channels_best_similarity(tokens, objecti
     """Per output channel, the chosen step is the grid point whose quantized channel output is most similar
     (cosine, or Pearson on offset inputs) to the float one, computed directly in float64 (stride 1: every point)."""
     from nq_onnx.core.config import Objective
-    from nq_onnx.search import search_weight_scales
+    from nq_onnx.search.groups import search_weight_scales
 
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((tokens, 96)) * rng.lognormal(0, 1, 96) + offset).astype(np.float32)
@@ -263,7 +263,7 @@ def test_weight_scale_search_picks_each_channels_best_similarity(tokens, objecti
 def test_grid_argmax_coarse_to_fine():
     """Stride 1 is the plain argmax (first of ties); stride 3 finds a unimodal maximum with under half the
     evaluations, and scores each point at most once."""
-    from nq_onnx.grids import grid_argmax
+    from nq_onnx.search.grids import grid_argmax
 
     values = np.array([0.1, 0.5, 0.5, 0.2, 0.9, 0.9, 0.3])
     assert grid_argmax(len(values), lambda i: values[i], 1) == (4, 0.9)
@@ -281,7 +281,7 @@ def test_grid_argmax_coarse_to_fine():
 def test_additive_argmin_is_the_full_argmin_scoring_fewer_parts():
     """A loss summed over row parts: the lowest sum and its index exactly as summing every part of every candidate
     (ties to the lowest index), with most far-off candidates dropped after their first part."""
-    from nq_onnx.grids import additive_argmin
+    from nq_onnx.search.grids import additive_argmin
 
     rng = np.random.default_rng(5)
     totals = (np.arange(36) - 22.0) ** 2 + 1.0  # a loss curve over a grid, lowest at 22
@@ -302,7 +302,7 @@ def test_additive_argmin_is_the_full_argmin_scoring_fewer_parts():
 def test_screened_grid_argmax_scores_only_the_screens_best_in_full():
     """With a screen, the full score runs on its ``keep`` best points only, and the result is the full search's when
     the full best is among them (here the screen is the score plus small noise)."""
-    from nq_onnx.grids import grid_argmax
+    from nq_onnx.search.grids import grid_argmax
 
     rng = np.random.default_rng(2)
     score = -((np.arange(36) - 17.0) ** 2) / 100.0
@@ -323,7 +323,7 @@ def test_act_matmul_error_terms_equal_the_direct_product(which, inner):
     """The attention-matmul search scores ``q(A) q(B)`` from ``D``, ``C R_q^T`` and ``t R_q^T`` (one operand varying,
     the other fixed at its quantized value) without forming the product: ``||E||^2``, ``<E, t>`` and ``sum E`` as
     the direct float64 product error gives them."""
-    from nq_onnx.matmul_search import OperandError
+    from nq_onnx.search.matmul import OperandError
 
     rng = np.random.default_rng(7)
     a = rng.standard_normal((3, 30, inner)).astype(np.float32)
@@ -406,8 +406,8 @@ def test_read_token_share_lowers_the_class_tokens_error_on_held_out_images(seed)
 def test_weight_step_search_reuses_its_quantization_errors_across_rounds():
     """The coarse points' ``dq(W) - W`` kept between calls (EasyQuant's rounds) give the same steps as computing
     them afresh, with another activation quantization each time."""
-    from nq_onnx.grids import grid
-    from nq_onnx.search import search_weight_scales
+    from nq_onnx.search.grids import grid
+    from nq_onnx.search.groups import search_weight_scales
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((256, 32)).astype(np.float32)

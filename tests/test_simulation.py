@@ -27,7 +27,7 @@ from nq_onnx.export import export_timm
 from nq_onnx.model_io import load_model
 from nq_onnx.pipeline import apply_plan, canonicalize, discover
 from nq_onnx.core.plan import Plan
-from nq_onnx.planner import SearchPlanner, search_counts
+from nq_onnx.search.planner import SearchPlanner, search_counts
 
 FLOOR_DB = 100.0  # float rounding of B' = B + delta against (XW + delta) + B is ~1e-7 relative: over 130 dB
 

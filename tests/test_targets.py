@@ -199,7 +199,7 @@ def test_an_asymmetric_quantizer_is_kept_only_where_it_wins_on_held_out_rows():
     symmetric one."""
     from nq_onnx.core.config import SearchConfig
     from nq_onnx.core.quantizers import WeightQuantizer
-    from nq_onnx.search import GroupSample, GroupSearch, LinearOperand, held_out_error, search_with_fallback
+    from nq_onnx.search.groups import GroupSample, GroupSearch, LinearOperand, held_out_error, search_with_fallback
 
     rng = np.random.default_rng(4)
     x, same = gelu_like(rng, (512, 16)), gelu_like(rng, (256, 16))
@@ -243,7 +243,7 @@ def test_a_group_planned_symmetric_after_all_is_simulated_with_symmetric_codes()
     from nq_onnx.calibration.simulate import Simulator
     from nq_onnx.passes.base import import_graph
     from nq_onnx.pipeline import canonicalize, discover
-    from nq_onnx.planner import float_weights
+    from nq_onnx.search.planner import float_weights
 
     model, x, result = convert_mlp(QuantConfig(method="easyquant", w_bits=8))
     float_model = canonicalize(model)

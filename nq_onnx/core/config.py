@@ -39,7 +39,7 @@ class Method(str, enum.Enum):
 
 
 class NoiseMode(str, enum.Enum):
-    """What NoisyQuant's fixed vector ``N`` before a linear layer may hold (see :mod:`nq_onnx.search`).
+    """What NoisyQuant's fixed vector ``N`` before a linear layer may hold (see :mod:`nq_onnx.search.groups`).
 
     ``paper``: the paper's noisy bias alone, uniform noise ``k s u`` with its width ``k`` searched. ``shift``: a
     per-channel mean shift ``-b c`` alone (``c`` the channel's calibrated mid-range; the authors' code searches it
@@ -54,7 +54,7 @@ class NoiseMode(str, enum.Enum):
 class WeightRounding(str, enum.Enum):
     """How weights are rounded to their codes: to the nearest code, GPTQ's error-compensating order on the float
     input, or GPTQ fitted to the float output from the layer's quantized input (``gptq-act``,
-    :mod:`nq_onnx.rounding`)."""
+    :mod:`nq_onnx.search.rounding`)."""
 
     NEAREST = "nearest"
     GPTQ = "gptq"
@@ -73,7 +73,8 @@ class Objective(str, enum.Enum):
 
 
 class MixedSensitivity(str, enum.Enum):
-    """How mixed precision (``bits_budget``) measures a group's sensitivity to its bit-width (:mod:`nq_onnx.mixed`).
+    """How mixed precision (``bits_budget``) measures a group's sensitivity to its bit-width
+    (:mod:`nq_onnx.search.mixed`).
 
     ``output`` (default): the model output's MSE with that group alone MinMax-quantized, one forward pass per group
     and width. ``joint``: the change of that MSE when the group's width moves with every other group quantized at
@@ -194,21 +195,21 @@ class SearchConfig:
     images, which no search saw (``0``: no such check).
 
     Candidate activation steps of EasyQuant's alternating search are screened: with ``screen_tokens > 0`` every
-    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.grids.screen_rows`) and
-    only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.grids.grid_argmax`). On the real ViT-S/14 the
-    full search's best step was the screen's first or second in all 192 searches (W8A8 and W6A6); ``screen_tokens
-    = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise search and
-    the attention-matmul search choose exactly what scoring every candidate in full would.
+    candidate is scored on that many of the fit rows (a stratified sample, :func:`nq_onnx.search.grids.screen_rows`)
+    and only the ``screen_keep`` best of them on all rows (:func:`nq_onnx.search.grids.grid_argmax`). On the real
+    ViT-S/14 the full search's best step was the screen's first or second in all 192 searches (W8A8 and W6A6);
+    ``screen_tokens = 0`` scores every candidate on every row (``benchmarks/compile_cost.py`` measures both). The noise
+    search and the attention-matmul search choose exactly what scoring every candidate in full would.
 
     The output of a ViT classifier reads one token (the class token; :func:`nq_onnx.passes.find_layers.read_tokens`
     finds it in the graph), yet a search over all tokens weighs it as one row in hundreds and will clip values only
     it carries. ``read_token_share`` gives the rows of the read tokens that share of each linear group's fit and
-    held-out samples (repeated; the rest drawn from the other tokens, :func:`nq_onnx.search.search_sample`; 0:
+    held-out samples (repeated; the rest drawn from the other tokens, :func:`nq_onnx.search.groups.search_sample`; 0:
     every row counts once). On the real ViT-S/14 a share of 0.5 roughly halved NoisyQuant W8A8's held-out output
     MSE and cut W6A6's by a quarter (``benchmarks/compile_cost.py``, the ``*_uniform_rows`` rows against the
     default ones); a model that pools every token (Swin) has no read token and is unaffected.
 
-    With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.grids.grid_argmax`): every
+    With ``grid_stride > 1`` every grid is searched coarse to fine (:func:`nq_onnx.search.grids.grid_argmax`): every
     ``grid_stride``-th point, then the points around the best of them. The default 1 scores every point: on the
     real ViT-S/14 a stride of 3 converted 1.3x faster but raised the held-out output MSE by 3 % (W8A8) and 6 %
     (W6A6) (``benchmarks/compile_cost.py``, its ``*_grid3`` rows).
@@ -373,7 +374,7 @@ class QuantConfig:
     bias_correction: bool = dataclasses.field(default=True, metadata=option(
         "fold each layer's mean output error on the calibration sample into its bias, kept per layer where it "
         "lowers the held-out output error", "method", applies=SEARCHED))
-    # mixed precision (nq_onnx.mixed): every group and its layers' weights take 4, 5, 6 or 8 bits, chosen from
+    # mixed precision (nq_onnx.search.mixed): every group and its layers' weights take 4, 5, 6 or 8 bits, chosen from
     # PTQ-ViT's nuclear-norm sensitivities with the weight- and activation-count-weighted average at most this
     bits_budget: float | None = dataclasses.field(default=None, metadata=option(
         "mixed precision: each group and its layers' weights take 4, 5, 6 or 8 bits, the weight- and "

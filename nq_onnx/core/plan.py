@@ -33,7 +33,7 @@ READABLE_SCHEMAS = (2, 3, 4, 5)  # an older plan is a newer one without the feat
 @dataclasses.dataclass(frozen=True)
 class Module:
     """A group's cost (weights + activation values per image) and its sensitivity at each bit choice, under a bits
-    budget (:mod:`nq_onnx.mixed` chooses the widths from them)."""
+    budget (:mod:`nq_onnx.search.mixed` chooses the widths from them)."""
 
     name: str
     cost: int
@@ -92,7 +92,7 @@ class GroupPlan:
     base_scale: float | None = None  # the EasyQuant step before the noise search (for the report)
     reparam: Reparam | None = None  # folded into the float model before the search (``QuantConfig.reparam``)
     twin: TwinSpec | None = None  # PTQ4ViT's twin-uniform quantizer instead of one uniform range
-    precision: Module | None = None  # its cost and sensitivity per bit-width, under a bits budget (nq_onnx.mixed)
+    precision: Module | None = None  # its cost and sensitivity per bit-width under a bits budget (search.mixed)
     low: float | None = None  # asymmetric: the calibrated minimum its codes are anchored at (ActQuantizer.low)
 
     def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu:

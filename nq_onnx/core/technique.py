@@ -1,7 +1,7 @@
 """The technique interface: what a quantization technique plugs into, and the registry that holds them.
 
 A technique is one module. It subclasses :class:`Technique`, overrides the hooks it needs and registers itself
-with :func:`register`; the pipeline (:mod:`nq_onnx.pipeline`) and the search (:mod:`nq_onnx.planner`) call the
+with :func:`register`; the pipeline (:mod:`nq_onnx.pipeline`) and the search (:mod:`nq_onnx.search.planner`) call the
 hooks of every enabled technique, in registration order, at fixed points of a conversion::
 
     tensors(ctx)            before calibration    the float tensors whose statistics it needs beyond the groups'
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from nq_onnx.core.config import QuantConfig
     from nq_onnx.passes.base import Skip
     from nq_onnx.passes.find_layers import GroupSpec, Layers
-    from nq_onnx.planner import SearchPlanner
+    from nq_onnx.search.planner import SearchPlanner
     from nq_onnx.core.plan import GroupPlan, Plan
 
 
@@ -85,7 +85,7 @@ class LayerFinish:
     Given: ``operand`` (its float weight ``[K, N]``, bias and weight quantizer), the searched per-channel ``scales``,
     the fit input ``rows``, ``checked``: the rows that decide what a technique keeps (held-out images' where there
     are any), with ``noisy_input`` (``X + N``), ``output(w_q)`` and ``mse(output, delta)``
-    (:class:`nq_onnx.rounding.LayerRows`), and the activation quantizer ``act``, its ``scale`` and the
+    (:class:`nq_onnx.search.rounding.LayerRows`), and the activation quantizer ``act``, its ``scale`` and the
     ``noise``.
     Decided: ``codes`` (``None``: nearest rounding of the steps), ``weight`` (their ``dq``), ``output`` (the layer's
     output on the checked rows with that weight, ``None`` until a technique computes it), ``correction`` (added to

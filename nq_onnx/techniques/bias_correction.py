@@ -2,14 +2,14 @@
 ``E[f(X) - f_q(X)]``, added to its bias (``f_q`` with the activation quantizer, the noise and the final codes), kept
 only where it lowers the layer's output error on the held-out rows.
 
-The maths is :func:`nq_onnx.rounding.correction`; the plan stores the correction
+The maths is :func:`nq_onnx.search.rounding.correction`; the plan stores the correction
 (:attr:`nq_onnx.core.plan.LayerPlan.bias_correction`), which the denoising-bias pass adds to the layer's bias.
 """
 
 from __future__ import annotations
 
 from nq_onnx.core.technique import LayerFinish, Technique, register
-from nq_onnx.rounding import correction
+from nq_onnx.search.rounding import correction
 
 
 @register

@@ -3,7 +3,7 @@ input channel, every rounding error pushed onto the channels not yet rounded thr
 kept only where the layer's output error on the held-out rows is lower than with nearest rounding.
 
 The maths (GPTQ, its blocked Cholesky form, and ``gptq-act``'s fit to the float output from the layer's quantized
-input) is in :mod:`nq_onnx.rounding`; the plan stores the codes
+input) is in :mod:`nq_onnx.search.rounding`; the plan stores the codes
 (:attr:`nq_onnx.core.plan.LayerPlan.weight_codes`).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from nq_onnx.core.config import WeightRounding
 from nq_onnx.core.quantizers import WeightQuantizer
 from nq_onnx.core.technique import LayerFinish, Technique, register
-from nq_onnx.rounding import gptq_codes, layer_error
+from nq_onnx.search.rounding import gptq_codes, layer_error
 
 
 @register

@@ -5,7 +5,7 @@ Each group's cost is its input's values per image plus the weights of the linear
 (:func:`group_costs`); its sensitivity at each width is measured as ``mixed_sensitivity`` says (the model output's
 error with the group alone quantized, its change around the budget's uniform width, PTQ-ViT's nuclear-norm-weighted
 error, or the method's own uniform search at each width: :class:`~nq_onnx.core.config.MixedSensitivity`); the
-widths are the knapsack's choice (:func:`nq_onnx.mixed.assign_bits`, where the maths is). The plan records each
+widths are the knapsack's choice (:func:`nq_onnx.search.mixed.assign_bits`, where the maths is). The plan records each
 group's cost and sensitivities (:attr:`nq_onnx.core.plan.GroupPlan.precision`).
 """
 
@@ -23,14 +23,14 @@ from nq_onnx.core.plan import Module, Plan
 from nq_onnx.core.quantizers import ActQuantizer
 from nq_onnx.core.technique import Technique, register
 from nq_onnx.core.timing import timed
-from nq_onnx.grids import grid
-from nq_onnx.mixed import (BIT_CHOICES, SENSITIVITY_DESC, assign_bits, linear_sensitivity, matmul_sensitivity, renamed,
-                           tracked, uniform_width)
+from nq_onnx.search.grids import grid
+from nq_onnx.search.mixed import (BIT_CHOICES, SENSITIVITY_DESC, assign_bits, linear_sensitivity, matmul_sensitivity,
+                                  renamed, tracked, uniform_width)
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers
-from nq_onnx.search import group_rng, linear_operand, sample_rows
+from nq_onnx.search.groups import group_rng, linear_operand, sample_rows
 
 if TYPE_CHECKING:
-    from nq_onnx.planner import SearchPlanner
+    from nq_onnx.search.planner import SearchPlanner
 
 SENSITIVITY_IMAGES = 4  # images whose float values give the mixed-precision sensitivities
 SENSITIVITY_ROWS = 256  # token rows per linear group's sensitivity (an SVD each)
@@ -41,7 +41,7 @@ CLIP_VALUES = 1 << 18  # float values per group choosing the mixed-precision sen
 
 def group_costs(layers: Layers, weights: dict[str, np.ndarray], values: dict[str, np.ndarray],
                 images: int) -> dict[str, int]:
-    """Each group's cost in the bit budget (:mod:`nq_onnx.mixed`): its input's values per image (``values`` holds
+    """Each group's cost in the bit budget (:mod:`nq_onnx.search.mixed`): its input's values per image (``values`` holds
     the float group inputs of ``images`` images) plus the weights of the linear layers reading it."""
     return {g.name: int(values[g.tensor].size // images + sum(weights[c].size for c in g.consumers
                                                               if layers.layer(c).kind != ACT_MATMUL))
@@ -50,7 +50,7 @@ def group_costs(layers: Layers, weights: dict[str, np.ndarray], values: dict[str
 
 def assign(planner: SearchPlanner, inputs: dict[str, np.ndarray],
            progress: Callable | None = None) -> tuple[dict[str, int], dict[str, Module]]:
-    """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.mixed`): costs from the float values of the
+    """Each group's bits under ``config.bits_budget`` (:mod:`nq_onnx.search.mixed`): costs from the float values of the
     first fit images, sensitivities as ``config.mixed_sensitivity`` says (``progress`` shows each group's)."""
     images = min(planner.fit_images, SENSITIVITY_IMAGES)
     feeds = {k: v[:images] for k, v in inputs.items()}
@@ -113,7 +113,7 @@ def clipped_steps(planner: SearchPlanner, group: GroupSpec, value: np.ndarray) -
 
 def nuclear_sensitivity(planner: SearchPlanner, group: GroupSpec,
                         values: dict[str, np.ndarray]) -> dict[int, float]:
-    """PTQ-ViT's sensitivity of a group (:mod:`nq_onnx.mixed`) on its float values."""
+    """PTQ-ViT's sensitivity of a group (:mod:`nq_onnx.search.mixed`) on its float values."""
     absmax, signed = planner.stats[group.tensor].absmax, group.name not in planner.unsigned
     value = values[group.tensor]
     specs = [planner.layers.layer(name) for name in group.consumers]

@@ -5,8 +5,8 @@ uniform ranges instead of one (:class:`~nq_onnx.core.quantizers.TwinSoftmax`, :c
 TwinGelu`: the arithmetic, its float-ONNX simulation and its Q/DQ form). A Softmax group's fixed step is
 ``d2 = 1 / L``; a GELU group's negative range's step ``d1`` covers its calibrated minimum ``m < 0`` with ``L`` levels,
 ``d1 = max(-m, 1e-6) / L``; the search chooses the other step (the group's ``scale``). Each twin group is kept only
-where it beats the group's uniform quantizer on held-out rows (:func:`nq_onnx.search.search_with_fallback`); the plan
-records it as :class:`~nq_onnx.core.plan.TwinSpec`.
+where it beats the group's uniform quantizer on held-out rows (:func:`nq_onnx.search.groups.search_with_fallback`);
+the plan records it as :class:`~nq_onnx.core.plan.TwinSpec`.
 """
 
 from __future__ import annotations

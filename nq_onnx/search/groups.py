@@ -7,10 +7,10 @@ EasyQuant (Wu et al. 2020), alternating for ``rounds``: with the activation step
 channel ``c`` of each layer picks ``s_c = a * s_c^minmax`` (``a`` on a grid) maximizing the cosine similarity
 of that channel's quantized output with the float one; then the shared activation step ``s = a * s^minmax``
 maximizes the mean cosine similarity of the layer outputs. With ``SearchConfig.objective`` Pearson (PTQ-ViT's
-similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.objectives`). The activation
-step's candidates are screened on a stratified quarter of the rows, the best few scored on all of them
-(``SearchConfig.screen_tokens``, :func:`nq_onnx.grids.grid_argmax`); the noise search's summed MSE is minimized
-part by part over the rows (:func:`nq_onnx.grids.additive_argmin`: the same choice as scoring every candidate).
+similarity-aware search) both maximize the Pearson correlation instead (:mod:`nq_onnx.search.objectives`). The
+activation step's candidates are screened on a stratified quarter of the rows, the best few scored on all of them
+(``SearchConfig.screen_tokens``, :func:`nq_onnx.search.grids.grid_argmax`); the noise search's summed MSE is minimized
+part by part over the rows (:func:`nq_onnx.search.grids.additive_argmin`: the same choice as scoring every candidate).
 
 NoisyQuant (Liu et al. 2023): a fixed vector ``N = -b * centre + k * s * u`` with ``u ~ U(-1/2, 1/2)^K``
 drawn once per group (``centre`` is the per-channel mid-range, ``s`` the activation step). The paper's noisy
@@ -45,8 +45,8 @@ import zlib
 import numpy as np
 
 from nq_onnx.core.config import NoiseMode, Objective, SearchConfig
-from nq_onnx.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
-from nq_onnx.objectives import LayerError, colsum, cosine_of, similarity_of
+from nq_onnx.search.grids import LOSS_PARTS, additive_argmin, grid, grid_argmax, screen_rows
+from nq_onnx.search.objectives import LayerError, colsum, cosine_of, similarity_of
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.timing import timed
@@ -398,13 +398,13 @@ def _search_noise(problem: GroupSearch, targets: list[np.ndarray], easy: GroupRe
 @dataclasses.dataclass(frozen=True)
 class _NoiseLoss:
     """The noise search's objective: the summed layer output MSE on the fit rows ``X`` with ``X + N`` quantized at
-    step ``s`` and the denoising bias ``B - N dq(W_l)`` (:class:`~nq_onnx.objectives.LayerError`) ::
+    step ``s`` and the denoising bias ``B - N dq(W_l)`` (:class:`~nq_onnx.search.objectives.LayerError`) ::
 
         L(N, s) = sum_l ||D dq(W_l) + X (dq(W_l) - W_l)||^2 / |Y_l|,      D = dq(q(X + N)) - (X + N)
 
     kept in ``LOSS_PARTS`` disjoint parts of the rows (the rows a screen takes first: the outliers that decide
     clipping among them; then the rest in turn), each part's share divided by every row's count, so that the parts
-    sum to ``L`` and :func:`~nq_onnx.grids.additive_argmin` drops a candidate before it has scored every part."""
+    sum to ``L`` and :func:`~nq_onnx.search.grids.additive_argmin` drops a candidate before it has scored every part."""
 
     act: ActQuantizer
     rows: list[np.ndarray]

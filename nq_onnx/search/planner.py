@@ -7,7 +7,7 @@ With ``search.sequential = False`` every search sees the float model's activatio
 
 The simulation runs on the first ``search_images + holdout_images`` calibration images. Every search fits on
 the first ``search_images`` (:func:`split_images`); the rows of the others only decide whether a searched noise
-is kept (:mod:`nq_onnx.search`).
+is kept (:mod:`nq_onnx.search.groups`).
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
 from nq_onnx.core.config import QuantConfig, SearchConfig, Target
-from nq_onnx.mixed import (Module)
+from nq_onnx.search.mixed import (Module)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.rounding import finish_layer
-from nq_onnx.matmul_search import search_act_matmul
+from nq_onnx.search.rounding import finish_layer
+from nq_onnx.search.matmul import search_act_matmul
 from nq_onnx.core.timing import timed
 from nq_onnx.core import technique as techniques
 from nq_onnx.core.technique import GroupQuantizer, Technique
-from nq_onnx.search import (
+from nq_onnx.search.groups import (
     linear_operand,
     GroupSample,
     GroupSearch,
@@ -171,7 +171,7 @@ class SearchPlanner:
     _techniques: list[Technique] = dataclasses.field(init=False, repr=False, default_factory=list)  # their hooks
     _finishers: list[Technique] = dataclasses.field(init=False, repr=False, default_factory=list)  # finish_layer's
     # seconds per part of the search, for the summary's timings (``simulate_s``, ``linear_search_s`` and its phases
-    # ``linear.<phase>_s`` (:attr:`nq_onnx.search.GroupResult.seconds`), ...)
+    # ``linear.<phase>_s`` (:attr:`nq_onnx.search.groups.GroupResult.seconds`), ...)
     timings: dict[str, float] = dataclasses.field(init=False, default_factory=dict)
 
     _fit: int = dataclasses.field(init=False, repr=False, default=0)

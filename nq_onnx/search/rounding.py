@@ -57,7 +57,7 @@ from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.technique import LayerFinish, Technique
 
 if TYPE_CHECKING:
-    from nq_onnx.search import LinearOperand
+    from nq_onnx.search.groups import LinearOperand
 
 
 SHIFT_DAMP = 1.0  # mu of W* as a multiple of the mean diagonal of X^T X^ (see fitted_weight)

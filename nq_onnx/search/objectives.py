@@ -16,7 +16,7 @@ import numpy as np
 from nq_onnx.core.config import Objective
 
 if TYPE_CHECKING:
-    from nq_onnx.search import LinearOperand
+    from nq_onnx.search.groups import LinearOperand
 
 
 def colsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,7 +81,8 @@ class LayerError:
     products instead of ``T x K x N`` and a pass over the output. Every term is small and computed as such.
 
     Every term is a sum over the ``T`` token rows, so the per-row parts are kept: :meth:`rows` gives the same
-    error on a subset of the rows (the searches screen candidates on a subset, :func:`nq_onnx.grids.grid_argmax`).
+    error on a subset of the rows (the searches screen candidates on a subset,
+    :func:`nq_onnx.search.grids.grid_argmax`).
     """
 
     factor: np.ndarray

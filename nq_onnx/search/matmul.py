@@ -11,8 +11,8 @@ import dataclasses
 import numpy as np
 
 from nq_onnx.core.config import Objective, SearchConfig
-from nq_onnx.grids import grid, grid_argmax
-from nq_onnx.objectives import cosine_of, dot, ranking_loss, ranking_pairs, similarity_of
+from nq_onnx.search.grids import grid, grid_argmax
+from nq_onnx.search.objectives import cosine_of, dot, ranking_loss, ranking_pairs, similarity_of
 
 
 def search_act_matmul(a: np.ndarray, b: np.ndarray, absmax: tuple[float, float], quantizers: tuple,
@@ -109,7 +109,7 @@ class OperandError:
 
     and ``||D R_q||^2 = <D G, D>`` with the ``k x k`` Gram matrices ``G = R_q R_q^T`` where ``k < m``: a candidate
     costs ``S T k min(k, m)`` instead of the product's ``S T k m`` (``Q K^T``: ``k`` = 64 head channels, ``m`` =
-    the tokens). The same algebra as :class:`nq_onnx.objectives.LayerError`, per slice."""
+    the tokens). The same algebra as :class:`nq_onnx.search.objectives.LayerError`, per slice."""
 
     right: np.ndarray  # R_q, or G where k < m
     gram: bool
