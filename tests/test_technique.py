@@ -187,3 +187,19 @@ def test_sweeps_grid_its_settings_and_reproduce_them_on_the_command_line(registe
     with pytest.raises(ConfigError, match="unknown grid option 'percentile.cutoff'; technique 'percentile' has after, "
                                           "percentile"):
         load_spec(tmp_path / "s.toml")
+
+
+def test_built_in_techniques_run_before_those_registered_later_whatever_ran_first():
+    """The hook order is registration order; registering a technique first loads the built-ins, so a program that
+    registers its own before converting runs the hooks in the same order as one that converts first."""
+    import subprocess
+    import sys
+
+    code = ("from nq_onnx.core import technique as t\n"
+            "class Mine(t.Technique):\n    name = 'mine'\n"
+            "t.register(Mine)\n"
+            "names = list(t.TECHNIQUES)\n"
+            "assert names[-1] == 'mine' and names.index('gptq') < names.index('bias_correction'), names\n"
+            "print(len(names))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == 8

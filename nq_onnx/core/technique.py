@@ -178,7 +178,10 @@ def load_builtin() -> None:
 
 
 def register(cls: type[Technique]) -> type[Technique]:
-    """Class decorator: register technique ``cls`` (and its settings as a configuration section)."""
+    """Class decorator: register technique ``cls`` (and its settings as a configuration section). The built-in
+    techniques are registered first, whenever this is called, so that the order hooks run in (built-ins, then the
+    others in their registration order) does not depend on whether a conversion ran before."""
+    load_builtin()  # during the built-ins' own import this returns the module being imported
     name = cls.name
     if name in TECHNIQUES and type(TECHNIQUES[name]) is not cls:
         raise ValueError(f"a technique named {name!r} is registered already")
