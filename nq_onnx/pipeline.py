@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from nq_onnx._version import __version__
 from nq_onnx.core.atomic import write_bytes_atomic
@@ -41,6 +40,7 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx import evaluation
+from nq_onnx.passes.base import export_like
 from nq_onnx.passes.find_layers import discover
 from nq_onnx.core.plan import Plan, average_bits
 from nq_onnx.core import technique as techniques
@@ -94,11 +94,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = import_graph(typed)
     FoldWeightChains()(graph)
     DecomposeGemm()(graph)
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    return out
+    return export_like(graph, model)
 
 
 @dataclasses.dataclass
@@ -131,11 +127,8 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: b
     if plan.config.int16_bias:
         rewrite.add(StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES)))(graph))
     graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
+    out = export_like(graph, model)
     out.producer_name, out.producer_version = "nq-onnx", __version__
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
     onnx.helper.set_model_props(
         out,
         {
@@ -203,9 +196,8 @@ def quantize(
     if plan is None:
         if calib is None:
             raise NQError("calibration data is needed unless a plan is loaded")
-        baseline = Baseline(model, layers, {})
-        model, layers, plan, reparam_skips = _search(model, layers, Plan(digest, config), calib, progress, timings,
-                                                     baseline.stats)
+        model, layers, plan, reparam_skips, baseline = _search(model, layers, Plan(digest, config), calib, progress,
+                                                               timings)
     else:
         ctx = Context(model, layers, config, plan=plan, timings=timings)
         for technique in techniques.enabled(config):
@@ -250,17 +242,17 @@ def _rejected(layers: Layers, plan: Plan, key: str) -> int:
 
 
 def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, progress: Callable | None,
-            timings: dict[str, float], calibrated: dict) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip]]:
+            timings: dict[str, float]) -> tuple[onnx.ModelProto, Layers, Plan, list[Skip], Baseline]:
     """Calibrate, let the enabled techniques rewrite the float model (the reparameterizations), search, and let them
     record what they chose; returns the float model and layers the plan refers to, the plan, and what the techniques
-    could not do. ``calibrated`` receives the statistics as calibrated, before any rewrite."""
+    could not do, and the float model, layers and statistics before any rewrite (the base method's)."""
     config = plan.config
     ctx = Context(model, layers, config, timings=timings)
     active = techniques.enabled(config)
     extra = sorted({t for technique in active for t in technique.tensors(ctx)})  # beyond the groups' own
     with timed(timings, "calibrate_s"):
         ctx.stats = collect_stats(model, [g.tensor for g in layers.groups] + extra, calib, config.batch_size, progress)
-    calibrated.update(ctx.stats)
+    baseline = Baseline(model, layers, dict(ctx.stats))
     for technique in active:
         technique.rewrite(ctx)
     with timed(timings, "search_s"):
@@ -274,7 +266,7 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
         ctx.plan = plan
         for technique in active:
             technique.finish(ctx)
-    return ctx.model, ctx.layers, plan, ctx.skipped
+    return ctx.model, ctx.layers, plan, ctx.skipped, baseline
 
 
 def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:

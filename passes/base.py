@@ -162,8 +162,13 @@ def rewrite_model(model: onnx.ModelProto, graph_pass) -> tuple[onnx.ModelProto, 
     graph = import_graph(model)
     result = graph_pass(graph)
     graph.cleanup().toposort()
+    return export_like(graph, model), result
+
+
+def export_like(graph: gs.Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a model with ``model``'s IR version and metadata (what a rewrite of ``model`` keeps)."""
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    return out, result
+    return out

@@ -125,7 +125,7 @@ class Technique:
 
     def settings_in(self, config: QuantConfig) -> Any | None:
         """This technique's settings in ``config`` (``None``: not there)."""
-        return next((s for s in getattr(config, "techniques", ()) if type(s) is self.settings), None)
+        return next((s for s in config.techniques if type(s) is self.settings), None)
 
     def tensors(self, ctx: Context) -> list[str]:
         return []
@@ -190,9 +190,14 @@ def register(cls: type[Technique]) -> type[Technique]:
             raise TypeError(f"technique {name!r}: its settings class needs an integer VERSION")
         if cls.group not in options.GROUPS:
             options.register_group(cls.group, cls.title or cls.group, cls.description)
-        options.register_section(name, cls.settings, joins_root=lambda s: bool(getattr(s, "enabled", True)))
+        options.register_section(name, cls.settings, joins_root=settings_on)
     TECHNIQUES[name] = cls()
     return cls
+
+
+def settings_on(settings: Any) -> bool:
+    """Whether a technique's settings turn it on: their ``enabled`` property, where they have one."""
+    return bool(getattr(settings, "enabled", True))
 
 
 def unregister(name: str) -> None:

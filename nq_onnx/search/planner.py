@@ -23,10 +23,9 @@ from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.calibration.simulate import Simulator
 from nq_onnx.core.config import QuantConfig, SearchConfig, Target
-from nq_onnx.search.mixed import (Module)
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
-from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan, TwinSpec
+from nq_onnx.core.plan import GroupPlan, LayerPlan, Module, Plan, TwinSpec
 from nq_onnx.core.quant import denoising_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search.rounding import finish_layer
@@ -134,13 +133,18 @@ def group_quantizers(layers: Layers, stats: dict[str, TensorStats], config: Quan
     return chosen
 
 
+def group_quantizer(name: str, bits: int, unsigned: frozenset[str], chosen: dict[str, GroupQuantizer]):
+    """Group ``name``'s activation quantizer: a technique's choice (:func:`group_quantizers`), else the uniform one
+    of ``bits`` (unsigned where ``unsigned`` says so)."""
+    return chosen[name].quantizer if name in chosen else ActQuantizer(bits, name not in unsigned)
+
+
 def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weights: dict[str, np.ndarray]) -> Plan:
     config = plan.config
     unsigned = unsigned_groups(layers, stats, config)
     chosen = group_quantizers(layers, stats, config, {}, unsigned)
     for group in layers.groups:
-        act = chosen[group.name].quantizer if group.name in chosen else ActQuantizer(config.a_bits,
-                                                                                      group.name not in unsigned)
+        act = group_quantizer(group.name, config.a_bits, unsigned, chosen)
         scale = act.minmax_scale(stats[group.tensor].absmax)
         plan.groups[group.name] = plain_group(group, scale, act, stats[group.tensor])
     for spec in layers.layers:
@@ -257,7 +261,7 @@ class SearchPlanner:
             group_seed(config.seed, group.name),
         )
         planned_asymmetric = problem.act.asymmetric
-        fallback, names = self._fallback(group, problem.act)
+        fallback, names = self._fallback(group)
         with timed(self.timings, "linear_search_s"):
             if fallback is not None:  # kept only where it beats the uniform quantizer on held-out rows
                 problem, result = search_with_fallback(problem, fallback, names)
@@ -290,7 +294,7 @@ class SearchPlanner:
                 delta = done.correction if delta is None else delta + done.correction
             self._sim.set_layer(operand.name, done.weight, delta)
 
-    def _fallback(self, group: GroupSpec, act) -> tuple[ActQuantizer | None, tuple[str, str]]:
+    def _fallback(self, group: GroupSpec) -> tuple[ActQuantizer | None, tuple[str, str]]:
         """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform) must beat on held-out
         rows (``None``: the group's quantizer is the uniform one already), and the names its metrics record the two
         under."""
@@ -303,11 +307,9 @@ class SearchPlanner:
         return None if isinstance(act, ActQuantizer) or choice is None else choice.twin
 
     def _quantizer(self, group: GroupSpec):
-        """The group's activation quantizer: a technique's choice (:func:`group_quantizers`), else uniform."""
-        choice = self._chosen.get(group.name)
-        if choice is not None:
-            return choice.quantizer
-        return ActQuantizer(self._bits.get(group.name, self.config.a_bits), group.name not in self._unsigned)
+        """The group's activation quantizer at its width (:func:`group_quantizer`)."""
+        return group_quantizer(group.name, self._bits.get(group.name, self.config.a_bits), self._unsigned,
+                               self._chosen)
 
     def _w_bits(self, group: GroupSpec) -> int:
         """The weight bits of the layers reading ``group``: the group's own under a bits budget."""

@@ -19,10 +19,11 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig) -> st
     words = ["nq-onnx", "convert", model, "-o", output, "--calib", calib]
     tables = [(config, QuantConfig()), (config.search, SearchConfig())]
     tables += [(settings, type(settings)()) for settings in config.techniques]
+    held = options.held_fields()
     for table, default in tables:
         for field in dataclasses.fields(table):
             value = getattr(table, field.name)
-            if field.name in options.held_fields() or value == getattr(default, field.name):
+            if field.name in held or value == getattr(default, field.name):
                 continue
             if options.OPTION not in field.metadata:
                 return _python_call(model, calib, output, config)

@@ -46,13 +46,14 @@ from typing import Any
 from nq_onnx.core.config import QuantConfig, SearchConfig
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core import technique as techniques
+from nq_onnx.core.options import held_fields
 
 try:
     import tomllib
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-QUANT_OPTIONS = {f.name: f for f in dataclasses.fields(QuantConfig) if f.name not in ("seed", "search", "techniques")}
+QUANT_OPTIONS = {f.name: f for f in dataclasses.fields(QuantConfig) if f.name != "seed" and f.name not in held_fields()}
 SEARCH_OPTIONS = {f.name: f for f in dataclasses.fields(SearchConfig)}
 TUPLE_OPTIONS = {name for name, f in {**QUANT_OPTIONS, **SEARCH_OPTIONS}.items() if "tuple" in str(f.type)}
 TOP_KEYS = {"model", "calib", "seeds", "out", "eval", "latency", "resources", "grid", "base"}
@@ -174,7 +175,7 @@ def make_config(options: dict[str, Any], seed: int) -> QuantConfig:
     try:
         chosen = tuple(techniques.TECHNIQUES[name].settings(**fields) for name, fields in settings.items())
         return QuantConfig(seed=seed, search=SearchConfig(**search), **quant,
-                           techniques=tuple(s for s in chosen if getattr(s, "enabled", True)))
+                           techniques=tuple(s for s in chosen if techniques.settings_on(s)))
     except TypeError as exc:  # a value of the wrong kind compared or unpacked inside __post_init__
         raise ConfigError(f"invalid value among {options}: {exc}") from None
 

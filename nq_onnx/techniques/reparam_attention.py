@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 
 from nq_onnx.calibration.collect import TensorStats
-from nq_onnx.core.errors import NQError, PlanError
+from nq_onnx.core.errors import NQError
 from nq_onnx.core.plan import AttentionReparam as Factors
 from nq_onnx.core.technique import Context, Technique, register
 from nq_onnx.core.timing import timed
 from nq_onnx.passes.base import PassResult, import_graph, rewrite_model
 from nq_onnx.passes.find_layers import Layers, discover
 from nq_onnx.passes.reparam_attention import AttentionSite, ReparamAttention, attention_sites
+from nq_onnx.techniques.refold import refold
 
 
 def attention_factors(site: AttentionSite, stats: dict[str, TensorStats]) -> Factors:
@@ -103,8 +104,4 @@ class AttentionReparameterization(Technique):
     def replay(self, ctx: Context) -> None:
         factors = {name: p.attention for name, p in ctx.plan.layers.items() if p.attention is not None}
         if factors:
-            ctx.model, result = reparameterize_attention(ctx.model, ctx.layers, factors)
-            ctx.layers = discover(ctx.model, ctx.config)
-            if result.skipped:
-                raise PlanError(f"plan does not fit the model: layer {result.skipped[0].layer!r} cannot be "
-                                f"reparameterized ({result.skipped[0].reason})")
+            refold(ctx, ReparamAttention(ctx.layers, factors), "layer")

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 
 from nq_onnx.calibration.collect import TensorStats
-from nq_onnx.core.errors import PlanError
 from nq_onnx.core.plan import Reparam
 from nq_onnx.core.technique import Context, Technique, register
 from nq_onnx.core.timing import timed
 from nq_onnx.passes.base import PassResult, Skip, SkipKind, rewrite_model
 from nq_onnx.passes.find_layers import Layers, discover
 from nq_onnx.passes.reparam_layernorm import ReparamLayerNorm
+from nq_onnx.techniques.refold import refold
 
 
 def choose(stats: TensorStats) -> Reparam:
@@ -99,8 +99,4 @@ class LayerNormReparameterization(Technique):
     def replay(self, ctx: Context) -> None:
         factors = {name: g.reparam for name, g in ctx.plan.groups.items() if g.reparam is not None}
         if factors:
-            ctx.model, result = reparameterize(ctx.model, ctx.layers, factors)
-            ctx.layers = discover(ctx.model, ctx.config)
-            if result.skipped:
-                raise PlanError(f"plan does not fit the model: group {result.skipped[0].layer!r} cannot be "
-                                f"reparameterized ({result.skipped[0].reason})")
+            refold(ctx, ReparamLayerNorm(ctx.layers, factors), "group")
