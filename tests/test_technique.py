@@ -132,6 +132,25 @@ def test_plans_record_the_settings_and_reload_them(registered, vit, photo_folder
     assert not (tmp_path / "c.onnx").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"version": 2}, "technique 'percentile' settings version 2 is newer than this one reads (1)"),
+    ({"cutoff": 99.0}, "technique 'percentile': malformed settings"),
+])
+def test_a_plan_with_settings_this_version_cannot_read_is_refused_in_one_line(registered, vit, photo_folder,
+                                                                              tmp_path, capsys, edit, message):
+    convert(vit, tmp_path / "a.onnx", photo_folder, _config(techniques=(PercentileClip(99.0),)),
+            save_plan=tmp_path / "plan.json", evaluate=False)
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    doc["config"]["techniques"]["percentile"].update(edit)
+    (tmp_path / "plan.json").write_text(json.dumps(doc))
+    before = (tmp_path / "plan.json").read_bytes()
+    capsys.readouterr()
+    code = main(["convert", str(vit), "-o", str(tmp_path / "b.onnx"), "--load-plan", str(tmp_path / "plan.json")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "b.onnx").exists() and (tmp_path / "plan.json").read_bytes() == before
+
+
 def test_the_command_line_and_config_files_select_it(registered, vit, photo_folder, tmp_path, capsys):
     help_text = build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
     assert re.search(r"percentile clipping:.*--percentile-clip P", help_text, re.S)
@@ -186,6 +205,11 @@ def test_sweeps_grid_its_settings_and_reproduce_them_on_the_command_line(registe
                                      '[grid]\npercentile.cutoff = [99.0]\n')
     with pytest.raises(ConfigError, match="unknown grid option 'percentile.cutoff'; technique 'percentile' has after, "
                                           "percentile"):
+        load_spec(tmp_path / "s.toml")
+    (tmp_path / "s.toml").write_text('model = "m.onnx"\ncalib = "calib"\n[eval]\nheldout = "calib"\n'
+                                     '[grid]\nclipping.percentile = [99.0]\n')
+    with pytest.raises(ConfigError, match="unknown grid option 'clipping.percentile': no registered technique "
+                                          "'clipping' has settings \\(those that do: percentile\\)"):
         load_spec(tmp_path / "s.toml")
 
 
