@@ -36,6 +36,7 @@ from nq_onnx.passes import (
     Role,
     Skip,
     SkipKind,
+    quantized_layers,
     StoreInt16Bias,
     import_graph,
 )
@@ -120,9 +121,10 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: b
     if plan.config.int16_bias:
         model = upgrade_opset(model, INT16_OPSET)
     graph = import_graph(model)
+    values = quantized_layers(graph, layers, plan)
     rewrite = Rewrite()
-    for graph_pass in (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan), FoldDenoisingBias(layers, plan),
-                       AddZeroBias(layers)):
+    for graph_pass in (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan, values),
+                       FoldDenoisingBias(layers, plan, values), AddZeroBias(layers)):
         rewrite.add(graph_pass(graph))
     if plan.config.int16_bias:
         rewrite.add(StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES)))(graph))

@@ -34,8 +34,8 @@ from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import sample_rows
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
+from nq_onnx.passes.quantized_layers import quantized_layers
 from nq_onnx.core.plan import Plan
-from nq_onnx.core.quantizers import WeightQuantizer
 from nq_onnx.search.mixed import BIT_CHOICES, assignment_point, pareto_front
 from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
 from nq_onnx.report_sections import environment_rows, settings_html, settings_rows, verdict_html
@@ -309,16 +309,15 @@ def theorem_curves(groups: list, samples: dict[str, np.ndarray], plan: Plan) -> 
 
 
 def _dequantized_weights(result, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers, ``W_q`` the codes the model stores."""
+    """``(dq(W_q), B)`` in ``X @ W + B`` layout for the named linear layers: the layer values the passes emitted
+    (:func:`~nq_onnx.passes.quantized_layers.quantized_layers`; GPTQ's codes too) and the float bias."""
     graph = import_graph(result.float_model)
-    nodes = {n.name: n for n in graph.nodes}
+    values = quantized_layers(graph, result.layers, result.plan)
     tensors = graph.tensors()
     out = {}
     for name in names:
         spec = result.layers.layer(name)
-        lp = result.plan.layers[name]
-        w = nodes[spec.node].inputs[1].values.astype(np.float32)
-        w_q = WeightQuantizer.dequantize(lp.codes(w), lp.weight_scales)  # the emitted codes (GPTQ's too)
+        w_q = values[name].weight.astype(np.float32)
         bias = tensors[spec.bias].values.astype(np.float32) if spec.bias else np.zeros(w_q.shape[1], np.float32)
         out[name] = (np.ascontiguousarray(w_q), bias)
     return out

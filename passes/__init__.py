@@ -8,6 +8,7 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, GroupSpec, Layers, La
 from nq_onnx.passes.fold_denoising_bias import FoldDenoisingBias
 from nq_onnx.passes.insert_noise import InsertNoise
 from nq_onnx.passes.insert_qdq import InsertQDQ
+from nq_onnx.passes.quantized_layers import quantized_layers
 from nq_onnx.passes.store_int16_bias import StoreInt16Bias
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "StoreInt16Bias",
     "find_layers",
     "import_graph",
+    "quantized_layers",
 ]

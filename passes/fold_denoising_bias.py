@@ -1,13 +1,14 @@
 """Fold NoisyQuant's denoising bias (and a planned bias correction) into each layer's bias.
 
-With noise ``N`` added to the layer input and the weight as the graph holds it (``dq(W_q)`` once weights
-are quantized, ``W`` otherwise)::
+With noise ``N`` added to the layer input::
 
-    Y = (X + N) W + B'          B' = B - N · dq(W_q) + C
+    Y = (X + N) dq(W_q) + B'          B' = B - N · dq(W_q) + C
 
-so that without activation quantization and with no correction ``C`` the output is unchanged (``C``: the layer's
-planned bias correction, :mod:`nq_onnx.techniques.bias_correction`; zero without one). ``B'`` is computed once, in
-float64, from the same stored ``N`` that ``insert_noise`` adds. A bias initializer used by another node is copied, never
+so that without activation quantization and with no correction ``C`` the output is the weight-quantized layer's
+(``C``: the layer's planned bias correction, :mod:`nq_onnx.techniques.bias_correction`; zero without one). ``B' - B``
+is the layer's :attr:`~nq_onnx.core.quantized_layer.QuantizedLayer.bias_delta`, computed once in float64 from the
+stored codes and steps and the same stored ``N`` that ``insert_noise`` adds. Given no layer values (a graph whose
+weights stay float), the pass folds ``B - N W`` with the weight the graph holds, the same identity at ``dq(W_q) = W``. A bias initializer used by another node is copied, never
 edited in place (role ``BIAS_DENOISED`` either way); a layer without a bias gets an ``Add`` after its ``MatMul``
 (role ``BIAS_ADDED``). The graph is in canonical form: every layer is a ``MatMul``.
 """
@@ -15,12 +16,14 @@ edited in place (role ``BIAS_DENOISED`` either way); a layer without a bias gets
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming, quant
 from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantized_layer import QuantizedLayer
 from nq_onnx.passes.base import PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 
@@ -41,15 +44,11 @@ def effective_weight(node: gs.Node) -> np.ndarray:
     return (codes.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.astype(np.float64).reshape(shape)
 
 
-def denoising_delta(node: gs.Node, noise: np.ndarray) -> np.ndarray:
-    """``-N · W``, what must be added to the bias."""
-    return quant.denoising_delta(noise.astype(np.float64), effective_weight(node))
-
-
 @dataclasses.dataclass(frozen=True)
 class FoldDenoisingBias:
     layers: Layers
     plan: Plan
+    values: Mapping[str, QuantizedLayer] | None = None  # the quantized layers (passes.quantized_layers)
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
@@ -70,6 +69,9 @@ class FoldDenoisingBias:
         """``-N dq(W) + C`` of the layer in float64, or ``None`` where it has neither noise nor a correction."""
         if spec.kind == ACT_MATMUL:
             return None
+        if self.values is not None:
+            value = self.values.get(spec.name)
+            return None if value is None else value.bias_delta
         group = self.layers.group_of(spec.inputs[0])
         plan = self.plan.groups.get(group.name)
         noisy = plan is not None and plan.noise is not None and np.any(plan.noise) and group.noisy
@@ -77,7 +79,8 @@ class FoldDenoisingBias:
         correction = layer.bias_correction if layer is not None else None
         if not noisy and correction is None:
             return None
-        delta = denoising_delta(require_matmul(nodes[spec.node]), plan.noise) if noisy else 0.0
+        weight = effective_weight(require_matmul(nodes[spec.node]))
+        delta = quant.denoising_delta(plan.noise.astype(np.float64), weight) if noisy else 0.0
         return delta + (0.0 if correction is None else correction.astype(np.float64))
 
     @staticmethod

@@ -6,12 +6,11 @@ every weight ``Gemm`` into one)::
     W  ->  DequantizeLinear(codes = q(W, s_c), s_c, zero_point 0, axis)              stored as int8, or
     W  ->  DequantizeLinear(codes = q(W, s_c) + 128, s_c, zero_point 128, axis)      stored as uint8
 
-(``q(W, s_c)`` the nearest codes, or the plan's own codes where it holds them: GPTQ's).
-
-The two containers hold the same numbers; they differ in the kernel onnxruntime picks. int8 weights run on
-U8S8 kernels, which on x86 without VNNI add pairs of ``u * w`` into a saturating int16; uint8 weights run on
-exact U8U8 kernels. With ``weight_dtype = auto`` a layer is int8 only where :func:`quant.u8s8_safe` proves
-that no pair sum of its codes and its input's stored code range ``[u_lo, u_hi]`` passes ``2^15 - 1``.
+(``q(W, s_c)`` the nearest codes, or the plan's own codes where it holds them: GPTQ's), read from each layer's
+:class:`~nq_onnx.core.quantized_layer.QuantizedLayer` (:func:`nq_onnx.passes.quantized_layers.quantized_layers`),
+which also chose the container. The two containers hold the same numbers; they differ in the kernel onnxruntime
+picks. int8 weights run on U8S8 kernels, which on x86 without VNNI add pairs of ``u * w`` into a saturating int16;
+uint8 weights run on exact U8U8 kernels.
 
 Activations (per tensor, one quantizer per group, one dequantizer per consumer)::
 
@@ -28,37 +27,39 @@ objects the search and the simulation use.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.core import quant
-from nq_onnx.core.config import Target, WeightDtype
+from nq_onnx.core.config import Target
 from nq_onnx.core.plan import Plan
+from nq_onnx.core.quantized_layer import QuantizedLayer
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, nodes_by_name
-from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, require_matmul
+from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, require_matmul
+from nq_onnx.passes.quantized_layers import quantized_layers
 
 
 @dataclasses.dataclass(frozen=True)
 class InsertQDQ:
     layers: Layers
     plan: Plan
+    values: Mapping[str, QuantizedLayer] | None = None  # built from ``graph`` when not given
 
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
         nodes = nodes_by_name(graph)
+        values = self.values if self.values is not None else quantized_layers(graph, self.layers, self.plan)
         for spec in self.layers.layers:
             plan = self.plan.layers.get(spec.name)
             if plan is None:
                 result.skipped.append(Skip(spec.name, "not in the plan", SkipKind.NOT_PLANNED))
                 continue
             if spec.kind != ACT_MATMUL:
-                node = require_matmul(nodes[spec.node])
-                codes = plan.codes(node.inputs[1].values)
-                as_uint8 = self._as_uint8(codes, self._input_quantizer(spec))
-                node.inputs[1] = WeightQuantizer.emit(graph, spec.name, codes, plan.weight_scales, as_uint8)
-                result.record(Role.UINT8_WEIGHTS if as_uint8 else Role.INT8_WEIGHTS, spec.name)
+                value = values[spec.name]
+                require_matmul(nodes[spec.node]).inputs[1] = WeightQuantizer.emit(graph, value)
+                result.record(Role.UINT8_WEIGHTS if value.as_uint8 else Role.INT8_WEIGHTS, spec.name)
             result.applied.append(spec.name)
         twins = []
         for group in self.layers.groups:
@@ -88,16 +89,3 @@ class InsertQDQ:
         if self.plan.config.target == Target.GPU and quantizer.signed and not quantizer.asymmetric:
             return dataclasses.replace(quantizer, int8=True)
         return quantizer
-
-    def _input_quantizer(self, spec: LayerSpec) -> ActQuantizer:
-        """The quantizer of the layer's input (a layer whose input is not planned: 8-bit signed)."""
-        group = self.plan.groups.get(self.layers.group_of(spec.inputs[0]).name)
-        if group is None:
-            return ActQuantizer(8)
-        return group.quantizer() if group.twin is None else ActQuantizer(group.bits, group.signed)
-
-    def _as_uint8(self, codes_kn: np.ndarray, input_quantizer: ActQuantizer) -> bool:
-        dtype = self.plan.config.weight_dtype
-        if dtype != WeightDtype.AUTO:
-            return dtype == WeightDtype.UINT8
-        return not quant.u8s8_safe(codes_kn, input_quantizer.stored_range)

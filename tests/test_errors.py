@@ -13,7 +13,7 @@ import pytest
 from conftest import image_model, make_model, mlp_model, save, tensor
 from onnx import helper
 
-from nq_onnx import ConfigError, QuantConfig
+from nq_onnx import ConfigError, QuantConfig, SearchConfig
 from nq_onnx.cli import main
 
 
@@ -280,3 +280,14 @@ def test_unknown_weight_dtype_or_noise_mode_in_the_api(field, value, message):
     with pytest.raises(ConfigError) as error:
         QuantConfig(**{field: value})
     assert str(error.value) == message
+
+
+def test_a_search_given_as_a_dict_is_built_or_refused_in_one_line():
+    config = QuantConfig(search={"rounds": 1, "act_alphas": (0.3, 1.0, 12)})
+    assert config.search.rounds == 1 and config.search.act_alphas == (0.3, 1.0, 12)
+    assert config == QuantConfig(search=SearchConfig(rounds=1, act_alphas=(0.3, 1.0, 12)))
+    with pytest.raises(ConfigError, match="unknown search option 'round'$"):
+        QuantConfig(search={"round": 1})
+    with pytest.raises(ConfigError, match="search must be a SearchConfig or a dict of its fields, got int"):
+        QuantConfig(search=3)
+

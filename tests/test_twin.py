@@ -12,6 +12,7 @@ from onnx import helper
 
 from nq_onnx.core import quant
 from nq_onnx.inspect import inspect_model
+from nq_onnx.core.quantized_layer import QuantizedLayer
 from nq_onnx.core.quantizers import ActQuantizer, TwinKind, TwinUniformQuantizer, WeightQuantizer
 
 
@@ -85,7 +86,8 @@ def emitted(kind: TwinKind, bits: int, d1: float, d2: float, rng: np.random.Gene
         other = step
     else:
         scales = WeightQuantizer(8).minmax_scales(w)
-        node.inputs[1] = WeightQuantizer.emit(graph, "fc2", WeightQuantizer(8).codes(w, scales), scales, False)
+        layer = QuantizedLayer("fc2", WeightQuantizer(8).codes(w, scales), scales, 8, as_uint8=False)
+        node.inputs[1] = WeightQuantizer.emit(graph, layer)
         other = (w, scales)
     twin.emit_matmul(graph, node, 0, d1, d2, "layer")
     graph.cleanup().toposort()

@@ -396,6 +396,7 @@ class QuantConfig:
     techniques: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_search()
         self._check_techniques()
         for name, kind, label in ENUM_FIELDS:
             _coerce_enum(self, name, kind, label)
@@ -437,6 +438,16 @@ class QuantConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def _check_search(self) -> None:
+        """``search`` as a :class:`SearchConfig`: one given as a dict of its fields is built from it."""
+        if isinstance(self.search, dict):
+            unknown = sorted(set(self.search) - {f.name for f in dataclasses.fields(SearchConfig)})
+            if unknown:
+                raise ConfigError(f"unknown search option {unknown[0]!r}")
+            object.__setattr__(self, "search", SearchConfig(**self.search))
+        elif not isinstance(self.search, SearchConfig):
+            raise ConfigError(f"search must be a SearchConfig or a dict of its fields, got {type(self.search).__name__}")
 
     def _check_techniques(self) -> None:
         """One registered technique's settings each, held in name order (the order does not change the model)."""

@@ -30,8 +30,8 @@ import enum
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.core import quant
-from nq_onnx.core import naming
+from nq_onnx.core import naming, quant
+from nq_onnx.core.quantized_layer import QuantizedLayer
 
 
 def _constant(name: str, values: np.ndarray) -> gs.Constant:
@@ -227,15 +227,17 @@ class WeightQuantizer:
         return quant.dequantize_weight(codes, scales, 1)
 
     @staticmethod
-    def emit(graph: gs.Graph, layer: str, codes: np.ndarray, scales: np.ndarray, as_uint8: bool) -> gs.Variable:
-        """``DequantizeLinear`` of the layer's codes stored as int8 (zero point 0) or uint8 (``q + 128``, 128)."""
-        stored, zero_points = quant.store_weight(codes, 1, as_uint8)
-        out = gs.Variable(naming.of(layer, naming.WEIGHT_DEQUANTIZED), dtype=np.float32, shape=list(codes.shape))
+    def emit(graph: gs.Graph, layer: QuantizedLayer) -> gs.Variable:
+        """``DequantizeLinear`` of the layer's codes as it stores them: int8 (zero point 0) or uint8 (``q + 128``,
+        zero point 128)."""
+        stored, zero_points = layer.stored
+        out = gs.Variable(naming.of(layer.name, naming.WEIGHT_DEQUANTIZED), dtype=np.float32,
+                          shape=list(layer.codes.shape))
         graph.nodes.append(gs.Node(
-            "DequantizeLinear", name=naming.of(layer, naming.WEIGHT_DEQUANTIZE), attrs={"axis": 1},
-            inputs=[_constant(naming.of(layer, naming.WEIGHT_QUANTIZED), stored),
-                    _constant(naming.of(layer, naming.WEIGHT_SCALE), scales.astype(np.float32)),
-                    _constant(naming.of(layer, naming.WEIGHT_ZERO_POINT), zero_points)],
+            "DequantizeLinear", name=naming.of(layer.name, naming.WEIGHT_DEQUANTIZE), attrs={"axis": 1},
+            inputs=[_constant(naming.of(layer.name, naming.WEIGHT_QUANTIZED), stored),
+                    _constant(naming.of(layer.name, naming.WEIGHT_SCALE), layer.scales.astype(np.float32)),
+                    _constant(naming.of(layer.name, naming.WEIGHT_ZERO_POINT), zero_points)],
             outputs=[out]))
         return out
 
