@@ -41,7 +41,7 @@ from nq_onnx.passes import (
     import_graph,
 )
 from nq_onnx import evaluation
-from nq_onnx.passes.base import export_like
+from nq_onnx.passes.base import Sequential, export_like
 from nq_onnx.passes.find_layers import discover
 from nq_onnx.core.plan import Plan, average_bits
 from nq_onnx.core import technique as techniques
@@ -93,8 +93,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception:  # shape inference is a help, not a requirement
         typed = model
     graph = import_graph(typed)
-    FoldWeightChains()(graph)
-    DecomposeGemm()(graph)
+    Sequential((FoldWeightChains(), DecomposeGemm()))(graph)
     return export_like(graph, model)
 
 
@@ -123,9 +122,9 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: b
     graph = import_graph(model)
     values = quantized_layers(graph, layers, plan)
     rewrite = Rewrite()
-    for graph_pass in (InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan, values),
-                       FoldDenoisingBias(layers, plan, values), AddZeroBias(layers)):
-        rewrite.add(graph_pass(graph))
+    for result in Sequential((InsertNoise(layers, plan, fold_noise), InsertQDQ(layers, plan, values),
+                              FoldDenoisingBias(layers, plan, values), AddZeroBias(layers)))(graph):
+        rewrite.add(result)
     if plan.config.int16_bias:
         rewrite.add(StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES)))(graph))
     graph.cleanup().toposort()

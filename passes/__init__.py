@@ -1,7 +1,16 @@
 """Graph rewrites. Each pass edits an onnx-graphsurgeon graph and never runs a model."""
 
 from nq_onnx.passes.add_zero_bias import AddZeroBias
-from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, import_graph
+from nq_onnx.passes.base import (
+    GraphPass,
+    PassConditionError,
+    PassResult,
+    Role,
+    Sequential,
+    Skip,
+    SkipKind,
+    import_graph,
+)
 from nq_onnx.passes.decompose_gemm import DecomposeGemm
 from nq_onnx.passes.fold_weight_chains import FoldWeightChains
 from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, GroupSpec, Layers, LayerSpec, find_layers
@@ -18,13 +27,16 @@ __all__ = [
     "DecomposeGemm",
     "FoldDenoisingBias",
     "FoldWeightChains",
+    "GraphPass",
     "GroupSpec",
     "InsertNoise",
     "InsertQDQ",
     "Layers",
     "LayerSpec",
+    "PassConditionError",
     "PassResult",
     "Role",
+    "Sequential",
     "Skip",
     "SkipKind",
     "StoreInt16Bias",

@@ -16,14 +16,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming
-from nq_onnx.passes.base import PassResult, Role, consumers, constant, is_graph_output, nodes_by_name
+from nq_onnx.passes.base import GraphPass, PassResult, Role, consumers, constant, is_graph_output, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 
 ACTIVATIONS = ("Relu", "Clip")
 
 
 @dataclasses.dataclass(frozen=True)
-class AddZeroBias:
+class AddZeroBias(GraphPass):
     layers: Layers
 
     def __call__(self, graph: gs.Graph) -> PassResult:

@@ -1,8 +1,11 @@
-"""What every graph pass shares: a result that says what was applied and what was skipped, and why.
+"""What every graph pass shares: a result that says what was applied and what was skipped, and why; the conditions
+a pass states; and :class:`Sequential`, which runs passes in order on one in-memory graph.
 
-A pass is a small frozen dataclass whose fields are its settings; calling it on an
-``onnx_graphsurgeon.Graph`` edits that graph in place and returns a :class:`PassResult`. Passes never run
-a model.
+A pass is a small frozen dataclass (a :class:`GraphPass`) whose fields are its settings; calling it on an
+``onnx_graphsurgeon.Graph`` edits that graph in place and returns a :class:`PassResult`. A pass may state what it
+needs of the graph (:meth:`GraphPass.requires`) and what it leaves (:meth:`GraphPass.ensures`); :class:`Sequential`
+checks both around every pass, so a pass run out of order, or one that broke its promise, stops the conversion
+with the pass's name and the reason instead of writing a wrong model. Passes never run a model.
 """
 
 from __future__ import annotations
@@ -85,6 +88,46 @@ class PassResult:
         return list(self.created.get(role, ()))
 
 
+class GraphPass:
+    """A graph rewrite: ``__call__(graph) -> PassResult`` edits ``graph`` in place. ``requires`` says why a graph
+    is not fit for the pass (``None``: fit); ``ensures`` says why the rewritten graph breaks the pass's promise
+    (``None``: kept). Both read the graph only."""
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        raise NotImplementedError
+
+    def requires(self, graph: gs.Graph) -> str | None:
+        return None
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        return None
+
+
+class PassConditionError(RuntimeError):
+    """A pass met a graph it cannot take, or left one it promised not to: a bug of nq-onnx, not the user's input."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """Passes run in order on one graph, each one's ``requires`` checked before it and ``ensures`` after it."""
+
+    passes: tuple[GraphPass, ...]
+
+    def __call__(self, graph: gs.Graph) -> list[PassResult]:
+        results = []
+        for graph_pass in self.passes:
+            _check(graph_pass, "needs", graph_pass.requires(graph))
+            result = graph_pass(graph)
+            _check(graph_pass, "promised", graph_pass.ensures(graph, result))
+            results.append(result)
+        return results
+
+
+def _check(graph_pass: GraphPass, what: str, failure: str | None) -> None:
+    if failure is not None:
+        raise PassConditionError(f"{type(graph_pass).__name__} {what}: {failure}")
+
+
 class _ExternalValues(LazyValues):
     """graphsurgeon's lazy values for a tensor in an external data file: mapped from the file when read, and
     still exported as the original reference when never read."""
@@ -160,7 +203,7 @@ def rewrite_model(model: onnx.ModelProto, graph_pass) -> tuple[onnx.ModelProto, 
     """Run ``graph_pass`` on ``model``'s graph and export the result (cleaned up, sorted, with the model's IR version
     and metadata); the pass result says what it applied and skipped."""
     graph = import_graph(model)
-    result = graph_pass(graph)
+    (result,) = Sequential((graph_pass,))(graph)
     graph.cleanup().toposort()
     return export_like(graph, model), result
 

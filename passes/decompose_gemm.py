@@ -22,11 +22,11 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.passes.base import PassResult, Role, Skip, constant
+from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, constant
 
 
 @dataclasses.dataclass(frozen=True)
-class DecomposeGemm:
+class DecomposeGemm(GraphPass):
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
         for node in [n for n in graph.nodes if n.op == "Gemm"]:
@@ -39,6 +39,11 @@ class DecomposeGemm:
         graph.cleanup().toposort()
         return result
 
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        """No ``Gemm`` left but the ones skipped with a reason."""
+        left = {n.name for n in graph.nodes if n.op == "Gemm"} - {skip.layer for skip in result.skipped}
+        return f"Gemm {sorted(left)[0]!r} was neither decomposed nor skipped" if left else None
 
 def _decompose(graph: gs.Graph, node: gs.Node) -> None:
     """``node`` rewritten in place as ``Unsqueeze -> MatMul [-> Add bias] -> Squeeze``; a computed ``C`` is added

@@ -8,9 +8,10 @@ so that without activation quantization and with no correction ``C`` the output 
 (``C``: the layer's planned bias correction, :mod:`nq_onnx.techniques.bias_correction`; zero without one). ``B' - B``
 is the layer's :attr:`~nq_onnx.core.quantized_layer.QuantizedLayer.bias_delta`, computed once in float64 from the
 stored codes and steps and the same stored ``N`` that ``insert_noise`` adds. Given no layer values (a graph whose
-weights stay float), the pass folds ``B - N W`` with the weight the graph holds, the same identity at ``dq(W_q) = W``. A bias initializer used by another node is copied, never
-edited in place (role ``BIAS_DENOISED`` either way); a layer without a bias gets an ``Add`` after its ``MatMul``
-(role ``BIAS_ADDED``). The graph is in canonical form: every layer is a ``MatMul``.
+weights stay float), the pass folds ``B - N W`` with the weight the graph holds, the same identity at
+``dq(W_q) = W``. A bias initializer used by another node is copied, never edited in place (role ``BIAS_DENOISED``
+either way); a layer without a bias gets an ``Add`` after its ``MatMul`` (role ``BIAS_ADDED``). The graph is in
+canonical form: every layer is a ``MatMul``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import onnx_graphsurgeon as gs
 from nq_onnx.core import naming, quant
 from nq_onnx.core.plan import Plan
 from nq_onnx.core.quantized_layer import QuantizedLayer
-from nq_onnx.passes.base import PassResult, Role, add_bias_after, constant, nodes_by_name
+from nq_onnx.passes.base import GraphPass, PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 
 
@@ -45,7 +46,7 @@ def effective_weight(node: gs.Node) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldDenoisingBias:
+class FoldDenoisingBias(GraphPass):
     layers: Layers
     plan: Plan
     values: Mapping[str, QuantizedLayer] | None = None  # the quantized layers (passes.quantized_layers)

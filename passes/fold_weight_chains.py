@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nq_onnx.passes.base import PassResult, Skip, constant, producer
+from nq_onnx.passes.base import GraphPass, PassResult, Skip, constant, producer
 
 FOLDABLE = ("Identity", "Transpose", "Cast", "DequantizeLinear")
 
@@ -51,7 +51,7 @@ def _evaluate(tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FoldWeightChains:
+class FoldWeightChains(GraphPass):
     def __call__(self, graph: gs.Graph) -> PassResult:
         result = PassResult(graph)
         for node in graph.nodes:

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming
 from nq_onnx.passes.base import (
+    GraphPass,
     PassResult,
     Role,
     Skip,
@@ -42,7 +43,7 @@ from nq_onnx.core.plan import GroupPlan, Plan
 
 
 @dataclasses.dataclass(frozen=True)
-class InsertNoise:
+class InsertNoise(GraphPass):
     layers: Layers
     plan: Plan
     fold: bool = True
@@ -75,6 +76,28 @@ class InsertNoise:
             result.applied.append(group.name)
         return result
 
+
+    def requires(self, graph: gs.Graph) -> str | None:
+        """Every group's tensor in the graph, none quantized yet: the noise is added before the quantizer."""
+        tensors, nodes = graph.tensors(), nodes_by_name(graph)
+        for group in self.layers.groups:
+            if group.tensor not in tensors:
+                return f"group {group.name!r}'s tensor {group.tensor!r} is not in the graph"
+            for spec in (self.layers.layer(name) for name in group.consumers):
+                read = nodes[spec.node].inputs[spec.inputs.index(group.tensor)]
+                if read.inputs and read.inputs[0].op == "DequantizeLinear":
+                    return f"group {group.name!r} is already quantized; the noise goes before its quantizer"
+        return None
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        """Every layer of a group given an ``Add`` reads ``X + N`` (a folded ``N`` changes the producer instead)."""
+        nodes, added = nodes_by_name(graph), set(result.names(Role.NOISE_ADD))
+        for group in (g for g in self.layers.groups if naming.of(g.name, naming.ADD_NOISE) in added):
+            noisy = naming.of(group.name, naming.NOISY_INPUT)
+            for name in group.consumers:
+                if not any(t.name == noisy for t in nodes[self.layers.layer(name).node].inputs):
+                    return f"layer {name!r} does not read its group's noisy input"
+        return None
 
 def _skip(group: GroupSpec, plan: GroupPlan | None) -> Skip | None:
     if plan is None:

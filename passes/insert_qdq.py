@@ -29,20 +29,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core.config import Target
 from nq_onnx.core.plan import Plan
 from nq_onnx.core.quantized_layer import QuantizedLayer
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
-from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, nodes_by_name
+from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, SkipKind, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, require_matmul
 from nq_onnx.passes.quantized_layers import quantized_layers
 
 
 @dataclasses.dataclass(frozen=True)
-class InsertQDQ:
+class InsertQDQ(GraphPass):
     layers: Layers
     plan: Plan
     values: Mapping[str, QuantizedLayer] | None = None  # built from ``graph`` when not given
@@ -83,6 +82,35 @@ class InsertQDQ:
                                              spec.name)
                 result.record(Role.TWIN_QUANTIZER, spec.name)
         return result
+
+    def requires(self, graph: gs.Graph) -> str | None:
+        """Canonical form: every planned weight layer a ``MatMul`` whose weight is a float constant."""
+        nodes = nodes_by_name(graph)
+        for spec in self.layers.layers:
+            if spec.kind == ACT_MATMUL or spec.name not in self.plan.layers:
+                continue
+            node = nodes.get(spec.node)
+            if node is None or node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant):
+                return f"layer {spec.name!r} is not a MatMul with a constant weight (canonicalize the model first)"
+        return None
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        """Every applied layer multiplies dequantized weights, and every reader of a uniform group dequantized codes."""
+        nodes, twins = nodes_by_name(graph), set(result.names(Role.TWIN_QUANTIZER))
+        reads = []
+        for name in (n for n in result.applied if n not in twins):
+            spec = self.layers.layer(name)
+            if spec.kind != ACT_MATMUL:
+                reads.append((name, "its weight", nodes[spec.node].inputs[1]))
+        for group in self.layers.groups:
+            plan = self.plan.groups.get(group.name)
+            for spec in (self.layers.layer(n) for n in group.consumers if plan is not None and plan.twin is None):
+                tensor = nodes[spec.node].inputs[spec.inputs.index(group.tensor)]
+                reads.append((spec.name, f"group {group.name!r}", tensor))
+        for layer, what, tensor in reads:
+            if not tensor.inputs or tensor.inputs[0].op != "DequantizeLinear":
+                return f"layer {layer!r} reads {what} without a DequantizeLinear"
+        return None
 
     def _storage(self, quantizer: ActQuantizer) -> ActQuantizer:
         """The quantizer as the target stores it: symmetric codes as int8 with zero point 0 for ``gpu``."""

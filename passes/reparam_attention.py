@@ -35,8 +35,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming
-from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, constant, constant_through_identity, is_graph_output
-from nq_onnx.passes.base import add_bias_after, nodes_by_name, producer
+from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, SkipKind, constant, constant_through_identity
+from nq_onnx.passes.base import add_bias_after, is_graph_output, nodes_by_name, producer
 from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, Layers, LayerSpec, const_value, require_matmul
 from nq_onnx.core.plan import AttentionReparam
 
@@ -61,7 +61,7 @@ class AttentionSite:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReparamAttention:
+class ReparamAttention(GraphPass):
     """``factors``: the reparameterization of each scores layer to rewrite, by layer name. Layer specs found before
     the pass name the old weights and biases: find the layers again on the rewritten graph."""
 

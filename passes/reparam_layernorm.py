@@ -23,8 +23,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming
-from nq_onnx.passes.base import PassResult, Role, Skip, SkipKind, add_bias_after, constant, constant_through_identity
-from nq_onnx.passes.base import nodes_by_name
+from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, SkipKind, add_bias_after, constant
+from nq_onnx.passes.base import constant_through_identity, nodes_by_name
 from nq_onnx.passes.channels import channel_source
 from nq_onnx.passes.find_layers import Layers, require_matmul
 from nq_onnx.core.plan import Reparam
@@ -34,7 +34,7 @@ Slot = tuple[gs.Node, int]  # an input of a node
 
 
 @dataclasses.dataclass(frozen=True)
-class ReparamLayerNorm:
+class ReparamLayerNorm(GraphPass):
     """``factors``: the reparameterization of each group to rewrite, by group name. Layer specs found before the
     pass name the old weights and biases: find the layers again on the rewritten graph."""
 

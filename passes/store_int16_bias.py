@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import quant
-from nq_onnx.passes.base import PassResult, Role, constant
+from nq_onnx.passes.base import GraphPass, PassResult, Role, constant
 
 # what the noise passes created or changed: the constants this pass stores as int16
 ROLES = (Role.NOISE, Role.NOISE_FOLDED, Role.BIAS_DENOISED, Role.BIAS_ADDED)
@@ -30,7 +30,7 @@ def int16_codes(values: np.ndarray) -> tuple[np.ndarray, np.float32]:
 
 
 @dataclasses.dataclass(frozen=True)
-class StoreInt16Bias:
+class StoreInt16Bias(GraphPass):
     """``tensors``: the float constants to store, by name (the :data:`ROLES` of the noise passes' results)."""
 
     tensors: frozenset[str] = frozenset()

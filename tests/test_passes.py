@@ -10,7 +10,17 @@ from conftest import init, make_model, mlp_model, run, tensor
 from onnx import helper
 
 from nq_onnx import QuantConfig
-from nq_onnx.passes import FoldDenoisingBias, InsertNoise, Role, find_layers
+from nq_onnx.passes import (
+    DecomposeGemm,
+    FoldDenoisingBias,
+    InsertNoise,
+    InsertQDQ,
+    PassConditionError,
+    PassResult,
+    Role,
+    Sequential,
+    find_layers,
+)
 from nq_onnx.pipeline import apply_plan, canonicalize
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan
 from nq_onnx.core import quant
@@ -280,3 +290,52 @@ def test_decompose_gemm_is_exact_and_leaves_no_gemm():
     layers = find_layers(gs.import_onnx(out))
     assert [(s.name, s.op, s.bias is not None) for s in layers.layers] == \
         [("head", "MatMul", True), ("aux", "MatMul", False)]
+
+
+def planned(model: onnx.ModelProto, rng: np.random.Generator):
+    """The MLP in canonical form with every group and layer planned (noise on the noisy groups)."""
+    layers, plan = noisy_plan(model, rng)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for spec in layers.layers:
+        plan.layers[spec.name] = LayerPlan(spec.name, quant.weight_scales(weights[spec.weight], 1, 8), 8)
+    return layers, plan
+
+
+def test_sequential_checks_each_pass_on_the_graph_it_meets():
+    """Passes run out of order stop with the pass's name and the reason; in order they rewrite the graph."""
+    rng = np.random.default_rng(4)
+    model = canonicalize(mlp_model(rng))
+    layers, plan = planned(model, rng)
+    graph = gs.import_onnx(model)
+    results = Sequential((InsertNoise(layers, plan), InsertQDQ(layers, plan)))(graph)
+    assert [len(r.applied) for r in results] == [2, 2]
+    with pytest.raises(PassConditionError, match=r"^InsertNoise needs: group 'mlp\.fc1' is already quantized"):
+        Sequential((InsertNoise(layers, plan),))(graph)  # noise after the quantizer
+    with pytest.raises(PassConditionError, match=r"^InsertQDQ needs: layer 'mlp\.fc1' is not a MatMul with a constant"):
+        Sequential((InsertQDQ(layers, plan),))(graph)  # the weights are already dequantized
+
+
+def test_sequential_catches_a_pass_that_breaks_its_promise():
+    """``ensures`` reads the rewritten graph: a pass that leaves a layer unquantized is stopped, not saved."""
+
+    class ForgetsFc2(InsertQDQ):
+        def __call__(self, graph):
+            result = super().__call__(graph)
+            node = next(n for n in graph.nodes if n.name == "/mlp/fc2/MatMul")
+            node.inputs[0] = node.inputs[0].inputs[0].inputs[0].inputs[0].inputs[0]  # DQ(Q(x)) -> x
+            return result
+
+    rng = np.random.default_rng(5)
+    model = canonicalize(mlp_model(rng))
+    layers, plan = planned(model, rng)
+    with pytest.raises(PassConditionError, match=r"^ForgetsFc2 promised: layer 'mlp\.fc2' reads group 'mlp\.fc2' "
+                                                 "without a DequantizeLinear$"):
+        Sequential((ForgetsFc2(layers, plan),))(gs.import_onnx(model))
+    graph = gs.import_onnx(gemm_model(rng))
+
+    class SkipsNothing(DecomposeGemm):
+        def __call__(self, graph):
+            return PassResult(graph)  # decomposes nothing and says nothing
+
+    with pytest.raises(PassConditionError, match=r"^SkipsNothing promised: Gemm '/aux/Gemm' was neither"):
+        Sequential((SkipsNothing(),))(graph)

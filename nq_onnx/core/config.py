@@ -447,7 +447,8 @@ class QuantConfig:
                 raise ConfigError(f"unknown search option {unknown[0]!r}")
             object.__setattr__(self, "search", SearchConfig(**self.search))
         elif not isinstance(self.search, SearchConfig):
-            raise ConfigError(f"search must be a SearchConfig or a dict of its fields, got {type(self.search).__name__}")
+            kind = type(self.search).__name__
+            raise ConfigError(f"search must be a SearchConfig or a dict of its fields, got {kind}")
 
     def _check_techniques(self) -> None:
         """One registered technique's settings each, held in name order (the order does not change the model)."""
