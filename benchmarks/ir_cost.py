@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -81,11 +82,12 @@ def main() -> None:
     args = parser.parse_args()
     model = export_model(WORK / "vit_s14_dinov2_cifar10.onnx")
     calib = link_folder(split_imagenet(128, 0, 0)[0], WORK / "calib128")
-    record = {"machine": machine(), "model": model.name, "calib_images": 128}
+    record = {"machine": machine(), "model": model.name, "calib_images": 128, "load_before": os.getloadavg()[0]}
     record["conversion"] = conversion(model, calib, WORK / "ir_cost.onnx")
     from nq_onnx.pipeline import canonicalize
 
     record["round_trip"] = round_trips(canonicalize(onnx.load(str(model))))
+    record["load_after"] = os.getloadavg()[0]
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1))
 
@@ -106,7 +108,8 @@ def markdown(data: dict, source: Path) -> str:
         f"onnx-graphsurgeon {trip['onnx_graphsurgeon']} {trip['graphsurgeon_s']:.3f} s, onnx-ir {trip['onnx_ir']} "
         f"{trip['onnx_ir_s']:.3f} s. ViT-S/14 ({data['model']}), {data['calib_images']} calibration images, "
         f"nq-onnx {data['machine']['nq_onnx']} defaults, no evaluation. CPU: {cpu.get('model') or 'unnamed'}, "
-        f"{cpu['kind']}. Source: `{source}`.")
+        f"{cpu['kind']}; one-minute load average {data['load_before']:.1f} before and {data['load_after']:.1f} after "
+        f"(the machine has {data['machine']['cpus']} cores). Source: `{source}`.")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ SECTIONS = (
             _profile("profile_vnni_haswell.png")),
     Section("docs/studies/compile-cost.md", "compile-cost-vnni", "compile_cost_vnni_skylakex.json", _cost),
     Section("docs/studies/compile-cost.md", "compile-cost-avx2", "compile_cost.json", _cost),
+    Section("docs/studies/compile-cost.md", "ir-cost", "ir_cost.json", _module("ir_cost")),
 )
 
 
