@@ -128,6 +128,7 @@ SECTIONS = (
     Section("docs/studies/compile-cost.md", "compile-cost-vnni", "compile_cost_vnni_skylakex.json", _cost),
     Section("docs/studies/compile-cost.md", "compile-cost-avx2", "compile_cost.json", _cost),
     Section("docs/studies/compile-cost.md", "ir-cost", "ir_cost.json", _module("ir_cost")),
+    Section("docs/guides/sweep.md", "sweep-scaling", "cluster_run.json", _module("cluster_run")),
 )
 
 

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -308,74 +307,22 @@ def test_ray_local_gives_the_serial_results(tmp_path, inputs):
     assert all(r["worker"]["peak_rss_mb"] > 0 for r in on_ray.records)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ray_nodes_give_the_one_node_results(tmp_path, inputs):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'nq-onnx[sweep]')")
-    ray_cli = Path(sys.executable).parent / "ray"
-    port, nodes = _free_port(), []
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--block", "--disable-usage-stats"]
-    try:
-        nodes.append(subprocess.Popen([ray_cli, "start", "--head", "--port", str(port), "--include-dashboard",
-                                       "false", *common], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for_port(port)
-        nodes.append(subprocess.Popen([ray_cli, "start", "--address", f"127.0.0.1:{port}", *common], env=env,
-                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        one = run_sweep(sweep_file(tmp_path, inputs, extra='out = "one"'), local=True)
-        _wait_for_cpus(port, 2, env)
-        path = sweep_file(tmp_path, inputs, extra='out = "two"', name="t.toml")
-        done = subprocess.run([sys.executable, "-m", "nq_onnx.cli", "sweep", str(path), "--address",
-                               f"127.0.0.1:{port}", "-q"], env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        for node in reversed(nodes):
-            _stop(node)
+    from nq_onnx.sweep.local_cluster import local_cluster
+
+    one = run_sweep(sweep_file(tmp_path, inputs, extra='out = "one"'), local=True)
+    path = sweep_file(tmp_path, inputs, extra='out = "two"', name="t.toml")
+    with local_cluster(nodes=2, cpus_per_node=1) as address:
+        done = subprocess.run([sys.executable, "-m", "nq_onnx.cli", "sweep", str(path), "--address", address, "-q"],
+                              env=os.environ | {"RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                              timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     two = ResultsFile(tmp_path / "two" / "results.jsonl")
     assert two.runs[-1]["executor"] == "ray" and two.runs[-1]["workers"] == 2
     assert len({r["worker"]["node"] for r in two.trials.values()}) in (1, 2)  # both nodes share 127.0.0.1
     _same_results(one.records, list(two.trials.values()))
-
-
-def _wait_for_cpus(port: int, cpus: int, env: dict, seconds: float = 60) -> None:
-    """Until the cluster at ``port`` has ``cpus`` CPUs: the second node joins a few seconds after the head."""
-    probe = (f"import ray; ray.init(address='127.0.0.1:{port}', log_to_driver=False); "
-             "print(int(ray.cluster_resources().get('CPU', 0)))")
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
-        if out.stdout.strip().splitlines()[-1:] == [str(cpus)]:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the Ray cluster did not reach {cpus} CPUs")
-
-
-def _wait_for_port(port: int, seconds: float = 60) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the Ray head did not listen on {port}")
-
-
-def _stop(node: subprocess.Popen) -> None:
-    """End a node started here: its process group (ray start --block and the Ray processes it spawned)."""
-    import signal
-
-    try:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(node.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("name, rows", [("methods", 27), ("mixed", 12)])
