@@ -105,12 +105,13 @@ def _projection(data: dict, trials: int, machines: tuple[int, ...], cpus: int) -
 
 def markdown(data: dict, source: Path) -> str:
     """The cluster run's trials beside the one-node run's, its times, and the projection to more machines."""
-    rows = ["| trial | node | conversion (s, one CPU) | peak memory (MB) | model SHA-256 | same as on one node |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| trial | node | conversion (s, one CPU) | peak memory (MB) | model and figures as on one node |",
+            "|---|---|---|---|---|"]
     for t in data["trials"]:
-        same = {True: "yes", False: "**no**", None: "not run on one node"}[t["same_as_one_node"]]
+        same = {True: "the same (SHA-256 equal)", False: "**different**", None: "not run on one node"}[
+            t["same_as_one_node"]]
         rows.append(f"| {_label(t['options'])} | {t['node']} (pid {t['pid']}) | {t['convert_s']:.0f} | "
-                    f"{t['peak_rss_mb']:.0f} | `{t['sha256'][:16]}` | {same} |")
+                    f"{t['peak_rss_mb']:.0f} | {same} |")
     run, cpu = data["run"], data["machine"]["cpu"]
     per_trial = run["trials_s"] * run["workers"] / run["trials_run"]
     convert = sum(t["convert_s"] for t in data["trials"]) / len(data["trials"])

@@ -40,7 +40,7 @@ import nq_onnx  # noqa: E402
 from nq_onnx.core import quant  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
-from nq_onnx.cpu import cpu_features  # noqa: E402
+from nq_onnx.io.cpu import cpu_features  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 WORK = run.WORK / "cpu_exact"

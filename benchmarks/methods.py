@@ -285,7 +285,7 @@ def ort_row(fp32: Path, out: Path, calib_files: list[Path], pre, reference: dict
 def write_noiseless(result, path: Path) -> None:
     """The same plan without its noise vectors (``N = 0``, the same steps and weights), for NoisyQuant's own
     latency cost; nothing where the plan has no noise (and a stale file from an earlier run is removed)."""
-    from nq_onnx.model_io import save_model_atomic
+    from nq_onnx.io.model_io import save_model_atomic
     from nq_onnx.pipeline import apply_plan
 
     path.unlink(missing_ok=True)

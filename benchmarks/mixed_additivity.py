@@ -37,7 +37,7 @@ from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset  # noqa: 
 from nq_onnx.calibration.simulate import WidthSimulation, searched_feeds  # noqa: E402
 from nq_onnx.core.config import QuantConfig  # noqa: E402
 from nq_onnx.search.mixed import Module, assign_bits, average_bits  # noqa: E402
-from nq_onnx.model_io import load_model  # noqa: E402
+from nq_onnx.io.model_io import load_model  # noqa: E402
 from nq_onnx.passes.base import import_graph  # noqa: E402
 from nq_onnx.passes.find_layers import Layers  # noqa: E402
 from nq_onnx.pipeline import canonicalize, discover  # noqa: E402

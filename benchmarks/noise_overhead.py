@@ -23,7 +23,7 @@ from timing import latency_round_robin  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import load_dataset  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
-from nq_onnx.model_io import load_model, save_model_atomic  # noqa: E402
+from nq_onnx.io.model_io import load_model, save_model_atomic  # noqa: E402
 from nq_onnx.pipeline import apply_plan  # noqa: E402
 
 

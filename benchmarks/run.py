@@ -47,7 +47,7 @@ from timing import latency_round_robin  # noqa: E402
 import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess, prepare_image  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
-from nq_onnx.cpu import blas_record, cpu_features  # noqa: E402
+from nq_onnx.io.cpu import blas_record, cpu_features  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def machine() -> dict:
 
 
 def blas() -> dict:
-    """numpy's BLAS, its kernels and the OpenBLAS settings (:func:`nq_onnx.cpu.blas_record`)."""
+    """numpy's BLAS, its kernels and the OpenBLAS settings (:func:`nq_onnx.io.cpu.blas_record`)."""
     record = blas_record()
     if record["internal_api"] is None:
         raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[export,test]'")
@@ -277,7 +277,7 @@ def seed_spread(models: dict, settings: Settings) -> dict:
 def plain_twin(result, out: Path) -> dict:
     """The plan of ``result`` with its noise removed, written as plain QDQ: the same scales, no noise Add and no
     denoised bias (what the noise costs at inference, measured against it)."""
-    from nq_onnx.model_io import save_model_atomic
+    from nq_onnx.io.model_io import save_model_atomic
     from nq_onnx.pipeline import apply_plan
 
     plain = dataclasses.replace(result.plan, groups={k: dataclasses.replace(g, noise=None)

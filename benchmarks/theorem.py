@@ -6,7 +6,7 @@ For every block's fc2 input (post-GELU activations ``X`` of the real ViT-S/14 on
 images, 2,048 sampled tokens), with the quantizer held fixed at the step EasyQuant chose for it (read from an
 EasyQuant model's ``QuantizeLinear`` scale; a W6A6 EasyQuant conversion is run if no model is given), the mean
 squared error of ``dq(q(X + N)) - N`` against ``X`` for noise widths ``0 .. 2`` steps: the theorem's closed form
-and the measurement with one fixed noise value per channel (``nq_onnx/theorem.py``). The same for the
+and the measurement with one fixed noise value per channel (``nq_onnx/search/theorem.py``). The same for the
 channel-centred input ``X - c`` (``c``: each channel's mid-range on the sample, what NoisyQuant's shift
 subtracts), to see why the paper's noise alone helps less on this model than after the shift.
 
@@ -29,7 +29,7 @@ from run import RESULTS, WORK, export_model, link_folder, machine, split_imagene
 from table import cpu_line  # noqa: E402
 
 import nq_onnx  # noqa: E402
-from nq_onnx import theorem  # noqa: E402
+from nq_onnx.search import theorem  # noqa: E402
 from nq_onnx.core import naming
 from nq_onnx.calibration.collect import sample_rows  # noqa: E402
 from nq_onnx.calibration.data import load_dataset  # noqa: E402

@@ -1,3 +1,4 @@
-"""Interleaved latency of several models: :mod:`nq_onnx.latency` (the benchmarks and ``nq-onnx sweep`` time alike)."""
+"""Interleaved latency of several models: :mod:`nq_onnx.io.latency` (the benchmarks and ``nq-onnx sweep`` time
+alike)."""
 
-from nq_onnx.latency import latency_round_robin, session  # noqa: F401
+from nq_onnx.io.latency import latency_round_robin, session  # noqa: F401

@@ -11,7 +11,7 @@ torch for ``export`` and matplotlib for ``report``, are not loaded by ``import n
 
 from typing import TYPE_CHECKING
 
-from nq_onnx._version import __version__
+from nq_onnx.core.version import __version__
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers and the API reference
     from nq_onnx.core.config import (Activations, Method, MixedSensitivity, NoiseMode, Objective, QuantConfig,

@@ -19,9 +19,9 @@ from nq_onnx.calibration.data import Dataset, Preprocess, prepare_image
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.core.config import Method, QuantConfig
 
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.core.errors import NQError
-from nq_onnx.model_io import file_digest, load_model, save_model_atomic
+from nq_onnx.io.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
 
 # The paper's setting, so that the three methods differ in their scale search alone: symmetric activations, every

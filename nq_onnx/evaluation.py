@@ -28,10 +28,10 @@ from nq_onnx.calibration.data import (Dataset, Preprocess, class_folder_labels, 
                                       load_labels, read_labels_file)
 from nq_onnx.calibration.evaluate import model_outputs, output_metrics
 from nq_onnx.core.config import QuantConfig
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.core.errors import ConfigError, DataError
 from nq_onnx.core.timing import timed
-from nq_onnx.summary import Evaluation, Kernels, Latency, Summary
+from nq_onnx.report.summary import Evaluation, Kernels, Latency, Summary
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,10 @@ def base_warning(summary: Summary) -> str | None:
 
 
 def measure_latency(fp32: Path, quantized: Path | onnx.ModelProto, dataset: Dataset) -> Latency:
-    """Batch latency of the two models, interleaved round-robin (:func:`nq_onnx.latency.latency_round_robin`) on the
+    """Batch latency of the two models, interleaved round-robin (:func:`nq_onnx.io.latency.latency_round_robin`) on the
     first :data:`LATENCY_BATCH` evaluation inputs; an in-memory quantized model is timed from a temporary file."""
-    from nq_onnx.latency import latency_round_robin
-    from nq_onnx.model_io import save_model_atomic
+    from nq_onnx.io.latency import latency_round_robin
+    from nq_onnx.io.model_io import save_model_atomic
 
     batch = next(dataset.batches(LATENCY_BATCH))
     with tempfile.TemporaryDirectory(prefix="nq-latency-") as folder:

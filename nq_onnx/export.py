@@ -18,7 +18,7 @@ import onnx
 from nq_onnx.calibration.data import PREPROCESS_KEY, Preprocess
 from nq_onnx.core.errors import ModelError, NQError
 from nq_onnx.calibration.runtime import session as runtime_session
-from nq_onnx.model_io import check_output_path, load_model, save_model_atomic
+from nq_onnx.io.model_io import check_output_path, load_model, save_model_atomic
 from nq_onnx.models.registry import recipe_for
 
 

@@ -24,10 +24,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nq_onnx.core import naming, quant
-from nq_onnx.cpu import CpuFeatures, cpu_features
+from nq_onnx.io.cpu import CpuFeatures, cpu_features
 from nq_onnx.core.errors import ModelError
 from nq_onnx.core.external_data import configure_session
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import const_value
 

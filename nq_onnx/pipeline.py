@@ -15,14 +15,14 @@ from typing import Callable
 
 import onnx
 
-from nq_onnx._version import __version__
+from nq_onnx.core.version import __version__
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.core.config import Method, QuantConfig, Target
 from nq_onnx.core.errors import DataError, NQError, PlanError
 from nq_onnx.core.external_data import has_external
-from nq_onnx.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
+from nq_onnx.io.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
     ACT_MATMUL,
     AddZeroBias,
@@ -47,7 +47,7 @@ from nq_onnx.core.plan import Plan, average_bits
 from nq_onnx.core import technique as techniques
 from nq_onnx.core.technique import Context
 from nq_onnx.core.timing import timed
-from nq_onnx.summary import Summary, profile_record
+from nq_onnx.report.summary import Summary, profile_record
 from nq_onnx.passes.store_int16_bias import ROLES as INT16_ROLES
 from nq_onnx.search.planner import SearchPlanner, float_weights, minmax_plan, search_counts
 
@@ -293,8 +293,8 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     inputs, said so (:mod:`nq_onnx.evaluation`). ``eval_labels`` (one class index per line, ``.npy`` or ``.npz``)
     adds top-1 of FP32 and of the quantized model; ``measure_latency`` times a batch of both interleaved
     (``summary.latency``); ``command``, the command line, is shown in the report. ``profile`` writes where the
-    seconds went (:func:`nq_onnx.summary.profile_record`) as JSON. ``external_data`` writes the large tensors to a
-    data file beside the output (``None``: when the input had external data or the output is over 2 GiB).
+    seconds went (:func:`nq_onnx.report.summary.profile_record`) as JSON. ``external_data`` writes the large tensors
+    to a data file beside the output (``None``: when the input had external data or the output is over 2 GiB).
     ``preprocess`` overrides fields of the image preparation the model records (``input_size``, ``mean``, ``std``,
     ``interpolation``, ``crop_pct``), for calibration and evaluation images alike.
 

@@ -14,8 +14,9 @@ import pytest
 from nq_onnx import ConfigError, QuantConfig, SearchConfig
 
 from nq_onnx.core import options
-from nq_onnx.cli import EXIT_CODES, _config_from, _run_keywords, build_parser, main
-from nq_onnx.cli_options import ignored, resolve
+from nq_onnx.cli import EXIT_CODES, build_parser, main
+from nq_onnx.cli.main import _config_from, _run_keywords
+from nq_onnx.cli.options import ignored, resolve
 
 # the paper's setting as the end-to-end tests and the studies' sweep files pin it, with their 8-bit weights
 PAPER = dict(activations="symmetric", attention_probabilities=True, reparam=False, weight_rounding="nearest",
@@ -283,7 +284,7 @@ def test_config_file_keys_are_the_fields(tmp_path):
 
 
 def test_the_choosing_guide_lists_each_presets_options():
-    from nq_onnx.cli_options import _as_flags
+    from nq_onnx.cli.options import _as_flags
     from nq_onnx.core.presets import PRESETS
 
     guide = (Path(__file__).parents[1] / "docs" / "guides" / "choosing.md").read_text()

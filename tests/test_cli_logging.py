@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import nq_onnx
-from nq_onnx import cli_log
+from nq_onnx.cli import log as cli_log
 from nq_onnx.cli import main
 from nq_onnx.core.timing import timed
 

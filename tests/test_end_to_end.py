@@ -15,9 +15,9 @@ from nq_onnx import QuantConfig, SearchConfig
 from nq_onnx.calibration.data import Preprocess, load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
-from nq_onnx.summary import format_summary
+from nq_onnx.report.summary import format_summary
 from nq_onnx.core import quant
 
 # name, timm overrides, SQNR floors (dB) of the logits: (minmax W8A8, noisyquant W8A8, noisyquant W6A6)
@@ -261,8 +261,8 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
 
     import onnx
 
-    from nq_onnx import summary as summary_module
-    from nq_onnx.cpu import CpuFeatures
+    from nq_onnx.report import summary as summary_module
+    from nq_onnx.io.cpu import CpuFeatures
     from nq_onnx.inspect import inspect_model
 
     path = tmp_path / "vit.onnx"
@@ -284,9 +284,9 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
 def test_summary_reports_numpys_blas_pinned_below_the_cpu(monkeypatch):
     """``OPENBLAS_CORETYPE`` naming a core without AVX-512 kernels on a CPU with AVX-512 is reported (the searches
     run at about half their GEMM speed); an AVX-512 core, a CPU without AVX-512 or no variable is not."""
-    from nq_onnx import summary as summary_module
-    from nq_onnx.cpu import CpuFeatures, pinned_blas
-    from nq_onnx.summary import Summary
+    from nq_onnx.report import summary as summary_module
+    from nq_onnx.io.cpu import CpuFeatures, pinned_blas
+    from nq_onnx.report.summary import Summary
 
     avx512, avx2 = (CpuFeatures("x86_64", "test CPU", f, "/proc/cpuinfo") for f in (("avx2", "avx512f"), ("avx2",)))
     cases = (({"OPENBLAS_CORETYPE": "Haswell"}, avx512, "Haswell"), ({"OPENBLAS_CORETYPE": "SkylakeX"}, avx512, None),

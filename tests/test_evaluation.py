@@ -16,10 +16,10 @@ from PIL import Image
 import nq_onnx
 from nq_onnx import QuantConfig
 from nq_onnx.calibration.data import Preprocess, load_dataset, prepare_image
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.core.errors import ConfigError, DataError
-from nq_onnx.model_io import load_model
-from nq_onnx.summary import format_summary
+from nq_onnx.io.model_io import load_model
+from nq_onnx.report.summary import format_summary
 
 FAST = dict(method="minmax", reparam=False, weight_rounding="nearest", bias_correction=False)
 

@@ -19,7 +19,7 @@ import nq_onnx
 from nq_onnx import QuantConfig
 from nq_onnx.core import external_data
 from nq_onnx.cli import main
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 
 
 def embedding_model(rng, vocab=1024, k=128, hidden=256, out=64) -> onnx.ModelProto:

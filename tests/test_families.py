@@ -18,7 +18,7 @@ from nq_onnx.core import quant
 from nq_onnx.calibration.data import load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 
 FAMILIES = {
     "beit": ("beit_base_patch16_224", dict(img_size=64, depth=2, embed_dim=64, num_heads=2), 27.0),

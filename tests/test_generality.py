@@ -131,7 +131,7 @@ def test_disk_full_and_interrupted_writes_keep_the_previous_output(tmp_path, mon
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("nq_onnx.model_io.os.fsync", full)
+    monkeypatch.setattr("nq_onnx.io.model_io.os.fsync", full)
     with pytest.raises(OutputError, match="No space left on device"):
         nq_onnx.convert(model, out, calib, QuantConfig(method="minmax"), force=True)
     assert out.read_bytes() == b"previous model"
@@ -141,7 +141,7 @@ def test_disk_full_and_interrupted_writes_keep_the_previous_output(tmp_path, mon
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("nq_onnx.model_io.os.replace", interrupted)
+    monkeypatch.setattr("nq_onnx.io.model_io.os.replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         nq_onnx.convert(model, out, calib, QuantConfig(method="minmax"), force=True)
     assert out.read_bytes() == b"previous model"
@@ -154,7 +154,7 @@ def test_bias_less_linear_before_relu_runs_as_an_integer_kernel(tmp_path):
     import dataclasses
 
     from nq_onnx.inspect import inspect_model
-    from nq_onnx.model_io import load_model
+    from nq_onnx.io.model_io import load_model
 
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "fc1.w"], ["h0"], name="/fc1/MatMul"),

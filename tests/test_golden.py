@@ -1,7 +1,7 @@
 """Refactors change no numbers: small conversions reproduce stored digests of their output model and plan.
 
 Every setting below was converted once before a refactor began and the SHA-256 of the emitted model, the plan's
-JSON and its arrays stored in ``tests/golden/digests.json``, keyed by CPU kind (:func:`nq_onnx.cpu.cpu_features`)
+JSON and its arrays stored in ``tests/golden/digests.json``, keyed by CPU kind (:func:`nq_onnx.io.cpu.cpu_features`)
 and numpy's BLAS kernels (threadpoolctl): the search is float maths on numpy's BLAS, whose kernels (and so the last
 bits of a sum) differ between CPUs and settings (``OPENBLAS_CORETYPE`` picks another core's kernels), so the same
 model, data and seed give the same bytes with the same kernels on the same kind of CPU, not everywhere. Where no
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from nq_onnx import QuantConfig, SearchConfig, convert
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.export import export_timm
 
 GOLDEN = Path(__file__).parent / "golden" / "digests.json"

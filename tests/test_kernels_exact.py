@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from nq_onnx.core import quant
 from nq_onnx.calibration.data import Dataset
 from nq_onnx.core.config import QuantConfig
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.inspect import inspect_model
 from nq_onnx.pipeline import quantize
 
@@ -179,7 +179,7 @@ def test_w8a8_codes_are_adversarial_and_auto_stores_them_uint8(kind):
 
 def test_int8_weights_saturate_exactly_where_the_cpu_lacks_vnni():
     """``--weight-dtype int8`` (for VNNI deployments): ``inspect`` flags every W8A8 layer, and whether this CPU
-    really saturates is what :mod:`nq_onnx.cpu` predicts from its flags."""
+    really saturates is what :mod:`nq_onnx.io.cpu` predicts from its flags."""
     cpu = cpu_features()
     if cpu.u8s8_saturates is None:
         pytest.skip("this CPU's features could not be read")

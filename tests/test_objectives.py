@@ -119,7 +119,7 @@ def test_ptq_vit_objectives_convert_a_vit_end_to_end(tmp_path, photo_folder):
     from nq_onnx.core import quant
     from nq_onnx.calibration.data import load_dataset
     from nq_onnx.export import export_timm
-    from nq_onnx.model_io import load_model
+    from nq_onnx.io.model_io import load_model
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=64, depth=2), num_classes=10)

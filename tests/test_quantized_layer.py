@@ -15,7 +15,7 @@ from nq_onnx.core import naming
 from nq_onnx.core.quantized_layer import QuantizedLayer
 from nq_onnx.passes import import_graph, quantized_layers
 from nq_onnx.pipeline import quantize
-from nq_onnx.report import _dequantized_weights
+from nq_onnx.report.page import _dequantized_weights
 
 SEARCH = dict(act_alphas=(0.3, 1.0, 12), weight_alphas=(0.5, 1.0, 9), rounds=1, search_images=4, holdout_images=2,
               tokens=64, shift_min_rows=16)

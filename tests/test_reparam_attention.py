@@ -24,7 +24,7 @@ from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.passes import SkipKind, import_graph
 from nq_onnx.passes.reparam_attention import attention_sites
 from nq_onnx.pipeline import canonicalize, discover

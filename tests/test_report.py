@@ -16,7 +16,7 @@ from PIL import Image
 
 import nq_onnx
 from nq_onnx.cli import main
-from nq_onnx.summary import format_summary, verdict
+from nq_onnx.report.summary import format_summary, verdict
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -186,7 +186,7 @@ def test_report_opens_with_the_summarys_verdict_then_the_settings(tmp_path, phot
     assert [what for what, _ in rows] == ["output vs FP32", "evaluation set", "top-1", "latency", "integer kernels"]
     printed = format_summary(result.summary, 1.0, "q.onnx").splitlines()
     assert [f"  {what}: {value}" if what != "evaluation set" else f"  {value}" for what, value in rows] == printed[-5:]
-    images = next(load_dataset(tree, nq_onnx.model_io.load_model(model)[0], limit=None, seed=0).batches(12))["input"]
+    images = next(load_dataset(tree, nq_onnx.io.model_io.load_model(model)[0], limit=None, seed=0).batches(12))["input"]
     run = lambda path: ort.InferenceSession(str(path)).run(None, {"input": images})[0].astype(np.float64)  # noqa: E731
     fp32, quantized = run(model), run(tmp_path / "q.onnx")
     sqnr = 10 * np.log10(np.sum(fp32**2) / np.sum((fp32 - quantized) ** 2))
@@ -201,7 +201,7 @@ def test_report_opens_with_the_summarys_verdict_then_the_settings(tmp_path, phot
     assert settings["search.search_images"] == "8" and settings["command"] == command
     assert (settings["nq-onnx"], settings["onnxruntime"], settings["numpy"]) == (nq_onnx.__version__,
                                                                                 ort.__version__, np.__version__)
-    assert settings["CPU"].startswith(nq_onnx.cpu.cpu_features().model or "unnamed")
+    assert settings["CPU"].startswith(nq_onnx.io.cpu.cpu_features().model or "unnamed")
     body = (tmp_path / "report.html").read_text().split("</head>")[1]
     assert "{" not in body.split('id="layers"')[0]  # no JSON dump before the per-layer table
 

@@ -16,7 +16,7 @@ from nq_onnx.core import quant
 from nq_onnx.calibration.collect import sample_rows
 from nq_onnx.calibration.data import Dataset, Preprocess
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.pipeline import canonicalize, discover
 from nq_onnx.core.plan import Plan
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer

@@ -24,7 +24,7 @@ from nq_onnx.core import quant
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import load_dataset
 from nq_onnx.export import export_timm
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.pipeline import apply_plan, canonicalize, discover
 from nq_onnx.core.plan import Plan
 from nq_onnx.search.planner import SearchPlanner, search_counts

@@ -18,7 +18,8 @@ import pytest
 
 import nq_onnx
 from conftest import image_model, save
-from nq_onnx.cli import _config_from, build_parser, main
+from nq_onnx.cli import build_parser, main
+from nq_onnx.cli.main import _config_from
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.sweep import Choice, choose, load_spec, parse_pick, pareto_front, run_sweep
 from nq_onnx.sweep.executors import check_reachable

@@ -188,7 +188,7 @@ def test_no_product_file_names_the_technique():
 
 
 def test_sweeps_grid_its_settings_and_reproduce_them_on_the_command_line(registered, tmp_path):
-    from nq_onnx.cli import _config_from
+    from nq_onnx.cli.main import _config_from
     from nq_onnx.sweep.report import command_line
     from nq_onnx.sweep.spec import load_spec
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nq_onnx.core import quant
-from nq_onnx.theorem import expected_noisy_error, noise_width_curve, squared_error
+from nq_onnx.search.theorem import expected_noisy_error, noise_width_curve, squared_error
 
 STEP = 0.37
 

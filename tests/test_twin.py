@@ -140,7 +140,7 @@ def test_twin_beats_one_uniform_range_on_real_attention_maps():
     from nq_onnx.calibration.data import Preprocess
     from nq_onnx.calibration.runtime import session, with_outputs
     from nq_onnx.demo import crops, demo_model_path, demo_photos
-    from nq_onnx.model_io import load_model
+    from nq_onnx.io.model_io import load_model
 
     model = load_model(demo_model_path())[0]
     attn = next(n for n in model.graph.node if n.op_type == "MatMul" and any(
@@ -217,7 +217,7 @@ def test_twin_never_far_worse_than_easyquant_on_near_uniform_attention(tmp_path,
     from nq_onnx.calibration.data import load_dataset
     from nq_onnx.calibration.runtime import session
     from nq_onnx.export import export_timm
-    from nq_onnx.summary import format_summary
+    from nq_onnx.report.summary import format_summary
 
     path = tmp_path / "deit.onnx"
     export_timm("deit_small_patch16_224", path, model_kwargs=dict(img_size=224, depth=2), num_classes=10)

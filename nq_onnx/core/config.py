@@ -97,7 +97,7 @@ class MixedSensitivity(str, enum.Enum):
 
 
 class WeightDtype(str, enum.Enum):
-    """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.cpu`).
+    """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.io.cpu`).
 
     ``auto`` (default): int8 where no 16-bit pair sum can overflow (:func:`nq_onnx.core.quant.u8s8_safe`), uint8
     with zero point 128 elsewhere: exact on every CPU. ``uint8``: every layer uint8 (U8U8 kernels). ``int8``:

@@ -11,7 +11,7 @@ codes fall in the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, and a searched
 
 Weight codes are stored as int8 (zero point 0) or as uint8 with zero point 128 (``v = q + 128``, the same
 numbers). The container decides onnxruntime's CPU kernel: uint8 x int8 ("U8S8") on x86 without VNNI sums two
-neighbouring ``u * w`` products into a saturating int16, uint8 x uint8 ("U8U8") does not (:mod:`nq_onnx.cpu`).
+neighbouring ``u * w`` products into a saturating int16, uint8 x uint8 ("U8U8") does not (:mod:`nq_onnx.io.cpu`).
 :func:`pair_sum_bound` bounds the pair sums from the codes alone, so a layer is stored int8 only where no pair
 can pass ``2^15 - 1`` for any input.
 

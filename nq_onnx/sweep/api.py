@@ -14,9 +14,9 @@ import numpy as np
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.data import Preprocess, image_files, load_dataset
 from nq_onnx.core.config import QuantConfig
-from nq_onnx.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features
 from nq_onnx.core.errors import ConfigError, NQError
-from nq_onnx.model_io import load_model
+from nq_onnx.io.model_io import load_model
 from nq_onnx.sweep.evalset import EvalSet, load_shard, open_eval_set
 from nq_onnx.sweep.executors import RayExecutor, Resources, SerialExecutor
 from nq_onnx.sweep.pick import METRICS, choose, parse_pick
@@ -189,7 +189,7 @@ def _duration(seconds: float) -> str:
 def measure_latency(spec: SweepSpec, results: ResultsFile, sets: dict[str, EvalSet], pre: Preprocess | None,
                     say: Callable[[str], None]) -> float:
     """Time every succeeded model not yet timed, here and alone, each group interleaved round-robin with FP32."""
-    from nq_onnx.latency import latency_round_robin
+    from nq_onnx.io.latency import latency_round_robin
 
     if not spec.latency_rounds:
         return 0.0
@@ -211,7 +211,7 @@ def measure_latency(spec: SweepSpec, results: ResultsFile, sets: dict[str, EvalS
 
 
 def _latency_batch(data: EvalSet, pre: Preprocess | None, spec: SweepSpec) -> np.ndarray:
-    from nq_onnx.model_io import load_model as load
+    from nq_onnx.io.model_io import load_model as load
 
     inputs = load_shard(data, pre, load(spec.model)[0], 0, min(spec.latency_batch, len(data)))
     if not isinstance(inputs, np.ndarray):

@@ -32,7 +32,7 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig) -> st
 
 
 def _flag(flag: str, value) -> list[str]:
-    """The words that set a flag's field to ``value`` (the parser's actions: :mod:`nq_onnx.cli_options`)."""
+    """The words that set a flag's field to ``value`` (the parser's actions: :mod:`nq_onnx.cli.options`)."""
     if isinstance(value, bool):
         return [flag if value else "--no-" + flag[2:]]
     if isinstance(value, tuple):
@@ -91,7 +91,7 @@ def chart(records: list[dict], fp32: dict[str, float], chosen: dict | None) -> b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nq_onnx.report_figures import png
+    from nq_onnx.report.figures import png
 
     cost, quality = axes(fp32, records)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

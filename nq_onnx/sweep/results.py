@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from nq_onnx.core.errors import ConfigError, OutputError
-from nq_onnx.model_io import file_digest
+from nq_onnx.io.model_io import file_digest
 
 
 def data_digest(path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from nq_onnx.calibration.data import Preprocess
 from nq_onnx.calibration.evaluate import output_metrics
 from nq_onnx.core.errors import ConfigError, DataError, NQError
-from nq_onnx.model_io import file_digest
+from nq_onnx.io.model_io import file_digest
 from nq_onnx.sweep.evalset import EvalSet
 from nq_onnx.sweep.executors import Resources
 from nq_onnx.sweep.results import ResultsFile

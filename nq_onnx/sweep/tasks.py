@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from nq_onnx._version import __version__
+from nq_onnx.core.version import __version__
 from nq_onnx.calibration.data import Preprocess
 from nq_onnx.calibration.runtime import session
 from nq_onnx.core.config import QuantConfig
-from nq_onnx.cpu import blas_record, cpu_features
-from nq_onnx.model_io import file_digest
+from nq_onnx.io.cpu import blas_record, cpu_features
+from nq_onnx.io.model_io import file_digest
 from nq_onnx.sweep.evalset import EvalSet, load_shard
 
 

@@ -1,6 +1,6 @@
 """``nq-onnx``: export, convert, inspect, report, demo, sweep. User errors become one line on stderr and exit status 2.
 
-``convert``'s configuration flags are generated from the fields' declarations (:mod:`nq_onnx.cli_options`); its
+``convert``'s configuration flags are generated from the fields' declarations (:mod:`nq_onnx.cli.options`); its
 other options (paths, preprocessing, what to write) are declared here.
 """
 
@@ -18,17 +18,17 @@ import time
 import warnings
 from typing import Callable
 
-from nq_onnx import cli_commands
-from nq_onnx._version import __version__
-from nq_onnx.cli_commands import EXTERNAL_DATA, add_run_options
-from nq_onnx.cli_log import check_log_file, configured, progress
-from nq_onnx.cli_options import Resolved, add_config_options, argument_groups, ignored, preset_help, resolve
+from nq_onnx.cli import commands as cli_commands
+from nq_onnx.core.version import __version__
+from nq_onnx.cli.commands import EXTERNAL_DATA, add_run_options
+from nq_onnx.cli.log import check_log_file, configured, progress
+from nq_onnx.cli.options import Resolved, add_config_options, argument_groups, ignored, preset_help, resolve
 from nq_onnx.core.config import QuantConfig
-from nq_onnx.config_file import FORMATS, dump, plain, to_mapping
+from nq_onnx.cli.config_file import FORMATS, dump, plain, to_mapping
 from nq_onnx.core.errors import ConfigError, NQError
 from nq_onnx.core.options import default_of, root_section
 from nq_onnx.core.presets import PRESETS
-from nq_onnx.summary import format_summary
+from nq_onnx.report.summary import format_summary
 
 log = logging.getLogger("nq_onnx.cli")
 
@@ -256,7 +256,3 @@ def main(argv: list[str] | None = None) -> int:
     with configured(args.verbose, args.quiet, args.log_file):
         log.info("nq-onnx %s: %s", __version__, shlex.join(argv))
         return _guarded(lambda: args.func(args, *prepared))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""The report's opening sections: the verdict (:func:`nq_onnx.summary.verdict`'s rows, the same the summary prints)
-and the settings, every config field with its value, then the versions, the CPU and the command line."""
+"""The report's opening sections: the verdict (:func:`nq_onnx.report.summary.verdict`'s rows, the same the summary
+prints) and the settings, every config field with its value, then the versions, the CPU and the command line."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from nq_onnx._version import __version__
-from nq_onnx.cpu import cpu_features
+from nq_onnx.core.version import __version__
+from nq_onnx.io.cpu import cpu_features
 
 
 def settings_rows(config) -> list[tuple[str, str]]:

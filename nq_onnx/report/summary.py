@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from nq_onnx._version import __version__
-from nq_onnx.cpu import blas_record, cpu_features, pinned_blas
+from nq_onnx.core.version import __version__
+from nq_onnx.io.cpu import blas_record, cpu_features, pinned_blas
 from nq_onnx.passes.base import Skip, SkipKind
 
 
@@ -39,7 +39,7 @@ class Evaluation:
 
 @dataclasses.dataclass(frozen=True)
 class Latency:
-    """Batch latency of the quantized model against FP32's, timed interleaved (:mod:`nq_onnx.latency`)."""
+    """Batch latency of the quantized model against FP32's, timed interleaved (:mod:`nq_onnx.io.latency`)."""
 
     batch: int
     fp32_ms: float

@@ -1,9 +1,10 @@
 """One self-contained HTML report of a conversion: the verdict, the settings, per-layer error, histograms.
 
-The page opens with the verdict a reader wants first, the rows the summary ends with (:func:`nq_onnx.summary.verdict`:
+The page opens with the verdict a reader wants first, the rows the summary ends with
+(:func:`nq_onnx.report.summary.verdict`:
 output error against FP32 and the inputs it was measured on, top-1 with labels, latency against FP32 when timed,
 whether onnxruntime runs integer kernels for the plan's target), then every setting with its value, the versions, the
-CPU and the command line (:mod:`nq_onnx.report_sections`), then the per-layer tables and the figures.
+CPU and the command line (:mod:`nq_onnx.report.sections`), then the per-layer tables and the figures.
 
 For each linear layer ``f(X) = X W + B`` of a noisy group the report compares, on float activations ``X``::
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nq_onnx import theorem
+from nq_onnx.search import theorem
 
 from nq_onnx.core import naming
 from nq_onnx.core.atomic import write_bytes_atomic
@@ -37,9 +38,9 @@ from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 from nq_onnx.passes.quantized_layers import quantized_layers
 from nq_onnx.core.plan import Plan
 from nq_onnx.search.mixed import BIT_CHOICES, assignment_point, pareto_front
-from nq_onnx.report_figures import group_figure, pareto_chart, png, reduction_chart
-from nq_onnx.report_sections import environment_rows, settings_html, settings_rows, verdict_html
-from nq_onnx.summary import verdict
+from nq_onnx.report.figures import group_figure, pareto_chart, png, reduction_chart
+from nq_onnx.report.sections import environment_rows, settings_html, settings_rows, verdict_html
+from nq_onnx.report.summary import verdict
 
 MAX_HISTOGRAM_LAYERS = 12
 SAMPLE_ROWS = 2048
@@ -56,14 +57,14 @@ class ReportData:
     calibration: dict
     methods: dict[str, dict[str, float]]
     layers: list[dict]
-    # the verdict the page opens with, as (what, value) rows (nq_onnx.summary.verdict), and what it rests on
+    # the verdict the page opens with, as (what, value) rows (nq_onnx.report.summary.verdict), and what it rests on
     verdict: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    evaluation: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Evaluation
-    latency: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Latency
-    kernels: dict = dataclasses.field(default_factory=dict)  # nq_onnx.summary.Kernels
+    evaluation: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Evaluation
+    latency: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Latency
+    kernels: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Kernels
     # every config field and value, then the versions, the CPU and the command line (report_sections)
     settings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.theorem)
+    theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.search.theorem)
     # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.search.mixed)
     precision: dict = dataclasses.field(default_factory=dict)
 
@@ -265,7 +266,7 @@ def _figures_html(data: ReportData, figures: dict[str, bytes], chart: str | None
         "</code> and removing <code>N</code>, <code>N ~ U(-w/2, w/2)</code>, with each group's EasyQuant step "
         "held fixed: the theorem's closed form (lines) and the error measured with one fixed noise value per "
         "channel, as deployed (dots, mean and spread over noise seeds), relative to no noise "
-        "(<code>nq_onnx/theorem.py</code>). Below 1, noise of that width alone lowers the input error.</p>"
+        "(<code>nq_onnx/search/theorem.py</code>). Below 1, noise of that width alone lowers the input error.</p>"
         + img("theorem", "theorem 1 curves") if "theorem" in figures else ""
     )
     hist = "".join(f"<h3>{html.escape(name)}</h3>{img(name, 'histograms of ' + name)}" for name in histograms)
@@ -296,7 +297,7 @@ def write_report(
 
 
 def theorem_curves(groups: list, samples: dict[str, np.ndarray], plan: Plan) -> dict[str, dict]:
-    """Theorem 1's noise-width curve (:func:`nq_onnx.theorem.noise_width_curve`) on the float inputs of up to
+    """Theorem 1's noise-width curve (:func:`nq_onnx.search.theorem.noise_width_curve`) on the float inputs of up to
     :data:`THEOREM_LAYERS` post-GELU (fc2) groups spread over depth, each at its EasyQuant step."""
     fc2 = [g for g in groups if any(naming.is_mlp_output(c) for c in g.consumers) and plan.groups[g.name].twin is None]
     picked = [fc2[round(i)] for i in np.linspace(0, len(fc2) - 1, min(THEOREM_LAYERS, len(fc2)))] if fc2 else []

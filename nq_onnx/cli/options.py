@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from nq_onnx.core import options
-from nq_onnx.config_file import Layer, layer_from_mapping, read_file
+from nq_onnx.cli.config_file import Layer, layer_from_mapping, read_file
 from nq_onnx.core.presets import PRESETS, preset_values
 
 

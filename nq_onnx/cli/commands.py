@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nq_onnx.cli_log import progress
+from nq_onnx.cli.log import progress
 from nq_onnx.core.config import SUPPORTED_BITS, Target
 
 EXTERNAL_DATA = {"auto": None, "yes": True, "no": False}
