@@ -297,6 +297,18 @@ def _activation(tensor: gs.Tensor | None) -> str:
     return ""
 
 
+def layers_kept(graph: gs.Graph, layers: Layers) -> str | None:
+    """Why ``graph`` no longer holds ``layers`` (a layer gone, or now of another kind), or ``None``: the condition a
+    rewrite of the float model keeps, so that the layers found on its result are the ones it was given. Finds the
+    layers of ``graph`` again (which sorts its nodes)."""
+    found = {spec.name: spec.kind for spec in find_layers(graph).layers}
+    for spec in layers.layers:
+        if spec.name not in found:
+            return f"layer {spec.name!r} is no longer a quantizable layer"
+        if found[spec.name] != spec.kind:
+            return f"layer {spec.name!r} was a {spec.kind} and is now a {found[spec.name]}"
+    return None
+
 def _dedupe(name: str, used: set[str]) -> str:
     candidate, i = name, 1
     while candidate in used:

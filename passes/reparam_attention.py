@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from nq_onnx.core import naming
 from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, SkipKind, constant, constant_through_identity
 from nq_onnx.passes.base import add_bias_after, is_graph_output, nodes_by_name, producer
-from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, Layers, LayerSpec, const_value, require_matmul
+from nq_onnx.passes.find_layers import ACT_MATMUL, LINEAR, Layers, LayerSpec, const_value, layers_kept, require_matmul
 from nq_onnx.core.plan import AttentionReparam
 
 SHAPE_OPS = ("Reshape", "Transpose", "Split", "Gather", "Slice", "Squeeze", "Unsqueeze", "Identity", "Mul", "Div")
@@ -91,6 +91,10 @@ class ReparamAttention(GraphPass):
             result.applied.append(name)
             result.record(Role.REPARAMETERIZED, name)
         return result
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        """Every layer the pass was given is still there, of the same kind: the layers found again match."""
+        return layers_kept(graph, self.layers)
 
 
 def attention_sites(graph: gs.Graph, layers: Layers) -> tuple[list[AttentionSite], list[Skip]]:

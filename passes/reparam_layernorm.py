@@ -26,7 +26,7 @@ from nq_onnx.core import naming
 from nq_onnx.passes.base import GraphPass, PassResult, Role, Skip, SkipKind, add_bias_after, constant
 from nq_onnx.passes.base import constant_through_identity, nodes_by_name
 from nq_onnx.passes.channels import channel_source
-from nq_onnx.passes.find_layers import Layers, require_matmul
+from nq_onnx.passes.find_layers import Layers, layers_kept, require_matmul
 from nq_onnx.core.plan import Reparam
 
 
@@ -63,6 +63,10 @@ class ReparamLayerNorm(GraphPass):
             result.applied.append(group.name)
             result.record(Role.REPARAMETERIZED, group.name)
         return result
+
+    def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
+        """Every layer the pass was given is still there, of the same kind: the layers found again match."""
+        return layers_kept(graph, self.layers)
 
 
 def affine_slots(graph: gs.Graph, x: gs.Tensor, readers: set[str],

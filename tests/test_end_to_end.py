@@ -340,3 +340,23 @@ def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, ca
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no-such-folder" in err and not (tmp_path / "q3.onnx").exists()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_the_blas_recorded_is_numpys_own_whatever_else_is_loaded():
+    """threadpoolctl lists every BLAS in the process in load order; OpenCV's OpenBLAS names this CPU's kernels
+    otherwise (Zen where numpy's says SkylakeX). The record and the golden digests' key read numpy's."""
+    from pathlib import Path
+
+    import numpy
+
+    from nq_onnx.io.cpu import numpy_blas
+
+    libs = Path(numpy.__file__).resolve().parent.parent / "numpy.libs"
+    other = {"user_api": "blas", "internal_api": "openblas", "architecture": "Zen",
+             "filepath": "/env/site-packages/opencv_python_headless.libs/libopenblasp-r0.so"}
+    own = {"user_api": "blas", "internal_api": "openblas", "architecture": "SkylakeX",
+           "filepath": str(libs / "libscipy_openblas64_.so")}
+    openmp = {"user_api": "openmp", "internal_api": "openmp", "filepath": "/env/torch/lib/libgomp.so.1"}
+    assert numpy_blas([openmp, other, own]) is own
+    assert numpy_blas([openmp, other]) is other  # numpy's own not found (a numpy linked to a system BLAS)
+    assert numpy_blas([openmp]) == {}

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from nq_onnx import QuantConfig, SearchConfig, convert
-from nq_onnx.io.cpu import cpu_features
+from nq_onnx.io.cpu import cpu_features, numpy_blas
 from nq_onnx.export import export_timm
 
 GOLDEN = Path(__file__).parent / "golden" / "digests.json"
@@ -90,7 +90,7 @@ def numerics() -> str:
     """What decides the bytes besides the inputs: the CPU kind and the BLAS kernels numpy runs."""
     from threadpoolctl import threadpool_info
 
-    blas = next((i for i in threadpool_info() if i.get("user_api") == "blas"), None)
+    blas = numpy_blas(threadpool_info())
     kernels = f"{blas['internal_api']} {blas['architecture']}" if blas else "no BLAS found"
     return f"{cpu_features().kind}, {kernels}"
 

@@ -339,3 +339,20 @@ def test_sequential_catches_a_pass_that_breaks_its_promise():
 
     with pytest.raises(PassConditionError, match=r"^SkipsNothing promised: Gemm '/aux/Gemm' was neither"):
         Sequential((SkipsNothing(),))(graph)
+
+
+def test_a_rewrite_of_the_float_model_must_keep_its_layers():
+    """A reparameterization's ``ensures``: the layers found again on its result are the ones it was given."""
+    from nq_onnx.passes.reparam_layernorm import ReparamLayerNorm
+
+    class RenamesFc2(ReparamLayerNorm):
+        def __call__(self, graph):
+            next(n for n in graph.nodes if n.name == "/mlp/fc2/MatMul").name = "/head/proj/MatMul"
+            return PassResult(graph)
+
+    model = canonicalize(mlp_model(np.random.default_rng(6)))
+    layers = find_layers(gs.import_onnx(model))
+    assert Sequential((ReparamLayerNorm(layers, {}),))(gs.import_onnx(model))[0].applied == []  # nothing to fold
+    with pytest.raises(PassConditionError, match=r"^RenamesFc2 promised: layer 'mlp\.fc2' is no longer a "
+                                                 r"quantizable layer$"):
+        Sequential((RenamesFc2(layers, {}),))(gs.import_onnx(model))

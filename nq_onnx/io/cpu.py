@@ -144,5 +144,17 @@ def blas_record(environ=os.environ) -> dict:
         from threadpoolctl import threadpool_info
     except ImportError:  # informational: the record says the kernels were not read
         return dict.fromkeys(("internal_api", "version", "architecture", "num_threads")) | {"env": env}
-    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    info = numpy_blas(threadpool_info())
     return {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} | {"env": env}
+
+
+def numpy_blas(libraries: list[dict]) -> dict:
+    """numpy's own BLAS among the libraries threadpoolctl lists (``threadpool_info()``): the one inside numpy's
+    install (a wheel's ``numpy.libs``), else the first BLAS. Other packages load BLAS libraries of their own (OpenCV
+    an OpenBLAS that names this CPU's kernels differently), in an order that depends on what was imported first."""
+    import numpy
+
+    home = Path(numpy.__file__).resolve().parent
+    blas = [i for i in libraries if i.get("user_api") == "blas"]
+    own = [i for i in blas if Path(i.get("filepath", "")).resolve().parent in (home.parent / "numpy.libs", home)]
+    return (own or blas or [{}])[0]
