@@ -193,6 +193,35 @@ def test_sweep_resumes_and_records_failed_trials(tmp_path, inputs):
     assert len(trial_lines(tmp_path / "s.sweep")) == 8  # the torn line was cut off, every line reads
 
 
+def test_a_resumed_sweep_reads_fp32s_outputs_instead_of_evaluating_it_again(tmp_path, inputs, monkeypatch):
+    """FP32's outputs are kept beside the results under what they depend on; run again, the sweep reads them (the
+    same figures), and evaluates FP32 anew only when that changes (here, another onnxruntime)."""
+    import nq_onnx.sweep.run as sweep_run
+
+    path = sweep_file(tmp_path, inputs)
+    first = run_sweep(path, local=True)
+    cache = tmp_path / "s.sweep" / "fp32_outputs.npz"
+    assert cache.exists()
+    evaluated: list[str] = []
+    real = sweep_run.evaluate_model
+
+    def counted(executor, model, *rest):
+        evaluated.append(Path(model).name)
+        return real(executor, model, *rest)
+
+    monkeypatch.setattr(sweep_run, "evaluate_model", counted)
+    second = run_sweep(path, local=True)
+    assert evaluated == [] and second.fp32 == first.fp32  # nothing to run, FP32 not evaluated
+    monkeypatch.setattr("onnxruntime.__version__", "0.0.0")
+    third = run_sweep(path, local=True)
+    assert evaluated == ["model.onnx"] and third.fp32 == first.fp32  # another key: FP32 evaluated again
+    cache.write_bytes(b"not an npz")
+    run_sweep(path, local=True)
+    assert evaluated == ["model.onnx", "model.onnx"]  # an unreadable file: evaluated again, and rewritten
+    with np.load(cache) as stored:
+        assert set(stored.files) == {"key", "outputs.labelled", "outputs.heldout"}
+
+
 def test_results_of_another_model_are_not_resumed(tmp_path, inputs, capsys):
     path = sweep_file(tmp_path, inputs, GRID.replace('["minmax", "easyquant"]', '["minmax"]').replace("[8, 6]", "8"))
     run_sweep(path, local=True)

@@ -22,7 +22,7 @@ from nq_onnx.sweep.executors import RayExecutor, Resources, SerialExecutor
 from nq_onnx.sweep.pick import METRICS, choose, parse_pick
 from nq_onnx.sweep.report import chart, command_line, markdown_table
 from nq_onnx.sweep.results import ResultsFile, data_digest
-from nq_onnx.sweep.run import identity, reference, run_trials, shard_size
+from nq_onnx.sweep.run import identity, reference, reference_key, run_trials, shard_size
 from nq_onnx.sweep.spec import SweepSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run_sweep(path: str | Path, *, address: str | None = None, local: bool = Fal
     begin = time.perf_counter()
     try:
         (spec.out / "models").mkdir(parents=True, exist_ok=True)
-        ref = reference(executor, spec, sets, pre, _shard_resources(spec, sets, pre))
+        ref = reference(executor, spec, sets, pre, _shard_resources(spec, sets, pre), reference_key(ident, spec, pre))
         if results.header is None:
             results.append({"kind": "sweep", "identity": ident, "fp32": ref.metrics, "file": str(spec.path)})
         todo = [t for t in spec.trials() if t.key not in results.trials

@@ -7,6 +7,8 @@ recorded, so its memory does not grow with the number of trials.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +17,7 @@ import numpy as np
 
 from nq_onnx.calibration.data import Preprocess
 from nq_onnx.calibration.evaluate import output_metrics
+from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.core.errors import ConfigError, DataError, NQError
 from nq_onnx.io.model_io import file_digest
 from nq_onnx.sweep.evalset import EvalSet
@@ -23,6 +26,7 @@ from nq_onnx.sweep.results import ResultsFile
 from nq_onnx.sweep.spec import SweepSpec, Trial
 from nq_onnx.sweep.tasks import convert_trial, evaluate_shard
 
+FP32_OUTPUTS = "fp32_outputs.npz"  # FP32's outputs on the evaluation sets, kept for the next run
 EVAL_BATCH = 8  # shards start on a multiple of it, so a sharded evaluation runs the same batches as one pass
 
 
@@ -58,18 +62,56 @@ def evaluate_model(executor, model: Path, ref: Reference, resources: Resources) 
 
 
 def reference(executor, spec: SweepSpec, sets: dict[str, EvalSet], pre: Preprocess | None,
-              resources: Resources) -> Reference:
-    """The FP32 outputs, through the same sharded evaluation as every trial."""
+              resources: Resources, key: dict | None = None) -> Reference:
+    """The FP32 outputs, through the same sharded evaluation as every trial. With a ``key`` (what the outputs depend
+    on: :func:`reference_key`) they are kept in ``out/fp32_outputs.npz``, and a sweep run again with the same key
+    reads them there instead of evaluating FP32 again."""
     shared = {name: executor.put(data) for name, data in sets.items()}
     ref = Reference(shared, {n: d.shards(shard_size(spec)) for n, d in sets.items()}, {}, None,
                     executor.put(pre), {})
-    pending = evaluate_model(executor, spec.model, ref, resources)
-    ref.outputs = {name: np.concatenate([executor.result(task) for task in tasks]) for name, tasks in pending.items()}
+    cache = spec.out / FP32_OUTPUTS
+    ref.outputs = _cached_outputs(cache, key, set(sets))
+    if ref.outputs is None:
+        pending = evaluate_model(executor, spec.model, ref, resources)
+        ref.outputs = {name: np.concatenate([executor.result(task) for task in tasks])
+                       for name, tasks in pending.items()}
+        if key is not None:
+            _store_outputs(cache, key, ref.outputs)
     labelled = sets.get("labelled")
     ref.labels = None if labelled is None else np.asarray(labelled.labels, np.int64)
     ref.metrics = model_metrics(ref.outputs, ref)
     ref.metrics["size_mb"] = spec.model.stat().st_size / 1e6
     return ref
+
+
+def reference_key(identity: dict, spec: SweepSpec, pre: Preprocess | None) -> dict:
+    """What FP32's outputs depend on: the sweep's model and data (``identity``), the shards, the image preparation
+    and the onnxruntime that ran them."""
+    import onnxruntime
+
+    return {**identity, "shard_size": shard_size(spec), "onnxruntime": onnxruntime.__version__,
+            "preprocess": None if pre is None else dataclasses.asdict(pre)}
+
+
+def _cached_outputs(path: Path, key: dict | None, names: set[str]) -> dict[str, np.ndarray] | None:
+    """The outputs kept at ``path`` under ``key``, or ``None`` (no key, no file, another key, an unreadable file)."""
+    if key is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != json.dumps(key, sort_keys=True):
+                return None
+            outputs = {name: stored[f"outputs.{name}"] for name in names}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    return outputs
+
+
+def _store_outputs(path: Path, key: dict, outputs: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(json.dumps(key, sort_keys=True)),
+             **{f"outputs.{name}": array for name, array in outputs.items()})
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def model_metrics(outputs: dict[str, np.ndarray], ref: Reference) -> dict[str, float]:
