@@ -5,8 +5,7 @@ own in-memory IR) on the same model.
 Every graph rewrite of a conversion works on an onnx-graphsurgeon graph, and onnxruntime (calibration, the search's
 simulation, evaluation) needs a proto; so the model goes proto -> graph -> proto several times. This measures how
 many times and for how long (``onnx_graphsurgeon.import_onnx`` / ``export_onnx`` wrapped during the conversion), and
-what onnx-ir's ``deserialize_model`` / ``serialize_model`` take for the same round trip, to decide whether moving the
-passes to onnx-ir would pay.
+what onnx-ir's ``deserialize_model`` / ``serialize_model`` take for the same round trip.
 
     python benchmarks/ir_cost.py          # needs onnx-ir (pip install onnx-ir); writes results/ir_cost.json
 """

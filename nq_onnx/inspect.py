@@ -179,7 +179,7 @@ def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
     return LayerKernel(name, node.name, node.op, "", True, codes.dtype.name, input_codes, bound, bits)
 
 
-def quantized_layers(model: onnx.ModelProto) -> list[LayerKernel]:
+def quantized_matmuls(model: onnx.ModelProto) -> list[LayerKernel]:
     """Every MatMul/Gemm that reads a ``DequantizeLinear`` output, with its codes (found by graph structure)."""
     graph = import_graph(model)
     out = []
@@ -217,7 +217,7 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "CPUExecutionProvide
 
 
 def inspect_model(model: onnx.ModelProto, provider: str = "CPUExecutionProvider") -> Inspection:
-    layers = quantized_layers(model)
+    layers = quantized_matmuls(model)
     if not layers:
         raise ModelError("the model has no quantized layer (no MatMul/Gemm reading a DequantizeLinear output)")
     optimized = optimized_graph(model, provider)

@@ -126,7 +126,8 @@ def apply_plan(model: onnx.ModelProto, layers: Layers, plan: Plan, fold_noise: b
                               FoldDenoisingBias(layers, plan, values), AddZeroBias(layers)))(graph):
         rewrite.add(result)
     if plan.config.int16_bias:
-        rewrite.add(StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES)))(graph))
+        (stored,) = Sequential((StoreInt16Bias(frozenset(rewrite.names(*INT16_ROLES))),))(graph)
+        rewrite.add(stored)
     graph.cleanup().toposort()
     out = export_like(graph, model)
     out.producer_name, out.producer_version = "nq-onnx", __version__

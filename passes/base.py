@@ -20,6 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from nq_onnx.core import external_data, naming
+from nq_onnx.core.errors import PassConditionError
 
 
 class Role(str, enum.Enum):
@@ -101,10 +102,6 @@ class GraphPass:
 
     def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:
         return None
-
-
-class PassConditionError(RuntimeError):
-    """A pass met a graph it cannot take, or left one it promised not to: a bug of nq-onnx, not the user's input."""
 
 
 @dataclasses.dataclass(frozen=True)

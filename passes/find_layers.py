@@ -298,15 +298,16 @@ def _activation(tensor: gs.Tensor | None) -> str:
 
 
 def layers_kept(graph: gs.Graph, layers: Layers) -> str | None:
-    """Why ``graph`` no longer holds ``layers`` (a layer gone, or now of another kind), or ``None``: the condition a
-    rewrite of the float model keeps, so that the layers found on its result are the ones it was given. Finds the
-    layers of ``graph`` again (which sorts its nodes)."""
-    found = {spec.name: spec.kind for spec in find_layers(graph).layers}
+    """Why ``graph`` no longer holds ``layers``, or ``None``: the condition a rewrite of the float model keeps, so
+    that the layers found on its result are the ones it was given: each layer's node is still a ``MatMul``, and a
+    linear layer's weight still a constant. Reads the graph only."""
+    nodes = {node.name: node for node in graph.nodes}
     for spec in layers.layers:
-        if spec.name not in found:
-            return f"layer {spec.name!r} is no longer a quantizable layer"
-        if found[spec.name] != spec.kind:
-            return f"layer {spec.name!r} was a {spec.kind} and is now a {found[spec.name]}"
+        node = nodes.get(spec.node)
+        if node is None or node.op != "MatMul":
+            return f"layer {spec.name!r}: its MatMul {spec.node!r} is gone"
+        if spec.kind == LINEAR and const_value(node.inputs[1]) is None:
+            return f"layer {spec.name!r}: its weight is no longer a constant"
     return None
 
 def _dedupe(name: str, used: set[str]) -> str:

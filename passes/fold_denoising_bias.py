@@ -22,9 +22,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nq_onnx.core import naming, quant
+from nq_onnx.core import naming
 from nq_onnx.core.plan import Plan
-from nq_onnx.core.quantized_layer import QuantizedLayer
+from nq_onnx.core.quantized_layer import QuantizedLayer, bias_delta, folded_bias
 from nq_onnx.passes.base import GraphPass, PassResult, Role, add_bias_after, constant, nodes_by_name
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers, LayerSpec, const_value, require_matmul
 
@@ -81,13 +81,13 @@ class FoldDenoisingBias(GraphPass):
         if not noisy and correction is None:
             return None
         weight = effective_weight(require_matmul(nodes[spec.node]))
-        delta = quant.denoising_delta(plan.noise.astype(np.float64), weight) if noisy else 0.0
-        return delta + (0.0 if correction is None else correction.astype(np.float64))
+        return bias_delta(plan.noise.astype(np.float64) if noisy else None, weight,
+                          None if correction is None else correction.astype(np.float64))
 
     @staticmethod
     def _fold_into_bias(graph: gs.Graph, tensors: dict, nodes: dict, spec: LayerSpec, delta: np.ndarray) -> str:
         bias = tensors[spec.bias]
-        folded = (bias.values.astype(np.float64) + delta).astype(np.float32)
+        folded = folded_bias(bias.values, delta)
         owner = nodes[spec.bias_node]
         if len(bias.outputs) > 1 or any(out is bias for out in graph.outputs):
             copy = constant(naming.of(spec.name, naming.BIAS_DENOISED), folded)
@@ -100,6 +100,6 @@ class FoldDenoisingBias(GraphPass):
 
     @staticmethod
     def _add_bias(graph: gs.Graph, node: gs.Node, spec: LayerSpec, delta: np.ndarray) -> str:
-        bias = constant(naming.of(spec.name, naming.BIAS_DENOISED), delta.astype(np.float32))
+        bias = constant(naming.of(spec.name, naming.BIAS_DENOISED), folded_bias(None, delta))
         add_bias_after(graph, node, spec.name, bias, naming.ADD_DENOISING_BIAS)
         return bias.name

@@ -78,15 +78,14 @@ class InsertNoise(GraphPass):
 
 
     def requires(self, graph: gs.Graph) -> str | None:
-        """Every group's tensor in the graph, none quantized yet: the noise is added before the quantizer."""
+        """Every group's tensor in the graph, and no group's quantizer yet: the noise is added before it (a model
+        that arrived with Q/DQ nodes of its own is not concerned: only the quantizers ``insert_qdq`` names are)."""
         tensors, nodes = graph.tensors(), nodes_by_name(graph)
         for group in self.layers.groups:
             if group.tensor not in tensors:
                 return f"group {group.name!r}'s tensor {group.tensor!r} is not in the graph"
-            for spec in (self.layers.layer(name) for name in group.consumers):
-                read = nodes[spec.node].inputs[spec.inputs.index(group.tensor)]
-                if read.inputs and read.inputs[0].op == "DequantizeLinear":
-                    return f"group {group.name!r} is already quantized; the noise goes before its quantizer"
+            if naming.of(group.name, naming.INPUT_QUANTIZE) in nodes:
+                return f"group {group.name!r} is already quantized; the noise goes before its quantizer"
         return None
 
     def ensures(self, graph: gs.Graph, result: PassResult) -> str | None:

@@ -290,4 +290,10 @@ def test_a_search_given_as_a_dict_is_built_or_refused_in_one_line():
         QuantConfig(search={"round": 1})
     with pytest.raises(ConfigError, match="search must be a SearchConfig or a dict of its fields, got int"):
         QuantConfig(search=3)
+    listed = QuantConfig(search={"act_alphas": [0.3, 1.0, 12]})  # as JSON and TOML give it
+    assert listed.search.act_alphas == (0.3, 1.0, 12) and QuantConfig.from_dict(listed.to_dict()) == listed
+    with pytest.raises(ConfigError, match=r"^search options \['rounds'\]: "):
+        QuantConfig(search={"rounds": "2"})
+    with pytest.raises(ConfigError, match="unknown search option 'round'$"):
+        QuantConfig.preset("paper", search={"round": 1})
 

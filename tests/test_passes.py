@@ -353,6 +353,22 @@ def test_a_rewrite_of_the_float_model_must_keep_its_layers():
     model = canonicalize(mlp_model(np.random.default_rng(6)))
     layers = find_layers(gs.import_onnx(model))
     assert Sequential((ReparamLayerNorm(layers, {}),))(gs.import_onnx(model))[0].applied == []  # nothing to fold
-    with pytest.raises(PassConditionError, match=r"^RenamesFc2 promised: layer 'mlp\.fc2' is no longer a "
-                                                 r"quantizable layer$"):
+    with pytest.raises(PassConditionError, match=r"^RenamesFc2 promised: layer 'mlp\.fc2': its MatMul "
+                                                 r"'/mlp/fc2/MatMul' is gone$"):
         Sequential((RenamesFc2(layers, {}),))(gs.import_onnx(model))
+
+
+def test_insert_noise_promises_every_reader_reads_the_noisy_input():
+    class ForgetsFc1(InsertNoise):
+        def __call__(self, graph):
+            result = super().__call__(graph)
+            node = next(n for n in graph.nodes if n.name == "/mlp/fc1/MatMul")
+            node.inputs[0] = node.inputs[0].inputs[0].inputs[0]  # Add(x, N) -> x
+            return result
+
+    rng = np.random.default_rng(7)
+    model = canonicalize(mlp_model(rng))
+    layers, plan = planned(model, rng)
+    with pytest.raises(PassConditionError, match=r"^ForgetsFc1 promised: layer 'mlp\.fc1' does not read its group's "
+                                                 r"noisy input$"):
+        Sequential((ForgetsFc1(layers, plan, fold=False),))(gs.import_onnx(model))

@@ -442,10 +442,7 @@ class QuantConfig:
     def _check_search(self) -> None:
         """``search`` as a :class:`SearchConfig`: one given as a dict of its fields is built from it."""
         if isinstance(self.search, dict):
-            unknown = sorted(set(self.search) - {f.name for f in dataclasses.fields(SearchConfig)})
-            if unknown:
-                raise ConfigError(f"unknown search option {unknown[0]!r}")
-            object.__setattr__(self, "search", SearchConfig(**self.search))
+            object.__setattr__(self, "search", search_config(self.search))
         elif not isinstance(self.search, SearchConfig):
             kind = type(self.search).__name__
             raise ConfigError(f"search must be a SearchConfig or a dict of its fields, got {kind}")
@@ -500,10 +497,9 @@ class QuantConfig:
             data["target"] = Target.X86_VNNI.value  # int8 weights everywhere, written before targets existed
         for name, old in LATER_OPTIONS.items():  # a plan written before the option existed ran its old behaviour
             data.setdefault(name, old)
-        search = data.pop("search", {})
-        search = {k: tuple(v) if isinstance(v, list) else v for k, v in search.items()}
+        search = search_config(data.pop("search", {}))
         techniques = tuple(settings_from_dict(name, v) for name, v in data.pop("techniques", {}).items())
-        return cls(search=SearchConfig(**search), techniques=techniques, **data)
+        return cls(search=search, techniques=techniques, **data)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "QuantConfig":
@@ -513,8 +509,20 @@ class QuantConfig:
         values = dict(preset_values(name))
         search = dict(values.pop("search", {}))
         given = overrides.pop("search", None)
-        values["search"] = given if isinstance(given, SearchConfig) else SearchConfig(**{**search, **(given or {})})
+        values["search"] = given if isinstance(given, SearchConfig) else search_config({**search, **(given or {})})
         return cls(**{**values, **overrides})
+
+
+def search_config(fields: dict[str, Any]) -> SearchConfig:
+    """A :class:`SearchConfig` from a dict of its fields (lists, as JSON and TOML give them, become tuples); an
+    unknown field or a value of the wrong kind is a one-line ConfigError."""
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(SearchConfig)})
+    if unknown:
+        raise ConfigError(f"unknown search option {unknown[0]!r}")
+    try:
+        return SearchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except TypeError as exc:  # a comparison or unpacking of a value of the wrong kind
+        raise ConfigError(f"search options {sorted(fields)}: {exc}") from None
 
 
 

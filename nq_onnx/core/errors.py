@@ -29,3 +29,8 @@ class PlanError(NQError):
 
 class OutputError(NQError):
     """An output path cannot be written (exists without --force, unwritable, disk full)."""
+
+
+class PassConditionError(RuntimeError):
+    """A graph pass met a graph it cannot take, or left one it promised not to (``GraphPass.requires`` /
+    ``ensures``): a bug of nq-onnx, not the user's input, so not an :class:`NQError`."""

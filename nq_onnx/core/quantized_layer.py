@@ -51,16 +51,26 @@ class QuantizedLayer:
     def bias_delta(self) -> np.ndarray | None:
         """``B' - B = -N · dq(W_q) + C`` in float64, or ``None`` where the layer has neither noise nor a correction."""
         noisy = self.noise is not None and bool(np.any(self.noise))
-        if not noisy and self.correction is None:
-            return None
-        delta = quant.denoising_delta(self.noise.astype(np.float64), self.weight) if noisy else 0.0
-        return delta + (0.0 if self.correction is None else self.correction.astype(np.float64))
+        return bias_delta(self.noise.astype(np.float64) if noisy else None, self.weight,
+                          None if self.correction is None else self.correction.astype(np.float64))
 
     def folded_bias(self, bias: np.ndarray | None) -> np.ndarray | None:
         """``B'`` in float32 for the layer's float bias ``B`` (``None``: no bias), or ``None`` where it is ``B``."""
-        delta = self.bias_delta
-        if delta is None:
-            return None
-        if bias is None:
-            return np.asarray(delta, np.float64).astype(np.float32)
-        return (bias.astype(np.float64) + delta).astype(np.float32)
+        return None if self.bias_delta is None else folded_bias(bias, self.bias_delta)
+
+
+def bias_delta(noise: np.ndarray | None, weight: np.ndarray, correction: np.ndarray | None) -> np.ndarray | None:
+    """``-N · W + C`` in the arguments' precision (``W`` in ``[K, N]`` layout: ``dq(W_q)`` for a quantized layer),
+    or ``None`` without ``N`` and ``C``: what NoisyQuant's denoising bias and a bias correction add to a bias. The
+    emitted layers, the search's simulation and a pass folding into float weights all take it from here."""
+    if noise is None and correction is None:
+        return None
+    delta = 0.0 if noise is None else quant.denoising_delta(noise, weight)
+    return delta + (0.0 if correction is None else correction)
+
+
+def folded_bias(bias: np.ndarray | None, delta: np.ndarray) -> np.ndarray:
+    """``B + delta`` rounded once to float32 (``B`` ``None``: a layer without a bias gets ``delta``)."""
+    if bias is None:
+        return np.asarray(delta, np.float64).astype(np.float32)
+    return (bias.astype(np.float64) + delta).astype(np.float32)

@@ -150,11 +150,13 @@ def blas_record(environ=os.environ) -> dict:
 
 def numpy_blas(libraries: list[dict]) -> dict:
     """numpy's own BLAS among the libraries threadpoolctl lists (``threadpool_info()``): the one inside numpy's
-    install (a wheel's ``numpy.libs``), else the first BLAS. Other packages load BLAS libraries of their own (OpenCV
-    an OpenBLAS that names this CPU's kernels differently), in an order that depends on what was imported first."""
+    install (a wheel's ``numpy.libs`` or ``numpy/.dylibs``), else the first BLAS. Other packages load BLAS libraries
+    of their own (OpenCV an OpenBLAS that names this CPU's kernels differently), in an order that depends on what was
+    imported first."""
     import numpy
 
     home = Path(numpy.__file__).resolve().parent
     blas = [i for i in libraries if i.get("user_api") == "blas"]
-    own = [i for i in blas if Path(i.get("filepath", "")).resolve().parent in (home.parent / "numpy.libs", home)]
+    folders = (home.parent / "numpy.libs", home / ".dylibs", home)  # Linux and Windows wheels, macOS wheels, builds
+    own = [i for i in blas if Path(i.get("filepath", "")).resolve().parent in folders]
     return (own or blas or [{}])[0]

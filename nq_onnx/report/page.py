@@ -62,7 +62,7 @@ class ReportData:
     evaluation: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Evaluation
     latency: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Latency
     kernels: dict = dataclasses.field(default_factory=dict)  # nq_onnx.report.summary.Kernels
-    # every config field and value, then the versions, the CPU and the command line (report_sections)
+    # every config field and value, then the versions, the CPU and the command line (nq_onnx.report.sections)
     settings: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     theorem: dict[str, dict] = dataclasses.field(default_factory=dict)  # noise-width curves (nq_onnx.search.theorem)
     # under a bits budget: the assignment's Pareto front, the uniform widths and this plan (nq_onnx.search.mixed)

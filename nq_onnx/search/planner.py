@@ -26,7 +26,7 @@ from nq_onnx.core.config import QuantConfig, SearchConfig, Target
 from nq_onnx.passes.base import import_graph
 from nq_onnx.passes.find_layers import ACT_MATMUL, GroupSpec, Layers, LayerSpec
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Module, Plan, TwinSpec
-from nq_onnx.core.quant import denoising_delta
+from nq_onnx.core.quantized_layer import bias_delta
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.search.rounding import finish_layer
 from nq_onnx.search.matmul import search_act_matmul
@@ -289,10 +289,7 @@ class SearchPlanner:
             metrics = {**result.metrics[operand.name], **done.metrics}
             plan.layers[operand.name] = LayerPlan(operand.name, scales, operand.quantizer.bits, metrics, done.codes,
                                                   done.correction)
-            delta = None if planned.noise is None else denoising_delta(planned.noise, done.weight)
-            if done.correction is not None:
-                delta = done.correction if delta is None else delta + done.correction
-            self._sim.set_layer(operand.name, done.weight, delta)
+            self._sim.set_layer(operand.name, done.weight, bias_delta(planned.noise, done.weight, done.correction))
 
     def _fallback(self, group: GroupSpec) -> tuple[ActQuantizer | None, tuple[str, str]]:
         """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform) must beat on held-out

@@ -26,6 +26,9 @@ START_SECONDS = 60
 @contextlib.contextmanager
 def local_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[str]:
     """Start ``nodes`` Ray nodes of ``cpus_per_node`` CPUs here; yield the head's address once all have joined."""
+    if nodes < 1 or cpus_per_node < 1:
+        raise ConfigError(f"a local Ray cluster needs at least 1 node of at least 1 CPU, got {nodes} of "
+                          f"{cpus_per_node}")
     ray_cli = Path(sys.executable).parent / "ray"
     if not ray_cli.exists():
         raise ConfigError("a local Ray cluster needs Ray (pip install 'nq-onnx[sweep]')")
@@ -63,7 +66,10 @@ def wait_for_cpus(address: str, cpus: int, env: dict, seconds: float = START_SEC
              "print(int(ray.cluster_resources().get('CPU', 0)))")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        try:
+            out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:  # the head not answering yet: ask again
+            continue
         if out.stdout.strip().splitlines()[-1:] == [str(cpus)]:
             return
         time.sleep(1)
@@ -89,3 +95,4 @@ def _stop(node: subprocess.Popen) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
+        node.wait()

@@ -56,7 +56,9 @@ def evaluate_shard(model: str, data: EvalSet, pre: Preprocess | None, start: int
 def worker_record() -> dict:
     """Where a task ran (host, CPU, numpy's BLAS kernels, versions) and the high-water mark of its worker process's
     resident memory over every task it ran so far (Linux; ``None`` elsewhere)."""
-    return {"host": socket.gethostname(), "node": _node_ip(), "pid": os.getpid(), "peak_rss_mb": peak_rss_mb(),
+    node, node_id = _ray_node()
+    return {"host": socket.gethostname(), "node": node, "node_id": node_id, "pid": os.getpid(),
+            "peak_rss_mb": peak_rss_mb(),
             "platform": platform.platform(), "cpu": cpu_features().to_dict(), "blas": blas_record(),
             "versions": versions()}
 
@@ -75,13 +77,16 @@ def versions() -> dict:
     return record
 
 
-def _node_ip() -> str | None:
+def _ray_node() -> tuple[str | None, str | None]:
+    """The Ray node this task runs on: its address and its id (nodes on one machine share the address), or
+    ``(None, None)`` outside Ray."""
     try:
         import ray
-
-        return ray.util.get_node_ip_address() if ray.is_initialized() else None
     except ImportError:
-        return None
+        return None, None
+    if not ray.is_initialized():
+        return None, None
+    return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
 
 def peak_rss_mb() -> float | None:
