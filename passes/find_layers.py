@@ -300,15 +300,21 @@ def _activation(tensor: gs.Tensor | None) -> str:
 def layers_kept(graph: gs.Graph, layers: Layers) -> str | None:
     """Why ``graph`` no longer holds ``layers``, or ``None``: the condition a rewrite of the float model keeps, so
     that the layers found on its result are the ones it was given: each layer's node is still a ``MatMul``, and a
-    linear layer's weight still a constant. Reads the graph only."""
+    linear layer's weight still a constant. Reads the graph only, and no weight's values (a weight in an external
+    data file stays unread)."""
     nodes = {node.name: node for node in graph.nodes}
     for spec in layers.layers:
         node = nodes.get(spec.node)
         if node is None or node.op != "MatMul":
             return f"layer {spec.name!r}: its MatMul {spec.node!r} is gone"
-        if spec.kind == LINEAR and const_value(node.inputs[1]) is None:
+        weight = node.inputs[1]
+        if spec.kind == LINEAR and not (isinstance(weight, gs.Constant) or _produced_by(weight, "Constant")):
             return f"layer {spec.name!r}: its weight is no longer a constant"
     return None
+
+
+def _produced_by(tensor: gs.Tensor, op: str) -> bool:
+    return bool(tensor.inputs) and tensor.inputs[0].op == op
 
 def _dedupe(name: str, used: set[str]) -> str:
     candidate, i = name, 1
