@@ -24,22 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import RESULTS, machine  # noqa: E402
 
+from nq_onnx.sweep.results import ResultsFile  # noqa: E402
+
 SWEEPS = Path(__file__).resolve().parent / "sweeps"
 TIMES = ("convert_s",)  # figures no two runs share
 
 
-def trials(path: Path) -> list[dict]:
+def trials(results: ResultsFile) -> list[dict]:
     """The last record of every succeeded trial of a sweep's results file."""
-    last: dict[str, dict] = {}
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        if entry["kind"] == "trial":
-            last[entry["trial"]] = entry
-    return [t for t in last.values() if t["status"] == "ok"]
-
-
-def run_record(path: Path) -> dict:
-    return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "run"' in line][-1]
+    return [t for t in results.trials.values() if t["status"] == "ok"]
 
 
 def compared(cluster: list[dict], one_node: list[dict]) -> list[dict]:
@@ -76,11 +69,12 @@ def main() -> None:
         started = time.perf_counter()
         run_sweep(spec.path, address=address)
         swept = time.perf_counter()
-    one_node = load_spec(SWEEPS / "methods.toml").out / "results.jsonl"
+    cluster = ResultsFile(spec.out / "results.jsonl")
+    one_node = ResultsFile(load_spec(SWEEPS / "methods.toml").out / "results.jsonl")
     record = {"machine": machine(), "nodes": args.nodes, "cpus_per_node": 1,
               "sweep_file": "benchmarks/sweeps/cluster.toml", "cluster_start_s": started - begin,
-              "sweep_s": swept - started, "run": run_record(spec.out / "results.jsonl"),
-              "trials": compared(trials(spec.out / "results.jsonl"), trials(one_node) if one_node.exists() else [])}
+              "sweep_s": swept - started, "run": cluster.runs[-1],
+              "trials": compared(trials(cluster), trials(one_node))}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1))
 

@@ -32,7 +32,7 @@ def quantized_layers(graph: gs.Graph, layers: Layers, plan: Plan) -> dict[str, Q
             continue
         codes = layer.codes(require_matmul(nodes[spec.node]).inputs[1].values)
         out[spec.name] = QuantizedLayer(
-            spec.name, codes, np.asarray(layer.weight_scales, np.float32), layer.bits,
+            spec.name, codes, np.asarray(layer.weight_scales, np.float32),
             _as_uint8(plan, codes, input_quantizer(layers, plan, spec)), _noise(layers, plan, spec),
             layer.bias_correction)
     return out

@@ -86,11 +86,11 @@ def test_bias_delta_is_minus_noise_times_the_dequantized_weight_plus_the_correct
     codes = rng.integers(-128, 128, (5, 3)).astype(np.int8)
     scales = np.array([0.1, 0.02, 0.3], np.float32)
     noise, correction = rng.standard_normal(5).astype(np.float32), rng.standard_normal(3).astype(np.float32)
-    value = QuantizedLayer("l", codes, scales, 8, as_uint8=True, noise=noise, correction=correction)
+    value = QuantizedLayer("l", codes, scales, as_uint8=True, noise=noise, correction=correction)
     want = -(noise.astype(np.float64) @ (codes.astype(np.float64) * scales.astype(np.float64))) + correction
     np.testing.assert_array_equal(value.bias_delta, want)
-    assert QuantizedLayer("l", codes, scales, 8, as_uint8=False).bias_delta is None
-    assert QuantizedLayer("l", codes, scales, 8, as_uint8=False, noise=np.zeros(5, np.float32)).folded_bias(None) \
+    assert QuantizedLayer("l", codes, scales, as_uint8=False).bias_delta is None
+    assert QuantizedLayer("l", codes, scales, as_uint8=False, noise=np.zeros(5, np.float32)).folded_bias(None) \
         is None
     stored_codes, zero_points = value.stored
     assert stored_codes.dtype == np.uint8 and (zero_points == 128).all()

@@ -86,7 +86,7 @@ def emitted(kind: TwinKind, bits: int, d1: float, d2: float, rng: np.random.Gene
         other = step
     else:
         scales = WeightQuantizer(8).minmax_scales(w)
-        layer = QuantizedLayer("fc2", WeightQuantizer(8).codes(w, scales), scales, 8, as_uint8=False)
+        layer = QuantizedLayer("fc2", WeightQuantizer(8).codes(w, scales), scales, as_uint8=False)
         node.inputs[1] = WeightQuantizer.emit(graph, layer)
         other = (w, scales)
     twin.emit_matmul(graph, node, 0, d1, d2, "layer")

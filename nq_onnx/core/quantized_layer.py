@@ -31,14 +31,14 @@ class QuantizedLayer:
     name: str
     codes: np.ndarray  # int8 [K, N]
     scales: np.ndarray  # float32 [N]: s_c
-    bits: int
     as_uint8: bool  # stored as uint8 q + 128 (exact U8U8 kernels), else int8
     noise: np.ndarray | None = None  # the input group's N [K] where the layer takes noise
     correction: np.ndarray | None = None  # C [N], the planned bias correction
 
-    @functools.cached_property
+    @property
     def weight(self) -> np.ndarray:
-        """``dq(W_q) = q · s_c`` in float64 from the stored float32 steps, ``[K, N]``."""
+        """``dq(W_q) = q · s_c`` in float64 from the stored float32 steps, ``[K, N]`` (computed on each read, not
+        kept: eight bytes a weight for every layer of a conversion would outweigh the model)."""
         steps = np.asarray(self.scales, np.float32).astype(np.float64)
         return self.codes.astype(np.float64) * steps.reshape(1, -1)
 

@@ -124,8 +124,15 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--address must be HOST:PORT (or auto), got {address!r}")
+    refused = connection_error(host, int(port), timeout)
+    if refused is not None:
+        raise ConfigError(f"no Ray cluster answers at {address}: {refused.strerror or refused}")
+
+
+def connection_error(host: str, port: int, timeout: float) -> OSError | None:
+    """``None`` when something accepts a connection at ``host:port`` within ``timeout`` seconds, else why not."""
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
     except OSError as exc:
-        raise ConfigError(f"no Ray cluster answers at {address}: {exc.strerror or exc}") from None
+        return exc

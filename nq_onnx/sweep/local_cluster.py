@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nq_onnx.core.errors import ConfigError
+from nq_onnx.sweep.executors import connection_error
 
 START_SECONDS = 60
 
@@ -79,11 +80,9 @@ def wait_for_cpus(address: str, cpus: int, env: dict, seconds: float = START_SEC
 def _wait_for_port(port: int, seconds: float = START_SECONDS) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
+        if connection_error("127.0.0.1", port, timeout=1) is None:
+            return
+        time.sleep(0.5)
     raise RuntimeError(f"the Ray head did not listen on port {port} in {seconds:.0f} s")
 
 
