@@ -444,3 +444,13 @@ def test_seeds_that_cannot_vary_the_calibration_images_are_warned_about(tmp_path
     assert seed_warning(spec("[0]", 4)) is None  # one seed: nothing to vary
     np.save(tmp_path / "x.npy", np.zeros((8, 3), np.float32))
     assert "first calib_size rows of x.npy" in seed_warning(spec("[0, 1]", 2, "x.npy"))
+
+
+@pytest.mark.parametrize("nodes, cpus", [(0, 1), (2, 0)])
+def test_a_local_cluster_of_no_node_or_no_cpu_is_refused_before_starting(nodes, cpus):
+    from nq_onnx.sweep.local_cluster import local_cluster
+
+    with pytest.raises(ConfigError, match=rf"^a local Ray cluster needs at least 1 node of at least 1 CPU, got "
+                                          rf"{nodes} of {cpus}$"):
+        with local_cluster(nodes=nodes, cpus_per_node=cpus):
+            pass
