@@ -49,6 +49,7 @@ from run import (  # noqa: E402
 from table import weight_bits  # noqa: E402
 
 import nq_onnx  # noqa: E402
+from nq_onnx.techniques.split_softmax import SplitSoftmaxSettings  # noqa: E402
 from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 from nq_onnx.core.config import MixedSensitivity  # noqa: E402
@@ -76,8 +77,8 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
     not the library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
     (weights at N bits, activations at the row's bits), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
     ``vnni`` / ``avx2`` / ``arm64`` / ``gpu`` (that target; without one: portable), ``floatattn`` (the attention
-    matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone); ``all`` is NoisyQuant with reparam,
-    GPTQ and bias correction."""
+    matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone), ``split`` (the attention maps split in
+    two ranges, ``--split-softmax``); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
@@ -93,6 +94,7 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
                                reparam="reparam" in parts, reparam_attention="attn" in parts,
                                weight_rounding=next((p for p in parts if p in ("gptq", "gptq-act")), "nearest"),
                                bias_correction="bc" in parts, bits_budget=budget,
+                               techniques=(SplitSoftmaxSettings(split_softmax=True),) if "split" in parts else (),
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
                                                       nq_onnx.QuantConfig.mixed_sensitivity),
                                mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),

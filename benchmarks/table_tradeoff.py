@@ -27,7 +27,7 @@ OPTIONS = {"asym": "asymmetric activations", "sym": "symmetric activations", "re
            "attn": "attention reparam", "gptq": "GPTQ", "gptq-act": "GPTQ on quantized inputs",
            "bc": "bias correction", "vnni": "target x86-vnni", "arm64": "target arm64", "gpu": "target gpu",
            "avx2": "target x86-avx2", "floatattn": "attention matmuls in float",
-           "floatav": "A V in float"}
+           "floatav": "A V in float", "split": "split attention maps"}
 
 
 def row_label(row: str) -> str:

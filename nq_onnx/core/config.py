@@ -410,6 +410,10 @@ class QuantConfig:
         _coerce_enum(self, "weight_dtype", WeightDtype, "weight dtype")
         _coerce_enum(self, "activations", Activations, "activations")
         self._check_target()
+        for settings in self.techniques:  # a technique's settings may refuse what the rest of the config asks
+            check = getattr(settings, "check", None)
+            if check is not None:
+                check(self)
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:

@@ -23,7 +23,7 @@ from nq_onnx.core import quant
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.core.errors import PlanError
-from nq_onnx.core.quantizers import ActQuantizer, TwinGelu, TwinSoftmax
+from nq_onnx.core.quantizers import ActQuantizer, SplitSoftmax, TwinGelu, TwinSoftmax
 
 SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
 # 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan)
@@ -48,14 +48,17 @@ def modules_average_bits(modules: list[Module], bits: dict[str, int]) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class TwinSpec:
-    """A group quantized with PTQ4ViT's twin-uniform quantizer: ``kind`` (``softmax`` or ``gelu``) and its fixed
-    step (``d2 = 1 / L`` of a softmax group, the negative range's ``d1`` of a GELU group); the searched one is the
-    group's ``scale``."""
+    """A group quantized in two ranges, each with its own integer matmul: ``kind`` ``softmax`` or ``gelu`` (PTQ4ViT's
+    twin-uniform quantizer) or ``split`` (:class:`~nq_onnx.core.quantizers.SplitSoftmax`), and its fixed step (the
+    coarse ``d2 = 1 / L`` of a softmax or split group, the negative range's ``d1`` of a GELU group); the searched one
+    is the group's ``scale``."""
 
     kind: str
     fixed: float
 
-    def quantizer(self, bits: int) -> TwinSoftmax | TwinGelu:
+    def quantizer(self, bits: int) -> TwinSoftmax | TwinGelu | SplitSoftmax:
+        if self.kind == "split":
+            return SplitSoftmax(bits)
         return TwinSoftmax(bits) if self.kind == "softmax" else TwinGelu(bits, self.fixed)
 
 
@@ -95,7 +98,7 @@ class GroupPlan:
     precision: Module | None = None  # its cost and sensitivity per bit-width under a bits budget (search.mixed)
     low: float | None = None  # asymmetric: the calibrated minimum its codes are anchored at (ActQuantizer.low)
 
-    def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu:
+    def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu | SplitSoftmax:
         """The group's activation quantizer, the same object the search scored and the passes emit."""
         if self.twin is None:
             return ActQuantizer(self.bits, self.signed, self.low)

@@ -311,7 +311,7 @@ class TwinUniformQuantizer:
         """Rewrite ``node`` (a ``MatMul`` whose input ``index`` is ``X``) as the two-branch form above: each branch
         ``[Clip] -> QuantizeLinear -> DequantizeLinear -> MatMul`` with the node's other (already dequantized)
         input, the node itself becoming the coarse branch's matmul."""
-        x, out = node.inputs[index], node.outputs[0]
+        x = node.inputs[index]
         if self.kind == TwinKind.SOFTMAX:
             zero = _constant(naming.of(owner, "twin_zero"), np.array(0, np.float32))
             below = gs.Variable(naming.of(owner, "twin_below"), dtype=np.bool_)
@@ -329,23 +329,33 @@ class TwinUniformQuantizer:
             graph.nodes += [gs.Node("Neg", name=naming.of(owner, "twin_neg"), inputs=[x], outputs=[negated]),
                             gs.Node("Relu", name=naming.of(owner, "twin_fine_relu"), inputs=[negated], outputs=[fine]),
                             gs.Node("Relu", name=naming.of(owner, "twin_coarse_relu"), inputs=[x], outputs=[coarse])]
-        products = []
-        for part, source, step in (("fine", fine, d1), ("coarse", coarse, d2)):
-            quantizer = self.branch  # below 8 bits its emitted form clips to [0, L] itself
-            quantized = quantizer.emit(graph, f"{owner}/twin_{part}", source, step)
-            dequantized = quantizer.emit_dequantize(graph, quantized, f"{owner}/twin_{part}", None)
-            product = gs.Variable(naming.of(owner, f"twin_{part}_product"), dtype=np.float32)
-            if part == "coarse":
-                node.inputs[index], node.outputs[0] = dequantized, product
-            else:
-                inputs = list(node.inputs)
-                inputs[index] = dequantized
-                graph.nodes.append(gs.Node("MatMul", name=naming.of(owner, "twin_fine_matmul"), inputs=inputs,
-                                           outputs=[product]))
-            products.append(product)
         combine = "Add" if self.kind == TwinKind.SOFTMAX else "Sub"
-        graph.nodes.append(gs.Node(combine, name=naming.of(owner, "twin_combine"), inputs=[products[1], products[0]],
-                                   outputs=[out]))
+        emit_branches(graph, node, index, (("fine", fine, d1), ("coarse", coarse, d2)), self.branch, combine,
+                      owner, "twin")
+
+
+def emit_branches(graph: gs.Graph, node: gs.Node, index: int, parts: tuple, quantizer: ActQuantizer, combine: str,
+                  owner: str, label: str) -> None:
+    """Rewrite ``node`` (a ``MatMul`` whose input ``index`` is ``X``) as a sum (``combine``: ``Add``, or ``Sub`` of
+    the first from the second) of two integer matmuls: each of ``parts`` (``(part, source, step)``) is quantized by
+    ``quantizer`` at its step, ``[Clip] -> QuantizeLinear -> DequantizeLinear -> MatMul`` with the node's other
+    (already dequantized) input; the node itself becomes the second part's matmul."""
+    products = []
+    for position, (part, source, step) in enumerate(parts):
+        quantized = quantizer.emit(graph, f"{owner}/{label}_{part}", source, step)
+        dequantized = quantizer.emit_dequantize(graph, quantized, f"{owner}/{label}_{part}", None)
+        product = gs.Variable(naming.of(owner, f"{label}_{part}_product"), dtype=np.float32)
+        if position == len(parts) - 1:
+            out = node.outputs[0]
+            node.inputs[index], node.outputs[0] = dequantized, product
+        else:
+            inputs = list(node.inputs)
+            inputs[index] = dequantized
+            graph.nodes.append(gs.Node("MatMul", name=naming.of(owner, f"{label}_{part}_matmul"), inputs=inputs,
+                                       outputs=[product]))
+        products.append(product)
+    graph.nodes.append(gs.Node(combine, name=naming.of(owner, f"{label}_combine"), inputs=[products[1], products[0]],
+                               outputs=[out]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,3 +471,90 @@ class TwinGelu:
 
     def emit_matmul(self, graph: gs.Graph, node: gs.Node, index: int, scale: float, owner: str) -> None:
         self.twin.emit_matmul(graph, node, index, self.negative_step, scale, owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSoftmax:
+    """Attention probabilities ``A`` in ``[0, 1]`` as two uniform unsigned ``b``-bit tensors that add up, with no
+    float select: a fine one that saturates at the knee ``c = L d1`` and a coarse one of what lies above it,
+    ``L = 2^b - 1``, the fine step ``d1`` searched, the coarse step fixed at ``d2 = 1 / L`` (``A - c < 1``)::
+
+        S(A) = d1 clip(rint(A / d1), 0, L) + d2 clip(rint((A - c) / d2), 0, L)
+
+        S(A) @ V = dq(q_1(A)) @ V + dq(q_2(A - c)) @ V
+
+    Below the knee the coarse codes are 0 (``A - c < d1 / 2 <= d2 / 2``) and the error is at most ``d1 / 2``; above
+    it the fine codes are ``L`` (exactly ``c``) and the error at most ``d2 / 2``. A uniform ``b``-bit step rounds every
+    probability under half its step to 0, most of a diffuse attention row; the fine range keeps them. The coarse
+    branch's ``QuantizeLinear`` clips ``A - c < 0`` to code 0 itself, so the form adds one ``Sub``, a second
+    quantizer and a second integer matmul, where PTQ4ViT's twin (:class:`TwinSoftmax`) adds a ``Less`` and two
+    ``Where`` selects and spends one bit of each range on choosing it. Every code is at most ``L <= 255`` against
+    the other operand's int8 codes, so it is exact wherever the uniform quantizer of ``V`` is."""
+
+    low = None  # never anchored asymmetrically (the interface of ActQuantizer)
+    asymmetric = False
+
+    bits: int
+    signed: bool = dataclasses.field(default=False, init=False)
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def branch(self) -> ActQuantizer:
+        """The uniform quantizer of each part: ``b`` bits, unsigned, codes ``[0, L]``."""
+        return ActQuantizer(self.bits, signed=False)
+
+    @property
+    def fixed(self) -> float:
+        """The coarse step ``d2 = 1 / L``."""
+        return float(np.float32(1.0) / np.float32(self.levels))
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return 0, self.levels
+
+    def knee(self, d1: float) -> np.float32:
+        """``c = L d1`` in float32, the value the fine part saturates at and the coarse part starts from."""
+        return np.float32(self.levels) * np.float32(d1)
+
+    def minmax_scale(self, absmax: float) -> float:
+        """The uniform quantizer's MinMax step: the knee at the calibrated maximum, the coarse part empty."""
+        step = float(np.float32(absmax) / np.float32(self.levels))
+        return step if step > 0 else self.fixed
+
+    def candidates(self, base: float, alphas: np.ndarray) -> list[float]:
+        """Fine steps: the uniform quantizer's candidates (multiples of its MinMax step ``base``, whose knee clips
+        where it would) and ``d2 / 2^(m/2)``, ``m = 2..24`` (knees from ``1/2`` down to ``1/4096``)."""
+        return [base * a for a in alphas] + [self.fixed / 2.0 ** (m / 2) for m in range(2, 25)]
+
+    def codes(self, x: np.ndarray, d1: float) -> tuple[np.ndarray, np.ndarray]:
+        """The two parts' codes (``[0, L]``, as the emitted ``QuantizeLinear`` nodes store them)."""
+        x = np.asarray(x, dtype=np.float32)
+        coarse = np.subtract(x, self.knee(d1), dtype=np.float32)
+        return self.branch.codes(x, d1), self.branch.codes(coarse, self.fixed)
+
+    def fake_quant(self, x: np.ndarray, scale: float) -> np.ndarray:
+        fine, coarse = self.codes(x, scale)
+        return fine.astype(np.float32) * np.float32(scale) + coarse.astype(np.float32) * np.float32(self.fixed)
+
+    def simulate(self, prefix: str, x: gs.Tensor, scale: gs.Tensor) -> tuple[list[gs.Node], gs.Variable]:
+        """Float ONNX of :meth:`fake_quant` with the fine step fed as ``scale``."""
+        knee, coarse, out = (gs.Variable(f"{prefix}/split_{p}", dtype=np.float32) for p in ("knee", "coarse", "out"))
+        levels = gs.Constant(f"{prefix}/split_levels", np.array(self.levels, np.float32))
+        nodes = [gs.Node("Mul", inputs=[levels, scale], outputs=[knee]),
+                 gs.Node("Sub", inputs=[x, knee], outputs=[coarse])]
+        fine_nodes, fine_q = self.branch.simulate(f"{prefix}/fine", x, scale)
+        coarse_nodes, coarse_q = self.branch.simulate(
+            f"{prefix}/coarse", coarse, gs.Constant(f"{prefix}/split_d2", np.array(self.fixed, np.float32)))
+        return nodes + fine_nodes + coarse_nodes + [gs.Node("Add", inputs=[fine_q, coarse_q], outputs=[out])], out
+
+    def emit_matmul(self, graph: gs.Graph, node: gs.Node, index: int, scale: float, owner: str) -> None:
+        """``node`` as the two integer matmuls above (:func:`emit_branches`)."""
+        x = node.inputs[index]
+        coarse = gs.Variable(naming.of(owner, "split_coarse_input"), dtype=np.float32)
+        knee = _constant(naming.of(owner, "split_knee"), np.array(self.knee(scale), np.float32))
+        graph.nodes.append(gs.Node("Sub", name=naming.of(owner, "split_sub"), inputs=[x, knee], outputs=[coarse]))
+        emit_branches(graph, node, index, (("fine", x, scale), ("coarse", coarse, self.fixed)), self.branch, "Add",
+                      owner, "split")

@@ -18,7 +18,9 @@ command-line options (:func:`nq_onnx.core.options.option`) and whose class attri
 Registering the technique registers the dataclass as a configuration section: its flags appear in ``nq-onnx
 convert --help``, its table in ``--config`` files, and an enabled instance (``enabled`` true) joins
 :attr:`QuantConfig.techniques <nq_onnx.core.config.QuantConfig.techniques>`, which plans and models record
-(``{"name": {"version": ..., field: value}}``) and :func:`settings_from_dict` reads back. Techniques whose settings
+(``{"name": {"version": ..., field: value}}``) and :func:`settings_from_dict` reads back. Settings may define
+``check(config)``, which the configuration calls once it is complete, to refuse in one ``ConfigError`` what the
+technique cannot run with the rest of it (a target, a missing option). Techniques whose settings
 are :class:`~nq_onnx.core.config.QuantConfig` fields (the reparameterizations) say when they are on in :meth:`enabled`.
 
 The built-in techniques (:mod:`nq_onnx.techniques.builtin`) are loaded by name the first time the registry is asked

@@ -329,8 +329,8 @@ class SearchPlanner:
 
     def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
         """Both operands' steps (:func:`search_act_matmul` on sampled slices of the fit images); where an operand
-        is twin-uniform, the product is searched with its uniform fallback too, and the twin kept only where its
-        product error on the held-out images' slices is the lower one."""
+        is twin-uniform or split, the product is searched with its uniform fallback too, and the two-range quantizer
+        kept only where its product error on the held-out images' slices is strictly the lower one."""
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         quantizers = tuple(self._quantizer(g) for g in groups)
@@ -342,7 +342,7 @@ class SearchPlanner:
             other = self._search_product(spec, groups, fit, absmax, fallbacks)
             own = _product_error(held_slices, quantizers, (s_a, s_b))
             base = _product_error(held_slices, fallbacks, other[:2])
-            if base < own:
+            if base <= own:  # ties: the uniform quantizer, which needs one integer matmul where the others need two
                 quantizers, (s_a, s_b, metrics) = fallbacks, other
                 metrics = {**metrics, "twin_rejected": 1.0}
             metrics = {**metrics, "mse_twin_held_out": own, "mse_uniform_held_out": base}
