@@ -9,5 +9,5 @@ from nq_onnx.techniques import asymmetric  # noqa: F401  (... the asymmetric qua
 from nq_onnx.techniques import gptq  # noqa: F401  (a layer's codes first ...)
 from nq_onnx.techniques import bias_correction  # noqa: F401  (... then the correction for them)
 
-__all__ = ["reparam_layernorm", "reparam_attention", "mixed_precision", "twin_uniform", "split_softmax", "asymmetric", "gptq",
-           "bias_correction"]
+__all__ = ["reparam_layernorm", "reparam_attention", "mixed_precision", "twin_uniform", "split_softmax", "asymmetric",
+           "gptq", "bias_correction"]
