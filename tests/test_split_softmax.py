@@ -208,3 +208,26 @@ def test_convert_with_the_split_beats_the_uniform_attention_map_on_held_out_imag
     again = convert(path, tmp_path / "again.onnx", calib, load_plan=tmp_path / "split.json", evaluate=False)
     assert again.plan.config.techniques == (SPLIT,)
     assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "split.onnx").read_bytes()
+
+
+def test_the_command_line_has_the_flag_and_refuses_it_without_a_quantized_attention_map(tmp_path, capsys):
+    """``--split-softmax`` is a flag of ``convert`` in a fresh program (the built-in techniques' settings are
+    loaded with the parser), its config prints as a ``[split_softmax]`` table, and without
+    ``--attention-probabilities`` it is refused in one line before any file is read or written."""
+    import subprocess
+    import sys
+
+    from nq_onnx.cli.main import _config_from, build_parser, main
+
+    args = build_parser().parse_args(["convert", "m.onnx", "-o", "o.onnx", "--split-softmax",
+                                      "--attention-probabilities"])
+    assert _config_from(args).techniques == (SPLIT,)
+    printed = subprocess.run([sys.executable, "-m", "nq_onnx.cli", "convert", "m.onnx", "-o", "o.onnx",
+                              "--split-softmax", "--attention-probabilities", "--print-config"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "[split_softmax]\nsplit_softmax = true\n" in printed
+    out = tmp_path / "o.onnx"
+    assert main(["convert", str(tmp_path / "missing.onnx"), "-o", str(out), "--split-softmax"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["nq-onnx: error: split-softmax splits the quantized attention map of A@V: add "
+                   "--attention-probabilities"] and not out.exists()

@@ -23,6 +23,7 @@ from nq_onnx.core.version import __version__
 from nq_onnx.cli.commands import EXTERNAL_DATA, add_run_options
 from nq_onnx.cli.log import check_log_file, configured, progress
 from nq_onnx.cli.options import Resolved, add_config_options, argument_groups, ignored, preset_help, resolve
+from nq_onnx.core import technique
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.cli.config_file import FORMATS, dump, plain, to_mapping
 from nq_onnx.core.errors import ConfigError, NQError
@@ -130,6 +131,7 @@ def _epilog(width: int = 100) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    technique.load_builtin()  # the built-in techniques' own settings declare flags too
     parser = _Parser(prog="nq-onnx", description="NoisyQuant post-training quantization for ONNX ViTs.",
                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"nq-onnx {__version__}")
