@@ -221,6 +221,7 @@ def quantize(
         noise_adds=len(rewrite.names(Role.NOISE_ADD)),
         noise_rejected=_rejected(layers, plan, "noise_rejected"),
         twin_rejected=_rejected(layers, plan, "twin_rejected"),
+        split_rejected=_rejected(layers, plan, "split_rejected"),
         asymmetric_rejected=_rejected(layers, plan, "asymmetric_rejected"),
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         attention_reparams=sum(1 for p in plan.layers.values() if p.attention is not None),

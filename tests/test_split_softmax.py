@@ -4,6 +4,8 @@ maps, and a conversion that uses it checked on held-out images against the unifo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -32,12 +34,17 @@ def reference(x: np.ndarray, bits: int, d1: float) -> tuple[np.ndarray, np.ndarr
     return fine, coarse
 
 
-def probabilities(rng: np.random.Generator, d1: float, bits: int, shape=(2, 3, 9, 9)) -> np.ndarray:
-    """Softmax rows, with exact rounding ties of the fine step, the knee itself and values just past it."""
+def probabilities(rng: np.random.Generator, d1: float, bits: int, shape=(2, 3, 24, 24)) -> np.ndarray:
+    """Softmax rows, with exact rounding ties of the fine step up to the knee and past it, and of the coarse step
+    above the knee (``c + k d2 / 2``), the largest at 1."""
     logits = rng.standard_normal(shape) * 3
     x = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
-    ties = np.float32(d1) * (np.arange(2 * (2**bits - 1) + 4) / 2)
-    x.flat[: ties.size] = ties[: x.size]
+    split = SplitSoftmax(bits)
+    fine = np.float32(d1) * (np.arange(2 * split.levels + 4) / 2)
+    coarse = split.knee(d1) + np.float32(split.fixed) * (np.arange(6) / 2)
+    ties = np.concatenate([fine, coarse, [1.0]]).astype(np.float32)
+    assert ties.size < x.size // 2  # most of the tensor stays softmax rows
+    x.flat[: ties.size] = ties
     return x
 
 
@@ -46,7 +53,7 @@ def test_split_codes_equal_the_reference_and_bound_the_error(bits):
     rng = np.random.default_rng(bits)
     split = SplitSoftmax(bits)
     d1 = split.fixed / 8
-    x = probabilities(rng, d1, bits, (2, 3, 40, 40))
+    x = probabilities(rng, d1, bits)
     got = split.codes(x, d1)
     for g, w in zip(got, reference(x, bits, d1)):
         np.testing.assert_array_equal(g, w)
@@ -57,11 +64,12 @@ def test_split_codes_equal_the_reference_and_bound_the_error(bits):
     assert error[~below].max() <= split.fixed / 2 + 1e-7
 
 
-def test_simulation_computes_the_numpy_quantizer_bit_for_bit():
+@pytest.mark.parametrize("bits", [8, 6, 4])
+def test_simulation_computes_the_numpy_quantizer_bit_for_bit(bits):
     """The float-ONNX simulation the search runs (the step fed as a tensor) equals :meth:`fake_quant` exactly."""
-    split = SplitSoftmax(6)
+    split = SplitSoftmax(bits)
     d1 = split.fixed / 5.3
-    x = probabilities(np.random.default_rng(3), d1, 6)
+    x = probabilities(np.random.default_rng(3), d1, bits)
     graph = gs.Graph(opset=17)
     source = gs.Variable("a", dtype=np.float32, shape=list(x.shape))
     scale = gs.Variable("s", dtype=np.float32, shape=[])
@@ -94,7 +102,7 @@ def test_two_matmul_graph_computes_the_reference_on_integer_kernels(bits):
     rounding, onnxruntime runs both matmuls as integer kernels, and the graph holds no float select."""
     rng = np.random.default_rng(20 + bits)
     split = SplitSoftmax(bits)
-    d1, v_step, shapes = split.fixed / 6, 0.02, ([2, 3, 9, 9], [2, 3, 9, 5])
+    d1, v_step, shapes = split.fixed / 6, 0.02, ([2, 3, 24, 24], [2, 3, 24, 5])
     model = emitted(split, d1, v_step, shapes)
     a = probabilities(rng, d1, bits)
     v = rng.standard_normal(shapes[1]).astype(np.float32)
@@ -104,6 +112,7 @@ def test_two_matmul_graph_computes_the_reference_on_integer_kernels(bits):
     want_fine, want_coarse = split.codes(a, d1)
     np.testing.assert_array_equal(fine, want_fine)
     np.testing.assert_array_equal(coarse, want_coarse)
+    assert fine.max() == split.levels and coarse.max() > 0  # the fine part saturates, the coarse one is used
     want = split.fake_quant(a, d1) @ ActQuantizer(8).fake_quant(v, v_step)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     inspection = inspect_model(model)
@@ -114,8 +123,9 @@ def test_two_matmul_graph_computes_the_reference_on_integer_kernels(bits):
 
 def test_split_beats_the_uniform_and_the_twin_quantizer_on_real_attention_maps():
     """Attention probabilities of the demo's ViT-S/14 (real weights) on a photograph: at 4 and 6 bits the split
-    (its fine step chosen over its search grid) gives ``A V`` a higher SQNR than one unsigned uniform range with the
-    MinMax step, by more than 3 dB, and than PTQ4ViT's twin of the same width over its own grid."""
+    (its fine step chosen over its search grid) gives ``A V`` a higher SQNR than one unsigned uniform range with its
+    best step over the same multiples of the MinMax step, by more than 3 dB, and than PTQ4ViT's twin of the same
+    width over its own grid."""
     from nq_onnx.calibration.data import Preprocess
     from nq_onnx.calibration.runtime import session, with_outputs
     from nq_onnx.demo import crops, demo_model_path, demo_photos
@@ -129,25 +139,59 @@ def test_split_beats_the_uniform_and_the_twin_quantizer_on_real_attention_maps()
     a, v = session(with_outputs(model, list(attn.input))).run(list(attn.input), feeds)
     target = a @ v
     for bits in (4, 6):
-        uniform = ActQuantizer(bits, signed=False)
-        sqnr_uniform = quant.sqnr_db(target, uniform.fake_quant(a, uniform.minmax_scale(float(a.max()))) @ v)
+        uniform, alphas = ActQuantizer(bits, signed=False), np.linspace(0.05, 1.0, 20)
+        steps = uniform.candidates(uniform.minmax_scale(float(a.max())), alphas)
+        sqnr_uniform = max(quant.sqnr_db(target, uniform.fake_quant(a, s) @ v) for s in steps)
         twin = TwinUniformQuantizer(bits, TwinKind.SOFTMAX)
         d2 = 1.0 / twin.levels
         sqnr_twin = max(quant.sqnr_db(target, twin.fake_quant(a, d2 / 2**m, d2) @ v) for m in range(1, 17))
         split = SplitSoftmax(bits)
-        grid = split.candidates(split.minmax_scale(float(a.max())), np.linspace(0.05, 1.0, 20))
+        grid = split.candidates(split.minmax_scale(float(a.max())), alphas)
         sqnr_split = max(quant.sqnr_db(target, split.fake_quant(a, d1) @ v) for d1 in grid)
         assert sqnr_split > sqnr_uniform + 3.0 and sqnr_split > sqnr_twin, (bits, sqnr_split, sqnr_twin, sqnr_uniform)
 
 
-def test_the_split_needs_a_quantized_attention_map_and_a_uint8_target():
+@pytest.mark.parametrize("options,message", [
+    ({"attention_probabilities": False}, "add --attention-probabilities"),
+    ({"quantize_attention_matmuls": False}, "drop --no-attention-matmuls"),
+    ({"method": "noisyquant-ptq4vit"}, "not noisyquant-ptq4vit"),
+    ({"method": "minmax"}, "not minmax"),
+    ({"target": "gpu", "activations": "symmetric"}, "target gpu cannot run split-softmax"),
+    ({"bits_budget": 6.0, "mixed_sensitivity": "searched", "activations": "symmetric"}, "mixed-sensitivity searched"),
+])
+def test_the_split_is_refused_where_it_could_not_apply(options, message):
     from nq_onnx import QuantConfig
 
-    with pytest.raises(ConfigError, match="add --attention-probabilities"):
-        QuantConfig(techniques=(SPLIT,))
-    with pytest.raises(ConfigError, match="target gpu cannot run split-softmax"):
-        QuantConfig(target="gpu", attention_probabilities=True, techniques=(SPLIT,))
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**{"attention_probabilities": True, **options}, techniques=(SPLIT,))
+
+
+def test_settings_that_leave_the_split_off_are_dropped_and_unknown_kinds_refused():
+    from nq_onnx import QuantConfig
+    from nq_onnx.core.errors import PlanError
+    from nq_onnx.core.plan import TwinSpec
+
     assert QuantConfig(attention_probabilities=True, techniques=(SPLIT,)).techniques == (SPLIT,)
+    assert QuantConfig(techniques=(SplitSoftmaxSettings(split_softmax=False),)).techniques == ()
+    assert isinstance(TwinSpec("split", 1 / 63).quantizer(6), SplitSoftmax)
+    with pytest.raises(PlanError, match="unknown two-range quantizer kind 'splt'"):
+        TwinSpec("splt", 1 / 63)
+
+
+def test_the_report_and_the_summary_name_the_split():
+    """The report gives a split group's fine and coarse steps under its own name, and the summary counts the
+    attention maps whose split lost to the uniform quantizer apart from the twin's."""
+    from nq_onnx.report.page import _step
+    from nq_onnx.report.summary import Summary, format_summary
+
+    row = {"act_scale": 0.001, "signed": False, "twin": {"kind": "split", "fixed": 1 / 63}}
+    assert _step(row, lambda x: f"{x:.4g}") == "split: 0.001 / 0.01587"
+    fields = {f.name: f for f in dataclasses.fields(Summary)}
+    summary = Summary(**{n: ([] if "list" in str(f.type) else {} if "dict" in str(f.type) else 0)
+                         for n, f in fields.items() if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING}, split_rejected=2)
+    text = format_summary(summary, 1.0, "q.onnx")
+    assert "split attention-map quantizer dropped in 2 groups" in text and "twin-uniform quantizer dropped" not in text
 
 
 def sharpen_attention(path, factor: float) -> None:
@@ -165,7 +209,8 @@ def test_convert_with_the_split_beats_the_uniform_attention_map_on_held_out_imag
     """A DeiT at initialization whose qkv weights are scaled 4x (197 tokens; sharp attention maps, as trained models
     have, where at initialization they are near ``1/197``) at W6A6 with every matmul input quantized: with
     ``--split-softmax`` every attention map is split (or its uniform fallback recorded), both parts run on integer
-    kernels with no float select, the plan reloads to the same bytes, and the model's output SQNR on photographs no
+    kernels with no float select, the saved plan reloads to the same model bytes, and the model's output SQNR on
+    photographs no
     conversion saw is higher than the same conversion's with uniform attention maps (13.6 against 11.2 dB here)."""
     from nq_onnx import QuantConfig, SearchConfig, convert
     from nq_onnx.calibration.data import load_dataset
@@ -213,7 +258,7 @@ def test_convert_with_the_split_beats_the_uniform_attention_map_on_held_out_imag
 def test_the_command_line_has_the_flag_and_refuses_it_without_a_quantized_attention_map(tmp_path, capsys):
     """``--split-softmax`` is a flag of ``convert`` in a fresh program (the built-in techniques' settings are
     loaded with the parser), its config prints as a ``[split_softmax]`` table, and without
-    ``--attention-probabilities`` it is refused in one line before any file is read or written."""
+    ``--attention-probabilities`` it is refused in one line, nothing written."""
     import subprocess
     import sys
 

@@ -13,7 +13,7 @@ from typing import Any
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core.options import Condition, option, register_section
 from nq_onnx.core.presets import preset_values
-from nq_onnx.core.technique import settings_from_dict, settings_to_dict, technique_of
+from nq_onnx.core.technique import settings_from_dict, settings_on, settings_to_dict, technique_of
 
 SUPPORTED_BITS = (4, 5, 6, 7, 8)  # 7: int8 codes that no x86 kernel saturates (onnxruntime's reduce_range)
 
@@ -452,8 +452,10 @@ class QuantConfig:
             raise ConfigError(f"search must be a SearchConfig or a dict of its fields, got {kind}")
 
     def _check_techniques(self) -> None:
-        """One registered technique's settings each, held in name order (the order does not change the model)."""
-        named = sorted(((technique_of(s).name, s) for s in self.techniques), key=lambda pair: pair[0])
+        """One registered technique's settings each, held in name order (the order does not change the model);
+        settings that leave their technique off (``enabled`` false) are dropped."""
+        named = sorted(((technique_of(s).name, s) for s in self.techniques if settings_on(s)),
+                       key=lambda pair: pair[0])
         for (first, _), (second, _) in zip(named, named[1:]):
             if first == second:
                 raise ConfigError(f"technique {first!r} is given twice")

@@ -56,6 +56,13 @@ class TwinSpec:
     kind: str
     fixed: float
 
+    KINDS = ("softmax", "gelu", "split")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise PlanError(f"unknown two-range quantizer kind {self.kind!r} in the plan; this version reads "
+                            f"{', '.join(self.KINDS)}")
+
     def quantizer(self, bits: int) -> TwinSoftmax | TwinGelu | SplitSoftmax:
         if self.kind == "split":
             return SplitSoftmax(bits)

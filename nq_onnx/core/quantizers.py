@@ -483,13 +483,13 @@ class SplitSoftmax:
 
         S(A) @ V = dq(q_1(A)) @ V + dq(q_2(A - c)) @ V
 
-    Below the knee the coarse codes are 0 (``A - c < d1 / 2 <= d2 / 2``) and the error is at most ``d1 / 2``; above
-    it the fine codes are ``L`` (exactly ``c``) and the error at most ``d2 / 2``. A uniform ``b``-bit step rounds every
+    Below the knee the coarse code is 0 (``A - c < 0`` clips to it) and the error is at most ``d1 / 2``; above it the
+    fine code is ``L`` (exactly ``c``) and the error at most ``d2 / 2``. A uniform ``b``-bit step rounds every
     probability under half its step to 0, most of a diffuse attention row; the fine range keeps them. The coarse
     branch's ``QuantizeLinear`` clips ``A - c < 0`` to code 0 itself, so the form adds one ``Sub``, a second
     quantizer and a second integer matmul, where PTQ4ViT's twin (:class:`TwinSoftmax`) adds a ``Less`` and two
-    ``Where`` selects and spends one bit of each range on choosing it. Every code is at most ``L <= 255`` against
-    the other operand's int8 codes, so it is exact wherever the uniform quantizer of ``V`` is."""
+    ``Where`` selects and spends one bit of each range on choosing it. Both parts are uint8 codes in ``[0, L]``
+    multiplied with ``V``'s uint8 codes on the kernel the uniform quantizer's product runs on, exact as that one is."""
 
     low = None  # never anchored asymmetrically (the interface of ActQuantizer)
     asymmetric = False

@@ -169,12 +169,14 @@ window.addEventListener("load", () => {
 
 
 def _step(row: dict, num) -> str:
-    """The activation step, or both steps of a twin-uniform quantizer (fine / coarse)."""
+    """The activation step, or both steps of a twin-uniform or split quantizer (fine / coarse)."""
     twin = row.get("twin")
     if twin is None:
         return f"{num(row['act_scale'])}{'' if row['signed'] else ' (unsigned)'}"
-    fine, coarse = (row["act_scale"], twin["fixed"]) if twin["kind"] == "softmax" else (twin["fixed"], row["act_scale"])
-    return f"twin {twin['kind']}: {num(fine)} / {num(coarse)}"
+    searched_fine = twin["kind"] in ("softmax", "split")
+    fine, coarse = (row["act_scale"], twin["fixed"]) if searched_fine else (twin["fixed"], row["act_scale"])
+    label = "split" if twin["kind"] == "split" else f"twin {twin['kind']}"
+    return f"{label}: {num(fine)} / {num(coarse)}"
 
 
 def _mechanism_table(layers: list[dict], num) -> str:

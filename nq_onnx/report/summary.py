@@ -96,6 +96,7 @@ class Summary:
     noise_adds: int = 0  # explicit X + N Adds left at inference (the rest were folded into a preceding bias)
     noise_rejected: int = 0  # groups whose searched noise lost to EasyQuant on held-out images, and was dropped
     twin_rejected: int = 0  # twin-uniform groups (and attention maps) whose uniform fallback won on held-out images
+    split_rejected: int = 0  # split attention maps whose uniform fallback won on held-out images
     asymmetric_rejected: int = 0  # asymmetric groups whose symmetric fallback won on held-out images
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
     attention_reparams: int = 0  # scores matmuls whose Q and K were reparameterized (QuantConfig.reparam_attention)
@@ -156,6 +157,7 @@ def format_summary(summary, elapsed: float, output) -> str:
                      "VNNI saturate int8)")
     for count, what, other in ((summary.noise_rejected, "noise", "EasyQuant"),
                                (summary.twin_rejected, "twin-uniform quantizer", "the uniform quantizer"),
+                               (summary.split_rejected, "split attention-map quantizer", "the uniform quantizer"),
                                (summary.asymmetric_rejected, "asymmetric quantizer", "the symmetric one")):
         if count:
             lines.append(f"  {what} dropped in {count} groups: it lost to {other} on the held-out calibration images")

@@ -292,7 +292,7 @@ class SearchPlanner:
             self._sim.set_layer(operand.name, done.weight, bias_delta(planned.noise, done.weight, done.correction))
 
     def _fallback(self, group: GroupSpec) -> tuple[ActQuantizer | None, tuple[str, str]]:
-        """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform) must beat on held-out
+        """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform, split) must beat on held-out
         rows (``None``: the group's quantizer is the uniform one already), and the names its metrics record the two
         under."""
         choice = self._chosen.get(group.name)
@@ -330,7 +330,9 @@ class SearchPlanner:
     def _plan_act_matmul(self, plan: Plan, spec: LayerSpec, a: np.ndarray, b: np.ndarray) -> None:
         """Both operands' steps (:func:`search_act_matmul` on sampled slices of the fit images); where an operand
         is twin-uniform or split, the product is searched with its uniform fallback too, and the two-range quantizer
-        kept only where its product error on the held-out images' slices is strictly the lower one."""
+        kept only where its product error on the held-out images' slices is strictly the lower one (without held-out
+        images, or operands that cannot be sliced, it is kept). The metrics name the two as the technique does
+        (``twin_rejected``, ``mse_split_held_out``, ...)."""
         groups = [self.layers.group_of(t) for t in spec.inputs]
         absmax = (self.stats[spec.inputs[0]].absmax, self.stats[spec.inputs[1]].absmax)
         quantizers = tuple(self._quantizer(g) for g in groups)
@@ -339,13 +341,14 @@ class SearchPlanner:
         fallbacks = tuple(self._fallbacks.get(g.name, q) for g, q in zip(groups, quantizers))
         held_slices = None if fallbacks == quantizers or held[0] is None else self._slices(spec, *held)
         if held_slices is not None:
+            mine, uniform = next(self._fallback(g)[1] for g, q, f in zip(groups, quantizers, fallbacks) if q != f)
             other = self._search_product(spec, groups, fit, absmax, fallbacks)
             own = _product_error(held_slices, quantizers, (s_a, s_b))
             base = _product_error(held_slices, fallbacks, other[:2])
             if base <= own:  # ties: the uniform quantizer, which needs one integer matmul where the others need two
                 quantizers, (s_a, s_b, metrics) = fallbacks, other
-                metrics = {**metrics, "twin_rejected": 1.0}
-            metrics = {**metrics, "mse_twin_held_out": own, "mse_uniform_held_out": base}
+                metrics = {**metrics, f"{mine}_rejected": 1.0}
+            metrics = {**metrics, f"mse_{mine}_held_out": own, f"mse_{uniform}_held_out": base}
         for group, scale, q in zip(groups, (s_a, s_b), quantizers):
             if group.name not in plan.groups:
                 plan.groups[group.name] = dataclasses.replace(

@@ -3,12 +3,13 @@ quantized as two uniform unsigned tensors that add up, a fine one saturating at 
 what lies above it, each with its own integer matmul and no float select
 (:class:`~nq_onnx.core.quantizers.SplitSoftmax`: the arithmetic, its float-ONNX simulation and its Q/DQ form).
 
-The search chooses the fine step ``d1`` among ``d2 / 2^(m/2)`` (the coarse step ``d2 = 1 / (2^b - 1)`` is fixed) on
-the partly quantized model's rows, like any activation matmul's step, and keeps the split only where it beats the
-group's uniform quantizer on held-out rows (:func:`nq_onnx.search.groups.search_with_fallback`); the plan records it
-as a :class:`~nq_onnx.core.plan.TwinSpec` of kind ``split``. Groups that PTQ4ViT's twin-uniform quantizer took are
-left to it. The split needs the attention map quantized (``--attention-probabilities``) and uint8 codes, which the
-``gpu`` target's symmetric int8 activations exclude.
+The search chooses the fine step ``d1`` among the uniform quantizer's candidates and ``d2 / 2^(m/2)`` (the coarse
+step ``d2 = 1 / (2^b - 1)`` is fixed) on the partly quantized model's rows, like any activation matmul's step, and
+keeps the split only where its product error on the held-out images' rows is strictly below the group's uniform
+quantizer's (``SearchPlanner._plan_act_matmul``; the plan's metrics say ``split_rejected`` where it lost); the plan
+records it as a :class:`~nq_onnx.core.plan.TwinSpec` of kind ``split``. The split needs the attention map quantized
+(``--attention-probabilities``), a searched method with uniform quantizers (a twin-uniform method takes the same
+maps) and uint8 codes, which the ``gpu`` target's symmetric int8 activations exclude.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from nq_onnx.core.config import Target
+from nq_onnx.core.config import Method, MixedSensitivity, Target
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core.options import option
 from nq_onnx.core.plan import TwinSpec
@@ -39,12 +40,22 @@ class SplitSoftmaxSettings:
         return self.split_softmax
 
     def check(self, config) -> None:
-        """Refuse the split where the attention map is not quantized or the target cannot store its codes."""
-        if not config.attention_probabilities or not config.quantize_attention_matmuls:
+        """Refuse the split where it could not apply: no quantized attention map, a method that searches nothing
+        or whose twin-uniform quantizer takes the same maps, a target that cannot store its codes, or a
+        mixed-precision sensitivity that simulates every group as uniform."""
+        if not config.quantize_attention_matmuls:
+            raise ConfigError("split-softmax splits the quantized attention map of A@V: drop --no-attention-matmuls")
+        if not config.attention_probabilities:
             raise ConfigError("split-softmax splits the quantized attention map of A@V: add --attention-probabilities")
+        if config.method.twin or config.method == Method.MINMAX:
+            raise ConfigError(f"split-softmax needs a searched method with uniform quantizers (easyquant or "
+                              f"noisyquant), not {config.method.value}")
         if config.target == Target.GPU:
             raise ConfigError("target gpu cannot run split-softmax: its codes are unsigned uint8, and TensorRT fuses "
                               "symmetric int8 only")
+        if config.bits_budget is not None and config.mixed_sensitivity == MixedSensitivity.SEARCHED:
+            raise ConfigError("mixed-sensitivity searched simulates every group as uniform; with split-softmax use "
+                              "another sensitivity")
 
 
 @register
