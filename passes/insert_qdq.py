@@ -19,7 +19,7 @@ Activations (per tensor, one quantizer per group, one dequantizer per consumer):
 The uint8 container with zero point 128 holds the signed b-bit codes ``q + 128`` (zero point 0 and codes
 ``[0, 2^b - 1]`` for a non-negative tensor planned unsigned); below 8 bits the explicit ``Clip`` keeps codes
 inside the b-bit range, which the 8-bit container alone would not. A group planned twin-uniform (PTQ4ViT) turns
-each of its layers into two branches (:class:`~nq_onnx.core.quantizers.TwinUniformQuantizer`). The arithmetic is
+each of its layers into two branches (:class:`~nq_onnx.core.two_range.TwinUniformQuantizer`). The arithmetic is
 :class:`~nq_onnx.core.quantizers.ActQuantizer`'s and :class:`~nq_onnx.core.quantizers.WeightQuantizer`'s, the same
 objects the search and the simulation use.
 """

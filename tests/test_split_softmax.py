@@ -15,7 +15,8 @@ from onnx import helper
 
 from nq_onnx.core import quant
 from nq_onnx.core.errors import ConfigError
-from nq_onnx.core.quantizers import ActQuantizer, SplitSoftmax, TwinKind, TwinUniformQuantizer
+from nq_onnx.core.quantizers import ActQuantizer
+from nq_onnx.core.two_range import SplitSoftmax, TwinKind, TwinUniformQuantizer
 from nq_onnx.inspect import inspect_model
 from nq_onnx.techniques.split_softmax import SplitSoftmaxSettings
 

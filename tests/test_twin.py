@@ -13,7 +13,8 @@ from onnx import helper
 from nq_onnx.core import quant
 from nq_onnx.inspect import inspect_model
 from nq_onnx.core.quantized_layer import QuantizedLayer
-from nq_onnx.core.quantizers import ActQuantizer, TwinKind, TwinUniformQuantizer, WeightQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
+from nq_onnx.core.two_range import TwinKind, TwinUniformQuantizer
 
 
 def reference(x: np.ndarray, kind: TwinKind, bits: int, d1: float, d2: float) -> tuple[np.ndarray, np.ndarray]:

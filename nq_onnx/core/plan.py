@@ -23,7 +23,8 @@ from nq_onnx.core import quant
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.core.errors import PlanError
-from nq_onnx.core.quantizers import ActQuantizer, SplitSoftmax, TwinGelu, TwinSoftmax
+from nq_onnx.core.quantizers import ActQuantizer
+from nq_onnx.core.two_range import SplitSoftmax, TwinGelu, TwinSoftmax
 
 SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
 # 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan)
@@ -49,7 +50,7 @@ def modules_average_bits(modules: list[Module], bits: dict[str, int]) -> float:
 @dataclasses.dataclass(frozen=True)
 class TwinSpec:
     """A group quantized in two ranges, each with its own integer matmul: ``kind`` ``softmax`` or ``gelu`` (PTQ4ViT's
-    twin-uniform quantizer) or ``split`` (:class:`~nq_onnx.core.quantizers.SplitSoftmax`), and its fixed step (the
+    twin-uniform quantizer) or ``split`` (:class:`~nq_onnx.core.two_range.SplitSoftmax`), and its fixed step (the
     coarse ``d2 = 1 / L`` of a softmax or split group, the negative range's ``d1`` of a GELU group); the searched one
     is the group's ``scale``."""
 

@@ -1,7 +1,7 @@
 """The split attention-map quantizer (``--split-softmax``): every Softmax output read as the ``A`` of ``A @ V`` is
 quantized as two uniform unsigned tensors that add up, a fine one saturating at a searched knee and a coarse one of
 what lies above it, each with its own integer matmul and no float select
-(:class:`~nq_onnx.core.quantizers.SplitSoftmax`: the arithmetic, its float-ONNX simulation and its Q/DQ form).
+(:class:`~nq_onnx.core.two_range.SplitSoftmax`: the arithmetic, its float-ONNX simulation and its Q/DQ form).
 
 The search chooses the fine step ``d1`` among the uniform quantizer's candidates and ``d2 / 2^(m/2)`` (the coarse
 step ``d2 = 1 / (2^b - 1)`` is fixed) on the partly quantized model's rows, like any activation matmul's step, and
@@ -21,7 +21,8 @@ from nq_onnx.core.config import Method, MixedSensitivity, Target
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core.options import option
 from nq_onnx.core.plan import TwinSpec
-from nq_onnx.core.quantizers import ActQuantizer, SplitSoftmax
+from nq_onnx.core.quantizers import ActQuantizer
+from nq_onnx.core.two_range import SplitSoftmax
 from nq_onnx.core.technique import GroupQuantizer, Technique, register
 from nq_onnx.passes.find_layers import ACT_MATMUL
 

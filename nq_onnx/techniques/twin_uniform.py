@@ -1,7 +1,7 @@
 """PTQ4ViT's twin-uniform quantizer (methods ``ptq4vit`` and ``noisyquant-ptq4vit``): which groups take it.
 
 Every Softmax output read as the ``A`` of ``A @ V`` and every GELU output read by linear layers is quantized with two
-uniform ranges instead of one (:class:`~nq_onnx.core.quantizers.TwinSoftmax`, :class:`~nq_onnx.core.quantizers.
+uniform ranges instead of one (:class:`~nq_onnx.core.two_range.TwinSoftmax`, :class:`~nq_onnx.core.two_range.
 TwinGelu`: the arithmetic, its float-ONNX simulation and its Q/DQ form). A Softmax group's fixed step is
 ``d2 = 1 / L``; a GELU group's negative range's step ``d1`` covers its calibrated minimum ``m < 0`` with ``L`` levels,
 ``d1 = max(-m, 1e-6) / L``; the search chooses the other step (the group's ``scale``). Each twin group is kept only
@@ -16,7 +16,8 @@ import numpy as np
 from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.core.plan import TwinSpec
-from nq_onnx.core.quantizers import ActQuantizer, TwinSoftmax
+from nq_onnx.core.quantizers import ActQuantizer
+from nq_onnx.core.two_range import TwinSoftmax
 from nq_onnx.core.technique import GroupQuantizer, Technique, register
 from nq_onnx.passes.find_layers import ACT_MATMUL, Layers
 
