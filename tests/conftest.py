@@ -37,6 +37,23 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str]
     return session.run(outputs, feeds)
 
 
+def real_attention() -> tuple[np.ndarray, np.ndarray]:
+    """``(A, V)`` of the first attention ``A @ V`` of the demo's ViT-S/14 (real weights) on two crops of a
+    photograph: real attention probabilities and the values they weigh."""
+    from nq_onnx.calibration.data import Preprocess
+    from nq_onnx.calibration.runtime import session, with_outputs
+    from nq_onnx.demo import crops, demo_model_path, demo_photos
+    from nq_onnx.io.model_io import load_model
+
+    model = load_model(demo_model_path())[0]
+    attn = next(n for n in model.graph.node if n.op_type == "MatMul" and any(
+        p.op_type == "Softmax" and p.output[0] == n.input[0] for p in model.graph.node))
+    pre = Preprocess.from_model(model, crop_pct=1.0)
+    feeds = {model.graph.input[0].name: crops(demo_photos()[:1], pre, 0)[:2]}
+    a, v = session(with_outputs(model, list(attn.input))).run(list(attn.input), feeds)
+    return a, v
+
+
 def mlp_model(rng: np.random.Generator, tokens: int = 5, k: int = 12, hidden: int = 20, out: int = 7,
               second_bias: bool = True) -> onnx.ModelProto:
     """``x -> fc1 (MatMul + Add) -> Relu -> fc2 (MatMul [+ Add])``, timm's export layout, named like timm."""

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from conftest import make_model, run, tensor
+from conftest import make_model, real_attention, run, tensor
 from onnx import helper
 
 from nq_onnx.core import quant
@@ -138,17 +138,7 @@ def test_twin_beats_one_uniform_range_on_real_attention_maps():
     """Attention probabilities of the demo's ViT-S/14 (real weights) on a photograph: at 4 and 6 bits the twin
     quantizer (the split searched over powers of two, as PTQ4ViT does) gives ``A V`` a higher SQNR than one unsigned
     uniform range with the MinMax step, and its two-branch graph computes it."""
-    from nq_onnx.calibration.data import Preprocess
-    from nq_onnx.calibration.runtime import session, with_outputs
-    from nq_onnx.demo import crops, demo_model_path, demo_photos
-    from nq_onnx.io.model_io import load_model
-
-    model = load_model(demo_model_path())[0]
-    attn = next(n for n in model.graph.node if n.op_type == "MatMul" and any(
-        p.op_type == "Softmax" and p.output[0] == n.input[0] for p in model.graph.node))
-    pre = Preprocess.from_model(model, crop_pct=1.0)
-    feeds = {model.graph.input[0].name: crops(demo_photos()[:1], pre, 0)[:2]}
-    a, v = session(with_outputs(model, list(attn.input))).run(list(attn.input), feeds)
+    a, v = real_attention()
     target = a @ v
     for bits in (4, 6):
         uniform = ActQuantizer(bits, signed=False)
