@@ -107,6 +107,13 @@ def _tradeoff(kind: str) -> Callable[[Files, Path], str]:
     return go
 
 
+def _sweep(files: Files, page: Path) -> str:
+    """A sweep's study table from its results file (``.jsonl``, read by ``table_sweep``)."""
+    from table_sweep import seeds_markdown
+
+    return _each(lambda _, source: seeds_markdown(ROOT / source, source))(files, page)
+
+
 SECTIONS = (
     Section("README.md", "results", "tradeoff_vnni*.json", _tradeoff("readme")),
     Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff("study")),
@@ -114,12 +121,15 @@ SECTIONS = (
     Section("docs/studies/attribution.md", "benchmark", "full.json", _each(markdown)),
     Section("docs/studies/attribution.md", "ablation", "ablation_w6a6.json", _each(markdown)),
     Section("docs/studies/theorem.md", "theorem", "theorem.json", _theorem),
+    Section("docs/studies/methods.md", "sweep-methods", "sweep_methods/results.jsonl", _sweep),
     Section("docs/studies/methods.md", "methods-vnni", "methods_vnni.json", _each(methods_markdown)),
     Section("docs/studies/methods.md", "bottleneck", "bottleneck_*.json", _module("bottleneck")),
     Section("docs/studies/methods.md", "error-share", "error_share_*.json", _module("error_share")),
     Section("docs/studies/mixed-precision.md", "mixed-vnni", "mixed_vnni.json", _mixed),
     Section("docs/studies/mixed-precision.md", "mixed-additivity", "mixed_additivity.json", _additivity),
     Section("docs/studies/exactness.md", "cpu-exact", "cpu_exact_x86_*.json", _each(cpu_markdown)),
+    Section("docs/studies/exactness.md", "cpu-exact-emulated", "cpu_exact_emulated_*.json",
+            _module("cpu_exact_emulated")),
     Section("docs/studies/exactness.md", "noise-overhead", "noise_overhead.json", _each(overhead_markdown)),
     Section("docs/studies/compile-cost.md", "profile-skylakex", "profile_vnni_skylakex.json",
             _profile("profile_vnni_skylakex.png")),
@@ -146,7 +156,7 @@ def render(section: Section, root: Path = ROOT) -> str:
     paths = sorted(RESULTS.glob(section.pattern))
     if not paths:
         raise SystemExit(f"no results file matches {section.pattern} for {section.page}")
-    files = [(json.loads(p.read_text()), p.resolve().relative_to(root)) for p in paths]
+    files = [(json.loads(p.read_text()) if p.suffix == ".json" else {}, p.resolve().relative_to(root)) for p in paths]
     return section.render(files, root / section.page)
 
 

@@ -12,43 +12,68 @@ from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nq_onnx.sweep.results import ResultsFile  # noqa: E402
+
 SHOWN_FIRST = ("w_bits", "a_bits", "method")  # the row label's leading options, in this order
+ORDER = ("reparam", "reparam_attention", "weight_rounding", "bias_correction")  # then the rest by name
 
 
 def read_results(path: Path) -> tuple[dict, list[dict], dict[str, dict]]:
-    """The sweep's header, its succeeded trials (the last record of each trial) and each trial's latency line."""
-    header, trials, latency = {}, {}, {}
-    for line in Path(path).read_text().splitlines():
-        entry = json.loads(line)
-        if entry["kind"] == "sweep":
-            header = entry
-        elif entry["kind"] == "trial":
-            trials[entry["trial"]] = entry
-        elif entry["kind"] == "latency":
-            latency.setdefault(entry["trial"], entry)
-    return header, [t for t in trials.values() if t["status"] == "ok"], latency
+    """The sweep's header, its succeeded trials (the last record of each trial) and each trial's latency line (the
+    last one: the timing of the latest latency phase, as the sweep's own report reads it)."""
+    results = ResultsFile(Path(path))
+    return results.header or {}, [t for t in results.trials.values() if t["status"] == "ok"], results.latency
 
 
-def row_label(options: dict) -> str:
-    """``W6A6 noisyquant reparam=True ...``: bit widths and method first, then every other option but the seed."""
+def varied(trials: list[dict]) -> list[str]:
+    """The options (but the seed) whose values differ between trials, in a stable order."""
+    values: dict[str, set] = defaultdict(set)
+    for trial in trials:
+        for key, value in trial["options"].items():
+            values[key].add(json.dumps(value))
+    keys = {k for k, v in values.items() if len(v) > 1 or any(k not in t["options"] for t in trials)}
+    return sorted(keys - {"seed", *SHOWN_FIRST}, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k))
+
+
+def usual(trials: list[dict], keys: list[str]) -> dict[str, object]:
+    """Each option's most common value among the trials (the first seen on a tie)."""
+    counts: dict[str, Counter] = {key: Counter(json.dumps(t["options"].get(key)) for t in trials) for key in keys}
+    return {key: json.loads(count.most_common(1)[0][0]) for key, count in counts.items()}
+
+
+def row_label(options: dict, shown: list[str], common: dict[str, object]) -> str:
+    """``W6A6 noisyquant + reparam + weight_rounding gptq``: bit widths and method first, then each varied option
+    that is on (a flag by its name) or, for another kind of value, differs from the most common one (``name
+    value``)."""
     head = f"W{options.get('w_bits', '?')}A{options.get('a_bits', '?')} {options.get('method', '')}".strip()
-    rest = [f"{k}={v}" for k, v in sorted(options.items()) if k not in (*SHOWN_FIRST, "seed")]
-    return " ".join([head, *rest])
+    rest = []
+    for key in shown:
+        value = options.get(key)
+        if value is True:
+            rest.append(key.replace("_", " "))
+        elif key == "weight_rounding" and value != common.get(key):
+            rest.append(str(value))  # gptq, gptq-act
+        elif value not in (False, None) and value != common.get(key):
+            rest.append(f"{key.replace('_', ' ')} {value}")
+    return " + ".join([head, *rest])
 
 
 def seed_rows(trials: list[dict], latency: dict[str, dict]) -> dict[str, dict]:
-    """Per configuration (the options without the seed): each seed's top-1, output MSE and latency ratio."""
-    rows: dict[str, dict] = defaultdict(lambda: defaultdict(dict))
+    """Per configuration (the options without the seed): each seed's top-1 (%), output MSE and latency ratio."""
+    rows: dict[str, dict] = defaultdict(dict)
+    shown = varied(trials)
+    common = usual(trials, shown)
     for trial in trials:
-        label = row_label(trial["options"])
         metrics = trial["metrics"]
         ratio = latency.get(trial["trial"], {}).get("ratio_to_fp32")
-        rows[label][trial["seed"]] = {"top1": metrics.get("top1"), "mse": metrics.get("mse"), "ratio": ratio}
+        rows[row_label(trial["options"], shown, common)][trial["seed"]] = {"top1": metrics.get("top1"),
+                                                                   "mse": metrics.get("mse"), "ratio": ratio}
     return rows
 
 
@@ -61,25 +86,51 @@ def _cell(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def seeds_markdown(path: Path) -> str:
-    """The study table: FP32 first, then every configuration by its mean top-1, best first."""
+def seeds_markdown(path: Path, shown_as: Path | None = None) -> str:
+    """The study table: FP32 first, then every configuration by its mean top-1, best first; ``shown_as``: the
+    results file's path as the footnote names it."""
     header, trials, latency = read_results(path)
     fp32 = header.get("fp32", {})
     lines = ["| configuration | seeds | top-1 % (mean) | spread | held-out output MSE (mean) | batch time vs FP32 |",
              "|---|---|---|---|---|---|",
-             f"| FP32 | | {_cell(100 * fp32['top1'], '.2f') if 'top1' in fp32 else ''} | | 0 | 1.00x |"]
+             f"| FP32 | | {_cell(fp32.get('top1'), '.2f')} | | 0 | 1.00x |"]
     rows = seed_rows(trials, latency)
     summary = []
     for label, seeds in rows.items():
         top1 = [s["top1"] for s in seeds.values() if s["top1"] is not None]
-        spread = 100 * (max(top1) - min(top1)) if len(top1) > 1 else None
+        spread = max(top1) - min(top1) if len(top1) > 1 else None
         summary.append((_mean(top1), label, len(seeds), spread, _mean([s["mse"] for s in seeds.values()]),
                         _mean([s["ratio"] for s in seeds.values()])))
     summary.sort(key=lambda r: (-(r[0] or 0.0), r[1]))
     for top1, label, count, spread, mse, ratio in summary:
-        lines.append(f"| {label} | {count} | {_cell(None if top1 is None else 100 * top1, '.2f')} | "
+        lines.append(f"| {label} | {count} | {_cell(top1, '.2f')} | "
                      f"{_cell(spread, '.2f')} | {_cell(mse, '.4g')} | {_cell(ratio, '.2f')}{'x' if ratio else ''} |")
-    return "\n".join(lines) + "\n\n" + footnote(path, trials)
+    return ("\n".join(lines) + "\n\n" + measured(header, latency) + " " + footnote(shown_as or path, trials)
+            + bytes_line(Path(path)))
+
+
+def measured(header: dict, latency: dict[str, dict]) -> str:
+    """How the figures were taken: the evaluation sets' sizes (from the sweep's identity) and the timing."""
+    identity = header.get("identity", {})
+    text = (f"Top-1 on {identity.get('limit') or 'all'} labelled images, output MSE against FP32 on the held-out "
+            "images; each configuration's mean over its seeds, spread: the largest minus the smallest seed's top-1.")
+    if latency:
+        entry = next(iter(latency.values()))
+        text += (f" Latency: batch {entry.get('batch')}, median of {entry.get('runs')} runs per model, each model "
+                 f"timed alone after the trials, interleaved with FP32, onnxruntime CPU EP, {entry.get('threads')} "
+                 "threads; the column is the mean over the seeds.")
+    return text
+
+
+def bytes_line(path: Path) -> str:
+    """What ``benchmarks/sweep_bytes.py`` found beside the results file: the trials converted again alone."""
+    check = path.with_name("bytes_check.json")
+    if not check.exists():
+        return ""
+    rows = json.loads(check.read_text())["trials"].values()
+    same = sum(r["match"] for r in rows)
+    return (f" Converted again alone, each in a fresh process by the `nq-onnx convert` command line the sweep gives "
+            f"for it (`benchmarks/sweep_bytes.py`): {same} of {len(rows)} trials gave the same model bytes.")
 
 
 def footnote(path: Path, trials: list[dict]) -> str:

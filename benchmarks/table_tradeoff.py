@@ -136,7 +136,8 @@ def tradeoff_chart(results: dict, out: Path) -> None:
 
 
 DEFAULTS = ("the defaults: the `portable` target, NoisyQuant with asymmetric activations, LayerNorm "
-            "reparameterization, GPTQ rounding and bias correction, 7-bit weight codes stored int8, `Q K^T` on "
+            "reparameterization, GPTQ rounding and bias correction, 8-bit weight codes stored int8 within the kernel "
+            "pairs' bound (`int8-paired`), `Q K^T` on "
             "integer kernels and `A V` in float; other rows name what they change")
 
 

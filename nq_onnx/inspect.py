@@ -8,8 +8,9 @@ node that replaced it. onnxruntime keeps the original node name on the fused ker
 
 It also checks the arithmetic of every weight layer on CPUs it is not running on: int8 weight codes against
 uint8 activation codes run on onnxruntime's U8S8 kernel, which on x86 without VNNI adds neighbouring products
-into a saturating int16. A layer *can overflow* when :func:`quant.pair_sum_bound` of its stored weight codes
-and the stored code range of its input (the ``Clip`` before the ``QuantizeLinear``, else the container's)
+into a saturating int16: the products of input channels ``(2i, 2i + 1)``, as its B packing pairs them
+(:mod:`nq_onnx.core.quant`). A layer *can overflow* when :func:`quant.kernel_pair_sum_bound` of its stored weight
+codes and the stored code range of its input (the ``Clip`` before the ``QuantizeLinear``, else the container's)
 exceeds ``2^15 - 1``. The inspecting machine's CPU features are reported beside the kernels.
 """
 
@@ -55,7 +56,7 @@ class LayerKernel:
     has_weight: bool
     weight_dtype: str | None = None  # int8 or uint8 weight codes (None: an activation matmul)
     input_codes: tuple[int, int] | None = None  # stored code range of the activation input, e.g. (0, 255)
-    pair_sum_bound: int | None = None  # largest |a_i w_i + a_j w_j| the codes allow (int8 weights only)
+    pair_sum_bound: int | None = None  # largest |a_2i w_2i + a_2i+1 w_2i+1| the codes allow (int8 weights only)
     weight_bits: int | None = None  # the narrowest signed width holding every code - zero point (steps saturate)
 
     @property
@@ -171,7 +172,7 @@ def _describe(node: gs.Node, dqs: list[gs.Node | None]) -> LayerKernel:
     codes = _weight_codes(weight)
     bound = None
     if codes.dtype == np.int8 and input_codes is not None and input_codes[0] >= 0:  # U8S8: uint8 activations
-        bound = int(quant.pair_sum_bound(codes, *input_codes).max(initial=0))
+        bound = int(quant.kernel_pair_sum_bound(codes, *input_codes).max(initial=0))
     zp = _constant(weight.inputs[2]) if len(weight.inputs) > 2 else None
     centred = codes.astype(np.int32) - (zp.astype(np.int32).reshape(1, -1) if zp is not None else 0)
     hi, low = int(centred.max(initial=0)), int(centred.min(initial=0))

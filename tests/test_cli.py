@@ -189,7 +189,7 @@ def test_print_config_round_trip(tmp_path, capsys, kind):
 def test_print_config_leaves_the_targets_choices_to_the_target(tmp_path, capsys):
     assert main(["convert", "--print-config"]) == 0
     text = capsys.readouterr().out
-    assert '# w_bits = 7 (the target' in text and "\nw_bits" not in text
+    assert '# w_bits = 8 (the target' in text and "\nw_bits" not in text
     path = tmp_path / "default.toml"
     path.write_text(text)
     assert _config("--config", str(path), "--target", "x86-vnni") == QuantConfig(target="x86-vnni")  # w_bits 8

@@ -267,7 +267,7 @@ def test_summary_counts_uint8_weight_layers_and_hints_int8_on_vnni(monkeypatch, 
 
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=1), num_classes=10)
-    config = QuantConfig(method="minmax", calib_size=4, w_bits=8)
+    config = QuantConfig(method="minmax", calib_size=4, w_bits=8, weight_dtype="auto")
     result = nq_onnx.convert(path, tmp_path / "q.onnx", photo_folder, config,
                              evaluate=False)
     uint8 = inspect_model(onnx.load(str(tmp_path / "q.onnx"))).weight_dtypes.get("uint8", 0)

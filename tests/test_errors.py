@@ -268,7 +268,7 @@ def test_bad_weight_dtype_noise_mode_and_holdout(capsys, work, flag, value, need
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8"),
+    ("weight_dtype", "int4", "unknown weight dtype 'int4'; choose one of auto, uint8, int8, int8-paired"),
     ("noise", "gaussian", "unknown noise mode 'gaussian'; choose one of paper, shift, paper+shift"),
     ("weight_rounding", "adaround", "unknown weight rounding 'adaround'; choose one of nearest, gptq, gptq-act"),
     ("mixed_sensitivity", "hessian",

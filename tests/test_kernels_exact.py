@@ -144,7 +144,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("weight_dtype", ["auto", "uint8"])
+@pytest.mark.parametrize("weight_dtype", ["auto", "uint8", "int8-paired"])
 @pytest.mark.parametrize("bits", [8, 7, 6, 5, 4])
 @pytest.mark.parametrize("kind", list(BUILDERS))
 def test_integer_kernels_equal_the_qdq_arithmetic_on_this_cpu(kind, bits, weight_dtype):

@@ -401,9 +401,9 @@ def test_study_table_from_a_results_file_gives_each_configuration_its_seeds_mean
 
     worker = {"cpu": {"model": "AMD EPYC", "kind": "x86 AVX-512 VNNI"}, "blas": {"architecture": "SkylakeX"},
               "versions": {"nq_onnx": "0.1.0"}, "peak_rss_mb": 900.0}
-    lines = [{"kind": "sweep", "fp32": {"top1": 0.7145, "mse": 0.0}}]
-    figures = {("easyquant", 0): (0.70, 0.05, 0.50), ("easyquant", 1): (0.71, 0.07, 0.52),
-               ("noisyquant", 0): (0.712, 0.03, 0.48), ("noisyquant", 1): (0.716, 0.01, 0.50)}
+    lines = [{"kind": "sweep", "fp32": {"top1": 71.45, "mse": 0.0}}]  # top-1 in percent, as trials record it
+    figures = {("easyquant", 0): (70.0, 0.05, 0.50), ("easyquant", 1): (71.0, 0.07, 0.52),
+               ("noisyquant", 0): (71.2, 0.03, 0.48), ("noisyquant", 1): (71.6, 0.01, 0.50)}
     for (method, seed), (top1, mse, ratio) in figures.items():
         key = f"{method}-{seed}"
         lines.append({"kind": "trial", "trial": key, "status": "ok", "seed": seed, "worker": worker,

@@ -94,6 +94,7 @@ def test_asymmetric_activations_lower_the_held_out_error_of_a_gelu_mlp():
     errors = {}
     for mode in ("symmetric", "asymmetric"):
         model, _, result = convert_mlp(QuantConfig(method="easyquant", activations=mode, w_bits=8,
+                                                   weight_dtype="auto",  # unconstrained codes: activations decide
                                                    weight_rounding="nearest", bias_correction=False))
         held = np.random.default_rng(9).standard_normal((32, 5, 12)).astype(np.float32) * 2
         reference, got = run(model, {"x": held})[0], run(result.model, {"x": held})[0]
@@ -109,12 +110,13 @@ def test_each_target_writes_what_it_promises(target):
     _, _, result = convert_mlp(QuantConfig(method="noisyquant", target=target, activations=activations))
     inspection = inspect_model(result.model)
     assert target_failures(inspection, target) == []
-    assert inspection.weight_dtypes == {"int8": 2}  # portable: 7-bit codes, which no CPU saturates
-    assert result.plan.config.w_bits == (7 if target == "portable" else 8)
+    assert inspection.weight_dtypes == {"int8": 2}  # portable: 8-bit codes within the kernel pairs' limit
+    assert result.plan.config.w_bits == 8
     if target == "portable":
         assert not inspection.overflow_layers
+        assert max(k.pair_sum_bound for k in inspection.weight_layers) <= 255 * 128
         assert target_failures(inspection, "gpu")  # uint8 zero points: not TensorRT's
-        _, _, eight = convert_mlp(QuantConfig(method="noisyquant", w_bits=8))  # full-range codes: uint8 where unsafe
+        _, _, eight = convert_mlp(QuantConfig(method="noisyquant", weight_dtype="auto"))  # full range: uint8 if unsafe
         wide = inspect_model(eight.model)
         assert not wide.overflow_layers and wide.weight_dtypes.get("uint8", 0) >= 1
     if target == "gpu":
@@ -219,7 +221,8 @@ def test_an_asymmetric_quantizer_is_kept_only_where_it_wins_on_held_out_rows():
 
 
 def test_the_default_conversion_is_the_portable_fast_model(tiny_vit, tmp_path, photo_folder):
-    """``QuantConfig()`` on a small timm ViT: every weight layer int8 with 7-bit codes (no pair sum can saturate),
+    """``QuantConfig()`` on a small timm ViT: every weight layer int8 with 8-bit codes whose kernel pairs cannot
+    saturate,
     asymmetric codes on the fc2 inputs, ``Q K^T`` on an integer kernel and ``A V`` in float, no float select: the
     ``portable`` target's checks pass, and TensorRT's do not (uint8 activations)."""
     from nq_onnx import convert
@@ -228,7 +231,8 @@ def test_the_default_conversion_is_the_portable_fast_model(tiny_vit, tmp_path, p
     inspection = inspect_model(onnx.load(str(tmp_path / "q.onnx")))
     assert target_failures(inspection, "portable") == [] and target_failures(inspection, "gpu")
     assert inspection.weight_dtypes == {"int8": len(inspection.weight_layers)}
-    assert max(k.weight_bits for k in inspection.weight_layers) <= 7
+    assert max(k.weight_bits for k in inspection.weight_layers) == 8
+    assert max(k.pair_sum_bound for k in inspection.weight_layers) <= 255 * 128
     matmuls = sorted(k.layer for k in inspection.layers if not k.has_weight)
     assert matmuls == ["blocks.0.attn.MatMul", "blocks.1.attn.MatMul"], matmuls
     asymmetric = sorted(g.name for g in result.plan.groups.values() if g.low is not None)

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from typing import Any
 
+from nq_onnx.core import quant
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core.options import Condition, option, register_section
 from nq_onnx.core.presets import preset_values
@@ -99,15 +100,20 @@ class MixedSensitivity(str, enum.Enum):
 class WeightDtype(str, enum.Enum):
     """How weight codes are stored, which decides onnxruntime's CPU kernel (see :mod:`nq_onnx.io.cpu`).
 
-    ``auto`` (default): int8 where no 16-bit pair sum can overflow (:func:`nq_onnx.core.quant.u8s8_safe`), uint8
-    with zero point 128 elsewhere: exact on every CPU. ``uint8``: every layer uint8 (U8U8 kernels). ``int8``:
-    every layer int8 (U8S8), for deployments on VNNI/AMX x86 or ARM64 only: on x86 without VNNI full-range
-    codes saturate, and ``nq-onnx inspect --strict`` fails on such a model.
+    ``int8-paired`` (the portable and x86-avx2 targets' default): int8 everywhere (the fast U8S8 kernels), 8-bit
+    codes kept to ``|q_2i| + |q_2i+1| <= 128`` on the pairs of rows the kernel adds into one int16
+    (:func:`nq_onnx.core.quant.limit_pairs`): exact on every CPU at nearly 8 bits' resolution. ``auto``: int8 where
+    no two codes of a column can overflow a 16-bit pair sum whatever the kernel pairs
+    (:func:`nq_onnx.core.quant.u8s8_safe`), uint8 with zero point 128 elsewhere (the slower U8U8 kernels): exact
+    on every CPU with unconstrained codes. ``uint8``: every layer uint8. ``int8``: every layer int8 with
+    unconstrained codes, for deployments on VNNI/AMX x86 or ARM64 only: on x86 without VNNI full-range codes
+    saturate, and ``nq-onnx inspect --strict`` fails on such a model.
     """
 
     AUTO = "auto"
     UINT8 = "uint8"
     INT8 = "int8"
+    INT8_PAIRED = "int8-paired"
 
 
 class Activations(str, enum.Enum):
@@ -138,9 +144,9 @@ ATTENTION = Condition(lambda c: c.quantize_attention_matmuls,
 class Target(str, enum.Enum):
     """Where the model will run, which decides weight storage, activation types and Q/DQ placement.
 
-    ``portable`` (default): exact on every CPU: a layer stores int8 weights only where no 16-bit pair sum of
-    onnxruntime's U8S8 kernel can saturate on an x86 CPU without VNNI (``weight_dtype auto``), uint8 elsewhere.
-    ``x86-avx2``: the same rule (it is that CPU's). ``x86-vnni`` and ``arm64``: int8 weights everywhere, the fast
+    ``portable`` (default): exact on every CPU: int8 weights whose 8-bit codes keep every pair that onnxruntime's
+    U8S8 kernel adds into one int16 within ``|q_2i| + |q_2i+1| <= 128``, which no uint8 activation can saturate on
+    an x86 CPU without VNNI (``weight_dtype int8-paired``). ``x86-avx2``: the same rule (it is that CPU's). ``x86-vnni`` and ``arm64``: int8 weights everywhere, the fast
     kernels of CPUs whose integer sums are 32-bit (VNNI/AMX x86, ARM64 dot products). ``gpu``: what TensorRT's Q/DQ
     fusion expects: int8 weights, symmetric int8 activations with zero point 0, Q/DQ on both inputs of every
     quantized matmul and none elsewhere; no twin-uniform quantizer (a float select and uint8 codes), no asymmetric
@@ -156,7 +162,7 @@ class Target(str, enum.Enum):
     @property
     def weight_dtype(self) -> "WeightDtype":
         """The weight storage this target runs fastest while staying exact on it."""
-        return WeightDtype.AUTO if self in (Target.PORTABLE, Target.X86_AVX2) else WeightDtype.INT8
+        return WeightDtype.INT8_PAIRED if self.exact_everywhere else WeightDtype.INT8
 
     @property
     def exact_everywhere(self) -> bool:
@@ -164,10 +170,9 @@ class Target(str, enum.Enum):
 
     @property
     def w_bits(self) -> int:
-        """The default weight width: 7 where the model must be exact on every CPU (int8 codes in +-63 cannot
-        saturate a 16-bit pair sum against any uint8 activation, ``2 * 255 * 63 < 2^15``, and run on the fast int8
-        kernels), 8 elsewhere."""
-        return 7 if self.exact_everywhere else 8
+        """The default weight width: 8 on every target (where the model must be exact on every CPU, with the
+        kernel pairs' limit of ``int8-paired`` storage)."""
+        return 8
 
 
 def _coerce_enum(config, name: str, kind: type[enum.Enum], label: str) -> None:
@@ -315,13 +320,12 @@ class QuantConfig:
         "scale choice: minmax, easyquant (cosine search), noisyquant (easyquant + noisy bias), ptq4vit (easyquant with "
         "PTQ4ViT's twin-uniform quantizers after Softmax and GELU) or noisyquant-ptq4vit. The twin-uniform quantizer "
         "costs a float select (Less/Where) over every attention map and GELU output and a second integer matmul per "
-        "such layer: on ViT-S/14 (AVX-512 VNNI, batch 8) its models ran at 0.9-1.4x FP32's time, where uniform "
-        "quantizers run at about 0.5x", "method"))
+        "such layer: on ViT-S/14 (AVX-512 VNNI, batch 8) its W8A8 model took about 1.6x the default's batch time, "
+        "0.7x FP32's, where uniform quantizers take about 0.45x", "method"))
     # None: the target's (Target.w_bits), or 8 under a bits budget
     w_bits: int | None = dataclasses.field(default=None, metadata=option(
         "weight bits", "target", choices=SUPPORTED_BITS,
-        default_text="7 for the portable and x86-avx2 targets, int8 codes in +-63 that no CPU saturates; 8 for the "
-                     "others and under --bits-budget"))
+        default_text="8 (on the portable and x86-avx2 targets with int8-paired storage, exact on every CPU)"))
     a_bits: int = dataclasses.field(default=8, metadata=option("activation bits", "target", choices=SUPPORTED_BITS))
     seed: int = dataclasses.field(default=0, metadata=option("seed of the image choice and the noise", "data"))
     calib_size: int = dataclasses.field(default=128, metadata=option("calibration images to use", "data"))
@@ -349,9 +353,11 @@ class QuantConfig:
         "target", plan_fixed=False))
     # None: the target's (:attr:`Target.weight_dtype`)
     weight_dtype: WeightDtype | None = dataclasses.field(default=None, metadata=option(
-        "weight code storage: auto (int8 where no 16-bit pair sum can overflow, uint8 with zero point 128 "
-        "elsewhere: exact on every CPU), uint8, or int8 (only for VNNI/AMX x86 or ARM64 targets: saturates on x86 "
-        "without VNNI)", "target", plan_fixed=False, default_text="the target's"))
+        "weight code storage: int8-paired (int8, each pair of codes the U8S8 kernel adds into one int16 kept to "
+        "|q1| + |q2| <= 128: exact on every CPU, the fast kernels), auto (int8 where no two codes can overflow a "
+        "16-bit pair sum, uint8 with zero point 128 elsewhere: exact on every CPU, slower), uint8, or int8 "
+        "(unconstrained: only for VNNI/AMX x86 or ARM64 targets, saturates on x86 without VNNI)", "target",
+        plan_fixed=False, default_text="int8-paired; int8 for the x86-vnni, arm64 and gpu targets"))
     # None: the target's (symmetric for gpu, asymmetric elsewhere)
     activations: Activations | None = dataclasses.field(default=None, metadata=option(
         "symmetric per-tensor codes, or asymmetric uint8 codes anchored at the calibrated minimum of each skewed "
@@ -466,7 +472,7 @@ class QuantConfig:
         target = self.target.value
         if self.target.exact_everywhere and self.weight_dtype == WeightDtype.INT8:
             raise ConfigError(f"target {target} is exact on every CPU: weight-dtype int8 can saturate on x86 without "
-                              "VNNI; use weight-dtype auto or uint8, or target x86-vnni or arm64")
+                              "VNNI; use weight-dtype int8-paired, auto or uint8, or target x86-vnni or arm64")
         if self.target != Target.GPU:
             return
         if self.method.twin:
@@ -478,6 +484,11 @@ class QuantConfig:
             raise ConfigError("target gpu cannot run int16-bias (TensorRT dequantizes int8 only)")
         if self.weight_dtype == WeightDtype.UINT8:
             raise ConfigError("target gpu takes int8 weights; use weight-dtype int8 or auto")
+
+    @property
+    def weight_pair_limit(self) -> int | None:
+        """The bound on ``|q_2i| + |q_2i+1|`` that ``int8-paired`` storage keeps (``None``: no such bound)."""
+        return quant.KERNEL_PAIR_LIMIT if self.weight_dtype == WeightDtype.INT8_PAIRED else None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(dataclasses.replace(self, techniques=()))

@@ -125,11 +125,15 @@ class LayerPlan:
     bias_correction: np.ndarray | None = None  # added to the layer's bias
     attention: AttentionReparam | None = None  # a scores matmul's K centring and Q/K balance, folded before the search
 
-    def codes(self, w_kn: np.ndarray) -> np.ndarray:
-        """The layer's integer weight codes: the stored ones, or ``w_kn`` rounded to the nearest code."""
+    def codes(self, w_kn: np.ndarray, pair_limit: int | None = None) -> np.ndarray:
+        """The layer's integer weight codes: the stored ones, or ``w_kn`` rounded to the nearest code (within the
+        kernel pairs' ``pair_limit`` where given: :meth:`QuantConfig.weight_pair_limit`)."""
         if self.weight_codes is not None:
             return self.weight_codes
-        return quant.quantize_weight(w_kn, self.weight_scales, 1, self.bits)
+        codes = quant.quantize_weight(w_kn, self.weight_scales, 1, self.bits)
+        if pair_limit is not None and 2**self.bits > pair_limit:
+            codes = quant.limit_pairs(codes, pair_limit)
+        return codes
 
 
 @dataclasses.dataclass

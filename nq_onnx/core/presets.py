@@ -22,9 +22,9 @@ class Preset:
 
 PRESETS = {
     "fast": Preset("the default setting, fast on integer kernels and exact on every CPU", {}),
-    # the lowest held-out output error of docs/studies/fast-and-accurate.md, slower than FP32 (a float select over
-    # every attention map and GELU output)
-    "accurate": Preset("the lowest output error, slower than FP32: the twin-uniform full stack at W8A8",
+    # the lowest held-out output error of docs/studies/fast-and-accurate.md, slower than the default (a float select
+    # over every attention map and GELU output)
+    "accurate": Preset("the lowest output error, slower than the default: the twin-uniform full stack at W8A8",
                        {"method": "noisyquant-ptq4vit", "w_bits": 8, "activations": "symmetric",
                         "attention_probabilities": True, "reparam": True, "reparam_attention": True,
                         "weight_rounding": "gptq", "bias_correction": True}),

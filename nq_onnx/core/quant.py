@@ -15,6 +15,15 @@ neighbouring ``u * w`` products into a saturating int16, uint8 x uint8 ("U8U8") 
 :func:`pair_sum_bound` bounds the pair sums from the codes alone, so a layer is stored int8 only where no pair
 can pass ``2^15 - 1`` for any input.
 
+The kernel's pairs are not any two products: onnxruntime's MLAS packs B for its U8S8 kernels without VNNI (AVX2,
+AVX-512 core, the GEMV and SSE4.1 paths) by interleaving four consecutive rows of ``K`` per output column, and
+``vpmaddubsw`` adds the products of rows ``(2i, 2i + 1)``; its ``K`` blocks start at multiples of 4 and the tail is
+padded with zeros. Against uint8 activations (``a <= 255``) such a pair cannot saturate when
+``|q_2i| + |q_2i+1| <= 128`` (``255 * 128 = 32640 < 2^15``). :func:`limit_pairs` keeps 8-bit codes inside that
+bound (``int8-paired`` storage), :func:`kernel_pair_sum_bound` checks it: an int8 weight whose kernel pairs
+obey it is exact on every CPU with nearly 8 bits of resolution, where codes in ``+-63`` (7 bits) obey it for any
+pairing.
+
 A tensor that calibration shows to be non-negative (softmax probabilities, post-ReLU) is quantized
 *unsigned*, still scale-only (zero point 0): ``q(x) = clip(round(x / s), 0, 2^b - 1)``, which spends no code
 on a sign it never has (one bit more resolution for the attention ``A V`` input).
@@ -132,6 +141,52 @@ def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray
     top = -np.partition(-high, 1, axis=0)[:2].sum(axis=0)
     bottom = np.partition(low, 1, axis=0)[:2].sum(axis=0)
     return np.maximum(top, -bottom)
+
+
+KERNEL_PAIR_LIMIT = INT16_MAX // 255  # 128: the largest |q_2i| + |q_2i+1| no uint8 activation can saturate
+
+
+def kernel_pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray:
+    """Per output channel, the largest ``|a_2i w_2i + a_2i+1 w_2i+1|`` over the pairs of rows ``(2i, 2i + 1)`` that
+    the U8S8 kernel adds into one int16 (module docstring), for activation codes in ``[act_lo, act_hi]``, ``a >= 0``
+    (an odd ``K``'s last row pairs with a zero)."""
+    w = np.asarray(codes_kn, dtype=np.int64)
+    if w.shape[0] % 2:
+        w = np.concatenate([w, np.zeros((1, w.shape[1]), np.int64)])
+    high = np.maximum(w * act_lo, w * act_hi)
+    low = np.minimum(w * act_lo, w * act_hi)
+    top = (high[0::2] + high[1::2]).max(axis=0, initial=0)
+    bottom = (low[0::2] + low[1::2]).min(axis=0, initial=0)
+    return np.maximum(top, -bottom)
+
+
+def pair_scales(w_kn: np.ndarray, bits: int, limit: int) -> np.ndarray:
+    """Per-output-channel MinMax steps of a ``[K, N]`` weight whose codes must also keep ``|q_2i| + |q_2i+1| <=
+    limit``: ``s_c = max(max|W_c| / (2^(b-1) - 1), max_i (|W_2i,c| + |W_2i+1,c|) / (limit - 1))``. Nearest rounding
+    adds at most one to a pair's sum, so at this step no code is clipped and no pair passes the limit."""
+    a = np.abs(np.asarray(w_kn, dtype=np.float32))
+    if a.shape[0] % 2:
+        a = np.concatenate([a, np.zeros((1, a.shape[1]), np.float32)])
+    pairs = (a[0::2] + a[1::2]).max(axis=0)
+    return np.maximum(minmax_scale(a.max(axis=0), bits), pairs / np.float32(limit - 1)).astype(np.float32)
+
+
+def limit_pairs(codes_kn: np.ndarray, limit: int) -> np.ndarray:
+    """Codes ``[K, N]`` with every pair of rows ``(2i, 2i + 1)`` brought to ``|q_2i| + |q_2i+1| <= limit`` by the
+    nearest codes in the bound: the excess ``e = |q_2i| + |q_2i+1| - limit`` is shared, the smaller magnitude
+    losing ``min(its magnitude, floor(e / 2))`` and the larger the rest (the Euclidean projection onto the bound,
+    ``|x1| + |x2| <= L``, moves both towards zero by the same amount until one reaches it), so the pair's
+    squared error grows by about ``e^2 / 2`` where clipping one code costs ``e^2``; pairs within the bound are
+    unchanged."""
+    out = np.array(codes_kn, dtype=np.int32)
+    even, odd = out[0:out.shape[0] - out.shape[0] % 2:2], out[1::2]
+    big_even = np.abs(even) >= np.abs(odd)
+    excess = np.maximum(np.abs(even) + np.abs(odd) - limit, 0)
+    cut_small = np.minimum(np.minimum(np.abs(even), np.abs(odd)), excess // 2)
+    cut_big = excess - cut_small
+    even -= np.sign(even) * np.where(big_even, cut_big, cut_small)
+    odd -= np.sign(odd) * np.where(big_even, cut_small, cut_big)
+    return out.astype(codes_kn.dtype)
 
 
 def u8s8_safe(codes_kn: np.ndarray, stored: tuple[int, int]) -> bool:

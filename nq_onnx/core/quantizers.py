@@ -204,21 +204,37 @@ class ActQuantizer:
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantizer:
-    """Symmetric per-output-channel uniform quantizer of a ``[K, N]`` weight (channels along axis 1)."""
+    """Symmetric per-output-channel uniform quantizer of a ``[K, N]`` weight (channels along axis 1).
+
+    With ``pair_limit`` (``int8-paired`` storage) its codes also keep ``|q_2i| + |q_2i+1| <= pair_limit`` on the
+    pairs of rows that onnxruntime's U8S8 kernel adds into one int16 (:func:`nq_onnx.core.quant.limit_pairs`); the
+    MinMax step is then the one at which no pair passes it (:func:`nq_onnx.core.quant.pair_scales`). A width whose
+    codes cannot pass it (``2^b <= pair_limit``: 7 bits or fewer at 128) is unaffected."""
 
     bits: int
+    pair_limit: int | None = None
 
     @property
     def code_range(self) -> tuple[int, int]:
         return quant.code_range(self.bits)
 
+    @property
+    def paired(self) -> bool:
+        """Whether the pair limit can bind at this width."""
+        return self.pair_limit is not None and 2**self.bits > self.pair_limit  # the largest pair: two -2^(b-1)
+
     def minmax_scales(self, w_kn: np.ndarray) -> np.ndarray:
+        if self.paired:
+            return quant.pair_scales(w_kn, self.bits, self.pair_limit)
         return quant.weight_scales(w_kn, axis=1, bits=self.bits)
 
     def codes(self, w_kn: np.ndarray, scales: np.ndarray) -> np.ndarray:
-        return quant.quantize_weight(w_kn, scales, 1, self.bits)
+        codes = quant.quantize_weight(w_kn, scales, 1, self.bits)
+        return quant.limit_pairs(codes, self.pair_limit) if self.paired else codes
 
     def fake_quant(self, w_kn: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        if self.paired:
+            return self.dequantize(self.codes(w_kn, scales), scales)
         return quant.fake_quant(w_kn, np.asarray(scales, np.float32)[None, :], self.bits)
 
     @staticmethod

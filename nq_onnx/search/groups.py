@@ -72,12 +72,15 @@ class LinearOperand:
         return self.quantizer.fake_quant(self.weight, scales)
 
 
-def linear_operand(spec: LayerSpec, weight: np.ndarray, tensors: dict, bits: int) -> LinearOperand:
-    """The layer as ``X @ W + B`` (the canonical ``MatMul`` layout; a layer without a bias has ``B = 0``)."""
+def linear_operand(spec: LayerSpec, weight: np.ndarray, tensors: dict, bits: int,
+                   pair_limit: int | None = None) -> LinearOperand:
+    """The layer as ``X @ W + B`` (the canonical ``MatMul`` layout; a layer without a bias has ``B = 0``), its
+    weight quantized at ``bits`` (within the kernel pairs' ``pair_limit`` where given)."""
     bias = np.zeros(spec.out_features, np.float32)
     if spec.bias is not None:
         bias = tensors[spec.bias].values.astype(np.float32)
-    return LinearOperand(spec.name, np.ascontiguousarray(weight, dtype=np.float32), bias, WeightQuantizer(bits))
+    return LinearOperand(spec.name, np.ascontiguousarray(weight, dtype=np.float32), bias,
+                         WeightQuantizer(bits, pair_limit))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,7 +148,8 @@ def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weigh
         scale = act.minmax_scale(stats[group.tensor].absmax)
         plan.groups[group.name] = plain_group(group, scale, act, stats[group.tensor])
     for spec in layers.layers:
-        scales = None if spec.kind == ACT_MATMUL else WeightQuantizer(config.w_bits).minmax_scales(weights[spec.name])
+        quantizer = WeightQuantizer(config.w_bits, config.weight_pair_limit)
+        scales = None if spec.kind == ACT_MATMUL else quantizer.minmax_scales(weights[spec.name])
         plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
     return plan
 
@@ -254,7 +255,8 @@ class SearchPlanner:
         specs = [self.layers.layer(name) for name in group.consumers]
         problem = GroupSearch(
             self._sample(group, value),
-            tuple(linear_operand(s, self._weights[s.name], self._tensors, self._w_bits(group)) for s in specs),
+            tuple(linear_operand(s, self._weights[s.name], self._tensors, self._w_bits(group),
+                                 config.weight_pair_limit) for s in specs),
             self._quantizer(group),
             config.search,
             config.noise if config.method.noisy and group.noisy else None,

@@ -10,6 +10,9 @@ rounded so that ``X W`` moves as little as possible::
     W_j -= U_kj e_k            for j > k            (U: the upper Cholesky factor of H^-1)
 
 in blocks of ``block`` channels with the update of the later blocks deferred (the same arithmetic, fewer passes).
+Under a kernel pairs' limit (``int8-paired`` storage, :func:`nq_onnx.core.quant.limit_pairs`) an odd channel's codes
+are clipped to ``+-(limit - |q_2i|)`` after its even partner's, so the pair never passes the limit and the clipping
+error, like a rounding error, goes to the channels after it.
 ``H`` is summed in float32 and factored in float64 without forming ``H^-1`` (:func:`inverse_cholesky`): on the real
 ViT-S/14 this and bias correction's column means (:func:`correction`) halved the rounding step's share of a
 conversion (``search.rounding_s`` in ``benchmarks/results/methods_vnni.json``).
@@ -91,12 +94,13 @@ def _gram(x: np.ndarray) -> np.ndarray:
 
 
 def gptq_codes(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, damp: float = 0.01,
-               block: int = 128, target: np.ndarray | None = None) -> np.ndarray:
+               block: int = 128, target: np.ndarray | None = None, pair_limit: int | None = None) -> np.ndarray:
     """GPTQ codes (int8, ``[K, N]``) of ``w_kn`` with per-output-channel ``scales`` for input rows ``x``.
 
     With ``target`` rows (the shape of ``x``) the codes fit ``target @ w_kn`` from ``x`` (asymmetric calibration,
     module docstring): GPTQ rounds :func:`fitted_weight` instead of ``W``."""
     lo, hi = WeightQuantizer(bits).code_range
+    paired = WeightQuantizer(bits, pair_limit).paired
     h = _gram(x)
     w = np.array(w_kn, dtype=np.float64) if target is None else fitted_weight(w_kn, x, target, gram=h)
     s = np.asarray(scales, dtype=np.float64)
@@ -110,6 +114,9 @@ def gptq_codes(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, d
         errors = np.zeros((stop - start, w.shape[1]))
         for k in range(start, stop):
             q = np.clip(np.rint(w[k] / s), lo, hi)
+            if paired and k % 2:
+                room = pair_limit - np.abs(codes[k - 1].astype(np.int32))
+                q = np.clip(q, -room, room)
             codes[k] = q
             error = errors[k - start]
             np.subtract(w[k], q * s, out=error)

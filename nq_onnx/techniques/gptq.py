@@ -27,10 +27,11 @@ class GPTQ(Technique):
         (``gptq-act``), kept where the checked rows' output MSE is the lower; both errors in the metrics."""
         operand, scales, n, checked = layer.operand, layer.scales, layer.checked.noise, layer.checked
         if config.weight_rounding == WeightRounding.GPTQ:
-            candidate = gptq_codes(operand.weight, scales, layer.rows + n, operand.quantizer.bits)
+            candidate = gptq_codes(operand.weight, scales, layer.rows + n, operand.quantizer.bits,
+                                   pair_limit=operand.quantizer.pair_limit)
         else:  # the layer as it runs: dq(q(X + N)) - N in, X W wanted
             candidate = gptq_codes(operand.weight, scales, layer.act.fake_quant(layer.rows + n, layer.scale) - n,
-                                   operand.quantizer.bits, target=layer.rows)
+                                   operand.quantizer.bits, target=layer.rows, pair_limit=operand.quantizer.pair_limit)
         w_gptq = WeightQuantizer.dequantize(candidate, scales)
         metrics = layer.metrics
         metrics["weight_error_nearest"] = layer_error(checked.noisy_input, operand.weight, layer.weight)
