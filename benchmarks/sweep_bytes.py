@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
 
 from run import machine, plain  # noqa: E402
 
@@ -39,11 +41,13 @@ def reconvert(trial: dict, model: str, calib: str, scratch: Path) -> dict:
     started = time.perf_counter()
     done = subprocess.run(words + (["-q"] if words[1] == "convert" else []), capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    shown = command_line(*(os.path.relpath(p, ROOT) for p in (model, calib)), output.name,
+                         QuantConfig.from_dict(trial["config"]))  # as run, with paths from the repository root
     if done.returncode != 0:
-        return {"command": command, "error": done.stderr.strip().splitlines()[-1:], "match": False}
+        return {"command": shown, "error": done.stderr.strip().splitlines()[-1:], "match": False}
     digest = hashlib.sha256(output.read_bytes()).hexdigest()
     output.unlink()
-    return {"command": command, "sweep_sha256": trial["sha256"], "alone_sha256": digest,
+    return {"command": shown, "sweep_sha256": trial["sha256"], "alone_sha256": digest,
             "match": digest == trial["sha256"], "convert_s": seconds}
 
 

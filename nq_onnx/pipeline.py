@@ -19,7 +19,7 @@ from nq_onnx.core.version import __version__
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.calibration.collect import collect_stats
 from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
-from nq_onnx.core.config import Method, QuantConfig, Target
+from nq_onnx.core.config import Method, QuantConfig, Target, WeightDtype
 from nq_onnx.core.errors import DataError, NQError, PlanError
 from nq_onnx.core.external_data import has_external
 from nq_onnx.io.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
@@ -273,11 +273,19 @@ def _search(model: onnx.ModelProto, layers: Layers, plan: Plan, calib: Dataset, 
 
 
 def _retargeted(planned: QuantConfig, asked: QuantConfig) -> QuantConfig:
-    """A loaded plan's config stored for the asked CPU target and weight container (the search never reads them)."""
+    """A loaded plan's config stored for the asked CPU target and weight container. The container does not change
+    the codes, but ``int8-paired``'s pair limit does (the search chose the steps under it): a plan searched under
+    it keeps it (int8 codes within the limit are exact on every target), and a plan searched without it, asked
+    for ``int8-paired``, is stored ``auto`` (its unconstrained codes exact on every CPU) rather than clipped."""
     if (planned.target == Target.GPU) != (asked.target == Target.GPU):
         raise PlanError(f"the plan was searched for target {planned.target.value}; target {asked.target.value} needs "
                         "its own search (gpu activations are symmetric int8)")
-    return dataclasses.replace(planned, target=asked.target, weight_dtype=asked.weight_dtype)
+    dtype = asked.weight_dtype
+    if planned.weight_dtype == WeightDtype.INT8_PAIRED:
+        dtype = WeightDtype.INT8_PAIRED
+    elif dtype == WeightDtype.INT8_PAIRED:
+        dtype = WeightDtype.AUTO
+    return dataclasses.replace(planned, target=asked.target, weight_dtype=dtype)
 
 
 def convert(model_path: str | Path, output_path: str | Path, calib: str | Path | None = None,
@@ -301,8 +309,9 @@ def convert(model_path: str | Path, output_path: str | Path, calib: str | Path |
     ``interpolation``, ``crop_pct``), for calibration and evaluation images alike.
 
     With ``load_plan`` the plan's settings are used, except ``config.target`` and ``config.weight_dtype`` (how
-    weight codes are stored, which no search depends on) among the CPU targets; a plan searched for ``gpu`` (symmetric
-    int8 activations) and one searched for a CPU are not interchangeable.
+    weight codes are stored) among the CPU targets; a plan searched under ``int8-paired`` keeps it, and one searched
+    without it is stored ``auto`` where ``int8-paired`` is asked (:func:`_retargeted`); a plan searched for ``gpu``
+    (symmetric int8 activations) and one searched for a CPU are not interchangeable.
     """
     begin = time.perf_counter()
     inputs = tuple(p for p in (model_path, calib, load_plan, eval_data, eval_labels) if p is not None)

@@ -24,11 +24,12 @@ from nq_onnx.passes import (
 from nq_onnx.pipeline import apply_plan, canonicalize
 from nq_onnx.core.plan import GroupPlan, LayerPlan, Plan
 from nq_onnx.core import quant
+from nq_onnx.core.quantizers import WeightQuantizer
 
 
 def noisy_plan(model: onnx.ModelProto, rng: np.random.Generator, amplitude: float = 2.0, bits: int = 8):
     layers = find_layers(gs.import_onnx(model))
-    plan = Plan("digest", QuantConfig(w_bits=bits, a_bits=bits))
+    plan = Plan("digest", QuantConfig(w_bits=bits, a_bits=bits, weight_dtype="auto"))  # unconstrained codes
     for group in layers.groups:
         noise = (amplitude * rng.uniform(-1, 1, group.channels)).astype(np.float32) if group.noisy else None
         plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.05, bits, noise)
@@ -139,7 +140,7 @@ def test_weight_channels_lie_on_axis_1_for_matmul_and_canonicalized_gemm():
         for spec in layers.layers:
             w = weights[spec.weight]
             assert w.shape == (spec.in_features, spec.out_features)
-            plan.layers[spec.name] = LayerPlan(spec.name, quant.weight_scales(w, 1, 8), 8)
+            plan.layers[spec.name] = LayerPlan(spec.name, WeightQuantizer(8, quant.KERNEL_PAIR_LIMIT).minmax_scales(w), 8)
         for group in layers.groups:
             plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.2, 8)  # range ±25
         out, _ = apply_plan(model, layers, plan)

@@ -265,3 +265,22 @@ def test_a_group_planned_symmetric_after_all_is_simulated_with_symmetric_codes()
         chosen = next(n for n in sim._sim.graph.node if n.output[0] == f"sim/{fc2.name}/t5")
         got = sim.run([chosen.output[0]])[chosen.output[0]]
         np.testing.assert_array_equal(got, ActQuantizer(bits).fake_quant(fed, scale))
+
+
+def test_a_loaded_plan_keeps_the_pair_limit_it_was_searched_under(tiny_vit, photo_folder, tmp_path):
+    """An ``auto`` plan (unconstrained codes) loaded with the default ``int8-paired`` asked is written ``auto``, the
+    same bytes as before, not clipped; an ``int8-paired`` plan loaded for x86-vnni keeps its pair-limited codes."""
+    from nq_onnx import convert
+
+    fast = dict(calib_size=4, method="easyquant", reparam=False, weight_rounding="nearest", bias_correction=False)
+    for dtype, retarget in (("auto", {}), ("int8-paired", {"target": "x86-vnni"})):
+        first, again = tmp_path / f"{dtype}.onnx", tmp_path / f"{dtype}_again.onnx"
+        plan = tmp_path / f"{dtype}.json"
+        convert(tiny_vit, first, photo_folder, QuantConfig(weight_dtype=dtype, **fast), save_plan=plan, evaluate=False)
+        result = convert(tiny_vit, again, None, QuantConfig(**retarget), load_plan=plan, evaluate=False)
+        assert result.plan.config.weight_dtype.value == dtype
+        if not retarget:
+            assert first.read_bytes() == again.read_bytes()
+        layers = inspect_model(onnx.load(str(again))).weight_layers
+        if dtype == "int8-paired":  # int8 everywhere, every kernel pair within the limit, on the vnni target too
+            assert all(k.weight_dtype == "int8" and k.pair_sum_bound <= 255 * 128 for k in layers)
