@@ -119,7 +119,8 @@ def tradeoff_chart(results: dict, out: Path) -> None:
             default = e["row"] == DEFAULT_ROW
             ax.scatter(lat[1], y, s=90 if default else 30, marker="*" if default else "o",
                        color="crimson" if default else ("tab:blue" if e["bits"] == 8 else "tab:orange"), zorder=3)
-            ax.annotate(("default: " if default else "") + f"W{e['w_bits']}A{e['bits']} {row_label(e['row'])}",
+            bits = f"W{e['w_bits']}A{e['bits']}"
+            ax.annotate(f"default ({bits})" if default else f"{bits} {row_label(e['row'])}",
                         (lat[1], y), fontsize=6, xytext=(4, 2), textcoords="offset points")
         if key == "top1":
             ax.axhline(100 * fp32, color="grey", linestyle=":")
