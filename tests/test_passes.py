@@ -140,7 +140,8 @@ def test_weight_channels_lie_on_axis_1_for_matmul_and_canonicalized_gemm():
         for spec in layers.layers:
             w = weights[spec.weight]
             assert w.shape == (spec.in_features, spec.out_features)
-            plan.layers[spec.name] = LayerPlan(spec.name, WeightQuantizer(8, quant.KERNEL_PAIR_LIMIT).minmax_scales(w), 8)
+            scales = WeightQuantizer(8, quant.KERNEL_PAIR_LIMIT).minmax_scales(w)  # the default's int8-paired
+            plan.layers[spec.name] = LayerPlan(spec.name, scales, 8)
         for group in layers.groups:
             plan.groups[group.name] = GroupPlan(group.name, group.tensor, 0.2, 8)  # range ±25
         out, _ = apply_plan(model, layers, plan)

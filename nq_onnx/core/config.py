@@ -146,11 +146,11 @@ class Target(str, enum.Enum):
 
     ``portable`` (default): exact on every CPU: int8 weights whose 8-bit codes keep every pair that onnxruntime's
     U8S8 kernel adds into one int16 within ``|q_2i| + |q_2i+1| <= 128``, which no uint8 activation can saturate on
-    an x86 CPU without VNNI (``weight_dtype int8-paired``). ``x86-avx2``: the same rule (it is that CPU's). ``x86-vnni`` and ``arm64``: int8 weights everywhere, the fast
-    kernels of CPUs whose integer sums are 32-bit (VNNI/AMX x86, ARM64 dot products). ``gpu``: what TensorRT's Q/DQ
-    fusion expects: int8 weights, symmetric int8 activations with zero point 0, Q/DQ on both inputs of every
-    quantized matmul and none elsewhere; no twin-uniform quantizer (a float select and uint8 codes), no asymmetric
-    activations, no int16 biases.
+    an x86 CPU without VNNI (``weight_dtype int8-paired``). ``x86-avx2``: the same rule (it is that CPU's).
+    ``x86-vnni`` and ``arm64``: int8 weights everywhere, the fast kernels of CPUs whose integer sums are 32-bit
+    (VNNI/AMX x86, ARM64 dot products). ``gpu``: what TensorRT's Q/DQ fusion expects: int8 weights, symmetric int8
+    activations with zero point 0, Q/DQ on both inputs of every quantized matmul and none elsewhere; no twin-uniform
+    quantizer (a float select and uint8 codes), no asymmetric activations, no int16 biases.
     """
 
     PORTABLE = "portable"
@@ -322,7 +322,7 @@ class QuantConfig:
         "costs a float select (Less/Where) over every attention map and GELU output and a second integer matmul per "
         "such layer: on ViT-S/14 (AVX-512 VNNI, batch 8) its W8A8 model took about 1.6x the default's batch time, "
         "0.7x FP32's, where uniform quantizers take about 0.45x", "method"))
-    # None: the target's (Target.w_bits), or 8 under a bits budget
+    # None: the target's (Target.w_bits)
     w_bits: int | None = dataclasses.field(default=None, metadata=option(
         "weight bits", "target", choices=SUPPORTED_BITS,
         default_text="8 (on the portable and x86-avx2 targets with int8-paired storage, exact on every CPU)"))
@@ -412,7 +412,7 @@ class QuantConfig:
             object.__setattr__(self, "activations", Activations.SYMMETRIC if self.target == Target.GPU
                                else Activations.ASYMMETRIC)
         if self.w_bits is None:
-            object.__setattr__(self, "w_bits", 8 if self.bits_budget is not None else self.target.w_bits)
+            object.__setattr__(self, "w_bits", self.target.w_bits)  # 8 everywhere, as a bits budget needs
         _coerce_enum(self, "weight_dtype", WeightDtype, "weight dtype")
         _coerce_enum(self, "activations", Activations, "activations")
         self._check_target()

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 
 
-from nq_onnx.core import quant
 from nq_onnx.core.atomic import write_bytes_atomic
 from nq_onnx.core.config import QuantConfig
 from nq_onnx.core.errors import PlanError
-from nq_onnx.core.quantizers import ActQuantizer
+from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.two_range import SplitSoftmax, TwinGelu, TwinSoftmax
 
 SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
@@ -130,10 +129,7 @@ class LayerPlan:
         kernel pairs' ``pair_limit`` where given: :meth:`QuantConfig.weight_pair_limit`)."""
         if self.weight_codes is not None:
             return self.weight_codes
-        codes = quant.quantize_weight(w_kn, self.weight_scales, 1, self.bits)
-        if pair_limit is not None and 2**self.bits > pair_limit:
-            codes = quant.limit_pairs(codes, pair_limit)
-        return codes
+        return WeightQuantizer(self.bits, pair_limit).codes(w_kn, self.weight_scales)
 
 
 @dataclasses.dataclass

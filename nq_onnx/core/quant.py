@@ -134,8 +134,7 @@ def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray
     any packing of ``K``. With ``a >= 0`` the extreme of ``a w`` is at ``act_lo`` or ``act_hi``.
     """
     w = np.asarray(codes_kn, dtype=np.int64)
-    high = np.maximum(w * act_lo, w * act_hi)
-    low = np.minimum(w * act_lo, w * act_hi)
+    high, low = _product_extremes(w, act_lo, act_hi)
     if w.shape[0] < 2:
         return np.maximum(np.abs(high), np.abs(low)).max(axis=0)
     top = -np.partition(-high, 1, axis=0)[:2].sum(axis=0)
@@ -146,17 +145,27 @@ def pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray
 KERNEL_PAIR_LIMIT = INT16_MAX // 255  # 128: the largest |q_2i| + |q_2i+1| no uint8 activation can saturate
 
 
+def _product_extremes(w: np.ndarray, act_lo: int, act_hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The largest and smallest ``a w`` per code for activation codes ``a`` in ``[act_lo, act_hi]``, ``a >= 0``
+    (the extremes lie at the range's ends)."""
+    return np.maximum(w * act_lo, w * act_hi), np.minimum(w * act_lo, w * act_hi)
+
+
+def _kernel_pairs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``2i`` and ``2i + 1`` of a ``[K, N]`` array, an odd ``K``'s last row paired with zeros (as MLAS pads)."""
+    if rows.shape[0] % 2:
+        rows = np.concatenate([rows, np.zeros((1, rows.shape[1]), rows.dtype)])
+    return rows[0::2], rows[1::2]
+
+
 def kernel_pair_sum_bound(codes_kn: np.ndarray, act_lo: int, act_hi: int) -> np.ndarray:
     """Per output channel, the largest ``|a_2i w_2i + a_2i+1 w_2i+1|`` over the pairs of rows ``(2i, 2i + 1)`` that
     the U8S8 kernel adds into one int16 (module docstring), for activation codes in ``[act_lo, act_hi]``, ``a >= 0``
     (an odd ``K``'s last row pairs with a zero)."""
-    w = np.asarray(codes_kn, dtype=np.int64)
-    if w.shape[0] % 2:
-        w = np.concatenate([w, np.zeros((1, w.shape[1]), np.int64)])
-    high = np.maximum(w * act_lo, w * act_hi)
-    low = np.minimum(w * act_lo, w * act_hi)
-    top = (high[0::2] + high[1::2]).max(axis=0, initial=0)
-    bottom = (low[0::2] + low[1::2]).min(axis=0, initial=0)
+    even, odd = _kernel_pairs(np.asarray(codes_kn, dtype=np.int64))
+    (high_even, low_even), (high_odd, low_odd) = (_product_extremes(w, act_lo, act_hi) for w in (even, odd))
+    top = (high_even + high_odd).max(axis=0, initial=0)
+    bottom = (low_even + low_odd).min(axis=0, initial=0)
     return np.maximum(top, -bottom)
 
 
@@ -165,9 +174,8 @@ def pair_scales(w_kn: np.ndarray, bits: int, limit: int) -> np.ndarray:
     limit``: ``s_c = max(max|W_c| / (2^(b-1) - 1), max_i (|W_2i,c| + |W_2i+1,c|) / (limit - 1))``. Nearest rounding
     adds at most one to a pair's sum, so at this step no code is clipped and no pair passes the limit."""
     a = np.abs(np.asarray(w_kn, dtype=np.float32))
-    if a.shape[0] % 2:
-        a = np.concatenate([a, np.zeros((1, a.shape[1]), np.float32)])
-    pairs = (a[0::2] + a[1::2]).max(axis=0)
+    even, odd = _kernel_pairs(a)
+    pairs = (even + odd).max(axis=0)
     return np.maximum(minmax_scale(a.max(axis=0), bits), pairs / np.float32(limit - 1)).astype(np.float32)
 
 

@@ -147,8 +147,8 @@ def minmax_plan(plan: Plan, layers: Layers, stats: dict[str, TensorStats], weigh
         act = group_quantizer(group.name, config.a_bits, unsigned, chosen)
         scale = act.minmax_scale(stats[group.tensor].absmax)
         plan.groups[group.name] = plain_group(group, scale, act, stats[group.tensor])
+    quantizer = WeightQuantizer(config.w_bits, config.weight_pair_limit)
     for spec in layers.layers:
-        quantizer = WeightQuantizer(config.w_bits, config.weight_pair_limit)
         scales = None if spec.kind == ACT_MATMUL else quantizer.minmax_scales(weights[spec.name])
         plan.layers[spec.name] = LayerPlan(spec.name, scales, config.w_bits)
     return plan
