@@ -374,3 +374,23 @@ def test_insert_noise_promises_every_reader_reads_the_noisy_input():
     with pytest.raises(PassConditionError, match=r"^ForgetsFc1 promised: layer 'mlp\.fc1' does not read its group's "
                                                  r"noisy input$"):
         Sequential((ForgetsFc1(layers, plan, fold=False),))(gs.import_onnx(model))
+
+
+def test_a_plan_whose_codes_break_the_pair_limit_is_refused_in_one_line():
+    """An ``int8-paired`` plan holding codes whose kernel pairs pass 128 (stored GPTQ codes edited, or a plan of
+    another storage relabelled) is a one-line PlanError when the model is written, not a model that saturates."""
+    from nq_onnx.core.errors import PlanError
+
+    rng = np.random.default_rng(5)
+    model = mlp_model(rng, tokens=16, k=24)
+    layers, plan = noisy_plan(model, rng)
+    plan.config = QuantConfig(weight_dtype="int8-paired")
+    for spec in layers.layers:
+        codes = np.full((spec.in_features, spec.out_features), 127, np.int8)  # every pair sums to 254
+        plan.layers[spec.name] = LayerPlan(spec.name, np.full(spec.out_features, 0.01, np.float32), 8,
+                                           weight_codes=codes)
+    before = model.SerializeToString()
+    with pytest.raises(PlanError, match=r"^weight codes pair up to \d+ against the input's codes, over int16: the "
+                                        r"plan's codes do not keep int8-paired storage's limit$"):
+        apply_plan(model, layers, plan)
+    assert model.SerializeToString() == before
