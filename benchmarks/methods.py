@@ -78,7 +78,8 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
     (weights at N bits, activations at the row's bits), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
     ``vnni`` / ``avx2`` / ``arm64`` / ``gpu`` (that target; without one: portable), ``floatattn`` (the attention
     matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone), ``split`` (the attention maps split in
-    two ranges, ``--split-softmax``); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
+    two ranges, ``--split-softmax``), ``balance`` / ``balance<ALPHA>`` (channel balancing, on in no other row: at
+    strength 0.25 or ``ALPHA``); ``all`` is NoisyQuant with reparam, GPTQ and bias correction."""
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
@@ -95,6 +96,9 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
                                weight_rounding=next((p for p in parts if p in ("gptq", "gptq-act")), "nearest"),
                                bias_correction="bc" in parts, bits_budget=budget,
                                techniques=(SplitSoftmaxSettings(split_softmax=True),) if "split" in parts else (),
+                               balance_channels=any(p.startswith("balance") for p in parts),
+                               balance_alpha=next((float(p[7:]) for p in parts if p.startswith("balance") and p[7:]),
+                                                  0.25),
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
                                                       nq_onnx.QuantConfig.mixed_sensitivity),
                                mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),

@@ -4,7 +4,8 @@ for a chosen trial) run alone, in a fresh process, and the model's SHA-256 compa
     python benchmarks/sweep_bytes.py benchmarks/sweeps/methods.toml --seeds 0
 
 Writes ``<sweep out>/bytes_check.json``: per trial, its command line, both digests and whether they match, with
-the machine it ran on. Resumes: a trial already checked is not converted again.
+the machine it ran on. Resumes: a trial already checked is not converted again; one whose conversion failed (its
+error recorded) is tried again.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     checked = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "trials": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for n, trial in enumerate(todo, 1):
-            if trial["trial"] in checked["trials"]:
+            if "error" not in checked["trials"].get(trial["trial"], {"error": None}):
                 continue
             checked["trials"][trial["trial"]] = row = reconvert(trial, str(spec.model), str(spec.calib), Path(scratch))
             write_bytes_atomic(path, (json.dumps(checked, indent=1, sort_keys=True, default=plain) + "\n").encode())
-            print(f"[{n}/{len(todo)}] {trial['trial']}: {'same bytes' if row['match'] else 'DIFFERENT'}", flush=True)
+            verdict = f"failed: {row['error']}" if "error" in row else "same bytes" if row["match"] else "DIFFERENT"
+            print(f"[{n}/{len(todo)}] {trial['trial']}: {verdict}", flush=True)
     mismatched = [k for k, v in checked["trials"].items() if not v["match"]]
     print(f"{len(checked['trials']) - len(mismatched)} of {len(checked['trials'])} trials give the same bytes alone")
     return 1 if mismatched else 0

@@ -27,7 +27,7 @@ OPTIONS = {"asym": "asymmetric activations", "sym": "symmetric activations", "re
            "attn": "attention reparam", "gptq": "GPTQ", "gptq-act": "GPTQ on quantized inputs",
            "bc": "bias correction", "vnni": "target x86-vnni", "arm64": "target arm64", "gpu": "target gpu",
            "avx2": "target x86-avx2", "floatattn": "attention matmuls in float",
-           "floatav": "A V in float", "split": "split attention maps"}
+           "floatav": "A V in float", "split": "split attention maps", "balance": "channel balancing"}
 
 
 def row_label(row: str) -> str:
@@ -137,9 +137,9 @@ def tradeoff_chart(results: dict, out: Path) -> None:
 
 
 DEFAULTS = ("the defaults: the `portable` target, NoisyQuant with asymmetric activations, LayerNorm "
-            "reparameterization, GPTQ rounding and bias correction, 8-bit weight codes stored int8 within the kernel "
-            "pairs' bound (`int8-paired`), `Q K^T` on "
-            "integer kernels and `A V` in float; other rows name what they change")
+            "reparameterization, channel balancing of the GELU outputs, GPTQ rounding and bias correction, 8-bit "
+            "weight codes stored int8 within the kernel pairs' bound (`int8-paired`), `Q K^T` on integer kernels and "
+            "`A V` in float; every other row names each technique it uses")
 
 
 def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:

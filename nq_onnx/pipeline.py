@@ -79,7 +79,8 @@ BASE_METHOD = Method.MINMAX
 def base_model(baseline: Baseline, config: QuantConfig, digest: str) -> onnx.ModelProto:
     """The model MinMax makes of the same float model with ``config``'s widths, target and activation quantizers (no
     search, no rewrite, no noise): the plainest quantization, which a searched one should not fall far behind."""
-    base = dataclasses.replace(config, method=BASE_METHOD, reparam=False, reparam_attention=False, techniques=())
+    base = dataclasses.replace(config, method=BASE_METHOD, reparam=False, reparam_attention=False,
+                               balance_channels=False, techniques=())
     weights = float_weights(import_graph(baseline.model), baseline.layers)
     plan = minmax_plan(Plan(digest, base), baseline.layers, baseline.stats, weights)
     return apply_plan(baseline.model, baseline.layers, plan)[0]
@@ -225,6 +226,7 @@ def quantize(
         asymmetric_rejected=_rejected(layers, plan, "asymmetric_rejected"),
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         attention_reparams=sum(1 for p in plan.layers.values() if p.attention is not None),
+        balanced_groups=sum(1 for g in plan.groups.values() if g.balance is not None),
         average_bits=average_bits(plan.groups),
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
         read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},

@@ -40,6 +40,7 @@ class Role(str, enum.Enum):
     DECOMPOSED_GEMM = "decomposed_gemm"  # a Gemm rewritten as MatMul + Add (node)
     FOLDED_WEIGHT = "folded_weight"  # a weight chain folded to one constant (layer node)
     REPARAMETERIZED = "reparameterized"  # a group whose LayerNorm and layers absorbed r and c (group)
+    BALANCED = "balanced"  # a group read through a Mul by 1 / r, its layers' weight rows scaled by r (group)
 
 
 class SkipKind(str, enum.Enum):

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from nq_onnx.core import naming
 from nq_onnx.core.errors import ConfigError, ModelError
 from nq_onnx.passes.base import import_graph
 
@@ -278,10 +279,12 @@ def read_tokens(graph: gs.Graph) -> dict[int, tuple[int, ...]]:
 def _activation(tensor: gs.Tensor | None) -> str:
     """``"softmax"`` for a ``Softmax`` output, ``"gelu"`` for a ``Gelu`` output or the last node of a decomposed GELU
     (``x * 0.5 * (1 + erf(x / sqrt 2))``, or its tanh form: an ``Erf``/``Tanh`` within four nodes above), else
-    ``""``."""
+    ``""``; a channel-balanced input (:mod:`nq_onnx.passes.balance_channels`) is what its ``Mul`` reads."""
     node = tensor.inputs[0] if tensor is not None and tensor.inputs else None
     if node is None:
         return ""
+    if node.op == "Mul" and node.name.endswith("/" + naming.BALANCE_MUL):  # a balanced input is what it balances
+        return _activation(node.inputs[0])
     if node.op == "Softmax":
         return "softmax"
     if node.op == "Gelu":

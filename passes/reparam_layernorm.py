@@ -59,7 +59,7 @@ class ReparamLayerNorm(GraphPass):
             _set(slots[0], constant(naming.of(group.name, naming.REPARAM_GAMMA), (gamma / r).astype(np.float32)))
             _set(slots[1], constant(naming.of(group.name, naming.REPARAM_BETA), ((beta - c) / r).astype(np.float32)))
             for name in group.consumers:
-                _fold_into_layer(graph, nodes, self.layers.layer(name), r, c)
+                fold_into_layer(graph, nodes, self.layers.layer(name), r, c)
             result.applied.append(group.name)
             result.record(Role.REPARAMETERIZED, group.name)
         return result
@@ -116,7 +116,7 @@ def _set(slot: Slot, tensor: gs.Tensor) -> None:
         node.inputs.append(tensor)
 
 
-def _fold_into_layer(graph: gs.Graph, nodes: dict, spec, r: np.ndarray, c: np.ndarray) -> None:
+def fold_into_layer(graph: gs.Graph, nodes: dict, spec, r: np.ndarray, c: np.ndarray) -> None:
     """``W' = diag(r) W`` and ``B' = B + c W`` as new constants (a missing bias is added where ``c W != 0``)."""
     node = require_matmul(nodes[spec.node])
     w = constant_through_identity(node.inputs[1]).astype(np.float64)

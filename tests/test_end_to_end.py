@@ -64,7 +64,7 @@ def test_export_matches_pytorch_on_real_images(exported, photo_folder):
 # The paper's setting: every matmul input quantized with symmetric codes, nearest rounding, no reparameterization or
 # bias correction (the graph these tests count; the defaults' graph is tests/test_targets.py's)
 PAPER = dict(activations="symmetric", attention_probabilities=True, reparam=False, weight_rounding="nearest",
-             bias_correction=False)
+             bias_correction=False, balance_channels=False)
 
 
 def _convert(path, tmp_path, photo_folder, **config):
@@ -320,7 +320,7 @@ def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, ca
     assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
     record = json.loads(profile.read_text())
     stages, search, phases = record["stages"], record["search"], record["linear_search"]
-    assert list(stages)[:4] == ["load", "calibrate", "reparam", "search"]  # reparam: on by default
+    assert list(stages)[:5] == ["load", "calibrate", "reparam", "balance", "search"]  # both on by default
     assert {"rewrite", "check", "save"} <= set(stages)
     assert 0.9 * record["wall"] <= sum(stages.values()) <= record["wall"]
     assert {"simulate", "linear_search", "act_matmul_search", "other"} <= set(search)

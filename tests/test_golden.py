@@ -48,11 +48,12 @@ PAPER = dict(method="noisyquant", w_bits=8, a_bits=8, seed=0, calib_size=8, batc
              quantize_attention_matmuls=True, attention_probabilities=True, int16_bias=False, target="portable",
              weight_dtype="auto", activations="symmetric", noise="paper+shift", reparam=False,
              reparam_attention=False, weight_rounding="nearest", bias_correction=False, bits_budget=None,
-             mixed_sensitivity="output", mixed_images=4)
-# the portable target's fast model: asymmetric activations, LayerNorm reparam, GPTQ, bias correction, W8A8 with
-# int8-paired weights, A V float
+             mixed_sensitivity="output", mixed_images=4, balance_channels=False, balance_alpha=0.25)
+# the portable target's fast model: asymmetric activations, LayerNorm reparam, channel balancing, GPTQ, bias
+# correction, W8A8 with int8-paired weights, A V float
 DEFAULTS = dict(PAPER, weight_dtype="int8-paired", attention_probabilities=False, activations="asymmetric",
-                reparam=True, weight_rounding="gptq", bias_correction=True)
+                reparam=True, weight_rounding="gptq", bias_correction=True, balance_channels=True)
+UNBALANCED = dict(DEFAULTS, balance_channels=False)  # the defaults before channel balancing
 W6A6 = dict(PAPER, w_bits=6, a_bits=6)
 MIXED = dict(PAPER, bits_budget=6.0, mixed_images=2)  # a budget chooses every width: w-bits and a-bits stay 8
 SETTINGS = {
@@ -63,10 +64,12 @@ SETTINGS = {
     "noisyquant_w4a8_vnni": dict(PAPER, w_bits=4, target="x86-vnni", weight_dtype="int8"),
     "noisyquant_int16_bias": dict(PAPER, int16_bias=True),
     "default_portable": DEFAULTS,
-    "portable_w7_auto": dict(DEFAULTS, w_bits=7, weight_dtype="auto"),  # 7-bit codes, which pair safely anyhow
-    "default_x86_vnni_w6a6": dict(DEFAULTS, target="x86-vnni", weight_dtype="int8", w_bits=6, a_bits=6),
+    "default_portable_unbalanced": UNBALANCED,
+    "portable_w7_auto": dict(UNBALANCED, w_bits=7, weight_dtype="auto"),  # 7-bit codes, which pair safely anyhow
+    "default_x86_vnni_w6a6": dict(UNBALANCED, target="x86-vnni", weight_dtype="int8", w_bits=6, a_bits=6),
     "reparam_layernorm_w6a6": dict(W6A6, reparam=True),
     "reparam_attention_w6a6": dict(W6A6, reparam_attention=True),
+    "balance_channels_w6a6": dict(W6A6, balance_channels=True),
     "gptq_w6a6": dict(W6A6, weight_rounding="gptq"),
     "gptq_act_w6a6": dict(W6A6, weight_rounding="gptq-act"),
     "bias_correction_w6a6": dict(W6A6, bias_correction=True),

@@ -101,7 +101,7 @@ def convert(kind: str, bits: int, weight_dtype: str = "auto"):
     target = "x86-vnni" if weight_dtype == "int8" else "portable"  # portable refuses int8 weights (not exact)
     config = QuantConfig(method="minmax", w_bits=bits, a_bits=bits, weight_dtype=weight_dtype, target=target,
                          activations="symmetric", attention_probabilities=True, reparam=False,
-                         weight_rounding="nearest", bias_correction=False)
+                         weight_rounding="nearest", bias_correction=False, balance_channels=False)
     result = quantize(model, "test", config, Dataset(tuple(feeds), arrays=feeds))
     return model, feeds, result
 

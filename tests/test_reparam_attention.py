@@ -152,7 +152,7 @@ def test_a_saved_plan_reapplies_the_attention_reparameterization_without_calibra
     on onnxruntime's CPU kernels."""
     path = tmp_path / "vit.onnx"
     export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2), num_classes=10)
-    config = QuantConfig(calib_size=8, reparam=True, reparam_attention=True, w_bits=6, a_bits=6,
+    config = QuantConfig(calib_size=8, reparam=True, reparam_attention=True, w_bits=6, a_bits=6, balance_channels=False,
                          search=SearchConfig(search_images=4, holdout_images=2, tokens=64, shift_min_rows=16))
     first = convert(path, tmp_path / "a.onnx", photo_folder, config, save_plan=tmp_path / "plan.json", evaluate=False)
     assert first.summary.attention_reparams == 2 and first.summary.reparam_groups == 4

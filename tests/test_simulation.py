@@ -107,7 +107,7 @@ def test_simulation_equals_the_emitted_qdq_graph_layer_by_layer(vit, photo_folde
     simulation derives from the fed step as the emitted ``QuantizeLinear`` stores it."""
     config = QuantConfig(calib_size=12, w_bits=bits, a_bits=bits, method=method, activations=activations,
                          attention_probabilities=True, reparam=False, weight_rounding="nearest",
-                         bias_correction=False, search=SearchConfig(shift_min_rows=0))
+                         bias_correction=False, balance_channels=False, search=SearchConfig(shift_min_rows=0))
     plans = []
     sqnr = compare(vit, photo_folder, config, tmp_path, plans=plans)
     twins = sorted(g.twin.kind for g in plans[0].groups.values() if g.twin is not None)

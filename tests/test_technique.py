@@ -87,7 +87,7 @@ SEARCH = SearchConfig(search_images=2, holdout_images=1, tokens=128, screen_toke
 
 def _config(**techniques_on) -> QuantConfig:
     return QuantConfig(method="easyquant", calib_size=6, reparam=False, weight_rounding="nearest",
-                       bias_correction=False, search=SEARCH, **techniques_on)
+                       bias_correction=False, balance_channels=False, search=SEARCH, **techniques_on)
 
 
 def _gelu_scales(model: Path) -> dict[str, float]:
@@ -156,7 +156,8 @@ def test_the_command_line_and_config_files_select_it(registered, vit, photo_fold
     assert re.search(r"percentile clipping:.*--percentile-clip P", help_text, re.S)
     api = convert(vit, tmp_path / "api.onnx", photo_folder, _config(techniques=(PercentileClip(99.5),)),
                   evaluate=False)
-    flags = ["--method", "easyquant", "--calib-size", "6", "--no-reparam", "--weight-rounding", "nearest",
+    flags = ["--method", "easyquant", "--calib-size", "6", "--no-reparam", "--no-balance-channels",
+             "--weight-rounding", "nearest",
              "--no-bias-correction", "--search-images", "2", "--holdout-images", "1", "--search-tokens", "128",
              "--screen-tokens", "0", "--no-eval", "-q"]
     toml = tmp_path / "search.toml"
@@ -226,4 +227,4 @@ def test_built_in_techniques_run_before_those_registered_later_whatever_ran_firs
             "assert names[-1] == 'mine' and names.index('gptq') < names.index('bias_correction'), names\n"
             "print(len(names))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert int(out) == 9  # the eight built-in techniques and this one
+    assert int(out) == 10  # the nine built-in techniques and this one

@@ -297,7 +297,7 @@ class SearchConfig:
 # Options added after plan schema 4, written only where set: a conversion that does not use them writes the same
 # config (in the plan and the model's metadata) as the version before them, byte for byte, which older versions read.
 LATER_OPTIONS = {"reparam_attention": False, "target": "portable", "activations": "symmetric",
-                 "attention_probabilities": True}
+                 "attention_probabilities": True, "balance_channels": False, "balance_alpha": 0.25}
 # ``mixed_images`` as a config without a bits budget records it (0.1.0's first default, 1), and reads back as the
 # default: without mixed precision it changes nothing, so neither may it change the bytes of a plan or model
 UNBUDGETED_MIXED_IMAGES = 1
@@ -369,6 +369,14 @@ class QuantConfig:
     reparam: bool = dataclasses.field(default=True, metadata=option(
         "LayerNorm reparameterization first: equal channel ranges for the per-tensor quantizer of every "
         "LayerNorm-fed input (qkv, fc1), folded exactly into the LayerNorm and the layers", "method"))
+    balance_channels: bool = dataclasses.field(default=True, metadata=option(
+        "channel balancing first: every GELU output read by linear layers divided by per-channel factors in an "
+        "explicit Mul, the rows of the weights that read it multiplied by them, so one activation step serves every "
+        "channel (one elementwise Mul per MLP at inference)", "method"))
+    balance_alpha: float = dataclasses.field(default=0.25, metadata=option(
+        "migration strength of channel balancing: factors (range_k / mean range) ** ALPHA, from 0 (none) to 1 (every "
+        "channel one range)", "method", metavar="ALPHA",
+        applies=Condition(lambda c: c.balance_channels, lambda c: "it applies with --balance-channels only")))
     reparam_attention: bool = dataclasses.field(default=False, metadata=option(
         "attention reparameterization first: each K channel centred (the Softmax ignores it) and each Q/K channel "
         "pair balanced, folded exactly into the qkv (or q and k) layers", "method"))
@@ -439,6 +447,8 @@ class QuantConfig:
         if self.mixed_sensitivity == MixedSensitivity.SEARCHED and self.activations == Activations.ASYMMETRIC:
             raise ConfigError("mixed-sensitivity searched needs uniform symmetric activation quantizers; add "
                               "--activations symmetric")
+        if not 0.0 <= self.balance_alpha <= 1.0:
+            raise ConfigError(f"balance-alpha must be between 0 and 1, got {self.balance_alpha:g}")
         if self.mixed_images < 1:
             raise ConfigError(f"mixed-images must be at least 1, got {self.mixed_images}")
         if self.calib_size < 1:

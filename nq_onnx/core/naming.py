@@ -37,6 +37,10 @@ REPARAM_BETA = "reparam_beta"
 REPARAM_WEIGHT = "reparam_weight"
 REPARAM_BIAS = "reparam_bias"
 ADD_REPARAM_BIAS = "add_reparam_bias"
+# channel balancing
+BALANCE_MUL = "balance_mul"
+BALANCE_FACTOR = "balance_factor"
+BALANCED_INPUT = "balanced_input"
 # attention reparameterization
 ATTENTION_WEIGHT = "attention_weight"
 ATTENTION_BIAS = "attention_bias"

@@ -25,9 +25,10 @@ from nq_onnx.core.errors import PlanError
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.two_range import SplitSoftmax, TwinGelu, TwinSoftmax
 
-SCHEMA_VERSION = 5  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
-# 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan)
-READABLE_SCHEMAS = (2, 3, 4, 5)  # an older plan is a newer one without the features added since
+SCHEMA_VERSION = 6  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
+# 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan);
+# 6: channel balancing (GroupPlan.balance)
+READABLE_SCHEMAS = (2, 3, 4, 5, 6)  # an older plan is a newer one without the features added since
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,7 @@ class GroupPlan:
     twin: TwinSpec | None = None  # PTQ4ViT's twin-uniform quantizer instead of one uniform range
     precision: Module | None = None  # its cost and sensitivity per bit-width under a bits budget (search.mixed)
     low: float | None = None  # asymmetric: the calibrated minimum its codes are anchored at (ActQuantizer.low)
+    balance: np.ndarray | None = None  # channel balancing: its layers read X / balance (``--balance-channels``)
 
     def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu | SplitSoftmax:
         """The group's activation quantizer, the same object the search scored and the passes emit."""
@@ -141,11 +143,12 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     def written_schema(self) -> int:
-        """The oldest schema that holds the plan: 4 where no attention is reparameterized (a plan as the version
-        before schema 5 wrote it, byte for byte, with the config's :data:`~nq_onnx.core.config.LATER_OPTIONS` unset)."""
-        if self.schema_version == SCHEMA_VERSION and not any(p.attention is not None for p in self.layers.values()):
-            return 4
-        return self.schema_version
+        """The oldest schema that holds the plan: 4 where no attention is reparameterized and no group balanced (a
+        plan as the version before schema 5 wrote it, byte for byte, with the config's
+        :data:`~nq_onnx.core.config.LATER_OPTIONS` unset), 5 where no group is balanced."""
+        if self.schema_version != SCHEMA_VERSION or any(g.balance is not None for g in self.groups.values()):
+            return self.schema_version
+        return 5 if any(p.attention is not None for p in self.layers.values()) else 4
 
     def check_model(self, digest: str) -> None:
         if digest != self.model_digest:
@@ -183,6 +186,9 @@ class Plan:
             }
             if g.low is not None:
                 entry["low"] = g.low
+            if g.balance is not None:
+                entry["balance"] = f"group/{g.name}/balance"
+                arrays[entry["balance"]] = g.balance
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
@@ -248,6 +254,7 @@ class Plan:
                     TwinSpec(str(g["twin"]["kind"]), float(g["twin"]["fixed"])) if g.get("twin") else None,
                     _module(g["name"], g["precision"]) if g.get("precision") else None,
                     None if g.get("low") is None else float(g["low"]),
+                    arrays[g["balance"]].astype(np.float32) if g.get("balance") else None,
                 )
             for layer in doc["layers"]:
                 scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None

@@ -27,10 +27,11 @@ PRESETS = {
     "accurate": Preset("the lowest output error, slower than the default: the twin-uniform full stack at W8A8",
                        {"method": "noisyquant-ptq4vit", "w_bits": 8, "activations": "symmetric",
                         "attention_probabilities": True, "reparam": True, "reparam_attention": True,
-                        "weight_rounding": "gptq", "bias_correction": True}),
+                        "weight_rounding": "gptq", "bias_correction": True, "balance_channels": False}),
     "paper": Preset("the NoisyQuant paper's setting at W8A8",
                     {"method": "noisyquant", "w_bits": 8, "activations": "symmetric", "attention_probabilities": True,
-                     "reparam": False, "weight_rounding": "nearest", "bias_correction": False}),
+                     "reparam": False, "weight_rounding": "nearest", "bias_correction": False,
+                     "balance_channels": False}),
 }
 
 
