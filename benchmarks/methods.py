@@ -97,8 +97,9 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
                                bias_correction="bc" in parts, bits_budget=budget,
                                techniques=(SplitSoftmaxSettings(split_softmax=True),) if "split" in parts else (),
                                balance_channels=any(p.startswith("balance") for p in parts),
-                               balance_alpha=next((float(p[7:]) for p in parts if p.startswith("balance") and p[7:]),
-                                                  0.25),
+                               balance_alpha=next((float(p[len("balance"):]) for p in parts
+                                                   if p.startswith("balance") and p[len("balance"):]),
+                                                  nq_onnx.QuantConfig.balance_alpha),
                                mixed_sensitivity=next((p for p in parts if p in SENSITIVITIES),
                                                       nq_onnx.QuantConfig.mixed_sensitivity),
                                mixed_images=next((int(p[6:]) for p in parts if p.startswith("images")), 1),

@@ -99,8 +99,8 @@ def gptq_codes(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, d
 
     With ``target`` rows (the shape of ``x``) the codes fit ``target @ w_kn`` from ``x`` (asymmetric calibration,
     module docstring): GPTQ rounds :func:`fitted_weight` instead of ``W``."""
-    lo, hi = WeightQuantizer(bits).code_range
-    paired = WeightQuantizer(bits, pair_limit).paired
+    quantizer = WeightQuantizer(bits, pair_limit)
+    lo, hi = quantizer.code_range
     h = _gram(x)
     w = np.array(w_kn, dtype=np.float64) if target is None else fitted_weight(w_kn, x, target, gram=h)
     s = np.asarray(scales, dtype=np.float64)
@@ -114,7 +114,7 @@ def gptq_codes(w_kn: np.ndarray, scales: np.ndarray, x: np.ndarray, bits: int, d
         errors = np.zeros((stop - start, w.shape[1]))
         for k in range(start, stop):
             q = np.clip(np.rint(w[k] / s), lo, hi)
-            if paired and k % 2:
+            if quantizer.paired and k % 2:
                 room = pair_limit - np.abs(codes[k - 1].astype(np.int32))
                 q = np.clip(q, -room, room)
             codes[k] = q

@@ -24,9 +24,8 @@ from nq_onnx.calibration.collect import TensorStats
 from nq_onnx.core.technique import Context, Technique, register
 from nq_onnx.core.timing import timed
 from nq_onnx.passes.balance_channels import BalanceChannels
-from nq_onnx.passes.base import rewrite_model
-from nq_onnx.passes.find_layers import Layers, discover
-from nq_onnx.techniques.refold import refold
+from nq_onnx.passes.find_layers import Layers
+from nq_onnx.techniques.refold import refold, rewrite_float
 
 
 def factors(stats: TensorStats, alpha: float) -> np.ndarray:
@@ -62,9 +61,8 @@ class ChannelBalancing(Technique):
         to the balanced tensors (exactly: :func:`balanced_stats`)."""
         with timed(ctx.timings, "balance_s"):
             chosen = candidates(ctx.layers, ctx.stats, ctx.config.balance_alpha)
-            ctx.model, result = rewrite_model(ctx.model, BalanceChannels(ctx.layers, chosen))
-            old = {name: ctx.layers.group(name).tensor for name in result.applied}
-            ctx.layers = discover(ctx.model, ctx.config)
+            old = {name: ctx.layers.group(name).tensor for name in chosen}
+            result = rewrite_float(ctx, BalanceChannels(ctx.layers, chosen))
             for name in result.applied:
                 ctx.stats[ctx.layers.group(name).tensor] = balanced_stats(ctx.stats[old[name]], chosen[name])
             ctx.skipped += result.skipped
