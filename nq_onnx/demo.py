@@ -24,10 +24,6 @@ from nq_onnx.core.errors import NQError
 from nq_onnx.io.model_io import file_digest, load_model, save_model_atomic
 from nq_onnx.pipeline import quantize
 
-# The paper's setting, so that the three methods differ in their scale search alone: symmetric activations, every
-# matmul input quantized, nearest rounding, no reparameterization or bias correction
-PAPER = dict(activations="symmetric", attention_probabilities=True, reparam=False, weight_rounding="nearest",
-             bias_correction=False)
 
 PHOTOS = (
     "astronaut.png",
@@ -144,7 +140,9 @@ def run_demo(
     reference = model_outputs(model, evaluation, 8, progress, "fp32")
     rows = []
     for method in methods:
-        config = QuantConfig(method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=len(calib), **PAPER)
+        # the paper's setting (preset paper: symmetric activations, every matmul input quantized, nearest rounding,
+        # no reparameterization, channel balancing or bias correction): the methods differ in their search alone
+        config = QuantConfig.preset("paper", method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=len(calib))
         start = time.perf_counter()
         result = quantize(model, digest, config, calib, progress=progress)
         seconds = time.perf_counter() - start
