@@ -220,6 +220,36 @@ def test_an_asymmetric_quantizer_is_kept_only_where_it_wins_on_held_out_rows():
                                                           metrics["mse_symmetric_held_out"])
 
 
+def test_the_symmetric_fallback_of_an_asymmetric_group_is_searched_without_the_mean_shift():
+    """NoisyQuant with its mean shift on the grid, one-sided fit rows and held-out rows reaching far below the
+    anchor: the symmetric fallback wins and is kept with no shift (``b = 0``), where the same symmetric group searched
+    on its own centres its channels (``b > 0``); the asymmetric technique asks for exactly that fallback."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from nq_onnx.calibration.collect import TensorStats
+    from nq_onnx.core.config import NoiseMode, SearchConfig
+    from nq_onnx.core.quantizers import WeightQuantizer
+    from nq_onnx.search.groups import GroupSample, GroupSearch, LinearOperand, search_linear_group, search_with_fallback
+    from nq_onnx.techniques.asymmetric import AsymmetricActivations
+
+    rng = np.random.default_rng(4)
+    x, held = gelu_like(rng, (512, 16)), gelu_like(rng, (256, 16)) - 2.0
+    layer = LinearOperand("fc", rng.standard_normal((16, 8)).astype(np.float32), np.zeros(8, np.float32),
+                          WeightQuantizer(8))
+    sample = GroupSample(x, float(np.abs(x).max()), x.min(axis=0), x.max(axis=0), held_out=held)
+    problem = GroupSearch(sample, (layer,), ActQuantizer(8, signed=False, low=float(x.min())),
+                          SearchConfig(tokens=512, screen_tokens=0), NoiseMode.BOTH, (0, 1))
+    kept_problem, kept = search_with_fallback(problem, ActQuantizer(8), fallback_shifts=(0.0,))
+    assert not kept_problem.act.asymmetric and kept.metrics["fc"]["asymmetric_rejected"] == 1.0
+    assert kept.noise_shift == 0.0
+    assert search_linear_group(dataclasses.replace(problem, act=ActQuantizer(8))).noise_shift > 0
+    layers = SimpleNamespace(groups=[SimpleNamespace(name="g", tensor="x")])
+    stats = {"x": TensorStats(x.min(axis=0), x.max(axis=0), len(x))}
+    chosen = AsymmetricActivations().group_quantizers(QuantConfig(), layers, stats, {}, frozenset(), {})
+    assert chosen["g"].fallback_shifts == (0.0,) and chosen["g"].names == ("asymmetric", "symmetric")
+
+
 def test_the_default_conversion_is_the_portable_fast_model(tiny_vit, tmp_path, photo_folder):
     """``QuantConfig()`` on a small timm ViT: every weight layer int8 with 8-bit codes whose kernel pairs cannot
     saturate,

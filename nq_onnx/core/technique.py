@@ -71,13 +71,15 @@ class Context:
 class GroupQuantizer:
     """A technique's activation quantizer for one group, the uniform quantizer it must beat on the held-out rows
     (``fallback``; the search keeps whichever is better), the names the layer metrics record the two under
-    (``("twin", "uniform")``: ``mse_twin_held_out``, ``twin_rejected``, ...) and, for a twin-uniform quantizer, the
-    :class:`~nq_onnx.core.plan.TwinSpec` the plan records."""
+    (``("twin", "uniform")``: ``mse_twin_held_out``, ``twin_rejected``, ...), for a twin-uniform quantizer the
+    :class:`~nq_onnx.core.plan.TwinSpec` the plan records, and the grid of NoisyQuant's mean shift the fallback's own
+    search may take (``fallback_shifts``; ``None``: the configuration's)."""
 
     quantizer: Any
     fallback: Any
     names: tuple[str, str]
     twin: Any = None
+    fallback_shifts: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass

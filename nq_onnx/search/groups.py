@@ -290,15 +290,20 @@ def held_out_error(problem: GroupSearch, result: GroupResult) -> float:
 
 
 def search_with_fallback(problem: GroupSearch, fallback: ActQuantizer,
-                         names: tuple[str, str] = ("asymmetric", "symmetric")) -> tuple[GroupSearch, GroupResult]:
+                         names: tuple[str, str] = ("asymmetric", "symmetric"),
+                         fallback_shifts: tuple[float, ...] | None = None) -> tuple[GroupSearch, GroupResult]:
     """The group searched with its quantizer and, where it has held-out rows, with ``fallback`` (the uniform
-    quantizer an asymmetric or twin-uniform one replaces) too: the quantizer with the lower :func:`held_out_error`
-    is kept (ties: the group's own), both errors are recorded in every layer's metrics as ``mse_<name>_held_out``
-    (``names``: the group's quantizer's, then the fallback's), and ``<name>_rejected`` where the fallback won."""
+    quantizer an asymmetric or twin-uniform one replaces) too, its noise's mean shift on the grid
+    ``fallback_shifts`` where one is given: the quantizer with the lower :func:`held_out_error` is kept (ties: the
+    group's own), both errors are recorded in every layer's metrics as ``mse_<name>_held_out`` (``names``: the
+    group's quantizer's, then the fallback's), and ``<name>_rejected`` where the fallback won."""
     result = search_linear_group(problem)
     if problem.sample.held_out is None:
         return problem, result
     other_problem = dataclasses.replace(problem, act=fallback)
+    if fallback_shifts is not None:
+        other_problem = dataclasses.replace(
+            other_problem, config=dataclasses.replace(problem.config, noise_shifts=fallback_shifts))
     other = search_linear_group(other_problem)
     own, base = held_out_error(problem, result), held_out_error(other_problem, other)
     kept_problem, kept = (problem, result) if own <= base else (other_problem, other)

@@ -263,10 +263,10 @@ class SearchPlanner:
             group_seed(config.seed, group.name),
         )
         planned_asymmetric = problem.act.asymmetric
-        fallback, names = self._fallback(group)
+        choice = self._chosen.get(group.name)
         with timed(self.timings, "linear_search_s"):
-            if fallback is not None:  # kept only where it beats the uniform quantizer on held-out rows
-                problem, result = search_with_fallback(problem, fallback, names)
+            if choice is not None:  # kept only where it beats the uniform quantizer on held-out rows
+                problem, result = search_with_fallback(problem, choice.fallback, choice.names, choice.fallback_shifts)
             else:
                 result = search_linear_group(problem)
         for phase, seconds in result.seconds.items():
