@@ -39,9 +39,10 @@ def cpu_line(results: dict) -> str:
 # (``--read-token-share 0.5``) was nq-onnx's default.
 UNIFORM_ROWS = frozenset({"full.json", "ablation_w6a6.json", "methods.json", "methods_cifar2000.json", "mixed.json",
                           "mixed_additivity.json", "cpu_exact_x86_avx2_without_vnni.json"})
-# Results files measured with nq-onnx 0.1.0's quantizer defaults: symmetric per-tensor activations, 8-bit weights
-# stored uint8 where int8 could saturate (``--weight-dtype auto``). A file measured later states only its version.
-DEFAULTS_0_1_0 = UNIFORM_ROWS | frozenset({
+# Results files measured with the paper's quantizer rather than the defaults: symmetric per-tensor activations, every
+# matmul input quantized, nearest rounding, no reparameterization, balancing or bias correction, 8-bit weights stored
+# uint8 where int8 could saturate (``--weight-dtype auto``). Any other file was measured under the defaults.
+PAPER_QUANTIZER_FILES = UNIFORM_ROWS | frozenset({
     "bottleneck_x86_avx_512_vnni.json", "compile_cost.json", "compile_cost_vnni.json",
     "compile_cost_vnni_skylakex.json",
     "cpu_exact_x86_avx_512_vnni.json", "demo.json", "error_share_w6_x86_avx_512_vnni.json",
@@ -53,15 +54,18 @@ DEFAULTS_0_1_0 = UNIFORM_ROWS | frozenset({
 
 def conditions_line(results: dict, source) -> str:
     """The settings a results file was measured under, as a table's footnote says them: the nq-onnx version, and
-    for the files measured with 0.1.0's defaults those defaults and the searches' token weighting."""
+    for the files measured with the paper's quantizer (:data:`PAPER_QUANTIZER_FILES`) that quantizer and the searches'
+    token weighting."""
     version = results.get("machine", {}).get("nq_onnx") or "0.1.0"
     name = Path(str(source)).name
-    if name not in DEFAULTS_0_1_0:
+    if name not in PAPER_QUANTIZER_FILES:
         return f"Settings: nq-onnx {version} and its defaults, unless the row says otherwise."
     rows = ("every token row counted once by the searches (`--read-token-share 0`)" if name in UNIFORM_ROWS
             else "the class token given half of each search's rows (`--read-token-share 0.5`)")
-    return (f"Settings: nq-onnx {version} and its defaults (symmetric per-tensor activations; 8-bit weights stored "
-            f"uint8 where int8 could saturate, `--weight-dtype auto`), {rows}, unless the row says otherwise.")
+    return (f"Settings: nq-onnx {version} with the paper's quantizer, not the defaults: symmetric per-tensor "
+            f"activations, every matmul input quantized, nearest rounding, no reparameterization, channel balancing "
+            f"or bias correction, 8-bit weights stored uint8 where int8 could saturate (`--weight-dtype auto`); "
+            f"{rows}; unless the row says otherwise.")
 
 
 ORDER = [
@@ -248,12 +252,15 @@ def markdown(results: dict, source) -> str:
     return "\n".join(lines + integer_line(m))
 
 
+# the rows and same-plan pairs of a cpu_exact file that does not list its own (the paper's quantizer, two methods)
 CPU_ORDER = ["easyquant_w8a8", "easyquant_w8a8_int8", "noisyquant_w8a8", "noisyquant_w8a8_int8", "ort_linear_w8a8",
              "ort_linear_w8a8_u8u8"]
+CPU_SAME_PLAN = (("easyquant_w8a8", "easyquant_w8a8_int8"), ("noisyquant_w8a8", "noisyquant_w8a8_int8"))
 
 
 def cpu_markdown(results: dict, source) -> str:
-    """The table of ``benchmarks/cpu_exact.py``: the same plans stored int8 and with the default, on one CPU."""
+    """The table of ``benchmarks/cpu_exact.py``: each model's kernels against its QDQ graph on one CPU, and the
+    same plans stored two ways against each other."""
     m, s, lat = results["models"], results["settings"], results["latency"]
     lines = [
         f"{cpu_line(results)} onnxruntime {results['machine']['onnxruntime']}, 2 threads. Calibration "
@@ -268,31 +275,28 @@ def cpu_markdown(results: dict, source) -> str:
         f"| fp32 | - | {100 * m['fp32']['cifar']['top1']:.2f} | 0 | - | - | - | "
         f"{lat['batch1']['fp32']['median_ms']:.1f} | {lat['batch8']['fp32']['median_ms']:.1f} |",
     ]
-    for name in CPU_ORDER:
-        e = m[name]
-        k = e["kernels"]
-        dtypes = ", ".join(f"{n} {t}" for t, n in sorted(k["weight_dtypes"].items()))
-        b1, b8 = lat["batch1"].get(name), lat["batch8"].get(name)
-        lines.append(
-            f"| {name} | {e['weight_dtype']} ({dtypes}) | {100 * e['cifar']['top1']:.2f} | "
-            f"{e['imagenet_heldout']['mse']:.5f} | {e['kernel_fidelity']['worst_db']:.1f} | "
-            f"{e['kernel_fidelity']['below_60db']}/{e['kernel_fidelity']['layers']} | "
-            f"{k['can_overflow_without_vnni']}/{k['weight_layers']} | "
-            f"{b1['median_ms']:.1f} | {b8['median_ms']:.1f} |"
-        )
+    lines += [_cpu_row(name, m[name], lat) for name in results.get("rows", CPU_ORDER)]
     parts = []
-    for method in ("easyquant", "noisyquant"):
-        exact, fast = m[f"{method}_w8a8"], m[f"{method}_w8a8_int8"]
-        slower = lat["batch8"][f"{method}_w8a8"]["median_ms"] / lat["batch8"][f"{method}_w8a8_int8"]["median_ms"] - 1
+    for exact_name, fast_name in results.get("same_plan", CPU_SAME_PLAN):
+        exact, fast = m[exact_name], m[fast_name]
+        slower = lat["batch8"][exact_name]["median_ms"] / lat["batch8"][fast_name]["median_ms"] - 1
         mse = exact["imagenet_heldout"]["mse"] / fast["imagenet_heldout"]["mse"] - 1
         top1 = 100 * (exact["cifar"]["top1"] - fast["cifar"]["top1"])
-        parts.append(f"{method} {100 * slower:+.1f} % batch-8 latency, {100 * mse:+.1f} % output MSE, "
-                     f"{top1:+.2f} points of top-1")
-    lines += ["", f"`--weight-dtype auto` (uint8 where int8 could saturate) against the same plan stored int8 on this "
+        parts.append(f"{exact_name} against {fast_name}: {100 * slower:+.1f} % batch-8 latency, {100 * mse:+.1f} % "
+                     f"output MSE, {top1:+.2f} points of top-1")
+    lines += ["", f"The same plan stored `--weight-dtype auto` (uint8 where int8 could saturate) and int8 on this "
                   f"CPU: {'; '.join(parts)}.", "", conditions_line(results, source)]
     return "\n".join(lines)
 
 
+def _cpu_row(name: str, e: dict, lat: dict) -> str:
+    k = e["kernels"]
+    dtypes = ", ".join(f"{n} {t}" for t, n in sorted(k["weight_dtypes"].items()))
+    b1, b8 = lat["batch1"].get(name), lat["batch8"].get(name)
+    return (f"| {name} | {e['weight_dtype']} ({dtypes}) | {100 * e['cifar']['top1']:.2f} | "
+            f"{e['imagenet_heldout']['mse']:.5f} | {e['kernel_fidelity']['worst_db']:.1f} | "
+            f"{e['kernel_fidelity']['below_60db']}/{e['kernel_fidelity']['layers']} | "
+            f"{k['can_overflow_without_vnni']}/{k['weight_layers']} | {b1['median_ms']:.1f} | {b8['median_ms']:.1f} |")
 
 
 def demo_markdown(demo: dict, source) -> str:
