@@ -140,8 +140,7 @@ def run_demo(
     reference = model_outputs(model, evaluation, 8, progress, "fp32")
     rows = []
     for method in methods:
-        # the paper's setting (preset paper: symmetric activations, every matmul input quantized, nearest rounding,
-        # no reparameterization, channel balancing or bias correction): the methods differ in their search alone
+        # the paper's setting (nq_onnx.core.presets): the methods differ in their search alone
         config = QuantConfig.preset("paper", method=method, w_bits=bits, a_bits=bits, seed=seed, calib_size=len(calib))
         start = time.perf_counter()
         result = quantize(model, digest, config, calib, progress=progress)
