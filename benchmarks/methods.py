@@ -65,7 +65,17 @@ SENSITIVITIES = tuple(m.value for m in MixedSensitivity)  # row options naming a
 def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
     if row == "default":  # the library's defaults, as `nq-onnx convert` with no options writes them
         return nq_onnx.QuantConfig(seed=seed, calib_size=calib_size)
+    if row.startswith("default+"):  # the defaults with a search sample of another size (search<N>, held<N>)
+        return nq_onnx.QuantConfig(seed=seed, calib_size=calib_size, search=nq_onnx.SearchConfig(**sample_of(row)))
     return _row_config(row, bits, calib_size, seed)
+
+
+def sample_of(row: str) -> dict[str, int]:
+    """The search sample a row's ``search<N>`` / ``held<N>`` options set (SearchConfig fields)."""
+    out = {}
+    for key, prefix in (("search_images", "search"), ("holdout_images", "held")):
+        out |= {key: int(p[len(prefix):]) for p in row.split("+") if p.startswith(prefix) and p[len(prefix):].isdigit()}
+    return out
 
 
 def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantConfig:
@@ -75,7 +85,9 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
     ``joint`` / ``nuclear`` / ``searched`` (that mixed-precision sensitivity instead of the default), ``images<N>``
     (sensitivities on N images; without it a row's sensitivities are on 1 image, as the results files name such rows,
     not the library's default of 4), ``fit<N>`` (the searches fit on N images, 128 token rows each: default 8), ``w<N>``
-    (weights at N bits, activations at the row's bits), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
+    (weights at N bits, activations at the row's bits), ``search<N>`` / ``held<N>`` (the searches fit on N images,
+    or check on N held-out images, with the default number of token rows; ``default+search<N>+held<M>``: the
+    defaults with that sample), ``asym`` (asymmetric activations), ``sym`` (symmetric ones),
     ``vnni`` / ``avx2`` / ``arm64`` / ``gpu`` (that target; without one: portable), ``floatattn`` (the attention
     matmuls ``Q K^T`` and ``A V`` left in float), ``floatav`` (``A V`` alone), ``split`` (the attention maps split in
     two ranges, ``--split-softmax``), ``balance`` / ``balance<ALPHA>`` (channel balancing, on in no other row: at
@@ -83,7 +95,7 @@ def _row_config(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.Quan
     parts = "noisyquant+reparam+gptq+bc".split("+") if row == "all" else row.split("+")
     budget = next((float(p[len("budget"):]) for p in parts if p.startswith("budget")), None)
     images = next((int(p[3:]) for p in parts if p.startswith("fit")), None)  # search images (128 rows each)
-    fit = {"search_images": images, "tokens": 128 * images} if images else {}
+    fit = ({"search_images": images, "tokens": 128 * images} if images else {}) | sample_of(row)
     targets = {"vnni": "x86-vnni", "avx2": "x86-avx2", "arm64": "arm64", "gpu": "gpu"}
     target = next((targets[p] for p in parts if p in targets), "portable")
     activations = "asymmetric" if "asym" in parts else "symmetric"

@@ -107,6 +107,13 @@ def _tradeoff(kind: str) -> Callable[[Files, Path], str]:
     return go
 
 
+def _variants(files: Files, page: Path) -> str:
+    """The seeds' means of the variant rows (``table_tradeoff.variants_markdown``)."""
+    from table_tradeoff import variants_markdown
+
+    return variants_markdown(files)
+
+
 def _sweep(files: Files, page: Path) -> str:
     """A sweep's study table from its results file (``.jsonl``, read by ``table_sweep``)."""
     from table_sweep import seeds_markdown
@@ -117,6 +124,7 @@ def _sweep(files: Files, page: Path) -> str:
 SECTIONS = (
     Section("README.md", "results", "tradeoff_vnni*.json", _tradeoff("readme")),
     Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff("study")),
+    Section("docs/studies/fast-and-accurate.md", "variants", "variants_vnni*.json", _variants),
     Section("docs/getting-started.md", "demo", "demo.json", _each(demo_markdown)),
     Section("docs/studies/attribution.md", "benchmark", "full.json", _each(markdown)),
     Section("docs/studies/attribution.md", "ablation", "ablation_w6a6.json", _each(markdown)),

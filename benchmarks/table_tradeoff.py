@@ -39,8 +39,17 @@ def row_label(row: str) -> str:
         return "onnxruntime quantize_static (QDQ, per-channel MinMax, default operators)"
     parts = row.split("+")
     words = [METHODS.get(parts[0], parts[0])]
-    words += [OPTIONS.get(p, p) for p in parts[1:] if not (p[:1] == "w" and p[1:].isdigit())]
+    words += [_option_label(p) for p in parts[1:] if not (p[:1] == "w" and p[1:].isdigit())]
     return " + ".join(words)
+
+
+def _option_label(part: str) -> str:
+    """One option of a row's name; ``search<N>`` / ``held<N>`` are the searches' sample (``--search-images``,
+    ``--holdout-images``)."""
+    for prefix, label in (("search", "--search-images {}"), ("held", "--holdout-images {}")):
+        if part.startswith(prefix) and part[len(prefix):].isdigit():
+            return f"`{label.format(part[len(prefix):])}`"
+    return OPTIONS.get(part, part)
 
 
 def _latency(results: dict, name: str) -> tuple[float, float] | None:
@@ -168,6 +177,34 @@ def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:
               f"{len(means)} calibration seeds: {100 * np.mean(means):.2f} % mean top-1 "
               f"({100 * (np.mean(means) - fp32):+.2f} against FP32; by seed {seeds}). {cpu_line(results)} "
               f"Measured with {DEFAULTS}. Sources: `{source}`" + "".join(f", `{src}`" for _, src in seeded) + "."]
+    return "\n".join(lines)
+
+
+def variants_markdown(files: list[tuple[dict, Path]]) -> str:
+    """Rows every seed's file holds, each the mean over the seeds: top-1 and its spread, the held-out ImageNet output
+    MSE, and on the CIFAR-10 images themselves the output MSE against FP32 and the share of images whose class
+    agrees with FP32's, so that a change of fidelity shows where top-1 cannot resolve it."""
+    shared = sorted(set.intersection(*(set(r["rows"]) for r, _ in files)),
+                    key=lambda n: (-files[0][0]["rows"][n]["bits"], n))
+    fp32 = files[0][0]["fp32"]["cifar"]["top1"]
+    lines = ["| bits | method | mean top-1 % | vs FP32 | spread | held-out MSE (ImageNet) | output MSE (CIFAR-10) | "
+             "agrees with FP32 % |", "|---|---|---|---|---|---|---|---|"]
+    for name in shared:
+        entries = [r["rows"][name] for r, _ in files]
+        top1 = np.array([e["cifar"]["top1"] for e in entries])
+        mean = {k: np.mean([e["cifar"][k] for e in entries]) for k in ("mse", "top1_agreement")}
+        held = np.mean([e["imagenet_heldout"]["mse"] for e in entries])
+        lines.append(f"| W{entries[0]['w_bits']}A{entries[0]['bits']} | {_label(entries[0])} | "
+                     f"{100 * top1.mean():.2f} | {100 * (top1.mean() - fp32):+.2f} | "
+                     f"{100 * (top1.max() - top1.min()):.2f} | {held:.4f} | {mean['mse']:.4f} | "
+                     f"{100 * mean['top1_agreement']:.2f} |")
+    s = files[0][0]["settings"]
+    lines += ["", f"Means over calibration seeds {', '.join(str(r['settings']['seed']) for r, _ in files)} (each "
+              f"draws its own {s['calib_size']} calibration images, {s['imagenet_eval']} held-out ImageNet images and "
+              f"noise); top-1 on {10 * s['cifar_per_class']} CIFAR-10 test images, FP32 {100 * fp32:.2f} %; spread: "
+              f"the largest minus the smallest seed's top-1. {cpu_line(files[0][0])} {blas_line(files[0][0])} "
+              f"Measured with {DEFAULTS}. Sources: "
+              + ", ".join(f"`{src}`" for _, src in files) + "."]
     return "\n".join(lines)
 
 

@@ -120,6 +120,25 @@ def test_two_matmul_graph_computes_the_reference_on_integer_kernels(bits):
     assert len(inspection.layers) == 2 and all(k.integer for k in inspection.layers), inspection.kernel_counts
     assert not inspection.failures and inspection.select_ops == 0
     assert not {n.op_type for n in model.graph.node} & {"Where", "Less", "Greater"}
+    # below 8 bits only the fine part needs a Clip: the coarse one saturates in its QuantizeLinear
+    assert [n.name for n in model.graph.node if n.op_type == "Clip"] == (["layer/split_fine/input_clip"] if bits < 8
+                                                                          else [])
+
+
+@pytest.mark.parametrize("bits", [6, 4])
+def test_the_coarse_part_without_a_clip_tops_out_at_its_last_code(bits):
+    """With the smallest knee the search tries, a probability of 1 (and just under it) has the coarse part's last
+    code ``L`` on the emitted graph, as the reference says, with no ``Clip`` before that part's quantizer."""
+    split = SplitSoftmax(bits)
+    d1 = split.fixed / 2.0**12
+    a = probabilities(np.random.default_rng(bits), d1, bits, shape=(1, 2, 24, 24))
+    a.flat[-4:] = np.float32([1.0, np.nextafter(np.float32(1), np.float32(0)), 1.0 - split.fixed / 4, 0.0])
+    model = emitted(split, d1, 0.02, ([1, 2, 24, 24], [1, 2, 24, 3]))
+    model.graph.output.extend([helper.make_tensor_value_info("layer/split_coarse/input_quantized",
+                                                             onnx.TensorProto.UINT8, None)])
+    coarse = run(model, {"a": a, "v": np.ones((1, 2, 24, 3), np.float32)})[1]
+    np.testing.assert_array_equal(coarse, split.codes(a, d1)[1])
+    np.testing.assert_array_equal(coarse.flat[-4:], [split.levels, split.levels, split.levels, 0])
 
 
 def test_split_beats_the_uniform_and_the_twin_quantizer_on_real_attention_maps():

@@ -170,12 +170,15 @@ class ActQuantizer:
                  gs.Node("Sub", inputs=[top, z[2]], outputs=[z[4]])]
         return [z[3], z[4]], nodes
 
-    def emit(self, graph: gs.Graph, group: str, source: gs.Tensor, scale: float) -> QuantizedTensor:
-        """Append ``[Clip] -> QuantizeLinear`` of ``source`` to ``graph``; dequantize with :meth:`emit_dequantize`."""
+    def emit(self, graph: gs.Graph, group: str, source: gs.Tensor, scale: float, clip: bool = True) -> QuantizedTensor:
+        """Append ``[Clip] -> QuantizeLinear`` of ``source`` to ``graph``; dequantize with :meth:`emit_dequantize`.
+        Below 8 bits a ``Clip`` keeps the codes in the width's range, unless ``clip`` is false: the caller's guarantee
+        that no value of ``source`` rounds above the top code and that ``QuantizeLinear`` itself saturates any value
+        below the bottom one there (unsigned codes, zero point 0)."""
         scale32 = np.float32(scale)
         shape = getattr(source, "shape", None)
         lo, hi = self.codes_for(scale32)
-        if self.bits < 8:
+        if self.bits < 8 and clip:
             clipped = gs.Variable(naming.of(group, naming.INPUT_CLIPPED), dtype=np.float32, shape=shape)
             bounds = [constant(naming.of(group, part), np.array(v * scale32, np.float32))
                       for part, v in ((naming.INPUT_CLIP_MIN, lo), (naming.INPUT_CLIP_MAX, hi))]

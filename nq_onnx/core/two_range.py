@@ -111,14 +111,15 @@ class TwinUniformQuantizer:
 
 
 def emit_branches(graph: gs.Graph, node: gs.Node, index: int, parts: tuple, quantizer: ActQuantizer, combine: str,
-                  owner: str, label: str) -> None:
+                  owner: str, label: str, bounded: tuple[str, ...] = ()) -> None:
     """Rewrite ``node`` (a ``MatMul`` whose input ``index`` is ``X``) as a sum (``combine``: ``Add``, or ``Sub`` of
     the first from the second) of two integer matmuls: each of ``parts`` (``(part, source, step)``) is quantized by
     ``quantizer`` at its step, ``[Clip] -> QuantizeLinear -> DequantizeLinear -> MatMul`` with the node's other
-    (already dequantized) input; the node itself becomes the second part's matmul."""
+    (already dequantized) input; the node itself becomes the second part's matmul. The parts named in ``bounded``
+    take no ``Clip``: their values never pass the codes' range (:meth:`ActQuantizer.emit`)."""
     products = []
     for position, (part, source, step) in enumerate(parts):
-        quantized = quantizer.emit(graph, f"{owner}/{label}_{part}", source, step)
+        quantized = quantizer.emit(graph, f"{owner}/{label}_{part}", source, step, clip=part not in bounded)
         dequantized = quantizer.emit_dequantize(graph, quantized, f"{owner}/{label}_{part}", None)
         product = gs.Variable(naming.of(owner, f"{label}_{part}_product"), dtype=np.float32)
         if position == len(parts) - 1:
@@ -262,8 +263,9 @@ class SplitSoftmax:
     Below the knee the coarse code is 0 (``A - c < 0`` clips to it) and the error is at most ``d1 / 2``; above it the
     fine code is ``L`` (exactly ``c``) and the error at most ``d2 / 2``. A uniform ``b``-bit step rounds every
     probability under half its step to 0, most of a diffuse attention row; the fine range keeps them. The coarse
-    branch's ``QuantizeLinear`` clips ``A - c < 0`` to code 0 itself, so the form adds one ``Sub``, a second
-    quantizer and a second integer matmul, where PTQ4ViT's twin (:class:`TwinSoftmax`) adds a ``Less`` and two
+    branch needs no ``Clip`` below 8 bits: its ``QuantizeLinear`` saturates ``A - c < 0`` at code 0 itself, and
+    ``A - c < 1 = L d2`` never rounds past ``L``. So the form adds one ``Sub``, a second quantizer and a second
+    integer matmul, where PTQ4ViT's twin (:class:`TwinSoftmax`) adds a ``Less`` and two
     ``Where`` selects and spends one bit of each range on choosing it. Both parts are uint8 codes in ``[0, L]``
     multiplied with ``V``'s uint8 codes on the kernel the uniform quantizer's product runs on, exact as that one is."""
 
@@ -333,4 +335,4 @@ class SplitSoftmax:
         knee = constant(naming.of(owner, "split_knee"), np.array(self.knee(scale), np.float32))
         graph.nodes.append(gs.Node("Sub", name=naming.of(owner, "split_sub"), inputs=[x, knee], outputs=[coarse]))
         emit_branches(graph, node, index, (("fine", x, scale), ("coarse", coarse, self.fixed)), self.branch, "Add",
-                      owner, "split")
+                      owner, "split", bounded=("coarse",))
