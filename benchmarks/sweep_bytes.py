@@ -4,7 +4,7 @@ for a chosen trial) run alone, in a fresh process, and the model's SHA-256 compa
     python benchmarks/sweep_bytes.py benchmarks/sweeps/methods.toml --seeds 0
 
 Writes ``<sweep out>/bytes_check.json``: per trial, its command line, both digests and whether they match, with
-the machine it ran on. Resumes: a trial already checked is not converted again; one whose conversion failed (its
+the machine it ran on (the file's, or the row's own where another machine checked it). Resumes: a trial already checked is not converted again; one whose conversion failed (its
 error recorded) is tried again.
 """
 
@@ -62,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = None if args.seeds is None else {int(s) for s in args.seeds.split(",")}
     todo = [t for t in results.trials.values() if t["status"] == "ok" and (seeds is None or t["seed"] in seeds)]
     path = spec.out / "bytes_check.json"
-    checked = json.loads(path.read_text()) if path.exists() else {"machine": machine(), "trials": {}}
+    here = machine()
+    checked = json.loads(path.read_text()) if path.exists() else {"machine": here, "trials": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for n, trial in enumerate(todo, 1):
             if "error" not in checked["trials"].get(trial["trial"], {"error": None}):
                 continue
             checked["trials"][trial["trial"]] = row = reconvert(trial, str(spec.model), str(spec.calib), Path(scratch))
+            if here != checked["machine"]:  # a row checked on another machine than the file's names its own
+                row["machine"] = here
             write_bytes_atomic(path, (json.dumps(checked, indent=1, sort_keys=True, default=plain) + "\n").encode())
             verdict = f"failed: {row['error']}" if "error" in row else "same bytes" if row["match"] else "DIFFERENT"
             print(f"[{n}/{len(todo)}] {trial['trial']}: {verdict}", flush=True)

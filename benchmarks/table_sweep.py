@@ -127,10 +127,20 @@ def bytes_line(path: Path) -> str:
     check = path.with_name("bytes_check.json")
     if not check.exists():
         return ""
-    rows = [r for r in json.loads(check.read_text())["trials"].values() if "error" not in r]  # a failure checks nothing
+    data = json.loads(check.read_text())
+    rows = [r for r in data["trials"].values() if "error" not in r]  # a failure checks nothing
     same = sum(r["match"] for r in rows)
+    machines = sorted({_checked_on(r.get("machine", data["machine"])) for r in rows})
     return (f" Converted again alone, each in a fresh process by the `nq-onnx convert` command line the sweep gives "
-            f"for it (`benchmarks/sweep_bytes.py`): {same} of {len(rows)} trials gave the same model bytes.")
+            f"for it (`benchmarks/sweep_bytes.py`): {same} of {len(rows)} trials gave the same model bytes, on "
+            f"{'; '.join(machines)}.")
+
+
+def _checked_on(machine: dict) -> str:
+    """A machine a byte check ran on: its CPU's model, kind and flags, and numpy's BLAS kernels."""
+    cpu, blas = machine.get("cpu") or {}, machine.get("blas") or {}
+    return (f"{cpu.get('model') or 'unknown model'}, {cpu.get('kind')} (flags: {' '.join(cpu.get('flags', []))}) "
+            f"with OpenBLAS {blas.get('architecture')} kernels")
 
 
 def footnote(path: Path, trials: list[dict]) -> str:
