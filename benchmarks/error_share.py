@@ -3,6 +3,7 @@
     python benchmarks/error_share.py                    # W6A6, about 10 min on 2 cores
     python benchmarks/error_share.py --bits 4
     python benchmarks/error_share.py --stack attn       # the stack with attention reparameterization
+    python benchmarks/error_share.py --stack split      # the uniform-quantizer stack with split attention maps
 
 Converts the real ViT-S/14 (128 calibration images, seed 0) with a full stack (NoisyQuant-PTQ4ViT + reparam + GPTQ
 + bias correction; ``--stack attn`` with attention reparameterization too) once as it is and once per kind of
@@ -48,7 +49,7 @@ from nq_onnx.calibration.data import Preprocess  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 
 STACKS = {"gptq": "noisyquant-ptq4vit+reparam+gptq+bc", "attn": "noisyquant-ptq4vit+reparam+attn+gptq+bc",
-          "asym": "noisyquant+asym+reparam+w7"}
+          "asym": "noisyquant+asym+reparam+w7", "split": "noisyquant+asym+reparam+attn+gptq+bc+split+balance"}
 KINDS = {"qkv": "*.attn.qkv", "Q K^T (MatMul)": "*.attn.MatMul", "A V (MatMul_1)": "*.attn.MatMul_1",
          "proj": "*.attn.proj", "fc1": "*.mlp.fc1", "fc2": "*.mlp.fc2", "head": "head"}
 BEGIN, END = "<!-- error-share:begin -->", "<!-- error-share:end -->"
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=6, help="WnAn of the stack (default 6)")
     parser.add_argument("--stack", choices=sorted(STACKS), default="gptq",
                         help="gptq: NoisyQuant-PTQ4ViT + reparam + GPTQ + bias correction (default); attn: with "
-                             "attention reparameterization too")
+                             "attention reparameterization too; asym: NoisyQuant, asymmetric activations, reparam, "
+                             "7-bit weights; split: NoisyQuant on uniform quantizers, asymmetric activations, both "
+                             "reparameterizations, GPTQ, bias correction, split attention maps, channel balancing")
     parser.add_argument("--imagenet-eval", type=int, default=200, help="held-out ImageNet images (200)")
     args = parser.parse_args(argv)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -101,10 +104,13 @@ def markdown(data: dict, source) -> str:
                           key=lambda kv: kv[1]["imagenet_heldout"]["mse"]):
         mse = e["imagenet_heldout"]["mse"]
         lines.append(f"| {kind} (`{e['exclude']}`) | {mse:.4f} | {round(100 * (1 - mse / whole))} % |")
-    from table import blas_line, cpu_line, row_label
+    from table import ROW_LABEL, blas_line, cpu_line, row_label
+    from table_tradeoff import row_label as words
 
+    row = data["settings"]["row"]
+    label = row_label(row) if row in ROW_LABEL or "+w" in row else words(row)  # every option in words
     return "\n".join(lines) + (
-        f"\n\nW{bits}A{bits}, {row_label(data['settings']['row'])}, 128 calibration images (seed 0); "
+        f"\n\nW{bits}A{bits}, {label}, 128 calibration images (seed 0); "
         f"output MSE against FP32 on {data['settings']['imagenet_eval']} held-out ImageNet images. "
         f"{cpu_line(data)} {blas_line(data)} Source: `{source}` (`python benchmarks/error_share.py`).")
 
