@@ -322,7 +322,10 @@ def test_profile_accounts_for_the_conversions_seconds(tmp_path, photo_folder, ca
     stages, search, phases = record["stages"], record["search"], record["linear_search"]
     assert list(stages)[:5] == ["load", "calibrate", "reparam", "balance", "search"]  # both on by default
     assert {"rewrite", "check", "save"} <= set(stages)
-    assert 0.9 * record["wall"] <= sum(stages.values()) <= record["wall"]
+    # the statements between the stages, and a pause of the interpreter or the scheduler, take the rest: up to a
+    # tenth of the wall time, or half a second of this conversion of about one and a half
+    slack = max(0.1 * record["wall"], 0.5)
+    assert record["wall"] - slack <= sum(stages.values()) <= record["wall"]
     assert {"simulate", "linear_search", "act_matmul_search", "other"} <= set(search)
     assert sum(search.values()) == pytest.approx(stages["search"], rel=1e-9)
     assert {"weight_steps", "error_terms", "act_steps", "noise", "other"} <= set(phases)
