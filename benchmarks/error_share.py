@@ -104,11 +104,11 @@ def markdown(data: dict, source) -> str:
                           key=lambda kv: kv[1]["imagenet_heldout"]["mse"]):
         mse = e["imagenet_heldout"]["mse"]
         lines.append(f"| {kind} (`{e['exclude']}`) | {mse:.4f} | {round(100 * (1 - mse / whole))} % |")
-    from table import ROW_LABEL, blas_line, cpu_line, row_label
+    from table import ROW_LABEL, blas_line, cpu_line, row_label, weight_bits
     from table_tradeoff import row_label as words
 
-    row = data["settings"]["row"]
-    label = row_label(row) if row in ROW_LABEL or "+w" in row else words(row)  # every option in words
+    row = data["settings"]["row"]  # the methods table's label where it has one, else every option in words
+    label = row_label(row) if row in ROW_LABEL or weight_bits(row.split("+")) else words(row)
     return "\n".join(lines) + (
         f"\n\nW{bits}A{bits}, {label}, 128 calibration images (seed 0); "
         f"output MSE against FP32 on {data['settings']['imagenet_eval']} held-out ImageNet images. "

@@ -70,11 +70,17 @@ def config_of(row: str, bits: int, calib_size: int, seed: int) -> nq_onnx.QuantC
     return _row_config(row, bits, calib_size, seed)
 
 
+SAMPLE = (("search_images", "search"), ("holdout_images", "held"))  # SearchConfig field, row option prefix
+
+
 def sample_of(row: str) -> dict[str, int]:
-    """The search sample a row's ``search<N>`` / ``held<N>`` options set (SearchConfig fields)."""
-    out = {}
-    for key, prefix in (("search_images", "search"), ("holdout_images", "held")):
-        out |= {key: int(p[len(prefix):]) for p in row.split("+") if p.startswith(prefix) and p[len(prefix):].isdigit()}
+    """The search sample a row's ``search<N>`` / ``held<N>`` options set (SearchConfig fields); a ``default+`` row
+    takes no other option (``SystemExit`` naming the row)."""
+    out, parts = {}, row.split("+")
+    for key, prefix in SAMPLE:
+        out |= {key: int(p[len(prefix):]) for p in parts if p.startswith(prefix) and p[len(prefix):].isdigit()}
+    if parts[0] == "default" and len(parts) - 1 != len(out):
+        raise SystemExit(f"benchmark: row {row!r}: a default+ row takes search<N> and held<N> only")
     return out
 
 

@@ -4,8 +4,8 @@ for a chosen trial) run alone, in a fresh process, and the model's SHA-256 compa
     python benchmarks/sweep_bytes.py benchmarks/sweeps/methods.toml --seeds 0
 
 Writes ``<sweep out>/bytes_check.json``: per trial, its command line, both digests and whether they match, with
-the machine it ran on (the file's, or the row's own where another machine checked it). Resumes: a trial already checked is not converted again; one whose conversion failed (its
-error recorded) is tried again.
+the machine it ran on (the file's, or the row's own where another machine checked it). Resumes: a trial already
+checked is not converted again; one whose conversion failed (its error recorded) is tried again.
 """
 
 from __future__ import annotations

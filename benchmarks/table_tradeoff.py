@@ -91,16 +91,21 @@ def tradeoff_table(results: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def _every_seed(files: list, key=None) -> list[tuple[list[dict], np.ndarray]]:
+    """Each row every seed's file holds, in ``key``'s order of their names (default: by name): its entries, one per
+    file, and their top-1."""
+    shared = sorted(set.intersection(*(set(r["rows"]) for r, _ in files)), key=key)
+    entries = [[r["rows"][name] for r, _ in files] for name in shared]
+    return [(e, np.array([x["cifar"]["top1"] for x in e])) for e in entries]
+
+
 def seeds_table(files: list[tuple[dict, str]]) -> str:
     """The rows every file holds: each seed's top-1 / held-out MSE and their means, with the seeds' spread."""
-    shared = sorted(set.intersection(*(set(r["rows"]) for r, _ in files)))
     fp32 = files[0][0]["fp32"]["cifar"]["top1"]
     seeds = [r["settings"]["seed"] for r, _ in files]
     lines = ["| bits | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean top-1 % | vs FP32 | spread | "
              "mean held-out MSE |", "|---" * (len(seeds) + 6) + "|"]
-    for name in shared:
-        entries = [r["rows"][name] for r, _ in files]
-        top1 = np.array([e["cifar"]["top1"] for e in entries])
+    for entries, top1 in _every_seed(files):
         mse = np.array([e["imagenet_heldout"]["mse"] for e in entries])
         cells = " | ".join(f"{100 * t:.2f} / {m:.4f}" for t, m in zip(top1, mse))
         lines.append(f"| W{entries[0]['w_bits']}A{entries[0]['bits']} | {_label(entries[0])} | {cells} | "
@@ -184,14 +189,10 @@ def variants_markdown(files: list[tuple[dict, Path]]) -> str:
     """Rows every seed's file holds, each the mean over the seeds: top-1 and its spread, the held-out ImageNet output
     MSE, and on the CIFAR-10 images themselves the output MSE against FP32 and the share of images whose class
     agrees with FP32's, so that a change of fidelity shows where top-1 cannot resolve it."""
-    shared = sorted(set.intersection(*(set(r["rows"]) for r, _ in files)),
-                    key=lambda n: (-files[0][0]["rows"][n]["bits"], n))
     fp32 = files[0][0]["fp32"]["cifar"]["top1"]
     lines = ["| bits | method | mean top-1 % | vs FP32 | spread | held-out MSE (ImageNet) | output MSE (CIFAR-10) | "
              "agrees with FP32 % |", "|---|---|---|---|---|---|---|---|"]
-    for name in shared:
-        entries = [r["rows"][name] for r, _ in files]
-        top1 = np.array([e["cifar"]["top1"] for e in entries])
+    for entries, top1 in _every_seed(files, key=lambda n: (-files[0][0]["rows"][n]["bits"], n)):
         mean = {k: np.mean([e["cifar"][k] for e in entries]) for k in ("mse", "top1_agreement")}
         held = np.mean([e["imagenet_heldout"]["mse"] for e in entries])
         lines.append(f"| W{entries[0]['w_bits']}A{entries[0]['bits']} | {_label(entries[0])} | "

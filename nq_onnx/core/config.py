@@ -244,7 +244,8 @@ class SearchConfig:
         "images the per-layer searches run on", "search", applies=SEARCHED))
     holdout_images: int = dataclasses.field(default=4, metadata=option(
         "further images on which each searched choice (a noise, a quantizer in place of the uniform one, GPTQ, bias "
-        "correction) must beat the plain one to be kept (0: no such check)", "search",
+        "correction) must beat the plain one to be kept (0: GPTQ and bias correction on the fit images, the rest "
+        "unchecked)", "search",
         applies=SEARCHED))
     sequential: bool = dataclasses.field(default=True, metadata=option(
         "search each layer after the quantized earlier layers (--no-sequential: every layer on float activations)",

@@ -293,13 +293,6 @@ class SearchPlanner:
                                                   done.correction)
             self._sim.set_layer(operand.name, done.weight, bias_delta(planned.noise, done.weight, done.correction))
 
-    def _fallback(self, group: GroupSpec) -> tuple[ActQuantizer | None, tuple[str, str]]:
-        """The uniform quantizer a group's technique-chosen one (asymmetric, twin-uniform, split) must beat on held-out
-        rows (``None``: the group's quantizer is the uniform one already), and the names its metrics record the two
-        under."""
-        choice = self._chosen.get(group.name)
-        return (None, ("", "")) if choice is None else (choice.fallback, choice.names)
-
     def _kept_twin(self, group: GroupSpec, act) -> TwinSpec | None:
         """The group's twin-uniform quantizer, unless its uniform fallback ``act`` was kept."""
         choice = self._chosen.get(group.name)
@@ -343,7 +336,7 @@ class SearchPlanner:
         fallbacks = tuple(self._fallbacks.get(g.name, q) for g, q in zip(groups, quantizers))
         held_slices = None if fallbacks == quantizers or held[0] is None else self._slices(spec, *held)
         if held_slices is not None:
-            mine, uniform = next(self._fallback(g)[1] for g, q, f in zip(groups, quantizers, fallbacks) if q != f)
+            mine, uniform = next(self._chosen[g.name].names for g, q, f in zip(groups, quantizers, fallbacks) if q != f)
             other = self._search_product(spec, groups, fit, absmax, fallbacks)
             own = _product_error(held_slices, quantizers, (s_a, s_b))
             base = _product_error(held_slices, fallbacks, other[:2])
