@@ -64,16 +64,39 @@ def row_label(options: dict, shown: list[str], common: dict[str, object]) -> str
     return " + ".join([head, *rest])
 
 
-def seed_rows(trials: list[dict], latency: dict[str, dict]) -> dict[str, dict]:
-    """Per configuration (the options without the seed): each seed's top-1 (%), output MSE and latency ratio."""
+def flags_label(options: dict) -> str:
+    """A configuration as the ``nq-onnx convert`` flags that set it (``default`` where it sets none)."""
+    from nq_onnx.sweep.report import config_flags
+    from nq_onnx.sweep.spec import make_config
+
+    flags = config_flags(make_config({k: v for k, v in options.items() if k != "seed"}, 0))
+    if flags is None:
+        return ", ".join(f"{k} {v}" for k, v in options.items() if k != "seed")
+    return f"`{' '.join(flags)}`" if flags else "**default** (`nq-onnx convert` with no options)"
+
+
+def _bits(trial: dict) -> float | None:
+    """A trial's average bits: its budget's measured average, or the uniform width where weights and activations
+    share it."""
+    config = trial.get("config") or {}
+    average = (trial.get("convert") or {}).get("average_bits")
+    if average is not None:
+        return average
+    return config.get("w_bits") if config.get("w_bits") == config.get("a_bits") else None
+
+
+def seed_rows(trials: list[dict], latency: dict[str, dict], flags: bool = False) -> dict[str, dict]:
+    """Per configuration (the options without the seed, labelled by its varied options or, with ``flags``, by its
+    ``convert`` flags): each seed's top-1 (%), output MSE, latency ratio and average bits."""
     rows: dict[str, dict] = defaultdict(dict)
     shown = varied(trials)
     common = usual(trials, shown)
     for trial in trials:
         metrics = trial["metrics"]
         ratio = latency.get(trial["trial"], {}).get("ratio_to_fp32")
-        rows[row_label(trial["options"], shown, common)][trial["seed"]] = {"top1": metrics.get("top1"),
-                                                                   "mse": metrics.get("mse"), "ratio": ratio}
+        label = flags_label(trial["options"]) if flags else row_label(trial["options"], shown, common)
+        rows[label][trial["seed"]] = {"top1": metrics.get("top1"), "mse": metrics.get("mse"), "ratio": ratio,
+                                      "bits": _bits(trial)}
     return rows
 
 
@@ -86,25 +109,32 @@ def _cell(value: float | None, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def seeds_markdown(path: Path, shown_as: Path | None = None) -> str:
-    """The study table: FP32 first, then every configuration by its mean top-1, best first; ``shown_as``: the
-    results file's path as the footnote names it."""
+def seeds_markdown(path: Path, shown_as: Path | None = None, flags: bool = False) -> str:
+    """The study table: FP32 first, then every configuration by its mean top-1, best first (an average-bits column
+    where a trial has a bit budget; each seed's top-1 where configurations are labelled by their ``flags``);
+    ``shown_as``: the results file's path as the footnote names it."""
     header, trials, latency = read_results(path)
     fp32 = header.get("fp32", {})
-    lines = ["| configuration | seeds | top-1 % (mean) | spread | held-out output MSE (mean) | batch time vs FP32 |",
-             "|---|---|---|---|---|---|",
-             f"| FP32 | | {_cell(fp32.get('top1'), '.2f')} | | 0 | 1.00x |"]
-    rows = seed_rows(trials, latency)
-    summary = []
-    for label, seeds in rows.items():
-        top1 = [s["top1"] for s in seeds.values() if s["top1"] is not None]
-        spread = max(top1) - min(top1) if len(top1) > 1 else None
-        summary.append((_mean(top1), label, len(seeds), spread, _mean([s["mse"] for s in seeds.values()]),
-                        _mean([s["ratio"] for s in seeds.values()])))
-    summary.sort(key=lambda r: (-(r[0] or 0.0), r[1]))
-    for top1, label, count, spread, mse, ratio in summary:
-        lines.append(f"| {label} | {count} | {_cell(top1, '.2f')} | "
-                     f"{_cell(spread, '.2f')} | {_cell(mse, '.4g')} | {_cell(ratio, '.2f')}{'x' if ratio else ''} |")
+    rows = seed_rows(trials, latency, flags)
+    seeds = sorted({seed for row in rows.values() for seed in row})
+    bits = any((t.get("convert") or {}).get("average_bits") is not None for t in trials)
+    extra = (["average bits"] if bits else []) + ([f"seed {s}" for s in seeds] if flags else [])
+    titles = ["configuration", "seeds", *extra, "top-1 % (mean)", "spread", "held-out output MSE (mean)",
+              "batch time vs FP32"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles),
+             "| " + " | ".join(["FP32", "", *[""] * len(extra), _cell(fp32.get("top1"), ".2f"), "", "0", "1.00x"])
+             + " |"]
+    summary = sorted(((_mean([s["top1"] for s in row.values()]), label) for label, row in rows.items()),
+                     key=lambda r: (-(r[0] or 0.0), r[1]))
+    for top1, label in summary:
+        row = rows[label]
+        each = [s["top1"] for s in row.values() if s["top1"] is not None]
+        ratio = _mean([s["ratio"] for s in row.values()])
+        cells = [label, str(len(row))] + ([_cell(_mean([s["bits"] for s in row.values()]), ".2f")] if bits else [])
+        cells += [_cell(row.get(s, {}).get("top1"), ".2f") for s in seeds] if flags else []
+        cells += [_cell(top1, ".2f"), _cell(max(each) - min(each) if len(each) > 1 else None, ".2f"),
+                  _cell(_mean([s["mse"] for s in row.values()]), ".4g"), f"{_cell(ratio, '.2f')}{'x' if ratio else ''}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + "\n\n" + measured(header, latency) + " " + footnote(shown_as or path, trials)
             + bytes_line(Path(path)))
 

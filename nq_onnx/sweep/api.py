@@ -142,7 +142,7 @@ def _check_choice(spec: SweepSpec, choice: Choice) -> tuple:
 def _eval_sets(spec: SweepSpec, model) -> dict[str, EvalSet]:
     sets = {}
     if spec.labelled is not None:
-        sets["labelled"] = open_eval_set(spec.labelled, model, spec.limit, labelled=True)
+        sets["labelled"] = open_eval_set(spec.labelled, model, spec.limit, labelled=True, per_class=spec.per_class)
     if spec.heldout is not None:
         sets["heldout"] = open_eval_set(spec.heldout, model, spec.heldout_limit, labelled=False)
     return sets

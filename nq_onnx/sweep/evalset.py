@@ -8,7 +8,8 @@ An :class:`EvalSet` names its source and the inputs chosen from it; :func:`load_
 - ``tensors``: an ``.npz``/``.npy`` of ready model inputs, as ``convert --calib`` reads them.
 
 Labels come from the class sub-folders or from the ``.npz``'s ``labels`` array. A ``limit`` takes a seeded choice
-of that many inputs (seed 0, in source order), so a sorted class tree is sampled across its classes.
+of that many inputs (seed 0, in source order), so a sorted class tree is sampled across its classes; ``per_class``
+takes the first that many inputs of each class instead (a balanced set, the same on every run and machine).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ class EvalSet:
         return [(start, min(start + size, len(self))) for start in range(0, len(self), size)]
 
 
-def open_eval_set(path: Path, model: onnx.ModelProto, limit: int | None, labelled: bool) -> EvalSet:
-    """Describe the evaluation set at ``path`` (checking that it fits the model and, if ``labelled``, has labels)."""
+def open_eval_set(path: Path, model: onnx.ModelProto, limit: int | None, labelled: bool,
+                  per_class: int | None = None) -> EvalSet:
+    """Describe the evaluation set at ``path`` (checking that it fits the model and, if ``labelled``, has labels);
+    ``limit`` or ``per_class`` chooses among its inputs."""
     what = "labelled evaluation set" if labelled else "held-out evaluation set"
     if path.is_dir():
         files, labels, classes = _folder(path, labelled, what)
@@ -57,7 +60,7 @@ def open_eval_set(path: Path, model: onnx.ModelProto, limit: int | None, labelle
     else:
         raise DataError(f"{what} {path} is neither a folder of images nor an .npz/.npy file")
     count = len(files) if kind == "folder" else len(labels) if labels is not None else count
-    indices = _choose(count, limit)
+    indices = _choose(count, limit) if per_class is None else _first_of_each(labels, per_class)
     chosen = None if labels is None else tuple(int(labels[i]) for i in indices)
     return EvalSet(kind, path, indices, tuple(files), chosen, tuple(classes))
 
@@ -95,6 +98,13 @@ def _choose(count: int, limit: int | None) -> tuple[int, ...]:
     if limit is None or limit >= count:
         return tuple(range(count))
     return tuple(int(i) for i in np.sort(np.random.default_rng(0).permutation(count)[:limit]))
+
+
+def _first_of_each(labels, per_class: int) -> tuple[int, ...]:
+    """The first ``per_class`` inputs of every class (all of a smaller class), in source order."""
+    labels = np.asarray(labels)
+    return tuple(int(i) for i in np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class]
+                                                         for c in np.unique(labels)])))
 
 
 def load_shard(data: EvalSet, pre: Preprocess | None, model: onnx.ModelProto | None, start: int, stop: int

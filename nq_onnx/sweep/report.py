@@ -16,7 +16,16 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig) -> st
     """``nq-onnx convert ...`` giving ``config``'s model, its flags generated from the options the configuration
     fields declare (:mod:`nq_onnx.core.options`), a technique's settings included; where a setting that differs from
     its default has no flag, the same conversion through the Python API."""
-    words = ["nq-onnx", "convert", model, "-o", output, "--calib", calib]
+    flags = config_flags(config)
+    if flags is None:
+        return _python_call(model, calib, output, config)
+    return shlex.join(["nq-onnx", "convert", model, "-o", output, "--calib", calib, *flags])
+
+
+def config_flags(config: QuantConfig) -> list[str] | None:
+    """The ``convert`` flags that set every field of ``config`` that differs from its default (none for the
+    defaults), or ``None`` where such a field has no flag."""
+    words: list[str] = []
     tables = [(config, QuantConfig()), (config.search, SearchConfig())]
     tables += [(settings, type(settings)()) for settings in config.techniques]
     held = options.held_fields()
@@ -26,9 +35,9 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig) -> st
             if field.name in held or value == getattr(default, field.name):
                 continue
             if options.OPTION not in field.metadata:
-                return _python_call(model, calib, output, config)
+                return None
             words += _flag(options.flag_of(field), value)
-    return shlex.join(words)
+    return words
 
 
 def _flag(flag: str, value) -> list[str]:

@@ -195,5 +195,6 @@ def _error_text(error: BaseException) -> str:
 
 def identity(spec: SweepSpec, digests: dict[str, str]) -> dict:
     """What the results of a sweep depend on besides each trial's configuration: the model and the data."""
-    return {"model_sha256": file_digest(spec.model), **digests, "limit": spec.limit,
+    chosen = {"per_class": spec.per_class} if spec.per_class is not None else {}  # sweeps without it: as before
+    return {"model_sha256": file_digest(spec.model), **digests, "limit": spec.limit, **chosen,
             "heldout_limit": spec.heldout_limit, "eval_batch": EVAL_BATCH}

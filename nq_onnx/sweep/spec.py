@@ -11,6 +11,7 @@ A sweep file is TOML; relative paths are relative to the file::
     labelled = "val/"                # one sub-folder per class, or .npz with the model input (or uint8 "images")
     heldout = "heldout/"             # output error against FP32 (default: the labelled set)
     limit = 2000                     # a seeded choice of this many labelled inputs (default: all)
+    # per_class = 200                # or: the first 200 inputs of each class, in source order
     heldout_limit = 200
     shard_size = 256                 # inputs per evaluation task
 
@@ -58,7 +59,7 @@ SEARCH_OPTIONS = {f.name: f for f in dataclasses.fields(SearchConfig)}
 TUPLE_OPTIONS = {name for name, f in {**QUANT_OPTIONS, **SEARCH_OPTIONS}.items() if "tuple" in str(f.type)}
 TOP_KEYS = {"model", "calib", "seeds", "out", "eval", "latency", "resources", "grid", "base"}
 SECTION_KEYS = {
-    "eval": {"labelled", "heldout", "limit", "heldout_limit", "shard_size"},
+    "eval": {"labelled", "heldout", "limit", "per_class", "heldout_limit", "shard_size"},
     "latency": {"rounds", "batch", "threads"},
     "resources": {"cpus_per_trial", "trial_memory_gb"},
 }
@@ -109,6 +110,7 @@ class SweepSpec:
     labelled: Path | None = None
     heldout: Path | None = None
     limit: int | None = None
+    per_class: int | None = None  # the first this many labelled inputs of each class, instead of ``limit``
     heldout_limit: int | None = None
     shard_size: int = 256
     latency_rounds: int = 10
@@ -131,9 +133,13 @@ class SweepSpec:
         for name in ("shard_size", "latency_batch", "latency_threads", "cpus_per_trial"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.path.name}: {name} must be at least 1")
-        for name in ("limit", "heldout_limit"):
+        for name in ("limit", "per_class", "heldout_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{self.path.name}: eval.{name} must be at least 1")
+        if self.limit is not None and self.per_class is not None:
+            raise ConfigError(f"{self.path.name}: give eval.limit or eval.per_class, not both")
+        if self.per_class is not None and self.labelled is None:
+            raise ConfigError(f"{self.path.name}: eval.per_class needs a labelled evaluation set (eval.labelled)")
         if self.latency_rounds < 0:
             raise ConfigError(f"{self.path.name}: latency.rounds must be non-negative")
 
@@ -172,6 +178,7 @@ def make_config(options: dict[str, Any], seed: int) -> QuantConfig:
         if "." in key:
             name, _, field = key.partition(".")
             settings.setdefault(name, {})[field] = _value(key, value)
+    techniques.load_builtin()
     try:
         chosen = tuple(techniques.TECHNIQUES[name].settings(**fields) for name, fields in settings.items())
         return QuantConfig(seed=seed, search=SearchConfig(**search), **quant,
@@ -207,8 +214,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         path=path, model=resolve(data["model"]), calib=resolve(data["calib"]),
         out=resolve(data.get("out", f"{path.stem}.sweep")), seeds=_seeds(path, data.get("seeds", [0])),
         grid=_grid(path, data.get("grid"), data.get("base", {})), labelled=resolve(ev.get("labelled")),
-        heldout=resolve(ev.get("heldout")),
-        limit=ev.get("limit"), heldout_limit=ev.get("heldout_limit"), shard_size=ev.get("shard_size", 256),
+        heldout=resolve(ev.get("heldout")), limit=ev.get("limit"), per_class=ev.get("per_class"),
+        heldout_limit=ev.get("heldout_limit"), shard_size=ev.get("shard_size", 256),
         latency_rounds=lat.get("rounds", 10), latency_batch=lat.get("batch", 8), latency_threads=lat.get("threads", 2),
         cpus_per_trial=res.get("cpus_per_trial", 1), trial_memory_gb=res.get("trial_memory_gb"),
     )
@@ -244,8 +251,19 @@ def _grid(path: Path, grid: Any, base: Any) -> tuple:
     tables = grid if isinstance(grid, list) else [grid]
     if not tables or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path.name}: grid must be a table ([grid]) or tables ([[grid]])")
-    return tuple(tuple((_option(path, k), _candidates(path, k, v)) for k, v in _flat(base | t).items())
-                 for t in tables)
+    return tuple(_table(path, _flat(base | t)) for t in tables)
+
+
+def _table(path: Path, table: dict[str, Any]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """One grid table as (option, candidate values) pairs, each value checked alone or, where an option needs
+    another one (``split_softmax`` needs ``attention_probabilities``), beside the table's other options."""
+    names = {key: _option(path, key) for key in table}
+    chosen = {names[key]: _candidates(path, key, value) for key, value in table.items()}
+    for key, name in names.items():
+        others = {n: values[0] for n, values in chosen.items() if n != name}
+        for candidate in chosen[name]:
+            _check_value(path, key, name, candidate, others)
+    return tuple(chosen.items())
 
 
 def _flat(table: dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +323,7 @@ def _option(path: Path, key: str) -> str:
 def _technique_option(path: Path, key: str, name: str) -> str:
     """``name.field``: a field of registered technique ``name``'s settings."""
     section, _, field = name.partition(".")
+    techniques.load_builtin()  # a sweep file read through the API, before any conversion registered them
     technique = techniques.TECHNIQUES.get(section)
     if technique is None or technique.settings is None:
         known = ", ".join(sorted(n for n, t in techniques.TECHNIQUES.items() if t.settings is not None)) or "none"
@@ -325,8 +344,16 @@ def _candidates(path: Path, key: str, value: Any) -> tuple:
         raise ConfigError(f"{path.name}: grid option {key!r} has no values")
     for candidate in candidates:
         _check_type(path, key, name, candidate)
-        try:
-            make_config({name: candidate}, 0)
-        except ConfigError as exc:
-            raise ConfigError(f"{path.name}: grid option {key!r}: {exc}") from None
     return tuple(tuple(c) if isinstance(c, list) else c for c in candidates)
+
+
+def _check_value(path: Path, key: str, name: str, candidate: Any, others: dict[str, Any]) -> None:
+    """A candidate the configuration refuses both alone and beside ``others`` is a ConfigError naming the option
+    (alone first, so that the message is the value's own problem, not another option's)."""
+    try:
+        make_config({name: candidate}, 0)
+    except ConfigError as alone:
+        try:
+            make_config({**others, name: candidate}, 0)
+        except ConfigError:
+            raise ConfigError(f"{path.name}: grid option {key!r}: {alone}") from None
