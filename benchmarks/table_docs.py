@@ -107,29 +107,45 @@ def _tradeoff(kind: str) -> Callable[[Files, Path], str]:
     return go
 
 
-def _variants(files: Files, page: Path) -> str:
-    """The seeds' means of the variant rows (``table_tradeoff.variants_markdown``)."""
-    from table_tradeoff import variants_markdown
+def _sweep(flags: bool = False) -> Callable[[Files, Path], str]:
+    """A sweep's study table from its results file (``.jsonl``, read by ``table_sweep``); with ``flags`` its
+    configurations named by their ``convert`` flags, with each seed's top-1."""
+    def go(files: Files, page: Path) -> str:
+        from table_sweep import seeds_markdown
 
-    return variants_markdown(files)
+        return _each(lambda _, source: seeds_markdown(ROOT / source, source, flags))(files, page)
+    return go
 
 
-def _sweep(files: Files, page: Path) -> str:
-    """A sweep's study table from its results file (``.jsonl``, read by ``table_sweep``)."""
+def _sweep_bits(files: Files, page: Path) -> str:
+    """A mixed-precision sweep: top-1 against average bits (``sweep_mixed.png``) above its study table."""
+    from table_mixed import sweep_chart
     from table_sweep import seeds_markdown
 
-    return _each(lambda _, source: seeds_markdown(ROOT / source, source))(files, page)
+    (_, source), = files
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    sweep_chart(ROOT / source, ASSETS / "sweep_mixed.png")
+    chart = os.path.relpath(ASSETS / "sweep_mixed.png", page.parent)
+    return f"![top-1 against average bits]({chart})\n\n{seeds_markdown(ROOT / source, source)}"
+
+
+def _default_line(files: Files, page: Path) -> str:
+    """The README's sentence on the default over the seeds of ``benchmarks/sweeps/defaults.toml``."""
+    from table_sweep import default_line
+
+    return _each(lambda _, source: default_line(ROOT / source, source))(files, page)
 
 
 SECTIONS = (
     Section("README.md", "results", "tradeoff_vnni*.json", _tradeoff("readme")),
     Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff("study")),
-    Section("docs/studies/fast-and-accurate.md", "variants", "variants_vnni*.json", _variants),
+    Section("README.md", "seeds", "sweep_defaults/results.jsonl", _default_line),
+    Section("docs/studies/fast-and-accurate.md", "variants", "sweep_defaults/results.jsonl", _sweep(flags=True)),
     Section("docs/getting-started.md", "demo", "demo.json", _each(demo_markdown)),
     Section("docs/studies/attribution.md", "benchmark", "full.json", _each(markdown)),
     Section("docs/studies/attribution.md", "ablation", "ablation_w6a6.json", _each(markdown)),
     Section("docs/studies/theorem.md", "theorem", "theorem.json", _theorem),
-    Section("docs/studies/methods.md", "sweep-methods", "sweep_methods/results.jsonl", _sweep),
+    Section("docs/studies/methods.md", "sweep-methods", "sweep_methods/results.jsonl", _sweep()),
     Section("docs/studies/methods.md", "methods-vnni", "methods_vnni.json", _each(methods_markdown)),
     Section("docs/studies/methods.md", "bottleneck", "bottleneck_*.json", _module("bottleneck")),
     Section("docs/studies/methods.md", "error-share", "error_share_*.json", _module("error_share")),

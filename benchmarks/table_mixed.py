@@ -113,3 +113,45 @@ def additivity_markdown(data: dict, source) -> str:
         f"{settings['held_out']} ImageNet images outside the {settings['calib_size']} calibration images. "
         f"{cpu_line(data)} {conditions_line(data, source)} Source: `{source}`.")
 
+
+
+def _series(options: dict) -> str:
+    """The line a mixed-precision sweep's trial belongs to: its options but the seed, the widths and the budget."""
+    rest = {k: v for k, v in options.items() if k not in ("seed", "w_bits", "a_bits", "bits_budget")}
+    kind = "mixed precision" if options.get("bits_budget") not in (None, "none") else "uniform"
+    extras = [f"{k.replace('_', ' ')} {v}" for k, v in sorted(rest.items()) if k != "method" and v not in (False,)]
+    return f"{rest.get('method', '?')}, {kind}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def sweep_chart(path: Path, out: Path) -> None:
+    """Top-1 against average bits from a sweep's results file: each configuration's mean over its seeds, the bar
+    spanning the seeds' lowest to highest top-1, one line per method and kind (uniform or under a budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from table_sweep import _bits, read_results
+
+    header, trials, _ = read_results(path)
+    points: dict[str, dict[float, list[float]]] = {}
+    for trial in trials:
+        bits = _bits(trial)
+        if bits is not None and trial["metrics"].get("top1") is not None:
+            points.setdefault(_series(trial["options"]), {}).setdefault(round(bits, 2), []).append(
+                trial["metrics"]["top1"])
+    fig, ax = plt.subplots(figsize=(10.0, 4.2), dpi=100)
+    for label, by_bits in sorted(points.items()):
+        xs = sorted(by_bits)
+        ys = [float(np.mean(by_bits[x])) for x in xs]
+        low = [y - min(by_bits[x]) for x, y in zip(xs, ys)]
+        high = [max(by_bits[x]) - y for x, y in zip(xs, ys)]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+    ax.axhline(header["fp32"]["top1"], color="grey", linestyle=":", label="FP32")
+    ax.set_xlabel("average bits (weights and activations, count-weighted)")
+    ax.set_ylabel("top-1 % (mean over seeds; bar: lowest to highest)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)

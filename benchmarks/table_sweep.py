@@ -96,7 +96,7 @@ def seed_rows(trials: list[dict], latency: dict[str, dict], flags: bool = False)
         ratio = latency.get(trial["trial"], {}).get("ratio_to_fp32")
         label = flags_label(trial["options"]) if flags else row_label(trial["options"], shown, common)
         rows[label][trial["seed"]] = {"top1": metrics.get("top1"), "mse": metrics.get("mse"), "ratio": ratio,
-                                      "bits": _bits(trial)}
+                                      "bits": _bits(trial), "agreement": metrics.get("agreement")}
     return rows
 
 
@@ -119,11 +119,12 @@ def seeds_markdown(path: Path, shown_as: Path | None = None, flags: bool = False
     seeds = sorted({seed for row in rows.values() for seed in row})
     bits = any((t.get("convert") or {}).get("average_bits") is not None for t in trials)
     extra = (["average bits"] if bits else []) + ([f"seed {s}" for s in seeds] if flags else [])
-    titles = ["configuration", "seeds", *extra, "top-1 % (mean)", "spread", "held-out output MSE (mean)",
+    agrees = ["agrees with FP32 % (mean)"] if flags else []
+    titles = ["configuration", "seeds", *extra, "top-1 % (mean)", "spread", *agrees, "held-out output MSE (mean)",
               "batch time vs FP32"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles),
-             "| " + " | ".join(["FP32", "", *[""] * len(extra), _cell(fp32.get("top1"), ".2f"), "", "0", "1.00x"])
-             + " |"]
+             "| " + " | ".join(["FP32", "", *[""] * len(extra), _cell(fp32.get("top1"), ".2f"), "",
+                                *["100.00"] * len(agrees), "0", "1.00x"]) + " |"]
     summary = sorted(((_mean([s["top1"] for s in row.values()]), label) for label, row in rows.items()),
                      key=lambda r: (-(r[0] or 0.0), r[1]))
     for top1, label in summary:
@@ -132,17 +133,46 @@ def seeds_markdown(path: Path, shown_as: Path | None = None, flags: bool = False
         ratio = _mean([s["ratio"] for s in row.values()])
         cells = [label, str(len(row))] + ([_cell(_mean([s["bits"] for s in row.values()]), ".2f")] if bits else [])
         cells += [_cell(row.get(s, {}).get("top1"), ".2f") for s in seeds] if flags else []
-        cells += [_cell(top1, ".2f"), _cell(max(each) - min(each) if len(each) > 1 else None, ".2f"),
-                  _cell(_mean([s["mse"] for s in row.values()]), ".4g"), f"{_cell(ratio, '.2f')}{'x' if ratio else ''}"]
+        cells += [_cell(top1, ".2f"), _cell(max(each) - min(each) if len(each) > 1 else None, ".2f")]
+        cells += [_cell(_mean([s["agreement"] for s in row.values()]), ".2f")] if flags else []
+        cells += [_cell(_mean([s["mse"] for s in row.values()]), ".4g"), f"{_cell(ratio, '.2f')}{'x' if ratio else ''}"]
         lines.append("| " + " | ".join(cells) + " |")
     return ("\n".join(lines) + "\n\n" + measured(header, latency) + " " + footnote(shown_as or path, trials)
             + bytes_line(Path(path)))
 
 
+def default_line(path: Path, shown_as: Path) -> str:
+    """One sentence for the README: the default's mean top-1 over the sweep's seeds against FP32's on the same
+    images, each seed's, the spread and the mean held-out MSE, with the CPU and the source."""
+    header, trials, latency = read_results(path)
+    row = seed_rows(trials, latency, flags=True).get(flags_label({}))
+    if not row:
+        raise SystemExit(f"{shown_as}: no trial of the default")
+    top1 = [row[s]["top1"] for s in sorted(row)]
+    fp32, ratio = header["fp32"]["top1"], _mean([s["ratio"] for s in row.values()])
+    timing = f", batch-8 throughput {1 / ratio:.2f}x FP32's in the same run" if ratio else ""
+    return (f"The default over {len(top1)} calibration seeds (one sweep, "
+            f"`benchmarks/sweeps/{Path(header.get('file', '')).name}`): "
+            f"{np.mean(top1):.2f} % mean top-1 against FP32's {fp32:.2f} % on the same CIFAR-10 test images "
+            f"({_evaluated(header)}; {np.mean(top1) - fp32:+.2f}, by seed "
+            f"{', '.join(f'{t:.2f}' for t in top1)}, spread {max(top1) - min(top1):.2f}), held-out output MSE "
+            f"{_mean([s['mse'] for s in row.values()]):.4f}{timing}. {footnote(shown_as, trials)}")
+
+
+def _evaluated(header: dict) -> str:
+    """How many labelled images the sweep evaluates, from its identity."""
+    identity = header.get("identity", {})
+    if identity.get("per_class"):
+        return f"the first {identity['per_class']} of every class"
+    return f"a seeded choice of {identity['limit']}" if identity.get("limit") else "all of them"
+
+
 def measured(header: dict, latency: dict[str, dict]) -> str:
     """How the figures were taken: the evaluation sets' sizes (from the sweep's identity) and the timing."""
     identity = header.get("identity", {})
-    text = (f"Top-1 on {identity.get('limit') or 'all'} labelled images, output MSE against FP32 on the held-out "
+    chosen = (f"the first {identity['per_class']} labelled images of every class" if identity.get("per_class")
+              else f"{identity.get('limit') or 'all'} labelled images")
+    text = (f"Top-1 on {chosen}, output MSE against FP32 on the held-out "
             "images; each configuration's mean over its seeds, spread: the largest minus the smallest seed's top-1.")
     if latency:
         entry = next(iter(latency.values()))

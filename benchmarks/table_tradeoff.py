@@ -157,8 +157,8 @@ DEFAULTS = ("the defaults: the `portable` target, NoisyQuant with asymmetric act
 
 
 def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:
-    """The README's results: the seed-0 run's headline rows and the default's mean over every seed's file."""
-    (results, source), *seeded = files
+    """The README's results: the seed-0 run's headline rows (the first file's)."""
+    (results, source), *_ = files
     fp32 = results["fp32"]["cifar"]["top1"]
     rows = [n for n in ("default_w8a8", "noisyquant+asym+reparam+gptq+bc+floatav+vnni_w8a8",
                         "noisyquant+sym+w8_w8a8", "noisyquant-ptq4vit+sym+reparam+attn+gptq+bc_w8a8",
@@ -172,40 +172,12 @@ def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:
         timing = f"{lat[1]:.2f}x | {1 / lat[1]:.2f}x" if lat else "- | -"
         lines.append(f"| W{e['w_bits']}A{e['bits']} {_label(e)} | {100 * e['cifar']['top1']:.2f} | "
                      f"{100 * (e['cifar']['top1'] - fp32):+.2f} | {e['imagenet_heldout']['mse']:.4f} | {timing} |")
-    means = [r["rows"]["default_w8a8"]["cifar"]["top1"] for r, _ in files if "default_w8a8" in r["rows"]]
     s, fp32_ms = results["settings"], results["latency_batch8"]["fp32"]["median_ms"]
-    seeds = ", ".join(f"{100 * m:.2f}" for m in means)
-    lines += ["", f"ViT-S/14 classifier (22 M parameters): top-1 on {10 * s['cifar_per_class']} CIFAR-10 test images, "
-              f"output MSE against FP32 on {s['imagenet_eval']} held-out ImageNet images, {s['calib_size']} "
-              f"calibration images (seed {s['seed']}); batch-8 latency against FP32's ({fp32_ms:.0f} ms), timed "
-              "interleaved in one process, onnxruntime CPU EP, 2 threads. The default over "
-              f"{len(means)} calibration seeds: {100 * np.mean(means):.2f} % mean top-1 "
-              f"({100 * (np.mean(means) - fp32):+.2f} against FP32; by seed {seeds}). {cpu_line(results)} "
-              f"Measured with {DEFAULTS}. Sources: `{source}`" + "".join(f", `{src}`" for _, src in seeded) + "."]
-    return "\n".join(lines)
-
-
-def variants_markdown(files: list[tuple[dict, Path]]) -> str:
-    """Rows every seed's file holds, each the mean over the seeds: top-1 and its spread, the held-out ImageNet output
-    MSE, and on the CIFAR-10 images themselves the output MSE against FP32 and the share of images whose class
-    agrees with FP32's, so that a change of fidelity shows where top-1 cannot resolve it."""
-    fp32 = files[0][0]["fp32"]["cifar"]["top1"]
-    lines = ["| bits | method | mean top-1 % | vs FP32 | spread | held-out MSE (ImageNet) | output MSE (CIFAR-10) | "
-             "agrees with FP32 % |", "|---|---|---|---|---|---|---|---|"]
-    for entries, top1 in _every_seed(files, key=lambda n: (-files[0][0]["rows"][n]["bits"], n)):
-        mean = {k: np.mean([e["cifar"][k] for e in entries]) for k in ("mse", "top1_agreement")}
-        held = np.mean([e["imagenet_heldout"]["mse"] for e in entries])
-        lines.append(f"| W{entries[0]['w_bits']}A{entries[0]['bits']} | {_label(entries[0])} | "
-                     f"{100 * top1.mean():.2f} | {100 * (top1.mean() - fp32):+.2f} | "
-                     f"{100 * (top1.max() - top1.min()):.2f} | {held:.4f} | {mean['mse']:.4f} | "
-                     f"{100 * mean['top1_agreement']:.2f} |")
-    s = files[0][0]["settings"]
-    lines += ["", f"Means over calibration seeds {', '.join(str(r['settings']['seed']) for r, _ in files)} (each "
-              f"draws its own {s['calib_size']} calibration images, {s['imagenet_eval']} held-out ImageNet images and "
-              f"noise); top-1 on {10 * s['cifar_per_class']} CIFAR-10 test images, FP32 {100 * fp32:.2f} %; spread: "
-              f"the largest minus the smallest seed's top-1. {cpu_line(files[0][0])} {blas_line(files[0][0])} "
-              f"Measured with {DEFAULTS}. Sources: "
-              + ", ".join(f"`{src}`" for _, src in files) + "."]
+    lines += ["", f"ViT-S/14 classifier (22 M parameters): top-1 on the first {s['cifar_per_class']} CIFAR-10 test "
+              f"images of every class, output MSE against FP32 on {s['imagenet_eval']} held-out ImageNet images, "
+              f"{s['calib_size']} calibration images (seed {s['seed']}); batch-8 latency against FP32's "
+              f"({fp32_ms:.0f} ms), timed interleaved in one process, onnxruntime CPU EP, 2 threads. "
+              f"{cpu_line(results)} Measured with {DEFAULTS}. Source: `{source}`."]
     return "\n".join(lines)
 
 

@@ -470,6 +470,38 @@ def test_study_table_from_a_results_file_gives_each_configuration_its_seeds_mean
     assert "(4 trials)" in table and "x86 AVX-512 VNNI" in table and "900 MB" in table
 
 
+def test_study_table_by_flags_and_the_readme_line_of_the_default(tmp_path):
+    """``table_sweep`` with ``flags``: configurations named by the ``convert`` flags that give them (the default by
+    name), each seed's top-1 and the mean agreement; the README's line gives the default's mean, seeds and spread;
+    an average-bits column appears where a trial ran under a bit budget."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from table_sweep import default_line, seeds_markdown
+
+    lines = [{"kind": "sweep", "file": "defaults.toml", "fp32": {"top1": 71.45, "mse": 0.0},
+              "identity": {"per_class": 200, "limit": None}}]
+    figures = [({}, 0, 71.45, 0.02, 96.0, None), ({}, 1, 71.25, 0.04, 96.4, None),
+               ({"bits_budget": 6.0}, 0, 69.0, 0.5, 88.0, 6.02)]
+    for index, (options, seed, top1, mse, agreement, average) in enumerate(figures):
+        lines.append({"kind": "trial", "trial": f"t{index}", "status": "ok", "seed": seed,
+                      "options": {**options, "seed": seed}, "config": {"w_bits": None, "a_bits": 8},
+                      "convert": {"average_bits": average},
+                      "metrics": {"top1": top1, "mse": mse, "agreement": agreement}})
+        lines.append({"kind": "latency", "trial": f"t{index}", "ratio_to_fp32": 0.5})
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = seeds_markdown(path, flags=True)
+    assert "| configuration | seeds | average bits | seed 0 | seed 1 | top-1 % (mean) | spread |" in table
+    assert ("| **default** (`nq-onnx convert` with no options) | 2 |  | 71.45 | 71.25 | 71.35 | 0.20 | 96.20 | 0.03 "
+            "| 0.50x |") in table, table
+    assert "| `--bits-budget 6.0` | 1 | 6.02 | 69.00 |  | 69.00 |  | 88.00 | 0.5 | 0.50x |" in table, table
+    assert "the first 200 labelled images of every class" in table
+    line = default_line(path, Path("results.jsonl"))
+    assert "71.35 % mean top-1 against FP32's 71.45 %" in line and "by seed 71.45, 71.25, spread 0.20" in line
+    assert "`benchmarks/sweeps/defaults.toml`" in line and "throughput 2.00x" in line
+
+
 def test_seeds_that_cannot_vary_the_calibration_images_are_warned_about(tmp_path):
     """A seed chooses calib_size images from a folder holding more; from one holding no more (or from tensors) every
     seed calibrates on the same inputs, which the sweep says before it runs."""
