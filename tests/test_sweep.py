@@ -535,3 +535,20 @@ def test_a_local_cluster_of_no_node_or_no_cpu_is_refused_before_starting(nodes, 
                                           rf"{nodes} of {cpus}$"):
         with local_cluster(nodes=nodes, cpus_per_node=cpus):
             pass
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux's clear_refs")
+def test_a_trials_peak_memory_is_its_own_not_the_workers_earlier_tasks():
+    """A worker that ran a larger task before records the trial's own high-water mark: 200 MB touched and freed
+    before the reset do not count."""
+    from nq_onnx.sweep.tasks import peak_rss_mb, reset_peak_rss
+
+    big = np.ones(200_000_000 // 8)
+    big[:] = 2.0
+    before = peak_rss_mb()
+    del big
+    reset_peak_rss()
+    small = np.ones(20_000_000 // 8)
+    small[:] = 1.0
+    after = peak_rss_mb()
+    assert before - after > 150, (before, after)

@@ -29,6 +29,7 @@ def convert_trial(model: str, calib: str, config: dict, output: str) -> dict:
     """Convert ``model`` with ``config`` (a :meth:`QuantConfig.to_dict`) into ``output``; what the record needs."""
     from nq_onnx.pipeline import convert
 
+    reset_peak_rss()  # the record's peak is this trial's, not the worker's earlier tasks'
     start = time.perf_counter()
     result = convert(model, output, calib, QuantConfig.from_dict(config), force=True, evaluate=False)
     seconds = time.perf_counter() - start
@@ -55,7 +56,8 @@ def evaluate_shard(model: str, data: EvalSet, pre: Preprocess | None, start: int
 
 def worker_record() -> dict:
     """Where a task ran (host, CPU, numpy's BLAS kernels, versions) and the high-water mark of its worker process's
-    resident memory over every task it ran so far (Linux; ``None`` elsewhere)."""
+    resident memory since :func:`reset_peak_rss` (the start of the trial), or over the process's life where the
+    kernel cannot reset it (Linux; ``None`` elsewhere)."""
     node, node_id = _ray_node()
     return {"host": socket.gethostname(), "node": node, "node_id": node_id, "pid": os.getpid(),
             "peak_rss_mb": peak_rss_mb(),
@@ -87,6 +89,16 @@ def _ray_node() -> tuple[str | None, str | None]:
     if not ray.is_initialized():
         return None, None
     return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+
+
+def reset_peak_rss() -> None:
+    """Start the process's resident-memory high-water mark again from its current size (Linux 4.0 and later:
+    ``5`` written to ``/proc/self/clear_refs``); elsewhere nothing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 def peak_rss_mb() -> float | None:
