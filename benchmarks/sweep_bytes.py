@@ -36,14 +36,18 @@ from nq_onnx.sweep.spec import load_spec  # noqa: E402
 def reconvert(trial: dict, model: str, calib: str, scratch: Path) -> dict:
     """Run ``trial``'s command line in a fresh process and compare the model it writes with the trial's."""
     output = scratch / f"{trial['trial']}.onnx"
-    command = command_line(model, calib, str(output), QuantConfig.from_dict(trial["config"]))
-    words = shlex.split(command)
+    config, blas = QuantConfig.from_dict(trial["config"]), (trial.get("worker") or {}).get("blas")
+    words = shlex.split(command_line(model, calib, str(output), config, blas))
+    env = dict(os.environ)
+    while "=" in words[0] and not words[0].startswith("-"):  # the BLAS settings the trial ran under
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
     words[0:1] = [str(Path(sys.executable).with_name("nq-onnx"))] if words[0] == "nq-onnx" else [sys.executable]
     started = time.perf_counter()
-    done = subprocess.run(words + (["-q"] if words[1] == "convert" else []), capture_output=True, text=True)
+    done = subprocess.run(words + (["-q"] if words[1] == "convert" else []), capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
-    shown = command_line(*(os.path.relpath(p, ROOT) for p in (model, calib)), output.name,
-                         QuantConfig.from_dict(trial["config"]))  # as run, with paths from the repository root
+    shown = command_line(*(os.path.relpath(p, ROOT) for p in (model, calib)), output.name, config,
+                         blas)  # as run, with paths from the repository root
     if done.returncode != 0:
         return {"command": shown, "error": done.stderr.strip().splitlines()[-1:], "match": False}
     digest = hashlib.sha256(output.read_bytes()).hexdigest()

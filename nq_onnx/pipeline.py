@@ -227,6 +227,7 @@ def quantize(
         reparam_groups=sum(1 for g in plan.groups.values() if g.reparam is not None),
         attention_reparams=sum(1 for p in plan.layers.values() if p.attention is not None),
         balanced_groups=sum(1 for g in plan.groups.values() if g.balance is not None),
+        value_balanced=sum(1 for g in plan.groups.values() if g.value_balance is not None),
         average_bits=average_bits(plan.groups),
         bits_groups=dict(Counter(g.bits for g in plan.groups.values())) if config.bits_budget is not None else {},
         read_tokens=dict(layers.read_tokens) if searched and config.search.read_token_share > 0 else {},

@@ -87,7 +87,7 @@ class ReparamAttention(GraphPass):
             shift[site.k_layer][site.k_columns] = c
             nodes = nodes_by_name(graph)
             for layer in scale:
-                _rescale_columns(graph, nodes, self.layers.layer(layer), scale[layer], shift[layer])
+                rescale_columns(graph, nodes, self.layers.layer(layer), scale[layer], shift[layer])
             result.applied.append(name)
             result.record(Role.REPARAMETERIZED, name)
         return result
@@ -101,9 +101,9 @@ def attention_sites(graph: gs.Graph, layers: Layers) -> tuple[list[AttentionSite
     """Every activation matmul that :class:`ReparamAttention` can rewrite, and the others with the reason (an
     ``A @ V`` of attention probabilities is not a scores matmul and is not listed)."""
     sites, skipped = [], []
-    outputs = _linear_outputs(graph, layers)  # the graph is only read here: one map serves every site
+    outputs = linear_outputs(graph, layers)  # the graph is only read here: one map serves every site
     for spec in layers.layers:
-        if spec.kind != ACT_MATMUL or _after_softmax(graph, spec):
+        if spec.kind != ACT_MATMUL or after_softmax(graph, spec):
             continue
         site = attention_site(graph, layers, spec.name, outputs)
         if isinstance(site, str):
@@ -115,7 +115,7 @@ def attention_sites(graph: gs.Graph, layers: Layers) -> tuple[list[AttentionSite
 
 def attention_site(graph: gs.Graph, layers: Layers, name: str,
                    outputs: dict[str, LayerSpec] | None = None) -> AttentionSite | str:
-    """The site of scores layer ``name``, or why it cannot be rewritten. ``outputs``: :func:`_linear_outputs` of
+    """The site of scores layer ``name``, or why it cannot be rewritten. ``outputs``: :func:`linear_outputs` of
     this graph as it is now (``None``: found here; a rewrite between two sites can move a layer's output)."""
     spec = layers.layer(name)
     if spec.kind != ACT_MATMUL:
@@ -125,15 +125,15 @@ def attention_site(graph: gs.Graph, layers: Layers, name: str,
     reason = _softmax_reads_rows(graph, node.outputs[0])
     if reason:
         return reason
-    outputs = _linear_outputs(graph, layers) if outputs is None else outputs
-    found = [_source(tensors[t], outputs) for t in spec.inputs]
+    outputs = linear_outputs(graph, layers) if outputs is None else outputs
+    found = [linear_source(tensors[t], outputs) for t in spec.inputs]
     for what, (source, why) in zip(("Q", "K"), found):
         if source is None:
             return f"{what} is {why}"
     sources = [source for source, _ in found]
     reads: dict[str, list[tuple[gs.Node, int, np.ndarray, float]]] = {}
     for tensor_name in dict.fromkeys(sources):  # each source once, in operand order
-        traced = _trace(graph, tensors[tensor_name], outputs[tensor_name].out_features)
+        traced = trace_columns(graph, tensors[tensor_name], outputs[tensor_name].out_features)
         if isinstance(traced, str):
             return traced
         reads[tensor_name] = traced
@@ -169,23 +169,23 @@ def attention_site(graph: gs.Graph, layers: Layers, name: str,
                          outputs[sources[1]].name, sources[1], k_cols.astype(np.int64), kf)
 
 
-def _after_softmax(graph: gs.Graph, spec: LayerSpec) -> bool:
+def after_softmax(graph: gs.Graph, spec: LayerSpec) -> bool:
     node = producer(graph.tensors()[spec.inputs[0]])
     return node is not None and node.op == "Softmax"
 
 
-def _linear_outputs(graph: gs.Graph, layers: Layers) -> dict[str, LayerSpec]:
-    """The output tensor of every linear layer (after its biases, see :func:`_bias_slots`), by tensor name."""
+def linear_outputs(graph: gs.Graph, layers: Layers) -> dict[str, LayerSpec]:
+    """The output tensor of every linear layer (after its biases, see :func:`bias_slots`), by tensor name."""
     nodes = nodes_by_name(graph)
     out = {}
     for spec in layers.layers:
         if spec.kind == LINEAR:
-            slots = _bias_slots(nodes, spec)
+            slots = bias_slots(nodes, spec)
             out[(slots[-1][0] if slots else nodes[spec.node]).outputs[0].name] = spec
     return out
 
 
-def _bias_slots(nodes: dict, spec: LayerSpec) -> list[tuple[gs.Node, int]]:
+def bias_slots(nodes: dict, spec: LayerSpec) -> list[tuple[gs.Node, int]]:
     """The ``Add`` inputs holding the layer's biases: every per-column constant vector added in a row after the
     ``MatMul`` (the layer's own, one behind ``Identity`` where an exporter shares equal biases, and one a LayerNorm
     reparameterization added), found by position, not by name (an earlier rewrite may have replaced the constant)."""
@@ -212,7 +212,7 @@ def _scalar(tensor: gs.Tensor) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def _source(tensor: gs.Tensor, outputs: dict[str, LayerSpec]) -> tuple[str | None, str]:
+def linear_source(tensor: gs.Tensor, outputs: dict[str, LayerSpec]) -> tuple[str | None, str]:
     """The linear output above ``tensor`` through shape ops (its name), or ``None`` and what stands in the way."""
     while tensor.name not in outputs:
         node = producer(tensor)
@@ -227,10 +227,13 @@ def _source(tensor: gs.Tensor, outputs: dict[str, LayerSpec]) -> tuple[str | Non
     return tensor.name, ""
 
 
-def _trace(graph: gs.Graph, start: gs.Tensor, width: int) -> list[tuple[gs.Node | None, int, np.ndarray, float]] | str:
+def trace_columns(graph: gs.Graph, start: gs.Tensor, width: int, columns: np.ndarray | None = None
+                  ) -> list[tuple[gs.Node | None, int, np.ndarray, float]] | str:
     """Every reader of ``start``'s columns beyond the shape ops: ``(node, input index, column of each element,
-    scalar factor)`` with batch and token axes of size 1 (``node`` ``None``: a graph output); or why not."""
-    reads, stack = [], [(start, np.arange(width, dtype=np.int64).reshape(1, 1, width), 1.0)]
+    scalar factor)`` with batch and token axes of size 1 (``node`` ``None``: a graph output); or why not.
+    ``columns``: the column each element of ``start`` holds (default: ``start`` is a ``[.., .., width]`` output)."""
+    first = np.arange(width, dtype=np.int64).reshape(1, 1, width) if columns is None else columns
+    reads, stack = [], [(start, first, 1.0)]
     while stack:
         tensor, arr, factor = stack.pop()
         if is_graph_output(graph, tensor):
@@ -401,17 +404,21 @@ def _softmax_reads_rows(graph: gs.Graph, scores: gs.Tensor) -> str:
         tensor = node.outputs[0]
 
 
-def _rescale_columns(graph: gs.Graph, nodes: dict, spec: LayerSpec, scale: np.ndarray, shift: np.ndarray) -> None:
+def rescale_columns(graph: gs.Graph, nodes: dict, spec: LayerSpec, scale: np.ndarray, shift: np.ndarray,
+                    names: tuple[str, str, str] = (naming.ATTENTION_WEIGHT, naming.ATTENTION_BIAS,
+                                                   naming.ADD_ATTENTION_BIAS)) -> None:
     """``W' = W diag(scale)`` and ``B' = (B - shift) * scale`` as new constants (each of several biases scaled, the
-    last one shifted; a missing bias is added where the shift is not zero)."""
+    last one shifted; a missing bias is added where the shift is not zero); ``names``: the parts naming the new
+    weight, bias and bias ``Add`` (another rewrite of the same layer names its own)."""
+    weight, bias_part, add_part = names
     node = require_matmul(nodes[spec.node])
     w = constant_through_identity(node.inputs[1]).astype(np.float64)
-    node.inputs[1] = constant(naming.of(spec.name, naming.ATTENTION_WEIGHT), (w * scale[None, :]).astype(np.float32))
-    slots = _bias_slots(nodes, spec)
+    node.inputs[1] = constant(naming.of(spec.name, weight), (w * scale[None, :]).astype(np.float32))
+    slots = bias_slots(nodes, spec)
     for number, (owner, slot) in enumerate(slots):
         bias = _const(owner.inputs[slot]).astype(np.float64) - (shift if number == len(slots) - 1 else 0.0)
-        owner.inputs[slot] = constant(naming.of(spec.name, naming.ATTENTION_BIAS + (f"_{number}" if number else "")),
+        owner.inputs[slot] = constant(naming.of(spec.name, bias_part + (f"_{number}" if number else "")),
                                       (bias * scale).astype(np.float32))
     if not slots and np.any(shift):
-        add_bias_after(graph, node, spec.name, constant(naming.of(spec.name, naming.ATTENTION_BIAS),
-                                                        (-shift * scale).astype(np.float32)), naming.ADD_ATTENTION_BIAS)
+        add_bias_after(graph, node, spec.name, constant(naming.of(spec.name, bias_part),
+                                                        (-shift * scale).astype(np.float32)), add_part)

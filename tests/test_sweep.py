@@ -289,8 +289,10 @@ def test_pick_writes_the_chosen_model_its_command_and_the_report(tmp_path, input
     assert result.chosen is best
     out = tmp_path / "s.sweep"
     assert (out / "picked.onnx").read_bytes() == (out / best["model"]).read_bytes()
-    command = (out / "picked.txt").read_text().strip()
-    args = build_parser().parse_args(command.split()[1:])
+    words = shlex.split((out / "picked.txt").read_text())
+    while "=" in words[0]:  # the BLAS settings the trial ran under
+        words.pop(0)
+    args = build_parser().parse_args(words[1:])
     assert _config_from(args).to_dict() == best["config"]
     report = (out / "report.md").read_text()
     chosen_row = next(line for line in report.splitlines() if "<- chosen" in line)
@@ -346,6 +348,21 @@ def test_command_line_reproduces_the_config_or_falls_back_to_python():
     assert code.startswith("python -c ") and "QuantConfig.from_dict" in code
     recorded = json.loads(code[code.index("from_dict(") + len("from_dict("):code.rindex("}") + 1])
     assert nq_onnx.QuantConfig.from_dict(recorded) == odd
+    blas = {"internal_api": "openblas", "num_threads": 1, "env": {"OPENBLAS_CORETYPE": "Haswell"}}
+    pinned = command_line("m.onnx", "c", "o.onnx", config, blas)
+    assert pinned.startswith("OPENBLAS_CORETYPE=Haswell OPENBLAS_NUM_THREADS=1 nq-onnx convert m.onnx ")
+    assert command_line("m.onnx", "c", "o.onnx", odd, blas).startswith(
+        "OPENBLAS_CORETYPE=Haswell OPENBLAS_NUM_THREADS=1 python -c ")
+
+
+def test_the_picked_command_carries_the_blas_settings_the_trial_ran_under(tmp_path, inputs):
+    """The searches' float sums depend on numpy's BLAS threads: the command ``--pick`` writes sets the trial's."""
+    path = sweep_file(tmp_path, inputs, GRID.replace('["minmax", "easyquant"]', '"minmax"').replace("[8, 6]", "8"))
+    assert main(["sweep", str(path), "--local", "-q", "--pick", "top1 >= 0", "--maximize", "top1"]) == 0
+    trial = trial_lines(tmp_path / "s.sweep")[0]
+    threads = trial["worker"]["blas"]["num_threads"]
+    command = (tmp_path / "s.sweep" / "picked.txt").read_text()
+    assert threads is None or f"_NUM_THREADS={threads} nq-onnx convert " in command, command
 
 
 def _same_results(a: list[dict], b: list[dict]) -> None:

@@ -210,7 +210,7 @@ def test_sweeps_grid_its_settings_and_reproduce_them_on_the_command_line(registe
     (tmp_path / "s.toml").write_text('model = "m.onnx"\ncalib = "calib"\n[eval]\nheldout = "calib"\n'
                                      '[grid]\nclipping.percentile = [99.0]\n')
     with pytest.raises(ConfigError, match="unknown grid option 'clipping.percentile': no registered technique "
-                                          "'clipping' has settings \\(those that do: percentile, split_softmax\\)"):
+                                          "'clipping' has settings \\(those that do: balance_values, percentile, split_softmax\\)"):
         load_spec(tmp_path / "s.toml")
 
 

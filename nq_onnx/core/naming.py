@@ -45,6 +45,10 @@ BALANCED_INPUT = "balanced_input"
 ATTENTION_WEIGHT = "attention_weight"
 ATTENTION_BIAS = "attention_bias"
 ADD_ATTENTION_BIAS = "add_attention_bias"
+# value balancing
+VALUE_WEIGHT = "value_weight"
+VALUE_BIAS = "value_bias"
+ADD_VALUE_BIAS = "add_value_bias"
 # zero bias before an activation
 MATMUL_OUT = "matmul_out"
 ZERO_BIAS = "zero_bias"

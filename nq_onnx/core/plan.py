@@ -25,10 +25,10 @@ from nq_onnx.core.errors import PlanError
 from nq_onnx.core.quantizers import ActQuantizer, WeightQuantizer
 from nq_onnx.core.two_range import SplitSoftmax, TwinGelu, TwinSoftmax
 
-SCHEMA_VERSION = 6  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
+SCHEMA_VERSION = 7  # 3: reparameterization (GroupPlan.reparam), GPTQ codes and bias correction (LayerPlan);
 # 4: mixed precision (QuantConfig.bits_budget, GroupPlan.precision); 5: attention reparameterization (LayerPlan);
-# 6: channel balancing (GroupPlan.balance)
-READABLE_SCHEMAS = (2, 3, 4, 5, 6)  # an older plan is a newer one without the features added since
+# 6: channel balancing (GroupPlan.balance); 7: value balancing (GroupPlan.value_balance)
+READABLE_SCHEMAS = (2, 3, 4, 5, 6, 7)  # an older plan is a newer one without the features added since
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,7 @@ class GroupPlan:
     precision: Module | None = None  # its cost and sensitivity per bit-width under a bits budget (search.mixed)
     low: float | None = None  # asymmetric: the calibrated minimum its codes are anchored at (ActQuantizer.low)
     balance: np.ndarray | None = None  # channel balancing: its layers read X / balance (``--balance-channels``)
+    value_balance: np.ndarray | None = None  # value balancing: X / value_balance, folded into V (``--balance-values``)
 
     def quantizer(self) -> ActQuantizer | TwinSoftmax | TwinGelu | SplitSoftmax:
         """The group's activation quantizer, the same object the search scored and the passes emit."""
@@ -145,9 +146,12 @@ class Plan:
     def written_schema(self) -> int:
         """The oldest schema that holds the plan: 4 where no attention is reparameterized and no group balanced (a
         plan as the version before schema 5 wrote it, byte for byte, with the config's
-        :data:`~nq_onnx.core.config.LATER_OPTIONS` unset), 5 where no group is balanced."""
-        if self.schema_version != SCHEMA_VERSION or any(g.balance is not None for g in self.groups.values()):
+        :data:`~nq_onnx.core.config.LATER_OPTIONS` unset), 5 where no group is balanced, 6 where no group's values
+        are."""
+        if self.schema_version != SCHEMA_VERSION or any(g.value_balance is not None for g in self.groups.values()):
             return self.schema_version
+        if any(g.balance is not None for g in self.groups.values()):
+            return 6
         return 5 if any(p.attention is not None for p in self.layers.values()) else 4
 
     def check_model(self, digest: str) -> None:
@@ -189,6 +193,9 @@ class Plan:
             if g.balance is not None:
                 entry["balance"] = f"group/{g.name}/balance"
                 arrays[entry["balance"]] = g.balance
+            if g.value_balance is not None:
+                entry["value_balance"] = f"group/{g.name}/value_balance"
+                arrays[entry["value_balance"]] = g.value_balance
             if g.noise is not None:
                 entry["noise"] = f"group/{g.name}/noise"
                 arrays[entry["noise"]] = g.noise
@@ -255,6 +262,7 @@ class Plan:
                     _module(g["name"], g["precision"]) if g.get("precision") else None,
                     None if g.get("low") is None else float(g["low"]),
                     arrays[g["balance"]].astype(np.float32) if g.get("balance") else None,
+                    arrays[g["value_balance"]].astype(np.float32) if g.get("value_balance") else None,
                 )
             for layer in doc["layers"]:
                 scales, codes, correction = (arrays[layer[k]] if layer.get(k) else None

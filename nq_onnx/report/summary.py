@@ -101,6 +101,7 @@ class Summary:
     reparam_groups: int = 0  # groups whose LayerNorm was reparameterized (QuantConfig.reparam)
     attention_reparams: int = 0  # scores matmuls whose Q and K were reparameterized (QuantConfig.reparam_attention)
     balanced_groups: int = 0  # GELU outputs read through a balancing Mul (QuantConfig.balance_channels)
+    value_balanced: int = 0  # attention outputs balanced through the value columns (--balance-values)
     average_bits: float | None = None  # under a bits budget: the weight- and activation-count-weighted average
     bits_groups: dict[int, int] = dataclasses.field(default_factory=dict)  # under a bits budget: groups per width
     metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -197,6 +198,10 @@ def _graph_lines(summary: Summary) -> list[str]:
         plural = "s" if summary.balanced_groups != 1 else ""
         lines.append(f"  balanced: {summary.balanced_groups} GELU output{plural}, read through a Mul by per-channel "
                      "factors")
+    if summary.value_balanced:
+        plural = "s" if summary.value_balanced != 1 else ""
+        lines.append(f"  balanced: {summary.value_balanced} attention output{plural}, through the value columns and "
+                     "the projection's rows")
     kept = [s for s in summary.skipped if s.kind == SkipKind.ATTENTION_KEPT]
     if summary.attention_reparams or kept:
         why = "; ".join(f"{s.layer}: {s.reason}" for s in kept[:3]) + (f"; {len(kept) - 3} more" if len(kept) > 3

@@ -253,7 +253,8 @@ def _write_choice(spec: SweepSpec, out: SweepResult) -> None:
     config = QuantConfig.from_dict(out.chosen["config"])
     model = spec.out / "picked.onnx"
     write_bytes_atomic(model, (spec.out / out.chosen["model"]).read_bytes())
-    out.command = command_line(str(spec.model), str(spec.calib), str(model), config)
+    out.command = command_line(str(spec.model), str(spec.calib), str(model), config,
+                               (out.chosen.get("worker") or {}).get("blas"))
     write_bytes_atomic(spec.out / "picked.txt", (out.command + "\n").encode())
     out.files |= {"picked": model, "command": spec.out / "picked.txt"}
 

@@ -12,14 +12,31 @@ from nq_onnx.core import options
 from nq_onnx.core.config import QuantConfig, SearchConfig
 from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
 
-def command_line(model: str, calib: str, output: str, config: QuantConfig) -> str:
+def command_line(model: str, calib: str, output: str, config: QuantConfig, blas: dict | None = None) -> str:
     """``nq-onnx convert ...`` giving ``config``'s model, its flags generated from the options the configuration
     fields declare (:mod:`nq_onnx.core.options`), a technique's settings included; where a setting that differs from
-    its default has no flag, the same conversion through the Python API."""
+    its default has no flag, the same conversion through the Python API. ``blas``: the BLAS a trial ran on (its
+    record's ``worker.blas``), whose thread count and OpenBLAS settings the searches' float sums depend on, set
+    before the command (:func:`blas_env`)."""
+    env = [f"{k}={v}" for k, v in blas_env(blas).items()]
     flags = config_flags(config)
     if flags is None:
-        return _python_call(model, calib, output, config)
-    return shlex.join(["nq-onnx", "convert", model, "-o", output, "--calib", calib, *flags])
+        return " ".join([*env, _python_call(model, calib, output, config)])
+    return shlex.join([*env, "nq-onnx", "convert", model, "-o", output, "--calib", calib, *flags])
+
+
+def blas_env(blas: dict | None) -> dict[str, str]:
+    """The environment that gives numpy's BLAS the settings of ``blas`` (a :func:`~nq_onnx.io.cpu.blas_record`):
+    the OpenBLAS variables it was run under and its thread count (a sum split over another number of threads can
+    round differently, and the searches' choices with it)."""
+    if not blas:
+        return {}
+    env = {k: str(v) for k, v in sorted((blas.get("env") or {}).items())}
+    if blas.get("num_threads"):
+        name = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS"}.get(blas.get("internal_api"),
+                                                                                 "OMP_NUM_THREADS")
+        env[name] = str(blas["num_threads"])
+    return env
 
 
 def config_flags(config: QuantConfig) -> list[str] | None:
