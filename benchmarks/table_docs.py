@@ -117,18 +117,6 @@ def _sweep(flags: bool = False) -> Callable[[Files, Path], str]:
     return go
 
 
-def _sweep_bits(files: Files, page: Path) -> str:
-    """A mixed-precision sweep: top-1 against average bits (``sweep_mixed.png``) above its study table."""
-    from table_mixed import sweep_chart
-    from table_sweep import seeds_markdown
-
-    (_, source), = files
-    ASSETS.mkdir(parents=True, exist_ok=True)
-    sweep_chart(ROOT / source, ASSETS / "sweep_mixed.png")
-    chart = os.path.relpath(ASSETS / "sweep_mixed.png", page.parent)
-    return f"![top-1 against average bits]({chart})\n\n{seeds_markdown(ROOT / source, source)}"
-
-
 def _default_line(files: Files, page: Path) -> str:
     """The README's sentence on the default over the seeds of ``benchmarks/sweeps/defaults.toml``."""
     from table_sweep import default_line
