@@ -227,4 +227,4 @@ def test_built_in_techniques_run_before_those_registered_later_whatever_ran_firs
             "assert names[-1] == 'mine' and names.index('gptq') < names.index('bias_correction'), names\n"
             "print(len(names))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert int(out) == 10  # the nine built-in techniques and this one
+    assert int(out) == 11  # the ten built-in techniques and this one
