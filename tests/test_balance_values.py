@@ -157,3 +157,22 @@ def test_an_attention_output_read_by_anything_else_is_refused_with_a_reason(tmp_
 def test_a_strength_outside_0_1_is_refused_in_one_line(alpha):
     with pytest.raises(ConfigError, match=r"^balance-values-alpha must be within \[0, 1\], got "):
         QuantConfig(techniques=(BalanceValuesSettings(balance_values=True, balance_values_alpha=alpha),))
+
+
+def test_a_value_layer_without_bias_is_balanced_after_the_layernorm_reparameterization(tmp_path, photo_folder):
+    """timm's ViT with ``qkv_bias=False``: the LayerNorm reparameterization gives qkv a bias ``Add``, which writes the
+    tensor the MatMul wrote, so the value columns keep the name they were calibrated under and the quantized ``V``
+    operands take their range from them; every block is balanced."""
+    path = tmp_path / "vit.onnx"
+    export_timm("vit_small_patch16_224", path, model_kwargs=dict(img_size=32, depth=2, qkv_bias=False),
+                num_classes=10)
+    config = QuantConfig(calib_size=8, w_bits=6, a_bits=6, attention_probabilities=True, reparam=True,
+                         techniques=(ON,), search=SearchConfig(search_images=4, holdout_images=2, tokens=64,
+                                                               shift_min_rows=16))
+    result = convert(path, tmp_path / "a.onnx", photo_folder, config, evaluate=False)
+    assert result.summary.value_balanced == 2 and result.summary.reparam_groups > 0
+    original = canonicalize(load_model(path)[0])
+    before = value_sites(import_graph(original), discover(original, config))[0]
+    after = value_sites(import_graph(result.float_model), result.layers)[0]
+    assert [s.v_tensor for s in before] == [s.v_tensor for s in after] and len(after) == 2
+    assert not [s for s in result.summary.skipped if "value columns" in s.reason]
