@@ -191,9 +191,10 @@ def bytes_line(path: Path) -> str:
     rows = [r for r in data["trials"].values() if "error" not in r]  # a failure checks nothing
     same = sum(r["match"] for r in rows)
     machines = sorted({_checked_on(r.get("machine", data["machine"])) for r in rows})
+    pinned = rows and all("=" in r["command"].split()[0] for r in rows)  # the trial's BLAS settings set before it
     return (f" Converted again alone, each in a fresh process by the `nq-onnx convert` command line the sweep gives "
-            f"for it (`benchmarks/sweep_bytes.py`): {same} of {len(rows)} trials gave the same model bytes, on "
-            f"{'; '.join(machines)}.")
+            f"for it{' with the BLAS settings its trial ran under' if pinned else ''} (`benchmarks/sweep_bytes.py`): "
+            f"{same} of {len(rows)} trials gave the same model bytes, on {'; '.join(machines)}.")
 
 
 def _checked_on(machine: dict) -> str:
