@@ -181,6 +181,13 @@ def load_builtin() -> None:
     importlib.import_module(BUILTIN)
 
 
+def registered() -> dict[str, Technique]:
+    """Every registered technique by name, the built-in ones included (loaded first, so that a reader of the
+    registry before any conversion, such as a sweep file read through the API, sees them)."""
+    load_builtin()
+    return TECHNIQUES
+
+
 def register(cls: type[Technique]) -> type[Technique]:
     """Class decorator: register technique ``cls`` (and its settings as a configuration section). The built-in
     techniques are registered first, whenever this is called, so that the order hooks run in (built-ins, then the

@@ -178,9 +178,8 @@ def make_config(options: dict[str, Any], seed: int) -> QuantConfig:
         if "." in key:
             name, _, field = key.partition(".")
             settings.setdefault(name, {})[field] = _value(key, value)
-    techniques.load_builtin()
     try:
-        chosen = tuple(techniques.TECHNIQUES[name].settings(**fields) for name, fields in settings.items())
+        chosen = tuple(techniques.registered()[name].settings(**fields) for name, fields in settings.items())
         return QuantConfig(seed=seed, search=SearchConfig(**search), **quant,
                            techniques=tuple(s for s in chosen if techniques.settings_on(s)))
     except TypeError as exc:  # a value of the wrong kind compared or unpacked inside __post_init__
@@ -282,7 +281,7 @@ def _check_type(path: Path, key: str, name: str, value: Any) -> None:
     """A value of the kind the option's default is (TOML types are few: a bool is not an int, an int may be a float)."""
     if "." in name:
         section, _, field = name.partition(".")
-        default = getattr(techniques.TECHNIQUES[section].settings(), field)
+        default = getattr(techniques.registered()[section].settings(), field)
     else:
         default = getattr(QuantConfig() if name in QUANT_OPTIONS else SearchConfig(), name)
     if isinstance(default, bool):
@@ -323,10 +322,10 @@ def _option(path: Path, key: str) -> str:
 def _technique_option(path: Path, key: str, name: str) -> str:
     """``name.field``: a field of registered technique ``name``'s settings."""
     section, _, field = name.partition(".")
-    techniques.load_builtin()  # a sweep file read through the API, before any conversion registered them
-    technique = techniques.TECHNIQUES.get(section)
+    registry = techniques.registered()
+    technique = registry.get(section)
     if technique is None or technique.settings is None:
-        known = ", ".join(sorted(n for n, t in techniques.TECHNIQUES.items() if t.settings is not None)) or "none"
+        known = ", ".join(sorted(n for n, t in registry.items() if t.settings is not None)) or "none"
         raise ConfigError(f"{path.name}: unknown grid option {key!r}: no registered technique {section!r} has "
                           f"settings (those that do: {known})")
     fields = {f.name for f in dataclasses.fields(technique.settings)}
