@@ -26,7 +26,7 @@ from nq_onnx.core.options import option
 from nq_onnx.core.technique import Context, Technique, register
 from nq_onnx.core.timing import timed
 from nq_onnx.passes.balance_values import BalanceValues, ValueSite, value_sites
-from nq_onnx.passes.base import Skip, SkipKind, import_graph
+from nq_onnx.passes.base import import_graph
 from nq_onnx.techniques.balance_channels import balanced_stats, factors
 from nq_onnx.techniques.refold import refold, rewrite_float
 
@@ -67,40 +67,32 @@ class ValueBalancing(Technique):
     settings = BalanceValuesSettings
 
     def tensors(self, ctx: Context) -> list[str]:
-        """The outputs of the layers that make ``V``: their value columns' ranges give the ``V`` operand's (kept by
-        group, so that the rewrite reads the columns calibrated for its own site)."""
+        """The outputs of the layers that make ``V``: their value columns' ranges give the ``V`` operand's. (The
+        rewrites before this one keep these names: a bias ``Add`` they give a layer writes the tensor its
+        ``MatMul`` wrote.)"""
         sites, _ = value_sites(import_graph(ctx.model), ctx.layers)
-        ctx.state[self.name] = {"columns": {site.group: site.v_tensor for site in sites}}
         return sorted({site.v_tensor for site in sites})
 
     def rewrite(self, ctx: Context) -> None:
         """Choose every site's factors from its projection input's ranges, fold them in, and carry the statistics
-        over to the balanced tensors (a site whose quantized ``V`` operand has no calibrated value columns is left
-        as it is, with the reason)."""
+        over to the balanced tensors (the projection's input keeps its name: no node is added before it)."""
         alpha = self.settings_in(ctx.config).balance_values_alpha
-        state = ctx.state.setdefault(self.name, {"columns": {}})
         with timed(ctx.timings, "balance_values_s"):
             sites, _ = value_sites(import_graph(ctx.model), ctx.layers)
-            columns = {s.group: ctx.stats.get(state["columns"].get(s.group, "")) for s in sites}
-            unknown = [s for s in sites if s.operand in ctx.stats and columns[s.group] is None]
-            ctx.skipped += [Skip(s.group, "its value columns' ranges were not calibrated", SkipKind.UNSUPPORTED)
-                            for s in unknown]
-            sites = [s for s in sites if s not in unknown]
             chosen = {s.group: factors(ctx.stats[ctx.layers.group(s.group).tensor], alpha) for s in sites}
-            old = {s.group: ctx.layers.group(s.group).tensor for s in sites}
             result = rewrite_float(ctx, BalanceValues(ctx.layers, chosen))
             ctx.stats = dict(ctx.stats)
             for site in (s for s in sites if s.group in result.applied):
-                r = chosen[site.group]
-                ctx.stats[ctx.layers.group(site.group).tensor] = balanced_stats(ctx.stats[old[site.group]], r)
+                r, tensor = chosen[site.group], ctx.layers.group(site.group).tensor
+                ctx.stats[tensor] = balanced_stats(ctx.stats[tensor], r)
                 if site.operand in ctx.stats:  # a quantized V operand: its range from the value columns'
-                    ctx.stats[site.operand] = operand_stats(site, r, columns[site.group],
+                    ctx.stats[site.operand] = operand_stats(site, r, ctx.stats[site.v_tensor],
                                                             ctx.stats[site.operand].count)
             ctx.skipped += result.skipped
-            state["factors"] = {name: chosen[name] for name in result.applied}
+            ctx.state[self.name] = {name: chosen[name] for name in result.applied}
 
     def finish(self, ctx: Context) -> None:
-        for name, r in ctx.state.get(self.name, {}).get("factors", {}).items():
+        for name, r in ctx.state.get(self.name, {}).items():
             ctx.plan.groups[name].value_balance = r
 
     def replay(self, ctx: Context) -> None:
