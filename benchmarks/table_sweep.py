@@ -160,19 +160,16 @@ def default_line(path: Path, shown_as: Path) -> str:
 
 
 def _evaluated(header: dict) -> str:
-    """How many labelled images the sweep evaluates, from its identity."""
+    """Which labelled images the sweep evaluates, from its identity."""
     identity = header.get("identity", {})
     if identity.get("per_class"):
-        return f"the first {identity['per_class']} of every class"
-    return f"a seeded choice of {identity['limit']}" if identity.get("limit") else "all of them"
+        return f"the first {identity['per_class']} labelled images of every class"
+    return f"a seeded choice of {identity['limit']} labelled images" if identity.get("limit") else "all labelled images"
 
 
 def measured(header: dict, latency: dict[str, dict]) -> str:
     """How the figures were taken: the evaluation sets' sizes (from the sweep's identity) and the timing."""
-    identity = header.get("identity", {})
-    chosen = (f"the first {identity['per_class']} labelled images of every class" if identity.get("per_class")
-              else f"{identity.get('limit') or 'all'} labelled images")
-    text = (f"Top-1 on {chosen}, output MSE against FP32 on the held-out "
+    text = (f"Top-1 on {_evaluated(header)}, output MSE against FP32 on the held-out "
             "images; each configuration's mean over its seeds, spread: the largest minus the smallest seed's top-1.")
     if latency:
         entry = next(iter(latency.values()))
