@@ -48,6 +48,7 @@ import nq_onnx  # noqa: E402
 from nq_onnx.calibration.data import Preprocess, prepare_image  # noqa: E402
 from nq_onnx.calibration.evaluate import output_metrics  # noqa: E402
 from nq_onnx.io.cpu import blas_record, cpu_features  # noqa: E402
+from nq_onnx.sweep.evalset import first_of_each_class  # noqa: E402
 from nq_onnx.inspect import inspect_model  # noqa: E402
 
 
@@ -175,7 +176,7 @@ def cifar_subset(per_class: int, pre: Preprocess) -> tuple[np.ndarray, np.ndarra
 
     data = np.load(CIFAR)
     labels = data["labels"].astype(np.int64)
-    index = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+    index = np.array(first_of_each_class(labels, per_class), dtype=np.int64)  # the sweeps' [eval] per_class
     pixels = data["images"]  # read once: each access to an npz member decompresses all of it
     images = np.stack([prepare_image(Image.fromarray(pixels[i]), pre) for i in index])
     return images, labels[index]

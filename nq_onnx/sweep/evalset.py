@@ -60,7 +60,7 @@ def open_eval_set(path: Path, model: onnx.ModelProto, limit: int | None, labelle
     else:
         raise DataError(f"{what} {path} is neither a folder of images nor an .npz/.npy file")
     count = len(files) if kind == "folder" else len(labels) if labels is not None else count
-    indices = _choose(count, limit) if per_class is None else _first_of_each(labels, per_class)
+    indices = _choose(count, limit) if per_class is None else first_of_each_class(labels, per_class)
     chosen = None if labels is None else tuple(int(labels[i]) for i in indices)
     return EvalSet(kind, path, indices, tuple(files), chosen, tuple(classes))
 
@@ -100,7 +100,7 @@ def _choose(count: int, limit: int | None) -> tuple[int, ...]:
     return tuple(int(i) for i in np.sort(np.random.default_rng(0).permutation(count)[:limit]))
 
 
-def _first_of_each(labels, per_class: int) -> tuple[int, ...]:
+def first_of_each_class(labels, per_class: int) -> tuple[int, ...]:
     """The first ``per_class`` inputs of every class (all of a smaller class), in source order."""
     labels = np.asarray(labels)
     return tuple(int(i) for i in np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class]
