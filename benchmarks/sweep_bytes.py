@@ -28,7 +28,7 @@ from run import machine, plain  # noqa: E402
 
 from nq_onnx.core.config import QuantConfig  # noqa: E402
 from nq_onnx.core.atomic import write_bytes_atomic  # noqa: E402
-from nq_onnx.sweep.report import command_line  # noqa: E402
+from nq_onnx.sweep.report import blas_env, command_line  # noqa: E402
 from nq_onnx.sweep.results import ResultsFile  # noqa: E402
 from nq_onnx.sweep.spec import load_spec  # noqa: E402
 
@@ -37,11 +37,8 @@ def reconvert(trial: dict, model: str, calib: str, scratch: Path) -> dict:
     """Run ``trial``'s command line in a fresh process and compare the model it writes with the trial's."""
     output = scratch / f"{trial['trial']}.onnx"
     config, blas = QuantConfig.from_dict(trial["config"]), (trial.get("worker") or {}).get("blas")
-    words = shlex.split(command_line(model, calib, str(output), config, blas))
-    env = dict(os.environ)
-    while "=" in words[0] and not words[0].startswith("-"):  # the BLAS settings the trial ran under
-        name, _, value = words.pop(0).partition("=")
-        env[name] = value
+    words = shlex.split(command_line(model, calib, str(output), config))
+    env = os.environ | blas_env(blas)  # the BLAS settings the trial ran under, as the shown command sets them
     words[0:1] = [str(Path(sys.executable).with_name("nq-onnx"))] if words[0] == "nq-onnx" else [sys.executable]
     started = time.perf_counter()
     done = subprocess.run(words + (["-q"] if words[1] == "convert" else []), capture_output=True, text=True, env=env)
