@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run
-from test_reparam import MODELS
+from test_reparam import MODELS, exported
 
 from nq_onnx import QuantConfig, SearchConfig, convert
 from nq_onnx.calibration.collect import collect_stats, float_values
-from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
+from nq_onnx.calibration.data import Dataset, Preprocess
 from nq_onnx.core.errors import ConfigError
 from nq_onnx.core.quantizers import ActQuantizer
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
@@ -50,11 +50,7 @@ def rewrite(model: onnx.ModelProto, data: Dataset, alpha: float = 0.5):
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def family(request, tmp_path_factory, photo_folder):
-    name, kwargs, opset = MODELS[request.param]
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    export_timm(name, path, model_kwargs=kwargs, num_classes=10, opset=opset)
-    model = canonicalize(load_model(path)[0])
-    data = load_dataset(photo_folder, model, limit=16, seed=0)
+    model, data = exported(request.param, tmp_path_factory.mktemp(request.param), photo_folder)
     return (request.param, model, data) + rewrite(model, data)
 
 

@@ -8,6 +8,8 @@ decomposed LayerNorm: ``Add(Mul(z, gamma), beta)``) and Swin (window attention, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
@@ -21,7 +23,7 @@ from nq_onnx.techniques import reparam_layernorm as reparam
 from nq_onnx.inspect import inspect_model
 from nq_onnx.core.plan import Plan
 from nq_onnx.calibration.collect import collect_stats
-from nq_onnx.calibration.data import load_dataset
+from nq_onnx.calibration.data import Dataset, load_dataset
 from nq_onnx.export import export_timm
 from nq_onnx.io.model_io import load_model
 from nq_onnx.passes import Role, find_layers
@@ -35,14 +37,20 @@ MODELS = {
 }
 
 
+def exported(key: str, folder: Path, photo_folder: Path, **kwargs) -> tuple[onnx.ModelProto, Dataset]:
+    """Family ``key`` of :data:`MODELS` exported (``kwargs`` over its own model arguments) and canonicalized, with 16
+    of the photographs as its inputs."""
+    name, own, opset = MODELS[key]
+    path = folder / "model.onnx"
+    export_timm(name, path, model_kwargs=dict(own, **kwargs), num_classes=10, opset=opset)
+    model = canonicalize(load_model(path)[0])
+    return model, load_dataset(photo_folder, model, limit=16, seed=0)
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def reparameterized(request, tmp_path_factory, photo_folder):
-    name, kwargs, opset = MODELS[request.param]
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    export_timm(name, path, model_kwargs=kwargs, num_classes=10, opset=opset)
-    model = canonicalize(load_model(path)[0])
+    model, data = exported(request.param, tmp_path_factory.mktemp(request.param), photo_folder)
     layers = discover(model, QuantConfig())
-    data = load_dataset(photo_folder, model, limit=16, seed=0)
     stats = collect_stats(model, [g.tensor for g in layers.groups], data, 8)
     out, result = reparam.reparameterize(model, layers, reparam.candidates(layers, stats)[0])
     return request.param, model, out, result, layers, stats, data

@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run
-from test_reparam import MODELS
+from test_reparam import MODELS, exported
 
 from nq_onnx import QuantConfig, SearchConfig, convert
 from nq_onnx.techniques import reparam_attention as reparam
 from nq_onnx.calibration.collect import collect_stats, float_values
-from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
+from nq_onnx.calibration.data import Dataset, Preprocess
 from nq_onnx.demo import EVAL_PHOTOS, crops, demo_model_path, demo_photos
 from nq_onnx.export import export_timm
 from nq_onnx.inspect import inspect_model
@@ -47,13 +47,9 @@ def rewrite(model: onnx.ModelProto, data: Dataset):
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def family(request, tmp_path_factory, photo_folder):
-    name, kwargs, opset = MODELS[request.param]
-    if request.param == "swin":  # a second block per stage: shifted windows, whose mask is added to the scores
-        kwargs = dict(kwargs, depths=(2, 1, 1, 1))
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
-    export_timm(name, path, model_kwargs=kwargs, num_classes=10, opset=opset)
-    model = canonicalize(load_model(path)[0])
-    data = load_dataset(photo_folder, model, limit=16, seed=0)
+    # swin: a second block per stage, shifted windows, whose mask is added to the scores
+    more = dict(depths=(2, 1, 1, 1)) if request.param == "swin" else {}
+    model, data = exported(request.param, tmp_path_factory.mktemp(request.param), photo_folder, **more)
     return (request.param, model, data) + rewrite(model, data)
 
 
