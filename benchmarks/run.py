@@ -109,7 +109,7 @@ def blas() -> dict:
     """numpy's BLAS, its kernels and the OpenBLAS settings (:func:`nq_onnx.io.cpu.blas_record`)."""
     record = blas_record()
     if record["internal_api"] is None:
-        raise SystemExit("benchmarks: threadpoolctl is not installed; pip install -e '.[export,test]'")
+        raise SystemExit("benchmarks: threadpoolctl finds no BLAS library in numpy")
     return record
 
 

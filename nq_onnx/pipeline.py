@@ -22,6 +22,7 @@ from nq_onnx.calibration.data import Dataset, Preprocess, load_dataset
 from nq_onnx.core.config import Method, QuantConfig, Target, WeightDtype
 from nq_onnx.core.errors import DataError, NQError, PlanError
 from nq_onnx.core.external_data import has_external
+from nq_onnx.io.cpu import one_blas_thread
 from nq_onnx.io.model_io import check_output_path, convert_opset, default_opset, load_model, save_model_atomic
 from nq_onnx.passes import (
     ACT_MATMUL,
@@ -76,6 +77,7 @@ class Baseline:
 BASE_METHOD = Method.MINMAX
 
 
+@one_blas_thread
 def base_model(baseline: Baseline, config: QuantConfig, digest: str) -> onnx.ModelProto:
     """The model MinMax makes of the same float model with ``config``'s widths, target and activation quantizers (no
     search, no rewrite, no noise): the plainest quantization, which a searched one should not fall far behind."""
@@ -179,6 +181,7 @@ def check_plan_fits(plan: Plan, layers: Layers) -> None:
                                 f"{list(value.shape)}, the model needs {list(shape)}")
 
 
+@one_blas_thread
 def quantize(
     model: onnx.ModelProto,
     digest: str,
@@ -187,7 +190,8 @@ def quantize(
     plan: Plan | None = None,
     progress: Callable | None = None,
 ) -> Result:
-    """Quantize an in-memory model with a given plan, or calibrate on ``calib`` and search one."""
+    """Quantize an in-memory model with a given plan, or calibrate on ``calib`` and search one (numpy's BLAS on one
+    thread: :func:`~nq_onnx.io.cpu.one_blas_thread`)."""
     timings: dict[str, float] = {}
     if plan is not None:
         plan.check_model(digest)

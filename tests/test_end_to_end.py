@@ -363,3 +363,28 @@ def test_the_blas_recorded_is_numpys_own_whatever_else_is_loaded():
     assert numpy_blas([openmp, other, own]) is own
     assert numpy_blas([openmp, other]) is other  # numpy's own not found (a numpy linked to a system BLAS)
     assert numpy_blas([openmp]) == {}
+
+
+def test_the_searches_run_numpys_blas_on_one_thread_whatever_the_process_sets(work, monkeypatch):
+    """A GEMM split over two threads can sum in another order than on one, and a search's choice with it: a
+    conversion pins numpy's BLAS to one thread while it quantizes (and builds the base model it is checked
+    against), and gives the process's setting back after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from nq_onnx import pipeline
+    from nq_onnx.io.cpu import numpy_blas
+
+    seen = []
+    canonicalize = pipeline.canonicalize
+
+    def counted(model):
+        seen.append(numpy_blas(threadpool_info())["num_threads"])
+        return canonicalize(model)
+
+    monkeypatch.setattr(pipeline, "canonicalize", counted)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert numpy_blas(threadpool_info())["num_threads"] == 2
+        folder, model, calib = work
+        nq_onnx.convert(model, folder / "q.onnx", calib, QuantConfig(method="easyquant"), evaluate=False)
+        assert numpy_blas(threadpool_info())["num_threads"] == 2
+    assert seen and set(seen) == {1}

@@ -348,21 +348,28 @@ def test_command_line_reproduces_the_config_or_falls_back_to_python():
     assert code.startswith("python -c ") and "QuantConfig.from_dict" in code
     recorded = json.loads(code[code.index("from_dict(") + len("from_dict("):code.rindex("}") + 1])
     assert nq_onnx.QuantConfig.from_dict(recorded) == odd
-    blas = {"internal_api": "openblas", "num_threads": 1, "env": {"OPENBLAS_CORETYPE": "Haswell"}}
+    accurate = nq_onnx.QuantConfig.preset("accurate", seed=1, w_bits=6, a_bits=6)
+    words = shlex.split(command_line("m.onnx", "c", "o.onnx", accurate))
+    assert words[words.index("--preset") + 1] == "accurate" and len(words) == 15, words  # + --seed, --w-bits, --a-bits
+    assert _config_from(build_parser().parse_args(words[1:])) == accurate
+    blas = {"internal_api": "openblas", "num_threads": 1,
+            "env": {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_NUM_THREADS": "1"}}
     pinned = command_line("m.onnx", "c", "o.onnx", config, blas)
-    assert pinned.startswith("OPENBLAS_CORETYPE=Haswell OPENBLAS_NUM_THREADS=1 nq-onnx convert m.onnx ")
-    assert command_line("m.onnx", "c", "o.onnx", odd, blas).startswith(
-        "OPENBLAS_CORETYPE=Haswell OPENBLAS_NUM_THREADS=1 python -c ")
+    assert pinned.startswith("OPENBLAS_CORETYPE=Haswell nq-onnx convert m.onnx ")  # threads: one in any case
+    assert command_line("m.onnx", "c", "o.onnx", odd, blas).startswith("OPENBLAS_CORETYPE=Haswell python -c ")
 
 
-def test_the_picked_command_carries_the_blas_settings_the_trial_ran_under(tmp_path, inputs):
-    """The searches' float sums depend on numpy's BLAS threads: the command ``--pick`` writes sets the trial's."""
+def test_the_picked_command_carries_the_blas_kernels_the_trial_ran_under(tmp_path, inputs, monkeypatch):
+    """The searches' float sums depend on numpy's BLAS kernels: the command ``--pick`` writes sets the trial's
+    ``OPENBLAS_CORETYPE`` (and no thread count: conversions run their searches on one BLAS thread)."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", os.environ.get("OPENBLAS_CORETYPE", "Haswell"))
     path = sweep_file(tmp_path, inputs, GRID.replace('["minmax", "easyquant"]', '"minmax"').replace("[8, 6]", "8"))
     assert main(["sweep", str(path), "--local", "-q", "--pick", "top1 >= 0", "--maximize", "top1"]) == 0
     trial = trial_lines(tmp_path / "s.sweep")[0]
-    threads = trial["worker"]["blas"]["num_threads"]
+    core = trial["worker"]["blas"]["env"]["OPENBLAS_CORETYPE"]
     command = (tmp_path / "s.sweep" / "picked.txt").read_text()
-    assert threads is None or f"_NUM_THREADS={threads} nq-onnx convert " in command, command
+    assert command.startswith("OPENBLAS_") and f"OPENBLAS_CORETYPE={core} " in command, command
+    assert "_NUM_THREADS" not in command and " nq-onnx convert " in command, command
 
 
 def _same_results(a: list[dict], b: list[dict]) -> None:

@@ -13,8 +13,10 @@ Figures are meaningless without the CPU they came from: benchmarks and ``nq-onnx
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 # OpenBLAS core names (``OPENBLAS_CORETYPE``) whose kernels use AVX-512
@@ -135,15 +137,30 @@ def pinned_blas(features: CpuFeatures, environ=os.environ) -> str | None:
     return core if "openblas" in str(blas).lower() else None
 
 
+def one_blas_thread(function: Callable) -> Callable:
+    """``function`` run with numpy's BLAS on one thread (threadpoolctl), whatever the machine's cores and the
+    ``*_NUM_THREADS`` variables: a GEMM split over another number of threads can sum in another order, and a
+    search's choice between two near-equal candidates can follow the last bit of a sum. So the bytes a conversion
+    writes depend on the model, the data, the seed, the CPU kind and the BLAS kernels, not on the thread count.
+    onnxruntime's own threads (calibration, evaluation) are not limited."""
+    @functools.wraps(function)
+    def pinned(*args, **kwargs):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return function(*args, **kwargs)
+
+    return pinned
+
+
 def blas_record(environ=os.environ) -> dict:
-    """numpy's BLAS and the kernels it runs (threadpoolctl, where installed), and the OpenBLAS settings in the
-    environment: the searches are float GEMMs, so their speed and the last bits of their sums depend on the kernel
-    (a machine that sets ``OPENBLAS_CORETYPE`` runs that core's kernels whatever its CPU)."""
+    """numpy's BLAS and the kernels it runs (threadpoolctl), and the OpenBLAS settings in the environment: the
+    searches are float GEMMs, so their speed and the last bits of their sums depend on the kernel (a machine that
+    sets ``OPENBLAS_CORETYPE`` runs that core's kernels whatever its CPU). ``num_threads`` is the process's own
+    setting; the searches run on one (:func:`one_blas_thread`)."""
+    from threadpoolctl import threadpool_info
+
     env = {k: environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS") if k in environ}
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:  # informational: the record says the kernels were not read
-        return dict.fromkeys(("internal_api", "version", "architecture", "num_threads")) | {"env": env}
     info = numpy_blas(threadpool_info())
     return {k: info.get(k) for k in ("internal_api", "version", "architecture", "num_threads")} | {"env": env}
 

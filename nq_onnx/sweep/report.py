@@ -9,7 +9,8 @@ import math
 import shlex
 
 from nq_onnx.core import options
-from nq_onnx.core.config import QuantConfig, SearchConfig
+from nq_onnx.core.config import QuantConfig
+from nq_onnx.core.presets import PRESETS
 from nq_onnx.sweep.pick import HIGHER_IS_BETTER, pareto_front
 
 def command_line(model: str, calib: str, output: str, config: QuantConfig, blas: dict | None = None) -> str:
@@ -26,24 +27,30 @@ def command_line(model: str, calib: str, output: str, config: QuantConfig, blas:
 
 
 def blas_env(blas: dict | None) -> dict[str, str]:
-    """The environment that gives numpy's BLAS the settings of ``blas`` (a :func:`~nq_onnx.io.cpu.blas_record`):
-    the OpenBLAS variables it was run under and its thread count (a sum split over another number of threads can
-    round differently, and the searches' choices with it)."""
-    if not blas:
-        return {}
-    env = {k: str(v) for k, v in sorted((blas.get("env") or {}).items())}
-    if blas.get("num_threads"):
-        name = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS"}.get(blas.get("internal_api"),
-                                                                                 "OMP_NUM_THREADS")
-        env[name] = str(blas["num_threads"])
+    """The environment that gives numpy's BLAS the kernels of ``blas`` (a :func:`~nq_onnx.io.cpu.blas_record`):
+    the OpenBLAS variables the trial ran under (``OPENBLAS_CORETYPE`` picks another core's kernels, whose sums round
+    differently). The thread count is not among them: a conversion runs its searches on one BLAS thread."""
+    env = {k: str(v) for k, v in sorted(((blas or {}).get("env") or {}).items())}
+    env.pop("OPENBLAS_NUM_THREADS", None)
     return env
 
 
 def config_flags(config: QuantConfig) -> list[str] | None:
-    """The ``convert`` flags that set every field of ``config`` that differs from its default (none for the
-    defaults), or ``None`` where such a field has no flag."""
+    """The ``convert`` flags that give ``config``: those that set every field that differs from the defaults (none
+    for the defaults), or ``--preset NAME`` and the fields that differ from that preset where that is shorter; ``None``
+    where such a field has no flag."""
+    best = _flags_over(config, QuantConfig())
+    for name in PRESETS:
+        over = _flags_over(config, QuantConfig.preset(name))
+        if over is not None and (best is None or len(over) + 2 < len(best)):
+            best = ["--preset", name, *over]
+    return best
+
+
+def _flags_over(config: QuantConfig, base: QuantConfig) -> list[str] | None:
+    """The flags that set every field of ``config`` that differs from ``base`` (``None``: one has no flag)."""
     words: list[str] = []
-    tables = [(config, QuantConfig()), (config.search, SearchConfig())]
+    tables = [(config, base), (config.search, base.search)]
     tables += [(settings, type(settings)()) for settings in config.techniques]
     held = options.held_fields()
     for table, default in tables:
