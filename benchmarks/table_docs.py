@@ -51,12 +51,6 @@ def _theorem(files: Files, page: Path) -> str:
     return _chart("theorem.png", lambda data, out: _copy(RESULTS / "theorem.png", out), render)(files, page)
 
 
-def _mixed(files: Files, page: Path) -> str:
-    from table_mixed import mixed_chart, mixed_markdown
-
-    return _chart("mixed_vnni.png", mixed_chart, mixed_markdown)(files, page)
-
-
 def _additivity(files: Files, page: Path) -> str:
     from table_mixed import additivity_markdown
 
@@ -94,17 +88,13 @@ class Section:
     render: Callable[[Files, Path], str]
 
 
-def _tradeoff(kind: str) -> Callable[[Files, Path], str]:
-    """The README's results block, or the study page with its chart (``tradeoff_vnni.png``, which the README shows)."""
-    def go(files: Files, page: Path) -> str:
-        from table_tradeoff import readme_markdown, study_markdown, tradeoff_chart
+def _tradeoff(files: Files, page: Path) -> str:
+    """The trade-off study of ``methods.py`` runs with its chart (``tradeoff_vnni.png``)."""
+    from table_tradeoff import study_markdown, tradeoff_chart
 
-        if kind == "readme":
-            return readme_markdown(files, page)
-        ASSETS.mkdir(parents=True, exist_ok=True)
-        tradeoff_chart(files[0][0], ASSETS / "tradeoff_vnni.png")
-        return study_markdown(files, os.path.relpath(ROOT / "docs" / "assets" / "tradeoff_vnni.png", page.parent))
-    return go
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    tradeoff_chart(files[0][0], ASSETS / "tradeoff_vnni.png")
+    return study_markdown(files, os.path.relpath(ROOT / "docs" / "assets" / "tradeoff_vnni.png", page.parent))
 
 
 def _sweep(flags: bool = False) -> Callable[[Files, Path], str]:
@@ -117,6 +107,23 @@ def _sweep(flags: bool = False) -> Callable[[Files, Path], str]:
     return go
 
 
+def _sweep_chart(name: str, kind: str) -> Callable[[Files, Path], str]:
+    """A sweep's results with a chart drawn into ``docs/assets/NAME``: ``tradeoff`` (the README's results: top-1
+    and output MSE against latency) or ``bits`` (the study table under a chart of top-1 against average bits)."""
+    def go(files: Files, page: Path) -> str:
+        from table_sweep import bits_chart, seeds_markdown, tradeoff_chart, tradeoff_markdown
+
+        (_, source), = files
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        chart = os.path.relpath(ASSETS / name, page.parent)
+        if kind == "tradeoff":
+            tradeoff_chart(ROOT / source, ASSETS / name)
+            return tradeoff_markdown(ROOT / source, source, chart)
+        bits_chart(ROOT / source, ASSETS / name)
+        return f"![top-1 against average bits]({chart})\n\n{seeds_markdown(ROOT / source, source)}"
+    return go
+
+
 def _default_line(files: Files, page: Path) -> str:
     """The README's sentence on the default over the seeds of ``benchmarks/sweeps/defaults.toml``."""
     from table_sweep import default_line
@@ -125,8 +132,8 @@ def _default_line(files: Files, page: Path) -> str:
 
 
 SECTIONS = (
-    Section("README.md", "results", "tradeoff_vnni*.json", _tradeoff("readme")),
-    Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff("study")),
+    Section("README.md", "results", "sweep_defaults/results.jsonl", _sweep_chart("tradeoff.png", "tradeoff")),
+    Section("docs/studies/fast-and-accurate.md", "tradeoff", "tradeoff_vnni*.json", _tradeoff),
     Section("README.md", "seeds", "sweep_defaults/results.jsonl", _default_line),
     Section("docs/studies/fast-and-accurate.md", "variants", "sweep_defaults/results.jsonl", _sweep(flags=True)),
     Section("docs/getting-started.md", "demo", "demo.json", _each(demo_markdown)),
@@ -137,7 +144,8 @@ SECTIONS = (
     Section("docs/studies/methods.md", "methods-vnni", "methods_vnni.json", _each(methods_markdown)),
     Section("docs/studies/methods.md", "bottleneck", "bottleneck_*.json", _module("bottleneck")),
     Section("docs/studies/methods.md", "error-share", "error_share_*.json", _module("error_share")),
-    Section("docs/studies/mixed-precision.md", "mixed-vnni", "mixed_vnni.json", _mixed),
+    Section("docs/studies/mixed-precision.md", "sweep-mixed", "sweep_mixed/results.jsonl",
+            _sweep_chart("mixed.png", "bits")),
     Section("docs/studies/mixed-precision.md", "mixed-additivity", "mixed_additivity.json", _additivity),
     Section("docs/studies/exactness.md", "cpu-exact", "cpu_exact_x86_*.json", _each(cpu_markdown)),
     Section("docs/studies/exactness.md", "cpu-exact-emulated", "cpu_exact_emulated_*.json",

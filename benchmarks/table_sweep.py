@@ -48,10 +48,11 @@ def usual(trials: list[dict], keys: list[str]) -> dict[str, object]:
 
 
 def row_label(options: dict, shown: list[str], common: dict[str, object]) -> str:
-    """``W6A6 noisyquant + reparam + weight_rounding gptq``: bit widths and method first, then each varied option
-    that is on (a flag by its name) or, for another kind of value, differs from the most common one (``name
-    value``)."""
-    head = f"W{options.get('w_bits', '?')}A{options.get('a_bits', '?')} {options.get('method', '')}".strip()
+    """``W6A6 noisyquant + reparam + weight_rounding gptq``: bit widths (none under a bits budget) and method first,
+    then each varied option that is on (a flag by its name) or, for another kind of value, differs from the most
+    common one (``name value``)."""
+    widths = "" if options.get("bits_budget") else f"W{options.get('w_bits', '?')}A{options.get('a_bits', '?')} "
+    head = f"{widths}{options.get('method', '')}".strip()  # a budget's widths are its own choice per group
     rest = []
     for key in shown:
         value = options.get(key)
@@ -87,16 +88,19 @@ def _bits(trial: dict) -> float | None:
 
 def seed_rows(trials: list[dict], latency: dict[str, dict], flags: bool = False) -> dict[str, dict]:
     """Per configuration (the options without the seed, labelled by its varied options or, with ``flags``, by its
-    ``convert`` flags): each seed's top-1 (%), output MSE, latency ratio and average bits."""
+    ``convert`` flags): each seed's top-1 (%), output MSE, latency ratio, average bits and weight and activation
+    widths."""
     rows: dict[str, dict] = defaultdict(dict)
     shown = varied(trials)
     common = usual(trials, shown)
     for trial in trials:
         metrics = trial["metrics"]
         ratio = latency.get(trial["trial"], {}).get("ratio_to_fp32")
-        label = flags_label(trial["options"]) if flags else row_label(trial["options"], shown, common)
+        widths = {k: trial["config"][k] for k in ("w_bits", "a_bits") if k in (trial.get("config") or {})}
+        label = flags_label(trial["options"]) if flags else row_label(widths | trial["options"], shown, common)
         rows[label][trial["seed"]] = {"top1": metrics.get("top1"), "mse": metrics.get("mse"), "ratio": ratio,
-                                      "bits": _bits(trial), "agreement": metrics.get("agreement")}
+                                      "bits": _bits(trial), "agreement": metrics.get("agreement"),
+                                      "widths": (widths.get("w_bits"), widths.get("a_bits"))}
     return rows
 
 
@@ -212,6 +216,108 @@ def footnote(path: Path, trials: list[dict]) -> str:
     return (f"From `{Path(path).as_posix()}` ({len(trials)} trials). CPU: {'; '.join(cpus) or 'not recorded'}; "
             f"numpy's BLAS kernels: {', '.join(blas) or 'not recorded'}; nq-onnx {', '.join(versions) or '?'}; "
             f"peak worker memory {peak:.0f} MB.")
+
+
+
+def configurations(path: Path, flags: bool = True) -> tuple[dict, list[dict]]:
+    """The sweep's header and one point per configuration, in the study table's order (W8 first, then by mean
+    top-1): its label, weight and activation widths, average bits, the mean, lowest and highest top-1 over its
+    seeds, the mean output MSE and batch-time ratio to FP32."""
+    header, trials, latency = read_results(path)
+    rows = seed_rows(trials, latency, flags)
+    points = []
+    for label, row in rows.items():
+        top1 = [s["top1"] for s in row.values() if s["top1"] is not None]
+        points.append({"label": label, "bits": next(iter(row.values()))["widths"], "average_bits": _mean([s["bits"] for s in row.values()]),
+                       "seeds": len(row), "top1": _mean(top1), "low": min(top1, default=None),
+                       "high": max(top1, default=None), "mse": _mean([s["mse"] for s in row.values()]),
+                       "ratio": _mean([s["ratio"] for s in row.values()])})
+    points.sort(key=lambda p: (-p["bits"][1], -(p["top1"] or 0.0), p["label"]))
+    return header, points
+
+
+def tradeoff_markdown(path: Path, shown_as: Path, chart: str) -> str:
+    """The README's results: the trade-off chart and one row per configuration (mean over the seeds), numbered as
+    the chart numbers them."""
+    header, points = configurations(path)
+    fp32 = header["fp32"]["top1"]
+    lines = [f"![top-1 and held-out output MSE against batch-8 latency, the default marked]({chart})", "",
+             "| # | bits | `nq-onnx convert` options | top-1 % | vs FP32 | spread | held-out MSE | batch-8 time | "
+             "throughput |", "|---|---|---|---|---|---|---|---|---|",
+             f"| | 32 | FP32 | {fp32:.2f} | | | 0 | 1.00x | 1.00x |"]
+    for number, p in enumerate(points, 1):
+        timing = f"{p['ratio']:.2f}x | {1 / p['ratio']:.2f}x" if p["ratio"] else " | "
+        lines.append(f"| {number} | W{p['bits'][0]}A{p['bits'][1]} | {p['label']} | {p['top1']:.2f} | "
+                     f"{p['top1'] - fp32:+.2f} | {p['high'] - p['low']:.2f} | {p['mse']:.4f} | {timing} |")
+    _, trials, latency = read_results(path)
+    fp32_ms = _mean([entry.get("fp32_ms") for entry in latency.values()])
+    timing = f" FP32's batch-8 time: {fp32_ms:.0f} ms." if fp32_ms else ""
+    return "\n".join(lines) + "\n\n" + measured(header, latency) + timing + " " + footnote(shown_as, trials)
+
+
+def tradeoff_chart(path: Path, out: Path) -> None:
+    """Top-1 (the seeds' range as a bar) and held-out output MSE against batch-8 latency as a multiple of FP32's,
+    one point per configuration numbered as :func:`tradeoff_markdown` numbers it, the default a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, points = configurations(path)
+    default = flags_label({})
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=100)
+    for ax, key in zip(axes, ("top1", "mse")):
+        for number, p in enumerate(points, 1):
+            if p["ratio"] is None:
+                continue
+            star = p["label"] == default
+            color = "crimson" if star else ("tab:blue" if p["bits"][1] == 8 else "tab:orange")
+            error = [[p["top1"] - p["low"]], [p["high"] - p["top1"]]] if key == "top1" else None
+            ax.errorbar(p["ratio"], p[key], yerr=error, fmt="*" if star else "o", markersize=11 if star else 5,
+                        color=color, capsize=2, zorder=3)
+            ax.annotate(str(number), (p["ratio"], p[key]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        if key == "top1":
+            ax.axhline(header["fp32"]["top1"], color="grey", linestyle=":")
+            ax.scatter([1.0], [header["fp32"]["top1"]], color="grey", marker="s")
+            ax.set_ylabel("top-1 % (mean over seeds; bar: their range)")
+        else:
+            ax.set_yscale("log")
+            ax.set_ylabel("held-out output MSE (mean over seeds, log)")
+        ax.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("batch-8 latency, x FP32 (0.5 = twice FP32's throughput)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("blue W8A8, orange W6A6, star the default; numbers as in the table", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
+
+
+def bits_chart(path: Path, out: Path) -> None:
+    """Top-1 against average bits, one line per method (its uniform and bit-budget configurations joined in order
+    of bits), the mean over the seeds with their range as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, points = configurations(path, flags=False)
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        lines[p["label"].split(" + bits budget")[0].split(" ", 1)[-1]].append(p)
+    fig, ax = plt.subplots(figsize=(10.0, 4.2), dpi=100)
+    for name, members in sorted(lines.items()):
+        members.sort(key=lambda p: p["average_bits"] or 0.0)
+        ax.errorbar([p["average_bits"] for p in members], [p["top1"] for p in members], marker="o", capsize=2,
+                    yerr=[[p["top1"] - p["low"] for p in members], [p["high"] - p["top1"] for p in members]],
+                    label=name)
+    ax.axhline(header["fp32"]["top1"], color="grey", linestyle=":", label="FP32")
+    ax.set_xlabel("average bits (weights and activations, count-weighted)")
+    ax.set_ylabel("top-1 % (mean over seeds; bar: their range)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, metadata={"Software": None})
+    plt.close(fig)
 
 
 if __name__ == "__main__":

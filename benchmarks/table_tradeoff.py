@@ -156,31 +156,6 @@ DEFAULTS = ("the defaults: the `portable` target, NoisyQuant with asymmetric act
             "`A V` in float; every other row names each technique it uses")
 
 
-def readme_markdown(files: list[tuple[dict, Path]], page: Path) -> str:
-    """The README's results: the seed-0 run's headline rows (the first file's)."""
-    (results, source), *_ = files
-    fp32 = results["fp32"]["cifar"]["top1"]
-    rows = [n for n in ("default_w8a8", "noisyquant+asym+reparam+gptq+bc+floatav+vnni_w8a8",
-                        "noisyquant+sym+w8_w8a8", "noisyquant-ptq4vit+sym+reparam+attn+gptq+bc_w8a8",
-                        "ort-static_w8a8", "noisyquant+asym+reparam+attn+gptq+bc_w6a6",
-                        "noisyquant+asym+reparam+attn+gptq+bc+split_w6a6") if n in results["rows"]]
-    chart = "![top-1 and held-out MSE against batch-8 latency, the default marked](docs/assets/tradeoff_vnni.png)"
-    lines = [chart, "", "| model | top-1 % | vs FP32 | held-out MSE | batch-8 time | throughput |",
-             "|---|---|---|---|---|---|", f"| FP32 | {100 * fp32:.2f} | | 0 | 1.00x | 1.00x |"]
-    for name in rows:
-        e, lat = results["rows"][name], _latency(results, name)
-        timing = f"{lat[1]:.2f}x | {1 / lat[1]:.2f}x" if lat else "- | -"
-        lines.append(f"| W{e['w_bits']}A{e['bits']} {_label(e)} | {100 * e['cifar']['top1']:.2f} | "
-                     f"{100 * (e['cifar']['top1'] - fp32):+.2f} | {e['imagenet_heldout']['mse']:.4f} | {timing} |")
-    s, fp32_ms = results["settings"], results["latency_batch8"]["fp32"]["median_ms"]
-    lines += ["", f"ViT-S/14 classifier (22 M parameters): top-1 on the first {s['cifar_per_class']} CIFAR-10 test "
-              f"images of every class, output MSE against FP32 on {s['imagenet_eval']} held-out ImageNet images, "
-              f"{s['calib_size']} calibration images (seed {s['seed']}); batch-8 latency against FP32's "
-              f"({fp32_ms:.0f} ms), timed interleaved in one process, onnxruntime CPU EP, 2 threads. "
-              f"{cpu_line(results)} Measured with {DEFAULTS}. Source: `{source}`."]
-    return "\n".join(lines)
-
-
 def study_markdown(files: list[tuple[dict, Path]], chart: str) -> str:
     """The study page: the chart (``chart``: its path relative to the page), the whole trade-off table of the first
     file and the seeds' table of all of them."""
