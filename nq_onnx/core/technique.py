@@ -219,14 +219,12 @@ def unregister(name: str) -> None:
 
 def enabled(config: QuantConfig) -> list[Technique]:
     """The techniques that take part in a conversion with ``config``, in registration order."""
-    load_builtin()
-    return [t for t in TECHNIQUES.values() if t.enabled(config)]
+    return [t for t in registered().values() if t.enabled(config)]
 
 
 def technique_of(settings: Any) -> Technique:
     """The registered technique whose settings class ``settings`` is an instance of."""
-    load_builtin()
-    found = next((t for t in TECHNIQUES.values() if t.settings is not None and type(settings) is t.settings), None)
+    found = next((t for t in registered().values() if t.settings is not None and type(settings) is t.settings), None)
     if found is None:
         raise ConfigError(f"{type(settings).__name__} is not the settings of a registered technique")
     return found
@@ -244,8 +242,7 @@ def settings_to_dict(settings: Any) -> dict[str, Any]:
 def settings_from_dict(name: str, data: dict[str, Any]) -> Any:
     """The settings of technique ``name`` recorded as ``data``; a technique that is not registered, or a layout newer
     than the registered one reads, is a PlanError."""
-    load_builtin()
-    technique = TECHNIQUES.get(name)
+    technique = registered().get(name)
     if technique is None or technique.settings is None:
         raise PlanError(f"the plan uses technique {name!r}, which is not registered here (import the module that "
                         "registers it first)")
