@@ -220,8 +220,8 @@ def footnote(path: Path, trials: list[dict]) -> str:
 
 
 def configurations(path: Path, flags: bool = True) -> tuple[dict, list[dict]]:
-    """The sweep's header and one point per configuration, in the study table's order (W8 first, then by mean
-    top-1): its label, weight and activation widths, average bits, the mean, lowest and highest top-1 over its
+    """The sweep's header and one point per configuration, the widest activations first, the default first among
+    them, then by mean top-1: its label, weight and activation widths, average bits, the mean, lowest and highest top-1 over its
     seeds, the mean output MSE and batch-time ratio to FP32."""
     header, trials, latency = read_results(path)
     rows = seed_rows(trials, latency, flags)
@@ -232,7 +232,8 @@ def configurations(path: Path, flags: bool = True) -> tuple[dict, list[dict]]:
                        "seeds": len(row), "top1": _mean(top1), "low": min(top1, default=None),
                        "high": max(top1, default=None), "mse": _mean([s["mse"] for s in row.values()]),
                        "ratio": _mean([s["ratio"] for s in row.values()])})
-    points.sort(key=lambda p: (-p["bits"][1], -(p["top1"] or 0.0), p["label"]))
+    default = flags_label({})
+    points.sort(key=lambda p: (-p["bits"][1], p["label"] != default, -(p["top1"] or 0.0), p["label"]))
     return header, points
 
 

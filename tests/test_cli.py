@@ -159,7 +159,7 @@ def test_preset_help_names_each_presets_flags():
     assert ("paper: the NoisyQuant paper's setting at W8A8 (--method noisyquant --w-bits 8 --activations symmetric "
             "--attention-probabilities --no-reparam --weight-rounding nearest --no-bias-correction "
             "--no-balance-channels)") in text
-    assert "accurate: the lowest output error" in text and "--reparam-attention" in text
+    assert "accurate: the twin-uniform full stack at W8A8: a float select" in text and "--reparam-attention" in text
 
 
 def test_precedence_defaults_preset_file_flags(tmp_path):

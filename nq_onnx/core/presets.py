@@ -22,9 +22,10 @@ class Preset:
 
 PRESETS = {
     "fast": Preset("the default setting, fast on integer kernels and exact on every CPU", {}),
-    # the lowest held-out output error of docs/studies/fast-and-accurate.md, slower than the default (a float select
-    # over every attention map and GELU output)
-    "accurate": Preset("the lowest output error, slower than the default: the twin-uniform full stack at W8A8",
+    # PTQ4ViT's twin-uniform quantizers over the full stack: a float select over every attention map and GELU output
+    # makes it about as slow as FP32 (docs/studies/fast-and-accurate.md measures it against the default)
+    "accurate": Preset("the twin-uniform full stack at W8A8: a float select over every attention map and GELU "
+                       "output, about FP32's speed",
                        {"method": "noisyquant-ptq4vit", "w_bits": 8, "activations": "symmetric",
                         "attention_probabilities": True, "reparam": True, "reparam_attention": True,
                         "weight_rounding": "gptq", "bias_correction": True, "balance_channels": False}),
