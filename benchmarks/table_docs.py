@@ -115,7 +115,7 @@ def _sweep_chart(name: str, kind: str) -> Callable[[Files, Path], str]:
 
         (_, source), = files
         ASSETS.mkdir(parents=True, exist_ok=True)
-        chart = os.path.relpath(ASSETS / name, page.parent)
+        chart = os.path.relpath(ROOT / "docs" / "assets" / name, page.parent)
         if kind == "tradeoff":
             tradeoff_chart(ROOT / source, ASSETS / name)
             return tradeoff_markdown(ROOT / source, source, chart)

@@ -193,8 +193,10 @@ def bytes_line(path: Path) -> str:
     same = sum(r["match"] for r in rows)
     machines = sorted({_checked_on(r.get("machine", data["machine"])) for r in rows})
     pinned = rows and all("=" in r["command"].split()[0] for r in rows)  # the trial's BLAS settings set before it
+    threads = (data["machine"].get("blas") or {}).get("num_threads")
     return (f" Converted again alone, each in a fresh process by the `nq-onnx convert` command line the sweep gives "
-            f"for it{' with the BLAS settings its trial ran under' if pinned else ''} (`benchmarks/sweep_bytes.py`): "
+            f"for it{' with the OpenBLAS variables its trial ran under' if pinned else ''} "
+            f"(`benchmarks/sweep_bytes.py`{f', numpy set to {threads} BLAS threads' if threads else ''}): "
             f"{same} of {len(rows)} trials gave the same model bytes, on {'; '.join(machines)}.")
 
 
@@ -253,7 +255,9 @@ def tradeoff_markdown(path: Path, shown_as: Path, chart: str) -> str:
     _, trials, latency = read_results(path)
     fp32_ms = _mean([entry.get("fp32_ms") for entry in latency.values()])
     timing = f" FP32's batch-8 time: {fp32_ms:.0f} ms." if fp32_ms else ""
-    return "\n".join(lines) + "\n\n" + measured(header, latency) + timing + " " + footnote(shown_as, trials)
+    named = (f"The model, calibration images (each seed its own choice) and held-out images are those "
+             f"`benchmarks/sweeps/{Path(header.get('file', '')).name}` names. ")
+    return "\n".join(lines) + "\n\n" + named + measured(header, latency) + timing + " " + footnote(shown_as, trials)
 
 
 def tradeoff_chart(path: Path, out: Path) -> None:
@@ -294,8 +298,8 @@ def tradeoff_chart(path: Path, out: Path) -> None:
 
 
 def bits_chart(path: Path, out: Path) -> None:
-    """Top-1 against average bits, one line per method (its uniform and bit-budget configurations joined in order
-    of bits), the mean over the seeds with their range as a bar."""
+    """Top-1 against average bits, one line per method and kind (uniform widths solid, bit budgets dashed), the mean
+    over the seeds with their range as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,13 +308,15 @@ def bits_chart(path: Path, out: Path) -> None:
     header, points = configurations(path, flags=False)
     lines: dict[str, list[dict]] = defaultdict(list)
     for p in points:
-        lines[p["label"].split(" + bits budget")[0].split(" ", 1)[-1]].append(p)
+        budget = " + bits budget" in p["label"]
+        method = p["label"].split(" + bits budget")[0] if budget else p["label"].split(" ", 1)[-1]
+        lines[f"{method}, {'bits budget' if budget else 'uniform'}"].append(p)
     fig, ax = plt.subplots(figsize=(10.0, 4.2), dpi=100)
     for name, members in sorted(lines.items()):
         members.sort(key=lambda p: p["average_bits"] or 0.0)
         ax.errorbar([p["average_bits"] for p in members], [p["top1"] for p in members], marker="o", capsize=2,
                     yerr=[[p["top1"] - p["low"] for p in members], [p["high"] - p["top1"] for p in members]],
-                    label=name)
+                    label=name, linestyle="--" if name.endswith("budget") else "-")
     ax.axhline(header["fp32"]["top1"], color="grey", linestyle=":", label="FP32")
     ax.set_xlabel("average bits (weights and activations, count-weighted)")
     ax.set_ylabel("top-1 % (mean over seeds; bar: their range)")
