@@ -413,7 +413,7 @@ def test_two_ray_nodes_give_the_one_node_results(tmp_path, inputs):
     _same_results(one.records, list(two.trials.values()))
 
 
-@pytest.mark.parametrize("name, rows", [("methods", 27), ("mixed", 12), ("defaults", 8)])
+@pytest.mark.parametrize("name, rows", [("methods", 27), ("mixed", 12), ("defaults", 12)])
 def test_the_projects_studies_are_sweep_files(tmp_path, name, rows):
     """benchmarks/sweeps: every option valid, the rows the study has, three seeds each (data stood in by empty
     files: the real model and images are the benchmarks')."""
