@@ -220,29 +220,28 @@ def footnote(path: Path, trials: list[dict]) -> str:
             f"peak worker memory {peak:.0f} MB.")
 
 
-
-def configurations(path: Path, flags: bool = True) -> tuple[dict, list[dict]]:
-    """The sweep's header and one point per configuration, the widest activations first, the default first among
-    them, then by mean top-1: its label, weight and activation widths, average bits, the mean, lowest and highest top-1 over its
-    seeds, the mean output MSE and batch-time ratio to FP32."""
-    header, trials, latency = read_results(path)
-    rows = seed_rows(trials, latency, flags)
+def configurations(trials: list[dict], latency: dict[str, dict], flags: bool = True) -> list[dict]:
+    """One point per configuration of a sweep's trials (:func:`read_results`), the widest activations first, the
+    default first among them, then by mean top-1: its label, weight and activation widths, average bits, the mean,
+    lowest and highest top-1 over its seeds, the mean output MSE and batch-time ratio to FP32."""
     points = []
-    for label, row in rows.items():
-        top1 = [s["top1"] for s in row.values() if s["top1"] is not None]
-        points.append({"label": label, "bits": next(iter(row.values()))["widths"], "average_bits": _mean([s["bits"] for s in row.values()]),
+    for label, row in seed_rows(trials, latency, flags).items():
+        seeds = list(row.values())
+        top1 = [s["top1"] for s in seeds if s["top1"] is not None]
+        points.append({"label": label, "bits": seeds[0]["widths"], "average_bits": _mean([s["bits"] for s in seeds]),
                        "seeds": len(row), "top1": _mean(top1), "low": min(top1, default=None),
-                       "high": max(top1, default=None), "mse": _mean([s["mse"] for s in row.values()]),
-                       "ratio": _mean([s["ratio"] for s in row.values()])})
+                       "high": max(top1, default=None), "mse": _mean([s["mse"] for s in seeds]),
+                       "ratio": _mean([s["ratio"] for s in seeds])})
     default = flags_label({})
     points.sort(key=lambda p: (-p["bits"][1], p["label"] != default, -(p["top1"] or 0.0), p["label"]))
-    return header, points
+    return points
 
 
 def tradeoff_markdown(path: Path, shown_as: Path, chart: str) -> str:
     """The README's results: the trade-off chart and one row per configuration (mean over the seeds), numbered as
     the chart numbers them."""
-    header, points = configurations(path)
+    header, trials, latency = read_results(path)
+    points = configurations(trials, latency)
     fp32 = header["fp32"]["top1"]
     lines = [f"![top-1 and held-out output MSE against batch-8 latency, the default marked]({chart})", "",
              "| # | bits | `nq-onnx convert` options | top-1 % | vs FP32 | spread | held-out MSE | batch-8 time | "
@@ -252,7 +251,6 @@ def tradeoff_markdown(path: Path, shown_as: Path, chart: str) -> str:
         timing = f"{p['ratio']:.2f}x | {1 / p['ratio']:.2f}x" if p["ratio"] else " | "
         lines.append(f"| {number} | W{p['bits'][0]}A{p['bits'][1]} | {p['label']} | {p['top1']:.2f} | "
                      f"{p['top1'] - fp32:+.2f} | {p['high'] - p['low']:.2f} | {p['mse']:.4f} | {timing} |")
-    _, trials, latency = read_results(path)
     fp32_ms = _mean([entry.get("fp32_ms") for entry in latency.values()])
     timing = f" FP32's batch-8 time: {fp32_ms:.0f} ms." if fp32_ms else ""
     named = (f"The model, calibration images (each seed its own choice) and held-out images are those "
@@ -268,7 +266,8 @@ def tradeoff_chart(path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header, points = configurations(path)
+    header, trials, latency = read_results(path)
+    points = configurations(trials, latency)
     default = flags_label({})
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), dpi=100)
     for ax, key in zip(axes, ("top1", "mse")):
@@ -305,7 +304,8 @@ def bits_chart(path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    header, points = configurations(path, flags=False)
+    header, trials, latency = read_results(path)
+    points = configurations(trials, latency, flags=False)
     lines: dict[str, list[dict]] = defaultdict(list)
     for p in points:
         budget = " + bits budget" in p["label"]
